@@ -1,0 +1,85 @@
+"""``latentlink edge`` / ``python -m edge``: capture, encode and send frames to a host, profiling every stage."""
+
+import argparse
+import logging
+import sys
+
+from .backends import open_backend
+from .cli import run_main, setup_logging
+from .errors import ConfigError
+from .pipeline import default_stream_name, run_edge
+from .profile import load_profile
+from .profiler import format_table, write_report
+from .sender import DROP_POLICIES, parse_address
+from .sources import open_source
+
+EXAMPLES = """examples:
+  latentlink edge --source csi://0 --connect 192.168.1.20:5760 --profile nano-504
+  latentlink edge --source file://clip.mp4 --connect 127.0.0.1:5760 --frames 200 --report edge.json
+  latentlink edge --source v4l2:///dev/video0 --encoder my-model/encoder.onnx --profile my-site.yaml
+
+sources: csi://N (Jetson CSI camera), v4l2:///dev/videoN (USB camera), file://clip.mp4 (video),
+         file://photos/ (images in name order), file://img.png, rtsp://..., synthetic:// (test pattern)"""
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(prog="latentlink edge", description=__doc__.split(":", 1)[1].strip(),
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, help="where frames come from (see below)")
+    parser.add_argument("--connect", default="127.0.0.1:5760", help="host address HOST:PORT (default: %(default)s)")
+    parser.add_argument("--profile", default="nano-504",
+                        help="profile name or YAML file: model, input size, budget, transport (default: %(default)s)")
+    parser.add_argument("--encoder", default="default",
+                        help="encoder model: an .onnx file, or 'default' for the profile's (default: %(default)s)")
+    parser.add_argument("--name", default=None, help="stream name shown by the host (default: this machine's name)")
+    parser.add_argument("--frames", type=int, default=None, help="stop after N frames (default: until the source ends)")
+    parser.add_argument("--loop", action="store_true", help="restart file sources at their end")
+    parser.add_argument("--serializer", choices=("framed", "pickle"), default=None,
+                        help="framed (packed latents, default) or pickle (for receivers of the seed pipeline)")
+    parser.add_argument("--drop", choices=DROP_POLICIES, default=None,
+                        help="when the send queue is full drop the oldest frame (live view), the newest, or block "
+                             "(never drop); default from the profile")
+    parser.add_argument("--queue-size", type=int, default=None, help="frames that may wait to be sent")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--report", help="write per-frame records and the summary to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="do not print the per-stage table")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv=None):
+    return run_main(_main, argv)
+
+
+def _main(argv):
+    args = get_args_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.frames is not None and args.frames < 1:
+        raise ConfigError("--frames must be at least 1, got {}".format(args.frames))
+    profile = load_profile(args.profile)
+    encoder_path = profile.model.encoder if args.encoder == "default" else args.encoder
+    address = parse_address(args.connect)
+    stream = args.name or default_stream_name()
+    capture = profile.capture
+    with open_source(args.source, capture.width, capture.height, capture.fps, loop=args.loop) as source, \
+            open_backend(encoder_path, "encoder", threads=args.threads) as encoder:
+        logging.getLogger("latentlink.edge").info(
+            "stream %r: %s -> %s (%s, %s packing) -> %s:%d", stream, source.description, encoder_path,
+            encoder.name, encoder.info.packing, address[0], address[1])
+        summary, records = run_edge(source, encoder, profile, address, stream, frames=args.frames,
+                                    serializer=args.serializer, drop=args.drop, queue_size=args.queue_size)
+    meta = {"role": "edge", "stream": stream, "profile": profile.name, "backend": encoder.name,
+            "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing,
+            "input_shape": list(encoder.info.input_shape), "latent_shape": list(encoder.info.latent_shape)}
+    if args.report:
+        write_report(args.report, summary, records, meta)
+    if not args.quiet:
+        title = "edge {!r} ({}, {}, {})".format(stream, profile.name, encoder.name, source.uri)
+        print(format_table(summary, title))
+        if args.report:
+            print("report: {}".format(args.report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The backend contract, and the metadata sidecar that describes an exported model."""
+
+import json
+import os
+import time
+
+
+from ..errors import BackendError, ConfigError
+from ..protocol import PACKINGS
+
+
+class ModelInfo(object):
+    """What an exported model pair is: read from the ``model.json`` written beside the ONNX files.
+
+    Attributes: ``model`` (zoo name), ``input_shape`` and ``latent_shape`` (NCHW tuples), ``packing`` (how the
+    latents travel), ``latent_dtype``, ``bits_per_pixel``, ``path`` (of the sidecar) and ``data`` (all of it).
+    """
+
+    def __init__(self, data, path):
+        try:
+            self.model = str(data["model"])
+            self.input_shape = tuple(int(d) for d in data["input_shape"])
+            self.latent_shape = tuple(int(d) for d in data["latent_shape"])
+            self.packing = str(data["packing"])
+            self.latent_dtype = str(data.get("latent_dtype", "float32"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError("{}: not a latentlink model description ({!r} missing or malformed); re-export with "
+                              "`latentlink export onnx`".format(path, exc.args[0] if exc.args else exc))
+        if self.packing not in PACKINGS:
+            raise ConfigError("{}: packing {!r} is not one of {}".format(path, self.packing, ", ".join(PACKINGS)))
+        self.bits_per_pixel = float(data.get("bits_per_pixel", 0.0))
+        self.path = path
+        self.data = data
+
+    def shape_for(self, role):
+        """The input shape the ``role`` ("encoder" or "decoder") expects."""
+        return self.input_shape if role == "encoder" else self.latent_shape
+
+    def __repr__(self):
+        return "ModelInfo({} {} -> {} {})".format(self.model, self.input_shape, self.latent_shape, self.packing)
+
+
+def read_model_info(model_path):
+    """The :class:`ModelInfo` for a model file: ``model.json`` in the same folder."""
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, IOError):
+        raise ConfigError("{} has no model.json beside it, so its input shape and latent packing are unknown; "
+                          "export models with `latentlink export onnx`, which writes it".format(model_path))
+    except ValueError as exc:
+        raise ConfigError("{}: not valid JSON ({})".format(path, exc))
+    return ModelInfo(data, path)
+
+
+class Backend(object):
+    """One model on one runtime: ``load()``, ``infer(array)``, ``close()``; also a context manager.
+
+    ``infer`` takes a float32 array of exactly ``input_shape`` and returns ``(output, timings)``: ``output`` is a
+    host (CPU) numpy array owned by the backend, valid until the next ``infer`` call; ``timings`` is a dict of
+    milliseconds: ``run_ms`` (the model itself) and ``copy_ms`` (bringing the output to host memory; on a GPU
+    that is the device-to-host copy). ``copy_note`` says what ``copy_ms`` really measures on this backend.
+    """
+
+    name = "backend"
+    copy_note = ""
+
+    def __init__(self, path, role, info=None):
+        self.path = path
+        self.role = role
+        self.info = info or read_model_info(path)
+        self.input_shape = self.info.shape_for(role)
+        self.loaded = False
+
+    def load(self):
+        if not self.loaded:
+            self._load()
+            self.loaded = True
+        return self
+
+    def infer(self, array):
+        if not self.loaded:
+            raise BackendError("{} backend for {} is not loaded: call load() or use it in a `with` block".format(
+                self.name, self.path))
+        if tuple(array.shape) != self.input_shape:
+            raise BackendError("{} input {!r}: got shape {}, expected {} (is the profile's input size the one the "
+                               "model was exported for?)".format(self.role, self.input_name, tuple(array.shape),
+                                                                 self.input_shape))
+        return self._infer(array)
+
+    def close(self):
+        if self.loaded:
+            self._close()
+            self.loaded = False
+
+    def __enter__(self):
+        return self.load()
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # Subclasses implement these.
+    input_name = "input"
+
+    def _load(self):
+        raise NotImplementedError
+
+    def _infer(self, array):
+        raise NotImplementedError
+
+    def _close(self):
+        pass
+
+
+def elapsed_ms(start):
+    return (time.perf_counter() - start) * 1000.0

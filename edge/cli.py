@@ -1,0 +1,20 @@
+"""Helpers shared by the command-line entry points: logging setup and the one place errors become exit codes."""
+
+import logging
+import sys
+
+from .errors import LatentlinkError
+
+
+def setup_logging(verbose=False):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run_main(main, argv):
+    """Run ``main(argv)``; a :class:`LatentlinkError` becomes ``error: ...`` on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except LatentlinkError as exc:
+        print("error: {}".format(exc), file=sys.stderr)
+        return 2

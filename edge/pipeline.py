@@ -1,0 +1,80 @@
+"""The edge loop: capture -> preprocess -> encode -> (gpu_to_cpu) -> serialize -> queue -> send, timed per frame.
+
+Capture, preprocess, encode and serialize run in the calling thread; ``send`` runs in the :class:`Sender`'s
+thread, so a slow network costs queue space (and, by policy, dropped frames), not capture time.
+"""
+
+import logging
+import socket
+import time
+
+from .errors import ConfigError
+from .preprocess import Preprocessor
+from .profiler import EDGE_STAGES, FrameTimer, summarize
+from .protocol import encode_frame
+from .sender import Sender
+
+log = logging.getLogger("latentlink.edge")
+
+
+def run_edge(source, encoder, profile, address, stream, frames=None, serializer=None, drop=None, queue_size=None,
+             progress=None):
+    """Stream ``source`` through ``encoder`` to the host at ``address``; returns ``(summary, records)``.
+
+    ``frames``: stop after this many captured frames (None: until the source ends or Ctrl-C). ``serializer``,
+    ``drop`` and ``queue_size`` override the profile's transport settings. ``progress(seq)`` is called after each
+    captured frame.
+    """
+    transport = profile.transport
+    serializer = serializer or transport.serializer
+    packing = "pickle" if serializer == "pickle" else encoder.info.packing
+    if serializer not in ("framed", "pickle"):
+        raise ConfigError("unknown serializer {!r} (available: framed, pickle)".format(serializer))
+    preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit)
+    records = []
+
+    def finish(timer):
+        timer.extra["latency_ms"] = round((time.perf_counter() - timer.extra.pop("t0")) * 1000.0, 3)
+        records.append(timer.record())
+
+    sender = Sender(address, stream, queue_size=queue_size or transport.queue_size, drop=drop or transport.drop,
+                    send_buffer_bytes=transport.send_buffer_bytes, connect_timeout_s=transport.connect_timeout_s,
+                    send_timeout_s=transport.send_timeout_s, max_backoff_s=transport.max_backoff_s, on_sent=finish)
+    seq = 0
+    started = time.perf_counter()
+    try:
+        while frames is None or seq < frames:
+            timer = FrameTimer(seq)
+            timer.extra["t0"] = time.perf_counter()
+            with timer.stage("capture"):
+                got = source.read()
+            if got is None:
+                break
+            frame, t_capture = got
+            with timer.stage("preprocess"):
+                tensor = preprocess(frame)
+            latents, timings = encoder.infer(tensor)
+            timer.add("encode", timings["run_ms"])
+            timer.add("gpu_to_cpu", timings["copy_ms"])
+            with timer.stage("serialize"):
+                data = encode_frame(stream, seq, t_capture, latents, packing)
+            timer.extra["bytes"] = len(data)
+            sender.submit(data, timer)
+            seq += 1
+            if progress:
+                progress(seq)
+    except KeyboardInterrupt:
+        log.info("interrupted after %d frames; sending what is queued", seq)
+    finally:
+        sender.close()
+    wall_s = time.perf_counter() - started
+    records.sort(key=lambda r: r["seq"])
+    notes = {"gpu_to_cpu": encoder.copy_note} if encoder.copy_note else {}
+    summary = summarize(records, EDGE_STAGES, profile.budget_ms, wall_s, dropped=sender.dropped, extra={
+        "captured": seq, "sent": sender.sent, "dropped_by_policy": sender.dropped_queue,
+        "lost_in_send": sender.dropped_send, "reconnects": sender.reconnects, "notes": notes})
+    return summary, records
+
+
+def default_stream_name():
+    return socket.gethostname().split(".")[0] or "edge"

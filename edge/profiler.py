@@ -1,0 +1,272 @@
+"""Per-frame, per-stage timing against a frame budget, and the reports built from it.
+
+The edge and the host time every frame stage by stage with a :class:`FrameTimer` (milliseconds, measured with the
+monotonic ``time.perf_counter``); :func:`summarize` turns the per-frame records into min/median/mean/p95/p99/max per
+stage and for the frame total; :func:`write_report` / :func:`load_report` store and read the JSON report, and
+:func:`format_table` prints the table a human reads (``latentlink report FILE.json``).
+
+Runs on Python 3.6 with numpy 1.19 (Jetson Nano) as well as on current Python and numpy: stdlib and numpy only.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from edge.errors import ConfigError, LatentlinkError
+
+EDGE_STAGES = ("capture", "preprocess", "encode", "gpu_to_cpu", "serialize", "send")
+HOST_STAGES = ("receive", "deserialize", "decode", "write")
+
+REPORT_KIND = "latentlink-report"
+REPORT_VERSION = 1
+BAR_WIDTH = 20  # characters of '#' for 100 % of the budget
+
+_STAT_KEYS = ("min_ms", "median_ms", "mean_ms", "p95_ms", "p99_ms", "max_ms")
+_SUMMARY_KEYS = ("frames", "budget_ms", "over_budget", "fps", "t200_s", "bytes_per_frame", "dropped", "stages")
+_RESERVED = frozenset(_SUMMARY_KEYS + ("kind", "version", "meta", "records"))
+_HOW_TO_MAKE = "write one with `latentlink edge --report FILE.json` or `latentlink host --report FILE.json`"
+
+
+class FrameTimer(object):
+    """Times the stages of one frame, in milliseconds.
+
+    ``with timer.stage("encode"): ...`` adds the elapsed ms to that stage (repeated stages add up; stages do not
+    nest); ``timer.add(name, ms)`` records a time measured elsewhere; ``timer.extra`` holds other per-frame facts
+    (e.g. ``bytes`` on the wire). The timer is its own context manager, so a stage allocates nothing but its dict
+    entry.
+    """
+
+    __slots__ = ("seq", "stages", "extra", "_clock", "_name", "_t0")
+
+    def __init__(self, seq, clock=time.perf_counter):
+        self.seq = int(seq)
+        self.stages = {}  # stage name -> ms
+        self.extra = {}
+        self._clock = clock  # seconds, monotonic
+        self._name = None
+        self._t0 = 0.0
+
+    def stage(self, name):
+        """Context manager timing ``name``; use as ``with timer.stage(name): ...``."""
+        if self._name is not None:
+            raise RuntimeError("stage %r is still open; stages of a FrameTimer do not nest" % self._name)
+        self._name = name
+        return self
+
+    def __enter__(self):
+        self._t0 = self._clock()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        ms = (self._clock() - self._t0) * 1000.0
+        name, self._name = self._name, None
+        self.stages[name] = self.stages.get(name, 0.0) + ms
+        return False
+
+    def add(self, name, ms):
+        """Add ``ms`` milliseconds measured elsewhere (a CUDA event, a backend's own timing) to stage ``name``."""
+        self.stages[name] = self.stages.get(name, 0.0) + float(ms)
+
+    def record(self):
+        """``{"seq": int, "stages": {name: ms}, **extra}``; ``extra`` cannot override ``seq`` or ``stages``."""
+        rec = {"seq": self.seq, "stages": dict(self.stages)}
+        for key, value in self.extra.items():
+            rec.setdefault(key, value)
+        return rec
+
+
+def _r(x):
+    return round(float(x), 3)
+
+
+def _stats(values):
+    """min/median/mean/p95/p99/max (ms, 3 decimals) of a 1-d array; zeros for an empty one."""
+    if values.size == 0:
+        return dict.fromkeys(_STAT_KEYS, 0.0)
+    lo, hi = float(values.min()), float(values.max())
+    p50, p95, p99 = (float(p) for p in np.percentile(values, [50.0, 95.0, 99.0]))
+    # Guard the order against last-ulp float noise: min <= median <= p95 <= p99 <= max, min <= mean <= max.
+    p50 = min(max(p50, lo), hi)
+    p95 = min(max(p95, p50), hi)
+    p99 = min(max(p99, p95), hi)
+    mean = min(max(float(values.mean()), lo), hi)
+    return dict(zip(_STAT_KEYS, (_r(lo), _r(p50), _r(mean), _r(p95), _r(p99), _r(hi))))
+
+
+def summarize(records, stages, budget_ms, wall_s, dropped=0, extra=None):
+    """Summarize FrameTimer records: per-stage and total stats (ms), frames over ``budget_ms``, fps over ``wall_s``.
+
+    A stage missing from a record counts as 0.0 ms for that frame; a frame's total is the sum of its stage times.
+    The keys of ``extra`` (notes, stream, backend, ...) are appended after the fixed keys.
+    """
+    stages = tuple(stages)
+    if "total" in stages:
+        raise ValueError("'total' is computed by summarize; it cannot be a stage name")
+    extra = dict(extra or {})
+    clash = sorted(_RESERVED.intersection(extra))
+    if clash:
+        raise ValueError("extra keys %s are reserved by the report format" % ", ".join(clash))
+    frames = len(records)
+    times = np.zeros((frames, len(stages)), dtype=np.float64)
+    for i, rec in enumerate(records):
+        rec_stages = rec.get("stages") or {}
+        for j, name in enumerate(stages):
+            times[i, j] = rec_stages.get(name, 0.0)
+    totals = times.sum(axis=1)
+    fps = frames / float(wall_s) if frames and wall_s > 0 else 0.0
+    sizes = [float(rec["bytes"]) for rec in records if "bytes" in rec]
+    stats = {name: _stats(times[:, j]) for j, name in enumerate(stages)}
+    stats["total"] = _stats(totals)
+    summary = {
+        "frames": frames,
+        "budget_ms": _r(budget_ms),
+        "over_budget": int(np.count_nonzero(totals > budget_ms)),
+        "fps": _r(fps),
+        "t200_s": _r(200.0 / fps) if fps > 0 else 0.0,
+        "bytes_per_frame": _r(sum(sizes) / len(sizes)) if sizes else 0.0,
+        "dropped": int(dropped),
+        "stages": stats,
+    }
+    summary.update(extra)
+    return summary
+
+
+def _jsonable(obj):
+    """json.dump fallback: numpy scalars and arrays become plain Python numbers and lists."""
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    raise TypeError("%r (%s) cannot be written to a report" % (obj, type(obj).__name__))
+
+
+def write_report(path, summary, records, meta=None):
+    """Write ``{**summary, kind, version, meta, records}`` as JSON to ``path`` atomically, creating parent dirs."""
+    report = dict(summary)
+    report.update(kind=REPORT_KIND, version=REPORT_VERSION, meta=dict(meta or {}), records=list(records))
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, default=_jsonable)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_report(path):
+    """Read a report written by :func:`write_report`; ConfigError if missing, not JSON or not a latentlink report."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError("report file '%s' does not exist; %s" % (path, _HOW_TO_MAKE))
+    except OSError as e:
+        raise ConfigError("cannot read report file '%s' (%s); %s" % (path, e.strerror or e, _HOW_TO_MAKE))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise ConfigError("report file '%s' is not JSON (%s); %s" % (path, e, _HOW_TO_MAKE))
+    if not isinstance(report, dict) or report.get("kind") != REPORT_KIND:
+        raise ConfigError("'%s' is not a latentlink report (no \"kind\": \"%s\"); %s"
+                          % (path, REPORT_KIND, _HOW_TO_MAKE))
+    if report.get("version") != REPORT_VERSION:
+        raise ConfigError("'%s' is a latentlink report of version %r, this latentlink reads version %d; "
+                          "read it with the latentlink that wrote it, or %s"
+                          % (path, report.get("version"), REPORT_VERSION, _HOW_TO_MAKE))
+    missing = [k for k in _SUMMARY_KEYS if k not in report]
+    if missing or not isinstance(report.get("stages"), dict):
+        raise ConfigError("latentlink report '%s' is damaged (missing or bad: %s); %s"
+                          % (path, ", ".join(missing) or "stages", _HOW_TO_MAKE))
+    return report
+
+
+def format_table(summary, title=""):
+    """The per-stage table: median, p95, max (ms) and the median's share of the budget (% and a '#' bar)."""
+    stages = summary.get("stages") or {}
+    names = [n for n in stages if n != "total"] + (["total"] if "total" in stages else [])
+    budget = float(summary.get("budget_ms") or 0.0)
+    w = max([len("budget") + 2, 15] + [len(n) + 2 for n in names])
+    lines = [title] if title else []
+    lines.append("stage".ljust(w) + "median ms   p95 ms   max ms   budget share")
+    for name in names:
+        st = stages[name]
+        median = float(st.get("median_ms", 0.0))
+        share = 100.0 * median / budget if budget > 0 else 0.0
+        bar = "#" * int(round(min(share, 100.0) * BAR_WIDTH / 100.0))
+        row = "%s%9.2f%9.2f%9.2f%9.1f%%  %s" % (name.ljust(w), median, float(st.get("p95_ms", 0.0)),
+                                                float(st.get("max_ms", 0.0)), share, bar)
+        lines.append(row.rstrip())
+    lines.append("%s%9.2f%18s%9.1f%%" % ("budget".ljust(w), budget, "", 100.0))
+    frames, over = int(summary.get("frames", 0)), int(summary.get("over_budget", 0))
+    lines.append("over budget: %d of %d frames (%.1f%%)" % (over, frames, 100.0 * over / frames if frames else 0.0))
+    lines.append("fps {:.1f} \u00b7 T200 {:.2f} s \u00b7 {:,.0f} bytes/frame on the wire \u00b7 dropped {:d}".format(
+        float(summary.get("fps", 0.0)), float(summary.get("t200_s", 0.0)),
+        float(summary.get("bytes_per_frame", 0.0)), int(summary.get("dropped", 0))))
+    notes = summary.get("notes")
+    if isinstance(notes, dict):
+        lines.extend("note: %s: %s" % (stage, text) for stage, text in notes.items())
+    elif notes:
+        lines.append("note: %s" % notes)
+    return "\n".join(lines)
+
+
+def format_report(report):
+    """The table of a loaded report, titled from ``meta``: ``role 'stream' (profile, backend)``."""
+    meta = report.get("meta") or {}
+    words = [str(meta["role"])] if meta.get("role") else []
+    if meta.get("stream"):
+        words.append("'%s'" % meta["stream"])
+    details = [str(meta[k]) for k in ("profile", "backend") if meta.get(k)]
+    if details:
+        words.append("(%s)" % ", ".join(details))
+    return format_table(report, title=" ".join(words))
+
+
+def _emit(text, stream):
+    """Print ``text``, degrading characters the console cannot encode (a C locale on the Nano) instead of failing."""
+    encoding = getattr(stream, "encoding", None) or "ascii"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        text = text.replace("\u00b7", "-").encode(encoding, "replace").decode(encoding)
+    except LookupError:
+        pass
+    print(text, file=stream)
+
+
+def main(argv=None):
+    """``latentlink report FILE.json [FILE.json ...]``: print the table of each report; 2 on a bad file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] == "report":  # accept the sub-command word as well
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(
+        prog="latentlink report", description="Print the per-stage timing table of latentlink reports.",
+        epilog="example: latentlink report runs/edge.json runs/host.json")
+    parser.add_argument("files", nargs="+", metavar="FILE.json",
+                        help="a report written by `latentlink edge --report` or `latentlink host --report`")
+    args = parser.parse_args(argv)
+    status = 0
+    for i, path in enumerate(args.files):
+        try:
+            table = format_report(load_report(path))
+        except LatentlinkError as e:
+            _emit("error: %s" % e, sys.stderr)
+            status = 2
+            continue
+        _emit(("\n" if i else "") + table, sys.stdout)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

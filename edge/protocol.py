@@ -1,0 +1,347 @@
+"""The latentlink wire format, version 1: one frame = fixed header + JSON metadata + payload.
+
+Fixed header (8 bytes, big-endian ``>4sBBH``): magic ``b"LLNK"``, version, flags, metadata length in bytes.
+Metadata: a UTF-8 JSON object (sorted keys, no spaces, at most :data:`MAX_META_BYTES` bytes) with the keys
+``stream seq t_capture dtype shape packing payload_len``; unknown extra keys are ignored (forward compatibility).
+Payload: ``payload_len`` bytes holding the latent array packed as ``packing`` says (see :func:`pack_latents`).
+
+Everything here runs on Python 3.6 + numpy 1.19 (the Jetson Nano) as well as on current Python and numpy 2.
+The pure functions (encode/parse/pack/unpack) are separate from the two that touch a socket
+(:func:`recv_exactly`, :func:`read_frame`). Bytes from the network only ever raise :class:`ProtocolError` or
+:class:`ConnectionClosed`; the sending side raises :class:`ConfigError` for bad arguments.
+"""
+import collections
+import io
+import json
+import math
+import numbers
+import pickle
+import re
+import struct
+
+import numpy as np
+
+from edge.errors import ConfigError, ConnectionClosed, ProtocolError
+
+MAGIC = b"LLNK"
+VERSION = 1
+FIXED_HEADER = struct.Struct(">4sBBH")  # magic, version (uint8), flags (uint8), metadata length in bytes (uint16)
+FLAG_END_OF_STREAM = 0x01
+_KNOWN_FLAGS = FLAG_END_OF_STREAM
+PACKINGS = ("bits", "uint8", "float16", "float32", "pickle")
+DTYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "int64")
+MAX_META_BYTES = 4096
+MAX_DIMS = 6
+MAX_DIM = 2 ** 20
+MAX_ELEMENTS = 2 ** 27
+MAX_SEQ = 2 ** 63
+DEFAULT_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024
+_META_KEYS = ("stream", "seq", "t_capture", "dtype", "shape", "packing", "payload_len")
+# The stream name becomes a directory on the host: a closed character set, and no "." / ".." (path traversal).
+_STREAM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+
+FrameMeta = collections.namedtuple("FrameMeta", "stream seq t_capture dtype shape packing payload_len flags meta_len")
+FrameMeta.__new__.__defaults__ = (0,)  # meta_len: bytes of the metadata block, known once a frame is parsed
+
+
+def _is_int(value):
+    # bool is an int subclass in Python, but True as a sequence number or dimension is a bug on the other side.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_stream(stream, error):
+    if not isinstance(stream, str) or not _STREAM_RE.match(stream) or stream.strip(".") == "":
+        raise error("bad stream name %r (use 1 to 64 characters from A-Z a-z 0-9 . _ -, not only dots)" % (stream,))
+
+
+def payload_size(packing, shape):
+    """Exact payload size in bytes implied by ``packing`` and ``shape``; None for "pickle" (variable)."""
+    n = 1
+    for dim in shape:
+        n *= int(dim)
+    sizes = {"bits": (n + 7) // 8, "uint8": n, "float16": 2 * n, "float32": 4 * n, "none": 0}
+    if packing == "pickle":
+        return None
+    if packing not in sizes:
+        raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
+    return sizes[packing]
+
+
+def _validate_meta(obj, flags, max_payload_bytes, error):
+    """Check a decoded metadata dict and build a FrameMeta; ``error`` is the exception class to raise."""
+    if not isinstance(obj, dict):
+        raise error("frame metadata is a JSON %s, not an object" % type(obj).__name__)
+    for key in _META_KEYS:
+        if key not in obj:
+            raise error("frame metadata lacks required key %r (has: %s)" % (key, ", ".join(sorted(obj))))
+    _check_stream(obj["stream"], error)
+    seq = obj["seq"]
+    if not _is_int(seq) or not 0 <= seq < MAX_SEQ:
+        raise error("bad seq %r (expected an integer 0 <= seq < 2**63)" % (seq,))
+    t_capture = obj["t_capture"]
+    if not isinstance(t_capture, numbers.Real) or isinstance(t_capture, bool):
+        raise error("bad t_capture %r (expected UNIX seconds as a number)" % (t_capture,))
+    try:
+        t_capture = float(t_capture)
+    except OverflowError:
+        raise error("bad t_capture %r (too large)" % (t_capture,))
+    if not math.isfinite(t_capture):
+        raise error("bad t_capture %r (must be finite)" % (t_capture,))
+    dtype = obj["dtype"]
+    if dtype not in DTYPES:  # a non-str (even an unhashable list) simply is not in the tuple
+        raise error("unknown dtype %r (supported: %s)" % (dtype, ", ".join(DTYPES)))
+    shape = obj["shape"]
+    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS:
+        raise error("bad shape %r (expected a list of 1 to %d integers)" % (shape, MAX_DIMS))
+    n = 1
+    for dim in shape:
+        if not _is_int(dim):
+            raise error("shape %r has a non-integer dimension %r" % (shape, dim))
+        if dim < 1:
+            raise error("shape %r has a dimension of %d" % (shape, dim))
+        if dim > MAX_DIM:
+            raise error("shape %r has a dimension of %d (at most 2**20 allowed)" % (shape, dim))
+        n *= dim
+    if n > MAX_ELEMENTS:
+        raise error("shape %r has %d elements (at most %d allowed)" % (shape, n, MAX_ELEMENTS))
+    packing = obj["packing"]
+    end_of_stream = bool(flags & FLAG_END_OF_STREAM)
+    if end_of_stream:
+        if packing != "none":
+            raise error("end-of-stream frame has packing %r (expected 'none')" % (packing,))
+    elif packing not in PACKINGS:
+        raise error("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
+    payload_len = obj["payload_len"]
+    if not _is_int(payload_len) or payload_len < 0:
+        raise error("bad payload_len %r (expected an integer >= 0)" % (payload_len,))
+    if max_payload_bytes is not None and payload_len > max_payload_bytes:
+        raise error("payload of %d bytes exceeds the limit of %d bytes (raise --max-frame-bytes if this is "
+                    "legitimate)" % (payload_len, max_payload_bytes))
+    expected = payload_size(packing, shape)
+    if expected is not None and payload_len != expected:
+        raise error("payload_len %d does not match shape %r with packing %r (expected %d bytes)"
+                    % (payload_len, shape, packing, expected))
+    return FrameMeta(obj["stream"], int(seq), t_capture, dtype, tuple(int(d) for d in shape), packing,
+                     int(payload_len), flags)
+
+
+def _sender_numbers(seq, t_capture):
+    # numpy scalars are fine on the sending side, but JSON needs plain int / float
+    try:
+        if _is_int(seq) and isinstance(t_capture, numbers.Real) and not isinstance(t_capture, bool):
+            return int(seq), float(t_capture)
+    except OverflowError:
+        pass
+    raise ConfigError("bad seq %r or t_capture %r (expected an int and UNIX seconds)" % (seq, t_capture))
+
+
+def _encode(meta_dict, flags, payload):
+    meta_bytes = json.dumps(meta_dict, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    if len(meta_bytes) > MAX_META_BYTES:  # cannot happen with validated fields; guards the uint16 all the same
+        raise ConfigError("frame metadata of %d bytes exceeds %d bytes" % (len(meta_bytes), MAX_META_BYTES))
+    return FIXED_HEADER.pack(MAGIC, VERSION, flags, len(meta_bytes)) + meta_bytes + payload
+
+
+def pack_latents(array, packing):
+    """Encode a latent array as payload bytes (layout in C order, multi-byte values little-endian)."""
+    a = np.asarray(array)
+    if packing == "bits":  # binary latents: one bit each, numpy's default big bit order
+        return np.packbits((a > 0.5).ravel()).tobytes()
+    if packing == "uint8":
+        if a.dtype.kind == "f":
+            a = np.nan_to_num(np.clip(np.rint(a), 0, 255))
+        else:
+            a = np.clip(a.astype(np.int64), 0, 255)  # int64 first: clipping an int8 to 255 overflows on numpy 2
+        return a.astype(np.uint8).tobytes()
+    if packing == "float16":
+        return a.astype("<f2").tobytes()
+    if packing == "float32":
+        return a.astype("<f4").tobytes()
+    if packing == "pickle":
+        # What the old pipeline sent (numpy's unpickling turns any byte order into the receiver's native one).
+        return pickle.dumps(a, protocol=3)
+    raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
+
+
+def encode_frame(stream, seq, t_capture, array, packing):
+    """The whole frame (header + metadata + payload) as one bytes object, ready for ``sock.sendall``."""
+    a = np.asarray(array)
+    if packing not in PACKINGS:
+        raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
+    if a.dtype.name not in DTYPES:
+        raise ConfigError("array dtype %r is not supported (supported: %s)" % (a.dtype.name, ", ".join(DTYPES)))
+    seq, t_capture = _sender_numbers(seq, t_capture)
+    payload = pack_latents(a, packing)
+    meta = {"stream": stream, "seq": seq, "t_capture": t_capture, "dtype": a.dtype.name,
+            "shape": [int(d) for d in a.shape], "packing": packing, "payload_len": len(payload)}
+    _validate_meta(meta, 0, None, ConfigError)  # refuse here what the host would refuse
+    return _encode(meta, 0, payload)
+
+
+def encode_end_of_stream(stream, seq, t_capture=0.0):
+    """A frame saying the sender is done (flag END_OF_STREAM, packing "none", empty payload).
+
+    ``seq`` is the next sequence number, i.e. the number of frames sent; dtype and shape are placeholders.
+    """
+    seq, t_capture = _sender_numbers(seq, t_capture)
+    meta = {"stream": stream, "seq": seq, "t_capture": t_capture, "dtype": "uint8", "shape": [1],
+            "packing": "none", "payload_len": 0}
+    _validate_meta(meta, FLAG_END_OF_STREAM, None, ConfigError)
+    return _encode(meta, FLAG_END_OF_STREAM, b"")
+
+
+def parse_fixed_header(data8):
+    """Check the 8 fixed-header bytes; returns ``(flags, meta_len)`` with meta_len in bytes."""
+    if len(data8) != FIXED_HEADER.size:
+        raise ProtocolError("fixed header is %d bytes (expected %d)" % (len(data8), FIXED_HEADER.size))
+    magic, version, flags, meta_len = FIXED_HEADER.unpack(bytes(data8))
+    if magic != MAGIC:
+        raise ProtocolError("bad magic %r (expected %r: is this a latentlink edge?)" % (magic, MAGIC))
+    if version != VERSION:
+        raise ProtocolError("unsupported protocol version %d (this host speaks %d)" % (version, VERSION))
+    if flags & ~_KNOWN_FLAGS:
+        raise ProtocolError("reserved flag bits 0x%02x are set (flags 0x%02x)" % (flags & ~_KNOWN_FLAGS, flags))
+    if meta_len > MAX_META_BYTES:
+        raise ProtocolError("metadata of %d bytes exceeds the limit of %d bytes" % (meta_len, MAX_META_BYTES))
+    return flags, meta_len
+
+
+def _refuse_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def parse_meta(meta_bytes, flags, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES):
+    """Decode and validate the metadata block; ``max_payload_bytes`` bounds payload_len (bytes)."""
+    if len(meta_bytes) > MAX_META_BYTES:
+        raise ProtocolError("metadata of %d bytes exceeds the limit of %d bytes" % (len(meta_bytes), MAX_META_BYTES))
+    try:
+        obj = json.loads(bytes(meta_bytes).decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ProtocolError("frame metadata is not UTF-8 JSON (%s): %r" % (exc, bytes(meta_bytes[:80])))
+    return _validate_meta(obj, flags, max_payload_bytes, ProtocolError)._replace(meta_len=len(meta_bytes))
+
+
+# --- the restricted unpickler for the legacy "pickle" packing ------------------------------------------------
+if int(np.__version__.split(".")[0]) >= 2:  # numpy 2 renamed its internals; importing numpy.core there warns
+    from numpy._core import multiarray as _multiarray, numeric as _numeric
+else:
+    from numpy.core import multiarray as _multiarray, numeric as _numeric
+
+
+class _NdarrayToken(object):
+    """Stands in for ``numpy.ndarray`` in a pickle: only _reconstruct may use it, calling it is refused.
+
+    Calling the real ndarray from a pickle would let a few bytes ask for an arbitrarily large allocation.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        raise ProtocolError("pickle payload refused: numpy.ndarray may only be rebuilt through _reconstruct")
+
+
+def _safe_reconstruct(subtype, shape, dtype_code):
+    # numpy always pickles arrays as _reconstruct(ndarray, (0,), b'b') followed by __setstate__ with the data.
+    if subtype is not _NdarrayToken or tuple(shape) != (0,):
+        raise ProtocolError("pickle payload refused: unexpected _reconstruct arguments")
+    return _multiarray._reconstruct(np.ndarray, (0,), dtype_code)
+
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy", "ndarray"): _NdarrayToken,
+    ("numpy", "dtype"): np.dtype,
+}
+if hasattr(_numeric, "_frombuffer"):  # protocol 5 (Python >= 3.8); the buffer must match dtype and shape
+    _ALLOWED_GLOBALS[("numpy.core.numeric", "_frombuffer")] = _numeric._frombuffer
+    _ALLOWED_GLOBALS[("numpy._core.numeric", "_frombuffer")] = _numeric._frombuffer
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise ProtocolError("pickle payload refused: global '%s.%s' is not allowed (only numpy arrays of "
+                                "numeric dtypes are accepted)" % (module, name))
+
+
+def restricted_loads(data):
+    """Unpickle a numpy array of a numeric dtype from untrusted bytes; anything else is a ProtocolError."""
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data)).load()
+    except ProtocolError:
+        raise
+    except Exception as exc:  # bytes from the network: no raw exception may escape
+        raise ProtocolError("pickle payload is not a valid numpy array pickle (%s: %s)" % (type(exc).__name__, exc))
+    if type(obj) is not np.ndarray or obj.dtype.kind not in "biuf":
+        raise ProtocolError("pickle payload refused: got %s of dtype %r (only numpy arrays of numeric dtypes are "
+                            "accepted)" % (type(obj).__name__, str(getattr(obj, "dtype", None))))
+    return obj
+
+
+def unpack_latents(payload, meta):
+    """Decode a payload according to ``meta``; returns a writable array of meta.dtype and meta.shape."""
+    if meta.packing not in PACKINGS or meta.dtype not in DTYPES:
+        raise ProtocolError("cannot unpack latents with packing %r and dtype %r" % (meta.packing, meta.dtype))
+    dtype = np.dtype(meta.dtype)
+    expected = payload_size(meta.packing, meta.shape)
+    if expected is not None and len(payload) != expected:
+        raise ProtocolError("payload of %d bytes does not match shape %r with packing %r (expected %d bytes)"
+                            % (len(payload), list(meta.shape), meta.packing, expected))
+    n = int(np.prod(meta.shape))
+    if meta.packing == "bits":
+        flat = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=n)
+    elif meta.packing == "pickle":
+        a = restricted_loads(payload)
+        if a.dtype != dtype or a.shape != tuple(meta.shape):
+            raise ProtocolError("pickled array is %s %r but the metadata says %s %r"
+                                % (a.dtype, list(a.shape), meta.dtype, list(meta.shape)))
+        return a if a.flags.writeable else a.copy()
+    else:  # explicit little-endian wire types, whatever the host's byte order
+        flat = np.frombuffer(payload, dtype={"uint8": "u1", "float16": "<f2", "float32": "<f4"}[meta.packing])
+    return flat.reshape(meta.shape).astype(dtype)  # astype copies: writable and independent of the buffer
+
+
+def decode_latents(meta, payload):
+    """The latent array a frame carries (pickle payloads go through :func:`restricted_loads`)."""
+    if meta.flags & FLAG_END_OF_STREAM:
+        raise ProtocolError("an end-of-stream frame carries no latents")
+    return unpack_latents(payload, meta)
+
+
+# --- socket I/O ----------------------------------------------------------------------------------------------
+def recv_exactly(sock, n, what="frame", at_boundary=False):
+    """Read exactly ``n`` bytes (bounded by the caller) into a preallocated bytearray.
+
+    A close before any byte arrived is :class:`ConnectionClosed` when ``at_boundary`` (between frames), a close
+    midway is :class:`ProtocolError`; socket.timeout propagates unchanged.
+    """
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except ConnectionResetError:  # an abrupt close is still a close; the caller handles both alike
+            k = 0
+        if k == 0:
+            if got == 0 and at_boundary:
+                raise ConnectionClosed("peer closed the connection")
+            raise ProtocolError("connection closed after %d of %d bytes of %s" % (got, n, what))
+        got += k
+    return buf
+
+
+def read_frame(sock, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES, on_header=None):
+    """Read one frame; returns ``(FrameMeta, payload bytes)``. Each part is validated before the next is read.
+
+    ``on_header`` (no arguments) is called as soon as the 8 fixed-header bytes arrived, so that a receive
+    timer started there does not count the idle wait for the frame.
+    """
+    header = recv_exactly(sock, FIXED_HEADER.size, "frame header", at_boundary=True)
+    if on_header is not None:
+        on_header()
+    flags, meta_len = parse_fixed_header(header)
+    meta = parse_meta(recv_exactly(sock, meta_len, "metadata"), flags, max_payload_bytes)
+    payload = recv_exactly(sock, meta.payload_len, "payload")
+    return meta, bytes(payload)

@@ -1,0 +1,57 @@
+"""Name -> model class registry and checkpoints that carry their architecture."""
+
+from pathlib import Path
+
+import torch
+
+from edge.errors import ConfigError
+
+MODELS = {}
+
+
+def register_model(name):
+    """Class decorator: make a model buildable as ``build_model(name, **hparams)``."""
+
+    def wrap(cls):
+        if name in MODELS:
+            raise ValueError(f"model name {name!r} registered twice")
+        cls.name = name
+        MODELS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_model(name, **hparams):
+    """A fresh, untrained model of the registered architecture ``name``."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r} (available: {', '.join(sorted(MODELS))})") from None
+    return cls(**hparams)
+
+
+def save_checkpoint(path, model, **meta):
+    """Write weights + architecture + ``meta`` (training facts) to ``path`` (a .pt file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"model": model.name, "hparams": dict(model.hparams), "state_dict": state, "meta": meta}, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild a model from a checkpoint written by :func:`save_checkpoint`; returns ``(model, meta)``.
+
+    The model is in eval mode (deterministic binarization) on ``device``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist (train one with `latentlink train`)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        name, hparams, state = ckpt["model"], ckpt["hparams"], ckpt["state_dict"]
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{str(path)!r} is not a latentlink checkpoint ({exc})") from None
+    model = build_model(name, **hparams)
+    model.load_state_dict(state)
+    return model.to(device).eval(), ckpt.get("meta", {})

@@ -1,0 +1,133 @@
+"""Encoder and decoder -> two ONNX files for two devices, fit for TensorRT 8.2 on the Nano.
+
+Static shapes (one input size per profile), opset 13 (the newest TensorRT 8.2 parses), the legacy TorchScript
+exporter (PyTorch >= 2.9 would pick the dynamo exporter and opset 18), and no BOOL tensors anywhere in the graph.
+Beside the two files goes ``model.json``, which the edge and host read: model, input shape, latent shape, packing.
+"""
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from edge.errors import ConfigError
+
+OPSET = 13
+
+
+def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sample=None):
+    """Write ``encoder.onnx``, ``decoder.onnx`` and ``model.json`` for ``height`` x ``width`` inputs to ``out_dir``.
+
+    ``sample``: an optional float32 (1, 3, H, W) image for the parity check (default: a smooth random image).
+    Returns the model.json contents, parity figures included.
+    """
+    if height % model.downscale or width % model.downscale:
+        raise ConfigError(f"input {width}x{height} is not a multiple of {model.downscale} (the model's downscale)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    image = torch.from_numpy(sample) if sample is not None else _smooth_random(height, width)
+    with torch.no_grad():
+        latents = model.encoder(image)
+    enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
+    _export(model.encoder, image, enc_path, "image", "latents")
+    _export(model.decoder, latents, dec_path, "latents", "image")
+    for path in (enc_path, dec_path):
+        constants_to_initializers(path)
+        check_graph(path)
+    info = {
+        "format": "latentlink-model", "version": 1, "model": model.name, "hparams": model.hparams,
+        "profile": profile, "input_shape": list(image.shape), "latent_shape": list(latents.shape),
+        "packing": model.packing, "latent_dtype": "float32", "bits_per_pixel": model.bits_per_pixel,
+        "input": "RGB float32 in [0, 1], NCHW", "output": "RGB float32, NCHW, clip to [0, 1]",
+        "encoder": enc_path.name, "decoder": dec_path.name, "opset": OPSET, "torch": torch.__version__,
+        "checkpoint": Path(checkpoint).name if checkpoint else None,
+        "checkpoint_sha256": _sha256(checkpoint) if checkpoint else None,
+        "parity": parity_check(model, image, enc_path, dec_path),
+    }
+    (out_dir / "model.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def _export(module, example, path, input_name, output_name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET, do_constant_folding=True,
+                          input_names=[input_name], output_names=[output_name], dynamic_axes=None)
+
+
+def constants_to_initializers(path):
+    """Rewrite ``Constant`` nodes as graph initializers, in place.
+
+    TensorRT 8.2 wants some operands (Clip's min and max, Mul's and Sub's scalars) as initializers; the TorchScript
+    exporter leaves them as Constant nodes.
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    for node in [n for n in graph.node if n.op_type == "Constant"]:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if value is None:
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        graph.node.remove(node)
+    onnx.save(model, str(path))
+
+
+def check_graph(path):
+    """Raise ConfigError unless ``path`` is valid ONNX with opset <= 13, static shapes and no BOOL tensors."""
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    constants = [n.name or n.output[0] for n in model.graph.node if n.op_type == "Constant"]
+    if constants:
+        raise ConfigError(f"{path}: Constant nodes {constants[:3]} should be initializers for TensorRT 8.2")
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset > OPSET:
+        raise ConfigError(f"{path}: opset {opset} > {OPSET}, which TensorRT 8.2 cannot parse")
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info)
+    for value in values:
+        tensor = value.type.tensor_type
+        if tensor.elem_type == onnx.TensorProto.BOOL:
+            raise ConfigError(f"{path}: tensor {value.name!r} is BOOL, which fails TensorRT 8.2 FP16 builds")
+        if any(not d.HasField("dim_value") for d in tensor.shape.dim):
+            raise ConfigError(f"{path}: tensor {value.name!r} has a dynamic shape; the Nano needs static shapes")
+
+
+def parity_check(model, image, enc_path, dec_path):
+    """Compare ONNX Runtime with PyTorch on one image: flipped latent bits and the decoder's max/mean error."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    enc = ort.InferenceSession(str(enc_path), providers=providers)
+    dec = ort.InferenceSession(str(dec_path), providers=providers)
+    with torch.no_grad():
+        latents = model.encoder(image)
+        reference = model.decoder(latents).numpy()
+    onnx_latents = enc.run(None, {"image": image.numpy()})[0]
+    decoded = dec.run(None, {"latents": latents.numpy()})[0]  # same latents: isolate the decoder's error
+    flipped = float(np.mean(onnx_latents != latents.numpy()))
+    err = np.abs(decoded - reference)
+    result = {"latent_mismatch_fraction": flipped, "decoder_max_abs_error": float(err.max()),
+              "decoder_mean_abs_error": float(err.mean())}
+    # Bits may flip only where an activation sits at the threshold; more than that is an export bug.
+    if flipped > 1e-3 or err.max() > 1e-3:
+        raise ConfigError(f"ONNX Runtime disagrees with PyTorch: {result}")
+    return result
+
+
+def _smooth_random(height, width, seed=0):
+    """A smooth random RGB image (1, 3, H, W): random noise blurred by upsampling, values in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, max(1, height // 16), max(1, width // 16), generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

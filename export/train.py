@@ -1,0 +1,133 @@
+"""``latentlink train``: photos in, checkpoint (weights + architecture) out.
+
+Example::
+
+    latentlink train --data data/train --out runs/lossy-cae.pt --steps 20000 --loss mse
+"""
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edge.errors import ConfigError
+
+from .data import CropSampler, centre_crop, list_images, read_rgb, resize_short_side, to_batch
+from .losses import LOSSES, get_loss
+from .models import MODELS, build_model, load_checkpoint, save_checkpoint
+
+
+def get_args_parser(parser=None):
+    parser = parser or argparse.ArgumentParser(prog="latentlink train")
+    parser.description = "Train a model of the zoo on a folder of photos."
+    parser.epilog = ("example: latentlink train --data data/train --out runs/lossy-cae.pt --steps 20000\n"
+                     "resume:  latentlink train --data data/train --out runs/lossy-cae.pt --resume runs/lossy-cae.pt")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--data", required=True, help="folder of training photos (searched recursively)")
+    parser.add_argument("--out", required=True, help="checkpoint to write (.pt); the best one by validation PSNR")
+    parser.add_argument("--model", default="lossy-cae", choices=sorted(MODELS), help="architecture (default: %(default)s)")
+    parser.add_argument("--latent-channels", type=int, default=8, help="latent channels (8 = 0.5 bpp for lossy-cae)")
+    parser.add_argument("--loss", default="mse", choices=sorted(LOSSES), help="training loss (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20000, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=128, help="training crop size in pixels (default: %(default)s)")
+    parser.add_argument("--scales", default="504,1008",
+                        help="short-side sizes (pixels) each photo is resized to before cropping (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate, cosine-decayed")
+    parser.add_argument("--val-split", type=float, default=0.15, help="fraction of photos held out for validation")
+    parser.add_argument("--val-every", type=int, default=1000, help="validate and checkpoint every N steps")
+    parser.add_argument("--resume", help="checkpoint to continue from (weights only; the schedule restarts)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (crops, flips, init, binarization)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
+    return parser
+
+
+def psnr(mse):
+    """PSNR in dB for images in [0, 1] given their mean squared error."""
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def evaluate(model, images, device):
+    """Mean PSNR (dB) of the deterministic (deployed) model over 256x256 centre crops of ``images`` (RGB uint8)."""
+    model.eval()
+    scores = []
+    for image in images:
+        x = torch.from_numpy(to_batch(image[None])).to(device)
+        x_hat = model(x)["x_hat"].clamp(0, 1)
+        # Quantize to 8 bits as the host does before comparing.
+        x_hat = torch.round(x_hat * 255) / 255
+        scores.append(psnr(torch.mean((x_hat - x) ** 2).item()))
+    model.train()
+    return float(np.mean(scores))
+
+
+def split_paths(paths, val_split, seed):
+    paths = list(paths)
+    random.Random(seed).shuffle(paths)
+    n_val = max(1, int(round(len(paths) * val_split))) if len(paths) > 1 and val_split > 0 else 0
+    return sorted(paths[n_val:]), sorted(paths[:n_val])
+
+
+def main(argv=None):
+    from edge.cli import run_main
+
+    return run_main(lambda a: train(get_args_parser().parse_args(a)), argv)
+
+
+def train(args):
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device} asked for CUDA, but this PyTorch sees no GPU (use --device cpu)")
+    scales = tuple(int(s) for s in args.scales.split(","))
+
+    train_paths, val_paths = split_paths(list_images(args.data), args.val_split, args.seed)
+    sampler = CropSampler(train_paths, crop=args.crop, scales=scales, seed=args.seed)
+    val_images = [centre_crop(resize_short_side(read_rgb(p), s), 256) for p in val_paths for s in scales]
+    print(f"{len(train_paths)} training photos, {len(val_paths)} validation photos, scales {scales}")
+
+    if args.resume:
+        model, _ = load_checkpoint(args.resume, device)
+    else:
+        model = build_model(args.model, latent_channels=args.latent_channels).to(device)
+    model.train()
+    loss_fn = get_loss(args.loss)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps,
+                                                    pct_start=0.05, final_div_factor=100)
+    best, started = -1.0, time.time()
+    progress = tqdm(range(1, args.steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    for step in progress:
+        x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
+        x_hat = model(x)["x_hat"]
+        loss = loss_fn(x_hat, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 20 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(torch.mean((x_hat - x) ** 2).item()):.2f}")
+        if step % args.val_every == 0 or step == args.steps:
+            val_psnr = evaluate(model, val_images, device) if val_images else float("nan")
+            tqdm.write(f"step {step}: validation PSNR {val_psnr:.2f} dB (best {max(best, val_psnr):.2f})")
+            if not val_images or val_psnr > best:
+                best = val_psnr
+                save_checkpoint(args.out, model, step=step, loss=args.loss, val_psnr_db=round(val_psnr, 3),
+                                train_photos=[p.name for p in train_paths], val_photos=[p.name for p in val_paths],
+                                scales=list(scales), crop=args.crop, batch_size=args.batch_size, lr=args.lr,
+                                seed=args.seed, minutes=round((time.time() - started) / 60, 1))
+    print(f"best validation PSNR {best:.2f} dB; checkpoint: {Path(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""``latentlink host`` / ``python -m host``: receive latents from edges, decode them, store or show the images."""
+
+import argparse
+import logging
+import os
+import sys
+
+from edge.backends import open_backend
+from edge.cli import run_main, setup_logging
+from edge.errors import ConfigError
+from edge.profile import load_profile
+from edge.profiler import format_table, write_report
+from edge.sender import parse_address
+
+from .server import Host
+
+EXAMPLES = """examples:
+  latentlink host --listen 0.0.0.0:5760 --out frames/ --report host.json
+  latentlink host --profile nano-1008 --display
+  latentlink host --listen 127.0.0.1:0 --ready-file port.txt --max-frames 100
+
+decoded frames are saved as OUT/<stream>/<seq:06d>.png (seq: the edge's sequence number, from 0)"""
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(prog="latentlink host", description=__doc__.split(":", 1)[1].strip(),
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--listen", default="127.0.0.1:5760",
+                        help="address to listen on, HOST:PORT (default: %(default)s; 0.0.0.0 for every interface, "
+                             "port 0 for any free port)")
+    parser.add_argument("--profile", default="nano-504", help="profile name or YAML file (default: %(default)s)")
+    parser.add_argument("--decoder", default="default",
+                        help="decoder model: an .onnx file, or 'default' for the profile's (default: %(default)s)")
+    parser.add_argument("--out", help="save decoded frames under this folder")
+    parser.add_argument("--display", action="store_true", help="show decoded frames in a window (needs a screen)")
+    parser.add_argument("--max-frames", type=int, help="exit after decoding N frames (all streams together)")
+    parser.add_argument("--max-streams", type=int, help="exit after N edge connections have ended")
+    parser.add_argument("--max-frame-bytes", type=int, default=None,
+                        help="refuse frames larger than this (default: the profile's transport.max_frame_bytes)")
+    parser.add_argument("--idle-timeout", type=float, default=60.0,
+                        help="close a connection silent this many seconds between frames (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--report", help="write per-frame records and the summary to this JSON file")
+    parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
+    parser.add_argument("--quiet", action="store_true", help="do not print the per-stage table")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv=None):
+    return run_main(_main, argv)
+
+
+def _main(argv):
+    args = get_args_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.display and sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or
+                                                                 os.environ.get("WAYLAND_DISPLAY")):
+        raise ConfigError("--display needs a screen, and DISPLAY is not set; save frames with --out DIR instead")
+    profile = load_profile(args.profile)
+    decoder_path = profile.model.decoder if args.decoder == "default" else args.decoder
+    listen = parse_address(args.listen)
+    with open_backend(decoder_path, "decoder", threads=args.threads) as decoder:
+        host = Host(decoder, budget_ms=profile.budget_ms, out_dir=args.out, display=args.display,
+                    max_frames=args.max_frames, max_streams=args.max_streams,
+                    max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
+                    idle_timeout_s=args.idle_timeout)
+        bound = host.bind(*listen)
+        if args.ready_file:
+            with open(args.ready_file + ".tmp", "w") as f:
+                f.write("{}:{}\n".format(*bound))
+            os.replace(args.ready_file + ".tmp", args.ready_file)
+        host.serve()
+        summary, records = host.summary()
+    meta = {"role": "host", "stream": ",".join(summary["streams"]) or "-", "profile": profile.name,
+            "backend": decoder.name, "decoder": decoder_path, "out": args.out}
+    if args.report:
+        write_report(args.report, summary, records, meta)
+    if not args.quiet:
+        print(format_table(summary, "host ({}, {})".format(profile.name, decoder.name)))
+        for name, stream in summary["streams"].items():
+            print("stream {!r}: {frames} frames decoded, {gaps} missing (dropped by the edge), {failed} failed to "
+                  "decode, {connections} connection(s){}".format(name, "" if stream["ended"] else
+                                                                 ", no end-of-stream", **stream))
+        if args.report:
+            print("report: {}".format(args.report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

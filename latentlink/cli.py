@@ -1,0 +1,57 @@
+"""``latentlink <command>``: dispatch to each tool's ``main(argv)``, importing only the tool that runs.
+
+Python 3.6 compatible, because ``latentlink edge`` runs on the Jetson Nano, where the host and export tools (and
+their dependencies) are not installed.
+"""
+
+import importlib
+import sys
+
+# command -> (module with main(argv), one-line summary)
+COMMANDS = [
+    ("demo", "latentlink.demo", "edge and host on loopback, streaming photos through the default model"),
+    ("edge", "edge.__main__", "capture frames, encode them and send the latents to a host"),
+    ("host", "host.__main__", "receive latents from edges, decode them, save or show the images"),
+    ("train", "export.train", "train a model on a folder of photos"),
+    ("export", "export.__main__", "export a checkpoint's encoder and decoder to ONNX"),
+    ("eval", "export.evaluate", "PSNR of a model against JPEG at the same bits per pixel"),
+    ("report", "edge.profiler", "print the per-stage table of an edge or host report"),
+]
+
+USAGE = """usage: latentlink <command> [options]     (latentlink <command> --help for each)
+
+Learned image compression on the edge: a Jetson encodes camera frames to latents, a host decodes them.
+
+commands:
+{}
+
+examples:
+  latentlink demo
+  latentlink host --listen 0.0.0.0:5760 --out frames/ --report host.json
+  latentlink edge --source csi://0 --connect 192.168.1.20:5760 --report edge.json
+  latentlink report edge.json host.json
+"""
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = [name for name, _, _ in COMMANDS]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format("\n".join("  {:<8} {}".format(name, text) for name, _, text in COMMANDS)))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from edge import __version__
+
+        print("latentlink " + __version__)
+        return 0
+    if argv[0] not in names:
+        print("latentlink: unknown command {!r} (available: {})".format(argv[0], ", ".join(names)), file=sys.stderr)
+        return 2
+    module_name = dict((name, module) for name, module, _ in COMMANDS)[argv[0]]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        print("latentlink {}: a dependency is missing ({}); install the extra it needs, e.g. "
+              "pip install 'latentlink[host]' or 'latentlink[export]'".format(argv[0], exc), file=sys.stderr)
+        return 2
+    return module.main(argv[1:])

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Gather the real photos the default model is trained and tested on, into DEST/train and DEST/holdout.
+#
+#   bash scripts/get_photos.sh data        # then: latentlink train --data data/train ...
+#
+# Training photos: 20 photos from Debian's wallpaper packages (mate-backgrounds, plasma-workspace-wallpapers).
+# Held out (never trained on): 3 more of those photos plus scikit-image's 5 colour sample photos.
+# Needs apt-get (Debian/Ubuntu) and the [export] or [host] extra (for scikit-image). No root needed.
+set -euo pipefail
+dest=${1:-data}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+(cd "$work" && apt-get download mate-backgrounds plasma-workspace-wallpapers >/dev/null 2>&1 \
+  || { echo "apt-get download failed: run on Debian/Ubuntu with package lists (sudo apt-get update)" >&2; exit 1; })
+for deb in "$work"/*.deb; do dpkg -x "$deb" "$work/x"; done
+share="$work/x/usr/share"
+mkdir -p "$dest/train" "$dest/holdout"
+
+train=(mate/nature/Aqua mate/nature/Blinds mate/nature/Dune mate/nature/Garden mate/nature/GreenMeadow
+       mate/nature/RainDrops mate/nature/Storm mate/nature/TwoWings mate/nature/Wood mate/nature/YellowFlower
+       BytheWater ColdRipple ColorfulCups DarkestHour FallenLeaf Grey Kite OneStandsOut Volna summer_1am)
+holdout=(mate/nature/LadyBird EveningGlow Path)
+
+copy() {  # copy NAME into folder $2: MATE photos by path, Plasma wallpapers by their largest JPEG
+  local name=$1 to=$2 src
+  if [[ $name == mate/* ]]; then
+    src="$share/backgrounds/$name.jpg"
+  else
+    src=$(ls -S "$share/wallpapers/$name/contents/images/"*.jpg | head -n 1)
+  fi
+  cp "$src" "$to/$(basename "$name").jpg"
+}
+for n in "${train[@]}"; do copy "$n" "$dest/train"; done
+for n in "${holdout[@]}"; do copy "$n" "$dest/holdout"; done
+
+python3 - "$dest/holdout" <<'PY'
+import sys, cv2, skimage.data as d
+photos = {"astronaut": d.astronaut(), "chelsea": d.chelsea(), "coffee": d.coffee(), "rocket": d.rocket(),
+          "motorcycle": d.stereo_motorcycle()[0]}
+for name, rgb in photos.items():
+    cv2.imwrite(f"{sys.argv[1]}/skimage-{name}.png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+PY
+echo "$(ls "$dest/train" | wc -l) training photos in $dest/train, $(ls "$dest/holdout" | wc -l) held out in $dest/holdout"

@@ -1,0 +1,35 @@
+"""latentlink: learned image compression on the edge (encoder on a Jetson Nano, decoder on a host PC).
+
+A plain setup.py, not pyproject-only: the Nano's Python 3.6 pip must be able to install ``edge``.
+"""
+
+from setuptools import setup
+
+# On a Jetson (aarch64) OpenCV is JetPack's own, built with GStreamer for the CSI camera: a pip opencv-python would
+# shadow it and break the camera, so OpenCV and ONNX Runtime come from pip on other machines only.
+NOT_JETSON = 'platform_machine != "aarch64"'
+
+EXTRAS = {
+    "edge": ["opencv-python-headless; " + NOT_JETSON, "onnxruntime; " + NOT_JETSON],
+    "host": ["opencv-python-headless", "onnxruntime", "scikit-image", "tqdm"],
+    # torch: install the CPU build first (pip install torch==2.13.0), or pip pulls several GB of CUDA packages.
+    "export": ["torch>=2.1", "onnx", "onnxruntime", "opencv-python-headless", "pytorch-msssim", "scikit-image",
+               "tqdm"],
+}
+EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + ["pytest", "pytest-timeout", "hypothesis", "vermin"]))
+
+setup(
+    name="latentlink",
+    version="0.1.0",
+    description="Learned image compression on the edge: encoder on a Jetson Nano, decoder on a host PC",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.6",
+    packages=["edge", "edge.backends", "host", "export", "export.models", "profiles", "latentlink"],
+    package_data={"profiles": ["*.yaml", "default/*.pt", "default/*/*.onnx", "default/*/*.json"]},
+    install_requires=["numpy>=1.19", "pyyaml>=3.12"],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["latentlink = latentlink.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Multimedia :: Video"],
+)

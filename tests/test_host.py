@@ -1,0 +1,135 @@
+"""The host against good, bad and malicious peers, in one process: every bad peer loses only its connection."""
+
+import logging
+import os
+import pickle
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge.backends import open_backend
+from edge.profile import load_profile
+from edge.protocol import FIXED_HEADER, MAGIC, VERSION, encode_end_of_stream, encode_frame
+from host.server import Host
+
+
+@pytest.fixture
+def host(tiny_profile, tmp_path):
+    decoder = open_backend(load_profile(tiny_profile).model.decoder, "decoder").load()
+    server = Host(decoder, out_dir=str(tmp_path / "frames"), idle_timeout_s=5, frame_timeout_s=2)
+    server.bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    yield server
+    server.stop()
+    thread.join(10)
+    decoder.close()
+
+
+def latents(seed):
+    return (np.random.default_rng(seed).random((1, 8, 16, 16)) > 0.5).astype(np.float32)
+
+
+def connect(server):
+    return socket.create_connection(server.address, timeout=5)
+
+
+def wait_until(condition, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def closed_by_peer(sock):
+    """True when the host has closed this connection (recv gives EOF or a reset)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+class Exploit(object):
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, ("touch " + self.marker,))
+
+
+def test_malicious_pickle_is_refused_while_another_edge_streams(host, tmp_path, caplog):
+    marker = str(tmp_path / "pwned")
+    good = connect(host)
+    for seq in range(3):
+        good.sendall(encode_frame("good", seq, time.time(), latents(seq), "bits"))
+    evil = connect(host)
+    payload = pickle.dumps(Exploit(marker), protocol=3)
+    meta = ('{"dtype":"float32","packing":"pickle","payload_len":%d,"seq":0,"shape":[1,8,16,16],'
+            '"stream":"evil","t_capture":0.0}' % len(payload)).encode()
+    with caplog.at_level(logging.ERROR, logger="latentlink.host"):
+        evil.sendall(FIXED_HEADER.pack(MAGIC, VERSION, 0, len(meta)) + meta + payload)
+        assert closed_by_peer(evil)
+    for seq in range(3, 6):
+        good.sendall(encode_frame("good", seq, time.time(), latents(seq), "bits"))
+    good.sendall(encode_end_of_stream("good", 6))
+    wait_until(lambda: host.streams.get("good") and host.streams["good"].ended)
+    assert not os.path.exists(marker)
+    assert host.streams["good"].frames == 6 and host.protocol_errors == 1
+    assert "system' is not allowed" in caplog.text and "closing this connection" in caplog.text
+    assert sorted(os.listdir(str(tmp_path / "frames" / "good"))) == ["{:06d}.png".format(i) for i in range(6)]
+
+
+def test_pickled_arrays_from_the_seed_pipeline_are_accepted(host):
+    sock = connect(host)
+    sock.sendall(encode_frame("legacy", 0, time.time(), latents(0), "pickle"))
+    sock.sendall(encode_end_of_stream("legacy", 1))
+    wait_until(lambda: host.streams.get("legacy") and host.streams["legacy"].ended)
+    assert host.streams["legacy"].frames == 1
+
+
+@pytest.mark.parametrize("junk", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",                # not latentlink at all
+    FIXED_HEADER.pack(MAGIC, 99, 0, 2) + b"{}",          # unknown protocol version
+    FIXED_HEADER.pack(MAGIC, VERSION, 0, 9) + b"not json!",  # metadata that is not JSON
+    FIXED_HEADER.pack(MAGIC, VERSION, 0x80, 2) + b"{}",  # a reserved flag bit
+])
+def test_malformed_frames_close_only_their_connection(host, junk):
+    bad = connect(host)
+    bad.sendall(junk)
+    assert closed_by_peer(bad)
+    good = connect(host)
+    good.sendall(encode_frame("after", 0, time.time(), latents(0), "bits") + encode_end_of_stream("after", 1))
+    wait_until(lambda: host.streams.get("after") and host.streams["after"].ended)
+    assert host.protocol_errors == 1
+
+
+def test_oversized_payload_is_refused_before_reading_it(host):
+    meta = ('{"dtype":"float32","packing":"float32","payload_len":%d,"seq":0,"shape":[1,64,1024,4096],'
+            '"stream":"big","t_capture":0.0}' % (4 * 64 * 1024 * 4096)).encode()
+    sock = connect(host)
+    sock.sendall(FIXED_HEADER.pack(MAGIC, VERSION, 0, len(meta)) + meta)  # and no payload at all
+    assert closed_by_peer(sock)  # refused at once, not after a read timeout
+    assert host.protocol_errors == 1
+
+
+def test_wrong_latent_shape_counts_as_failed(host):
+    sock = connect(host)
+    sock.sendall(encode_frame("odd", 0, time.time(), np.ones((1, 8, 8, 8), np.float32), "bits"))
+    assert closed_by_peer(sock)
+    assert host.streams["odd"].failed == 1 and host.streams["odd"].frames == 0
+
+
+def test_sequence_gaps_are_reported_apart_from_failures(host):
+    sock = connect(host)
+    for seq in (0, 1, 4, 5, 9):
+        sock.sendall(encode_frame("gappy", seq, time.time(), latents(seq), "bits"))
+    sock.sendall(encode_end_of_stream("gappy", 10))
+    wait_until(lambda: host.streams.get("gappy") and host.streams["gappy"].ended)
+    summary, records = host.summary()
+    assert summary["streams"]["gappy"]["gaps"] == 5 and summary["streams"]["gappy"]["failed"] == 0
+    assert summary["dropped"] == 5 and summary["frames"] == 5
+    assert [r["seq"] for r in records] == [0, 1, 4, 5, 9]
+    assert set(summary["stages"]) == {"receive", "deserialize", "decode", "write", "total"}
