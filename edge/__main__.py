@@ -5,7 +5,7 @@ import logging
 import sys
 
 from .backends import open_backend
-from .cli import run_main, setup_logging
+from .cli import peak_rss_mb, run_main, setup_logging
 from .errors import ConfigError
 from .pipeline import default_stream_name, run_edge
 from .profile import load_profile
@@ -68,7 +68,8 @@ def _main(argv):
             encoder.name, encoder.info.packing, address[0], address[1])
         summary, records = run_edge(source, encoder, profile, address, stream, frames=args.frames,
                                     serializer=args.serializer, drop=args.drop, queue_size=args.queue_size)
-    meta = {"role": "edge", "stream": stream, "profile": profile.name, "backend": encoder.name,
+    meta = {"role": "edge", "peak_rss_mb": peak_rss_mb(),
+            "stream": stream, "profile": profile.name, "backend": encoder.name,
             "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing,
             "input_shape": list(encoder.info.input_shape), "latent_shape": list(encoder.info.latent_shape)}
     if args.report:

@@ -11,6 +11,16 @@ def setup_logging(verbose=False):
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def peak_rss_mb():
+    """This process's peak resident memory in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(kib / 1024.0, 1)
+
+
 def run_main(main, argv):
     """Run ``main(argv)``; a :class:`LatentlinkError` becomes ``error: ...`` on stderr and exit code 2."""
     try:

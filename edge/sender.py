@@ -8,6 +8,7 @@ frame that does not reach the host is counted, by reason.
 
 import collections
 import logging
+import select
 import socket
 import threading
 import time
@@ -48,6 +49,20 @@ class Connection(object):
     def send(self, data):
         self.sock.sendall(data)
 
+    def peer_closed(self):
+        """True if the host closed or reset the connection. The host never writes to us, so a readable socket
+        means end-of-file or an error; writing into it would "succeed" and silently lose the frame."""
+        try:
+            readable = select.select([self.sock], [], [], 0)[0]
+        except (OSError, ValueError):  # ValueError: a descriptor select() cannot watch; assume it is alive
+            return False
+        if not readable:
+            return False
+        try:
+            return not self.sock.recv(1, socket.MSG_PEEK)
+        except OSError:  # ECONNRESET
+            return True
+
     def close(self):
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -60,8 +75,8 @@ class Sender(object):
     """Sends queued frames to ``address`` from a background thread.
 
     ``submit(data, timer)`` queues one encoded frame (bytes) with its :class:`~edge.profiler.FrameTimer`; the
-    thread times the ``send`` stage on it and hands the finished record to ``on_sent(record)``. ``close()`` sends
-    what is queued (waiting at most ``drain_timeout_s``), says end-of-stream and joins the thread.
+    thread times the ``send`` stage on it and, once the frame is sent, hands the timer to ``on_sent(timer)``.
+    ``close()`` sends what is queued (waiting at most ``drain_timeout_s``), says end-of-stream and joins the thread.
 
     Counters (frames): ``sent``, ``dropped_queue`` (pushed out by the drop policy), ``dropped_send`` (lost when a
     connection broke mid-send or left in the queue at close), ``reconnects``.
@@ -71,18 +86,21 @@ class Sender(object):
                  connect_timeout_s=5.0, send_timeout_s=10.0, max_backoff_s=5.0, on_sent=None):
         if drop not in DROP_POLICIES:
             raise ConfigError("unknown drop policy {!r} (available: {})".format(drop, ", ".join(DROP_POLICIES)))
+        if queue_size < 1:
+            raise ConfigError("bad queue size {!r}: at least 1 frame must fit in the queue".format(queue_size))
         self.address, self.stream = address, stream
         self.queue_size, self.drop = queue_size, drop
         self.connection_options = dict(send_buffer_bytes=send_buffer_bytes, connect_timeout_s=connect_timeout_s,
                                        send_timeout_s=send_timeout_s)
         self.max_backoff_s = max_backoff_s
-        self.on_sent = on_sent or (lambda record: None)
+        self.on_sent = on_sent or (lambda timer: None)
         self.sent = self.dropped_queue = self.dropped_send = self.reconnects = 0
         self._connected_before = False
         self.last_seq = -1
         self._queue = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._done = False  # the thread has left its loop: nothing queued from now on would be sent
         self._deadline = None
         self._conn = None
         self._thread = threading.Thread(target=self._run, name="latentlink-sender", daemon=True)
@@ -96,6 +114,9 @@ class Sender(object):
         """Queue a frame; returns False if the drop policy dropped a frame (this one or the oldest)."""
         with self._cond:
             self.last_seq = max(self.last_seq, timer.seq)
+            if self._done:  # submitted after close (or the thread failed): count it instead of losing it unseen
+                self.dropped_send += 1
+                return False
             if len(self._queue) >= self.queue_size:
                 if self.drop == "newest":
                     self.dropped_queue += 1
@@ -106,8 +127,11 @@ class Sender(object):
                     self._queue.append((data, timer))
                     self._cond.notify_all()
                     return False
-                while len(self._queue) >= self.queue_size and not self._closing:
+                while len(self._queue) >= self.queue_size and not self._closing and not self._done:
                     self._cond.wait(0.1)
+                if self._done:
+                    self.dropped_send += 1
+                    return False
             self._queue.append((data, timer))
             self._cond.notify_all()
             return True
@@ -122,7 +146,18 @@ class Sender(object):
 
     # The sender thread.
     def _run(self):
-        backoff = 0.25
+        try:
+            self._send_queued()
+        finally:  # even if something unforeseen failed: count what is left, and never leave submit() waiting
+            with self._cond:
+                self._done = True
+                self.dropped_send += len(self._queue)
+                self._queue.clear()
+                self._cond.notify_all()
+            self._disconnect()
+
+    def _send_queued(self):
+        backoff = first_backoff = min(0.25, self.max_backoff_s)
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -136,11 +171,14 @@ class Sender(object):
                     self._queue.clear()
                     break
                 data, timer = self._queue[0]
+            if self._conn is not None and self._conn.peer_closed():
+                log.warning("the host at %s:%d closed the connection; reconnecting", *self.address)
+                self._disconnect()
             if self._conn is None and not self._connect():
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
-            backoff = 0.25
+            backoff = first_backoff
             with self._cond:
                 if not self._queue or self._queue[0][1] is not timer:
                     continue  # dropped by policy while we were connecting
@@ -152,17 +190,21 @@ class Sender(object):
             except (OSError, socket.timeout) as exc:
                 log.warning("lost the connection to %s:%d while sending frame %d (%s); reconnecting",
                             self.address[0], self.address[1], timer.seq, exc)
-                self.dropped_send += 1
+                with self._cond:
+                    self.dropped_send += 1
                 self._disconnect()
                 continue
-            self.sent += 1
-            self.on_sent(timer)
+            with self._cond:
+                self.sent += 1
+            try:
+                self.on_sent(timer)
+            except Exception:  # the caller's hook must not stop the sending (nor leave a blocked submit hanging)
+                log.exception("on_sent failed for frame %d", timer.seq)
         if self._conn is not None:
             try:
                 self._conn.send(encode_end_of_stream(self.stream, self.last_seq + 1))
             except (OSError, socket.timeout):
                 pass
-            self._disconnect()
 
     def _connect(self):
         try:
@@ -181,5 +223,12 @@ class Sender(object):
             self._conn = None
 
     def _sleep(self, seconds):
+        """The backoff wait: submit() does not cut it short (notify wakes us, we wait on); close() does not lengthen
+        it past its deadline."""
+        end = time.monotonic() + seconds
         with self._cond:
-            self._cond.wait(seconds)
+            while True:
+                left = (min(end, self._deadline) if self._closing else end) - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)

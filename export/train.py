@@ -38,6 +38,9 @@ def get_args_parser(parser=None):
     parser.add_argument("--crop", type=int, default=128, help="training crop size in pixels (default: %(default)s)")
     parser.add_argument("--scales", default="504,1008",
                         help="short-side sizes (pixels) each photo is resized to before cropping (default: %(default)s)")
+    parser.add_argument("--stochastic-fraction", type=float, default=0.33,
+                        help="share of the steps that use stochastic binarization before switching to the "
+                             "deterministic binarizer deployment uses (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate, cosine-decayed")
     parser.add_argument("--val-split", type=float, default=0.15, help="fraction of photos held out for validation")
     parser.add_argument("--val-every", type=int, default=1000, help="validate and checkpoint every N steps")
@@ -66,6 +69,13 @@ def evaluate(model, images, device):
         scores.append(psnr(torch.mean((x_hat - x) ** 2).item()))
     model.train()
     return float(np.mean(scores))
+
+
+def set_stochastic(model, stochastic):
+    """Switch every binarizer of ``model`` between stochastic and deterministic bits (training mode only)."""
+    for module in model.modules():
+        if hasattr(module, "stochastic"):
+            module.stochastic = stochastic
 
 
 def split_paths(paths, val_split, seed):
@@ -107,6 +117,7 @@ def train(args):
     best, started = -1.0, time.time()
     progress = tqdm(range(1, args.steps + 1), desc="train", unit="step", dynamic_ncols=True)
     for step in progress:
+        set_stochastic(model, step <= args.stochastic_fraction * args.steps)
         x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
         x_hat = model(x)["x_hat"]
         loss = loss_fn(x_hat, x)
@@ -124,7 +135,7 @@ def train(args):
                 save_checkpoint(args.out, model, step=step, loss=args.loss, val_psnr_db=round(val_psnr, 3),
                                 train_photos=[p.name for p in train_paths], val_photos=[p.name for p in val_paths],
                                 scales=list(scales), crop=args.crop, batch_size=args.batch_size, lr=args.lr,
-                                seed=args.seed, minutes=round((time.time() - started) / 60, 1))
+                                seed=args.seed, stochastic_fraction=args.stochastic_fraction, minutes=round((time.time() - started) / 60, 1))
     print(f"best validation PSNR {best:.2f} dB; checkpoint: {Path(args.out)}")
     return 0
 

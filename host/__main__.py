@@ -6,7 +6,7 @@ import os
 import sys
 
 from edge.backends import open_backend
-from edge.cli import run_main, setup_logging
+from edge.cli import peak_rss_mb, run_main, setup_logging
 from edge.errors import ConfigError
 from edge.profile import load_profile
 from edge.profiler import format_table, write_report
@@ -72,7 +72,8 @@ def _main(argv):
             os.replace(args.ready_file + ".tmp", args.ready_file)
         host.serve()
         summary, records = host.summary()
-    meta = {"role": "host", "stream": ",".join(summary["streams"]) or "-", "profile": profile.name,
+    meta = {"role": "host", "peak_rss_mb": peak_rss_mb(),
+            "stream": ",".join(summary["streams"]) or "-", "profile": profile.name,
             "backend": decoder.name, "decoder": decoder_path, "out": args.out}
     if args.report:
         write_report(args.report, summary, records, meta)

@@ -1,5 +1,6 @@
 """Name -> model class registry and checkpoints that carry their architecture."""
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -48,10 +49,11 @@ def load_checkpoint(path, device="cpu"):
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist (train one with `latentlink train`)")
     try:
+        # weights_only: a checkpoint is data; it must not be able to run code when loaded.
         ckpt = torch.load(path, map_location=device, weights_only=True)
         name, hparams, state = ckpt["model"], ckpt["hparams"], ckpt["state_dict"]
-    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"{str(path)!r} is not a latentlink checkpoint ({exc})") from None
+    except (KeyError, TypeError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+        raise ConfigError(f"{str(path)!r} is not a latentlink checkpoint ({str(exc).splitlines()[0]})") from None
     model = build_model(name, **hparams)
     model.load_state_dict(state)
     return model.to(device).eval(), ckpt.get("meta", {})
