@@ -5,7 +5,7 @@ import logging
 import sys
 
 from .backends import open_backend
-from .cli import peak_rss_mb, run_main, setup_logging
+from .cli import add_run_options, peak_rss_mb, run_main, setup_logging
 from .errors import ConfigError
 from .pipeline import default_stream_name, run_edge
 from .profile import load_profile
@@ -40,10 +40,9 @@ def get_args_parser():
                         help="when the send queue is full drop the oldest frame (live view), the newest, or block "
                              "(never drop); default from the profile")
     parser.add_argument("--queue-size", type=int, default=None, help="frames that may wait to be sent")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
-    parser.add_argument("--report", help="write per-frame records and the summary to this JSON file")
-    parser.add_argument("--quiet", action="store_true", help="do not print the per-stage table")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--send-buffer", type=int, default=None, metavar="BYTES",
+                        help="socket send buffer (SO_SNDBUF); default from the profile")
+    add_run_options(parser)
     return parser
 
 
@@ -67,7 +66,8 @@ def _main(argv):
             "stream %r: %s -> %s (%s, %s packing) -> %s:%d", stream, source.description, encoder_path,
             encoder.name, encoder.info.packing, address[0], address[1])
         summary, records = run_edge(source, encoder, profile, address, stream, frames=args.frames,
-                                    serializer=args.serializer, drop=args.drop, queue_size=args.queue_size)
+                                    serializer=args.serializer, drop=args.drop, queue_size=args.queue_size,
+                                    send_buffer_bytes=args.send_buffer)
     meta = {"role": "edge", "peak_rss_mb": peak_rss_mb(),
             "stream": stream, "profile": profile.name, "backend": encoder.name,
             "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing,

@@ -6,6 +6,14 @@ import sys
 from .errors import LatentlinkError
 
 
+def add_run_options(parser):
+    """Options every long-running command shares: ONNX Runtime threads, the report file, output verbosity."""
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--report", help="write per-frame records and the summary to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="do not print the per-stage table")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+
+
 def setup_logging(verbose=False):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")

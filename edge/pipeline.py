@@ -18,11 +18,11 @@ log = logging.getLogger("latentlink.edge")
 
 
 def run_edge(source, encoder, profile, address, stream, frames=None, serializer=None, drop=None, queue_size=None,
-             progress=None):
+             send_buffer_bytes=None, progress=None):
     """Stream ``source`` through ``encoder`` to the host at ``address``; returns ``(summary, records)``.
 
     ``frames``: stop after this many captured frames (None: until the source ends or Ctrl-C). ``serializer``,
-    ``drop`` and ``queue_size`` override the profile's transport settings. ``progress(seq)`` is called after each
+    ``drop``, ``queue_size`` and ``send_buffer_bytes`` override the profile's transport settings. ``progress(seq)`` is called after each
     captured frame.
     """
     transport = profile.transport
@@ -38,7 +38,7 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
         records.append(timer.record())
 
     sender = Sender(address, stream, queue_size=queue_size or transport.queue_size, drop=drop or transport.drop,
-                    send_buffer_bytes=transport.send_buffer_bytes, connect_timeout_s=transport.connect_timeout_s,
+                    send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes, connect_timeout_s=transport.connect_timeout_s,
                     send_timeout_s=transport.send_timeout_s, max_backoff_s=transport.max_backoff_s, on_sent=finish)
     seq = 0
     started = time.perf_counter()

@@ -6,7 +6,7 @@ import os
 import sys
 
 from edge.backends import open_backend
-from edge.cli import peak_rss_mb, run_main, setup_logging
+from edge.cli import add_run_options, peak_rss_mb, run_main, setup_logging
 from edge.errors import ConfigError
 from edge.profile import load_profile
 from edge.profiler import format_table, write_report
@@ -39,11 +39,8 @@ def get_args_parser():
                         help="refuse frames larger than this (default: the profile's transport.max_frame_bytes)")
     parser.add_argument("--idle-timeout", type=float, default=60.0,
                         help="close a connection silent this many seconds between frames (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
-    parser.add_argument("--report", help="write per-frame records and the summary to this JSON file")
     parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
-    parser.add_argument("--quiet", action="store_true", help="do not print the per-stage table")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    add_run_options(parser)
     return parser
 
 

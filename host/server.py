@@ -137,6 +137,8 @@ class Host(object):
         except OSError as exc:
             if not self._stop.is_set():
                 log.warning("%s: connection error: %s", where, exc)
+        except Exception:  # a bug must cost one connection, never the server
+            log.exception("%s: unexpected error; closing this connection", where)
         finally:
             conn.close()
             with self._lock:

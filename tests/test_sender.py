@@ -4,6 +4,7 @@ They run on Python 3.6 + numpy 1.19 and 3.11 + numpy 2. Every wait is a bounded 
 passes or fails on how long something took. Frames that must stay "in flight" (a receiver that stops reading)
 are made larger than both socket buffers together, so that ``sendall`` cannot finish before the receiver reads.
 """
+import select
 import socket
 import threading
 import time
@@ -126,8 +127,9 @@ class Receiver(object):
         while True:
             try:
                 meta, payload = read_frame(conn, on_header=self._on_header)
-            except _Abort:
-                return False  # conn.close() with unread data: a reset, as when a host process dies
+            except _Abort:  # stop listening first, so that the sender cannot reconnect to this host
+                self.listener.close()
+                return False  # then conn.close() with unread data: a reset, as when a host process dies
             except ConnectionClosed:
                 return True
             except Exception as exc:  # a short or bad frame is a finding, not a crash of the receiver
@@ -138,6 +140,7 @@ class Receiver(object):
                 seqs.append(meta.seq)
             self.frames.append((meta, payload))
             if self.close_after is not None and len(self.frames) >= self.close_after:
+                self.listener.close()
                 return False
 
     def stop(self):
@@ -413,6 +416,8 @@ def test_host_closing_between_frames_loses_no_frame(cleanup):
     for seq in range(3):
         s.submit(frame(seq), FrameTimer(seq))
     wait_for(r1.done.is_set, "the first host to close the connection")
+    # the host's FIN has reached the sender's socket (loopback delivers it at once; this only makes it certain)
+    wait_for(lambda: select.select([s._conn.sock], [], [], 0)[0], "the sender's end of the connection to see it")
     r2 = receiver(cleanup, port=r1.port)
     n = 8
     for seq in range(3, n):
