@@ -5,8 +5,7 @@ import logging
 import sys
 
 from .backends import open_backend
-from .cli import add_run_options, peak_rss_mb, run_main, setup_logging
-from .errors import ConfigError
+from .cli import add_run_options, peak_rss_mb, positive_int, run_main, setup_logging
 from .pipeline import default_stream_name, run_edge
 from .profile import load_profile
 from .profiler import format_table, write_report
@@ -32,15 +31,16 @@ def get_args_parser():
     parser.add_argument("--encoder", default="default",
                         help="encoder model: an .onnx file, or 'default' for the profile's (default: %(default)s)")
     parser.add_argument("--name", default=None, help="stream name shown by the host (default: this machine's name)")
-    parser.add_argument("--frames", type=int, default=None, help="stop after N frames (default: until the source ends)")
+    parser.add_argument("--frames", type=positive_int, default=None,
+                        help="stop after N frames (default: until the source ends)")
     parser.add_argument("--loop", action="store_true", help="restart file sources at their end")
     parser.add_argument("--serializer", choices=("framed", "pickle"), default=None,
                         help="framed (packed latents, default) or pickle (for receivers of the seed pipeline)")
     parser.add_argument("--drop", choices=DROP_POLICIES, default=None,
                         help="when the send queue is full drop the oldest frame (live view), the newest, or block "
                              "(never drop); default from the profile")
-    parser.add_argument("--queue-size", type=int, default=None, help="frames that may wait to be sent")
-    parser.add_argument("--send-buffer", type=int, default=None, metavar="BYTES",
+    parser.add_argument("--queue-size", type=positive_int, default=None, help="frames that may wait to be sent")
+    parser.add_argument("--send-buffer", type=positive_int, default=None, metavar="BYTES",
                         help="socket send buffer (SO_SNDBUF); default from the profile")
     add_run_options(parser)
     return parser
@@ -53,8 +53,6 @@ def main(argv=None):
 def _main(argv):
     args = get_args_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.frames is not None and args.frames < 1:
-        raise ConfigError("--frames must be at least 1, got {}".format(args.frames))
     profile = load_profile(args.profile)
     encoder_path = profile.model.encoder if args.encoder == "default" else args.encoder
     address = parse_address(args.connect)

@@ -6,6 +6,28 @@ import sys
 from .errors import LatentlinkError
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1 (0 or less would silently mean 'use the default' or hang)."""
+    return _positive(text, int)
+
+
+def positive_float(text):
+    """argparse type: a number > 0."""
+    return _positive(text, float)
+
+
+def _positive(text, kind):
+    import argparse
+
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number, got {!r}".format(text))
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0, got {!r}".format(text))
+    return value
+
+
 def add_run_options(parser):
     """Options every long-running command shares: ONNX Runtime threads, the report file, output verbosity."""
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")

@@ -18,12 +18,12 @@ log = logging.getLogger("latentlink.edge")
 
 
 def run_edge(source, encoder, profile, address, stream, frames=None, serializer=None, drop=None, queue_size=None,
-             send_buffer_bytes=None, progress=None):
+             send_buffer_bytes=None, status_every_s=10.0):
     """Stream ``source`` through ``encoder`` to the host at ``address``; returns ``(summary, records)``.
 
     ``frames``: stop after this many captured frames (None: until the source ends or Ctrl-C). ``serializer``,
-    ``drop``, ``queue_size`` and ``send_buffer_bytes`` override the profile's transport settings. ``progress(seq)`` is called after each
-    captured frame.
+    ``drop``, ``queue_size`` and ``send_buffer_bytes`` override the profile's transport settings. A status line
+    is logged every ``status_every_s`` seconds (frames captured, sent, dropped, fps): a long run shows it is alive.
     """
     transport = profile.transport
     serializer = serializer or transport.serializer
@@ -41,7 +41,7 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                     send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes, connect_timeout_s=transport.connect_timeout_s,
                     send_timeout_s=transport.send_timeout_s, max_backoff_s=transport.max_backoff_s, on_sent=finish)
     seq = 0
-    started = time.perf_counter()
+    started = last_status = time.perf_counter()
     try:
         while frames is None or seq < frames:
             timer = FrameTimer(seq)
@@ -61,8 +61,11 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
             timer.extra["bytes"] = len(data)
             sender.submit(data, timer)
             seq += 1
-            if progress:
-                progress(seq)
+            now = time.perf_counter()
+            if now - last_status >= status_every_s:
+                last_status = now
+                log.info("%d frames captured, %d sent, %d dropped; %.1f fps", seq, sender.sent, sender.dropped,
+                         seq / (now - started))
     except KeyboardInterrupt:
         log.info("interrupted after %d frames; sending what is queued", seq)
     finally:

@@ -6,6 +6,7 @@ Unknown keys are errors (a typo must not silently fall back to a default), and e
 key, the bad value and what is allowed.
 """
 
+import io
 import os
 
 import yaml
@@ -46,7 +47,7 @@ SCHEMA = {
         "connect_timeout_s": (float, 5.0, (0.1, 3600.0)),
         "send_timeout_s": (float, 10.0, (0.1, 3600.0)),
         "max_backoff_s": (float, 5.0, (0.1, 3600.0)),
-        "max_frame_bytes": (int, 32 << 20, (1024, 1 << 31)),
+        "max_frame_bytes": (int, 4 << 20, (1024, 1 << 31)),
     },
 }
 
@@ -95,10 +96,10 @@ def load_profile(name_or_path):
     """Read and validate a profile; model paths come back absolute."""
     path = resolve_profile_path(name_or_path)
     try:
-        with open(path) as f:
+        with io.open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise ConfigError("{}: not valid YAML ({})".format(path, exc))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError("{}: not valid UTF-8 YAML ({})".format(path, exc))
     profile = _validate(data, SCHEMA, path, "")
     base = os.path.dirname(path)
     profile.model.encoder = os.path.normpath(os.path.join(base, profile.model.encoder))

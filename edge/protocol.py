@@ -17,11 +17,13 @@ import math
 import numbers
 import pickle
 import re
+import socket
 import struct
+import time
 
 import numpy as np
 
-from edge.errors import ConfigError, ConnectionClosed, ProtocolError
+from .errors import ConfigError, ConnectionClosed, ProtocolError
 
 MAGIC = b"LLNK"
 VERSION = 1
@@ -36,6 +38,7 @@ MAX_DIM = 2 ** 20
 MAX_ELEMENTS = 2 ** 27
 MAX_SEQ = 2 ** 63
 DEFAULT_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024
+_RECV_CHUNK = 1 << 20  # bytes per recv: memory follows the bytes that arrive, not the size a peer announces
 _META_KEYS = ("stream", "seq", "t_capture", "dtype", "shape", "packing", "payload_len")
 # The stream name becomes a directory on the host: a closed character set, and no "." / ".." (path traversal).
 _STREAM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
@@ -256,7 +259,26 @@ if hasattr(_numeric, "_frombuffer"):  # protocol 5 (Python >= 3.8); the buffer m
     _ALLOWED_GLOBALS[("numpy._core.numeric", "_frombuffer")] = _numeric._frombuffer
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+def _load_build_checked(unpickler):
+    # BUILD sets state on the object below it on the stack: allowed on the arrays and dtypes being rebuilt only,
+    # never on the allowed globals themselves (a peer could otherwise attach attributes, and memory, to them).
+    target = unpickler.stack[-2] if len(unpickler.stack) >= 2 else None
+    if type(target) is not np.ndarray and not isinstance(target, np.dtype):
+        raise ProtocolError("pickle payload refused: BUILD on a %s (only numpy arrays and dtypes)"
+                            % type(target).__name__)
+    pickle._Unpickler.load_build(unpickler)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, restricted to numpy arrays.
+
+    Pure Python on purpose: the C unpickler sizes its memo table from the indices a pickle names, so 9 bytes can
+    make it allocate gigabytes; this one keeps the memo in a dict.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _load_build_checked
+
     def find_class(self, module, name):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
@@ -310,38 +332,53 @@ def decode_latents(meta, payload):
 
 
 # --- socket I/O ----------------------------------------------------------------------------------------------
-def recv_exactly(sock, n, what="frame", at_boundary=False):
-    """Read exactly ``n`` bytes (bounded by the caller) into a preallocated bytearray.
+def recv_exactly(sock, n, what="frame", at_boundary=False, deadline=None):
+    """Read exactly ``n`` bytes (bounded by the caller); the buffer grows only as bytes actually arrive.
 
     A close before any byte arrived is :class:`ConnectionClosed` when ``at_boundary`` (between frames), a close
-    midway is :class:`ProtocolError`; socket.timeout propagates unchanged.
+    midway is :class:`ProtocolError`. ``deadline`` (a ``time.monotonic()`` value) bounds the whole read, so a peer
+    that trickles bytes cannot hold the connection: missing it is a :class:`ProtocolError`. Without a deadline,
+    socket.timeout propagates unchanged.
     """
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
+    buf = bytearray()
+    while len(buf) < n:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProtocolError("frame not complete in time: %d of %d bytes of %s arrived" % (len(buf), n, what))
+            sock.settimeout(remaining)
         try:
-            k = sock.recv_into(view[got:], n - got)
+            chunk = sock.recv(min(n - len(buf), _RECV_CHUNK))
         except ConnectionResetError:  # an abrupt close is still a close; the caller handles both alike
-            k = 0
-        if k == 0:
-            if got == 0 and at_boundary:
+            chunk = b""
+        except socket.timeout:
+            if deadline is None:
+                raise
+            continue  # the deadline check above reports it
+        if not chunk:
+            if not buf and at_boundary:
                 raise ConnectionClosed("peer closed the connection")
-            raise ProtocolError("connection closed after %d of %d bytes of %s" % (got, n, what))
-        got += k
+            raise ProtocolError("connection closed after %d of %d bytes of %s" % (len(buf), n, what))
+        buf += chunk
     return buf
 
 
-def read_frame(sock, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES, on_header=None):
-    """Read one frame; returns ``(FrameMeta, payload bytes)``. Each part is validated before the next is read.
+def read_frame(sock, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES, on_header=None, frame_timeout_s=None,
+               check_meta=None):
+    """Read one frame; returns ``(FrameMeta, payload bytearray)``. Each part is validated before the next is read.
 
     ``on_header`` (no arguments) is called as soon as the 8 fixed-header bytes arrived, so that a receive
-    timer started there does not count the idle wait for the frame.
+    timer started there does not count the idle wait for the frame. ``frame_timeout_s``: once a frame has
+    started, all of it must arrive within this many seconds. ``check_meta(meta)`` may refuse a frame (by raising)
+    after its metadata and before its payload is read: the receiver's own limits, such as its model's shape.
     """
     header = recv_exactly(sock, FIXED_HEADER.size, "frame header", at_boundary=True)
+    deadline = None if frame_timeout_s is None else time.monotonic() + frame_timeout_s
     if on_header is not None:
         on_header()
     flags, meta_len = parse_fixed_header(header)
-    meta = parse_meta(recv_exactly(sock, meta_len, "metadata"), flags, max_payload_bytes)
-    payload = recv_exactly(sock, meta.payload_len, "payload")
-    return meta, bytes(payload)
+    meta = parse_meta(recv_exactly(sock, meta_len, "metadata", deadline=deadline), flags, max_payload_bytes)
+    if check_meta is not None:
+        check_meta(meta)
+    payload = recv_exactly(sock, meta.payload_len, "payload", deadline=deadline)
+    return meta, payload

@@ -6,13 +6,14 @@ import os
 import sys
 
 from edge.backends import open_backend
-from edge.cli import add_run_options, peak_rss_mb, run_main, setup_logging
+from edge.cli import (add_run_options, peak_rss_mb, positive_float, positive_int, run_main,
+                       setup_logging)
 from edge.errors import ConfigError
 from edge.profile import load_profile
 from edge.profiler import format_table, write_report
 from edge.sender import parse_address
 
-from .server import Host
+from .server import Host, check_display
 
 EXAMPLES = """examples:
   latentlink host --listen 0.0.0.0:5760 --out frames/ --report host.json
@@ -33,11 +34,15 @@ def get_args_parser():
                         help="decoder model: an .onnx file, or 'default' for the profile's (default: %(default)s)")
     parser.add_argument("--out", help="save decoded frames under this folder")
     parser.add_argument("--display", action="store_true", help="show decoded frames in a window (needs a screen)")
-    parser.add_argument("--max-frames", type=int, help="exit after decoding N frames (all streams together)")
-    parser.add_argument("--max-streams", type=int, help="exit after N edge connections have ended")
-    parser.add_argument("--max-frame-bytes", type=int, default=None,
+    parser.add_argument("--max-frames", type=positive_int,
+                        help="exit after decoding N frames (all streams together)")
+    parser.add_argument("--max-streams", type=positive_int,
+                        help="exit after N streams have ended (their edge said end-of-stream)")
+    parser.add_argument("--max-frame-bytes", type=positive_int, default=None,
                         help="refuse frames larger than this (default: the profile's transport.max_frame_bytes)")
-    parser.add_argument("--idle-timeout", type=float, default=60.0,
+    parser.add_argument("--max-connections", type=positive_int, default=32,
+                        help="edges served at once; more are refused (default: %(default)s)")
+    parser.add_argument("--idle-timeout", type=positive_float, default=60.0,
                         help="close a connection silent this many seconds between frames (default: %(default)s)")
     parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
     add_run_options(parser)
@@ -51,9 +56,10 @@ def main(argv=None):
 def _main(argv):
     args = get_args_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.display and sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or
-                                                                 os.environ.get("WAYLAND_DISPLAY")):
-        raise ConfigError("--display needs a screen, and DISPLAY is not set; save frames with --out DIR instead")
+    if args.display:
+        if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            raise ConfigError("--display needs a screen, and DISPLAY is not set; save frames with --out DIR instead")
+        check_display()
     profile = load_profile(args.profile)
     decoder_path = profile.model.decoder if args.decoder == "default" else args.decoder
     listen = parse_address(args.listen)
@@ -61,7 +67,7 @@ def _main(argv):
         host = Host(decoder, budget_ms=profile.budget_ms, out_dir=args.out, display=args.display,
                     max_frames=args.max_frames, max_streams=args.max_streams,
                     max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
-                    idle_timeout_s=args.idle_timeout)
+                    idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
         bound = host.bind(*listen)
         if args.ready_file:
             with open(args.ready_file + ".tmp", "w") as f:

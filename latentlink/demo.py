@@ -7,6 +7,7 @@ what the host decoded against what the edge captured.
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,7 @@ def _main(argv):
     for stale in (ready, edge_report, host_report):
         if os.path.exists(stale):
             os.remove(stale)
+    shutil.rmtree(frames_dir, ignore_errors=True)  # frames of an earlier run would count in the PSNR
     photos = args.photos or write_sample_photos(os.path.join(out, "photos"))
 
     python = [sys.executable, "-m"]

@@ -11,6 +11,11 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# Behaviour, not speed: no per-example deadline (CI machines are noisy and have 2 cores).
+settings.register_profile("latentlink", deadline=None)
+settings.load_profile("latentlink")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 64

@@ -10,7 +10,7 @@ def test_demo_streams_photos_and_reports(tmp_path):
     result = run_cli("latentlink", "demo", "--frames", "4", "--out", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "edge 'demo'" in out and "host (" in out and "budget" in out  # both per-stage tables
+    assert "edge 'demo'" in out and "host 'demo'" in out and "budget" in out  # both per-stage tables
     assert "bytes per frame" in out and "PSNR" in out
     edge = json.loads((tmp_path / "edge.json").read_text())
     host = json.loads((tmp_path / "host.json").read_text())

@@ -133,3 +133,111 @@ def test_sequence_gaps_are_reported_apart_from_failures(host):
     assert summary["dropped"] == 5 and summary["frames"] == 5
     assert [r["seq"] for r in records] == [0, 1, 4, 5, 9]
     assert set(summary["stages"]) == {"receive", "deserialize", "decode", "write", "total"}
+
+
+# --- findings of the security review, each one a test ----------------------------------------------------------
+def test_a_peer_that_trickles_a_frame_is_cut_off_at_the_frame_deadline(tiny_profile):
+    decoder = open_backend(load_profile(tiny_profile).model.decoder, "decoder").load()
+    server = Host(decoder, idle_timeout_s=30, frame_timeout_s=0.5)
+    server.bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        frame = encode_frame("slow", 0, time.time(), latents(0), "bits")
+        sock = connect(server)
+        sent = 0
+        for i in range(40):  # one byte every 0.1 s would take 4 s for 40 bytes; each recv alone is quick
+            try:
+                sock.sendall(frame[i:i + 1])
+            except OSError:
+                break
+            sent += 1
+            time.sleep(0.1)
+        wait_until(lambda: server.protocol_errors == 1)
+        assert sent < 40
+    finally:
+        server.stop()
+        thread.join(10)
+        decoder.close()
+
+
+def test_wrong_shape_is_refused_from_the_metadata_before_any_payload(host):
+    meta = ('{"dtype":"float32","packing":"float32","payload_len":%d,"seq":0,"shape":[1,8,256,256],'
+            '"stream":"shape","t_capture":0.0}' % (4 * 8 * 256 * 256)).encode()
+    sock = connect(host)
+    sock.sendall(FIXED_HEADER.pack(MAGIC, VERSION, 0, len(meta)) + meta)  # 2 MiB announced, none sent
+    assert closed_by_peer(sock)
+    assert host.streams["shape"].failed == 1
+
+
+def test_frames_missing_at_the_start_and_end_are_gaps(host):
+    sock = connect(host)
+    for seq in (3, 4):
+        sock.sendall(encode_frame("ends", seq, time.time(), latents(seq), "bits"))
+    sock.sendall(encode_end_of_stream("ends", 8))  # the edge captured 0..7
+    wait_until(lambda: host.streams.get("ends") and host.streams["ends"].ended)
+    assert host.streams["ends"].gaps == 3 + 3 and host.streams["ends"].frames == 2
+
+
+def test_a_failed_frame_is_not_also_a_gap(host):
+    first = connect(host)
+    first.sendall(encode_frame("mixed", 0, time.time(), latents(0), "bits"))
+    first.sendall(encode_frame("mixed", 1, time.time(), np.ones((1, 8, 8, 8), np.float32), "bits"))
+    assert closed_by_peer(first)
+    again = connect(host)
+    again.sendall(encode_frame("mixed", 2, time.time(), latents(2), "bits") + encode_end_of_stream("mixed", 3))
+    wait_until(lambda: host.streams["mixed"].ended)
+    stats = host.streams["mixed"]
+    assert (stats.frames, stats.failed, stats.gaps, stats.connections) == (2, 1, 0, 2)
+
+
+def test_a_second_live_connection_with_the_same_stream_name_is_refused(host):
+    first = connect(host)
+    first.sendall(encode_frame("twin", 0, time.time(), latents(0), "bits"))
+    wait_until(lambda: "twin" in host.streams)
+    second = connect(host)
+    second.sendall(encode_frame("twin", 0, time.time(), latents(0), "bits"))
+    assert closed_by_peer(second)
+    first.sendall(encode_frame("twin", 1, time.time(), latents(1), "bits") + encode_end_of_stream("twin", 2))
+    wait_until(lambda: host.streams["twin"].ended)
+    assert host.streams["twin"].frames == 2
+
+
+def test_connections_beyond_the_limit_are_refused(tiny_profile):
+    decoder = open_backend(load_profile(tiny_profile).model.decoder, "decoder").load()
+    server = Host(decoder, max_connections=2)
+    server.bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        held = [connect(server), connect(server)]
+        wait_until(lambda: sum(t.is_alive() for t in server._threads) == 2)
+        assert closed_by_peer(connect(server))
+        for sock in held:
+            sock.close()
+    finally:
+        server.stop()
+        thread.join(10)
+        decoder.close()
+
+
+def test_listening_on_a_busy_port_is_a_clear_error(host, tiny_profile):
+    from edge.errors import ConfigError
+
+    other = Host(host.decoder)
+    with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:%d" % host.address[1]):
+        other.bind("127.0.0.1", host.address[1])
+
+
+def test_display_without_gui_support_is_a_clear_error(monkeypatch):
+    import cv2
+
+    from edge.errors import ConfigError
+    from host.server import check_display
+
+    def no_gui(name):
+        raise cv2.error("The function is not implemented")
+
+    monkeypatch.setattr(cv2, "namedWindow", no_gui)
+    with pytest.raises(ConfigError, match="opencv-python-headless"):
+        check_display()

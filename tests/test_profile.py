@@ -53,7 +53,7 @@ def test_invalid_profiles_name_the_key_and_value(tmp_path, text, message):
 def test_bad_yaml_and_missing_profile(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid UTF-8 YAML"):
         load_profile(str(path))
     with pytest.raises(ConfigError, match="no profile 'nano-999'.*nano-504"):
         load_profile("nano-999")

@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import socket
+import struct
 import threading
 
 import numpy as np
@@ -376,18 +377,19 @@ def test_recv_exactly_messages_and_zero_length():
 
 
 class TrickleSocket(object):
-    """A socket stand-in that hands out at most ``step`` bytes per recv_into, then raises ``end``."""
+    """A socket stand-in that hands out at most ``step`` bytes per recv, then raises ``end``."""
 
     def __init__(self, data, step, end=None):
         self.data, self.step, self.end = data, step, end
 
-    def recv_into(self, view, nbytes=0):
+    def recv(self, nbytes):
         if not self.data and self.end is not None:
             raise self.end
-        k = min(self.step, len(view), nbytes or len(view), len(self.data))
-        view[:k] = self.data[:k]
-        self.data = self.data[k:]
-        return k
+        chunk, self.data = self.data[:min(self.step, nbytes)], self.data[min(self.step, nbytes):]
+        return chunk
+
+    def settimeout(self, seconds):
+        pass
 
 
 def test_short_reads_and_connection_resets():
@@ -583,3 +585,39 @@ def test_pickle_must_match_metadata():
     # numpy's unpickling turns a big-endian array into native byte order: it matches "float32"
     out = decode_latents(*read_from_bytes(pickle_frame(pickle.dumps(a.astype(">f4"), protocol=3))))
     check_round_trip(a, out)
+
+
+# --- findings of the security review ------------------------------------------------------------------------
+def test_a_pickle_naming_a_huge_memo_index_allocates_nothing():
+    import tracemalloc
+
+    bomb = b"\x80\x03Nr" + struct.pack("<I", 1 << 24) + b"."  # LONG_BINPUT 16M: the C unpickler sizes its memo
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError):
+            restricted_loads(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024
+
+
+def test_a_pickle_cannot_set_attributes_on_the_allowed_globals():
+    import edge.protocol as protocol
+
+    # GLOBAL numpy.ndarray, state (None, {"planted": 1}), BUILD: would setattr on the class itself.
+    payload = b"\x80\x03cnumpy\nndarray\nN}X\x07\x00\x00\x00plantedK\x01s\x86b."
+    with pytest.raises(ProtocolError, match="BUILD"):
+        restricted_loads(payload)
+    assert all(not hasattr(obj, "planted") for obj in protocol._ALLOWED_GLOBALS.values())
+
+
+def test_read_frame_refuses_from_the_metadata_via_check_meta():
+    frame = encode_frame("cam0", 0, 0.0, np.zeros((2, 3), np.float32), "float32")
+    header_and_meta = frame[:-24]  # everything but the payload
+
+    def refuse(meta):
+        raise ProtocolError("shape %r does not fit" % (meta.shape,))
+
+    with pytest.raises(ProtocolError, match="does not fit"):
+        read_frame(TrickleSocket(header_and_meta, 64, ConnectionResetError(104, "reset")), check_meta=refuse)

@@ -21,8 +21,8 @@ def open_backend(path, role, **options):
     if role not in ("encoder", "decoder"):
         raise ValueError("role must be 'encoder' or 'decoder', got {!r}".format(role))
     if not os.path.isfile(path):
-        raise BackendError("model file {!r} does not exist (export one with `latentlink export onnx`, or use "
-                           "--{} default)".format(path, role))
+        raise BackendError("model file {!r} does not exist; export one with `latentlink export onnx` (or, if it is "
+                           "a shipped default, reinstall latentlink)".format(path))
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".onnx":
         from .onnxruntime_backend import OnnxRuntimeBackend

@@ -1,5 +1,6 @@
 """The backend contract, and the metadata sidecar that describes an exported model."""
 
+import io
 import json
 import os
 import time
@@ -44,13 +45,13 @@ def read_model_info(model_path):
     """The :class:`ModelInfo` for a model file: ``model.json`` in the same folder."""
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.json")
     try:
-        with open(path) as f:
+        with io.open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, IOError):
         raise ConfigError("{} has no model.json beside it, so its input shape and latent packing are unknown; "
                           "export models with `latentlink export onnx`, which writes it".format(model_path))
-    except ValueError as exc:
-        raise ConfigError("{}: not valid JSON ({})".format(path, exc))
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        raise ConfigError("{}: not valid UTF-8 JSON ({})".format(path, exc))
     return ModelInfo(data, path)
 
 
