@@ -38,13 +38,16 @@ def get_args_parser(parser=None):
     parser.add_argument("--crop", type=int, default=128, help="training crop size in pixels (default: %(default)s)")
     parser.add_argument("--scales", default="504,1008",
                         help="short-side sizes (pixels) each photo is resized to before cropping (default: %(default)s)")
-    parser.add_argument("--stochastic-fraction", type=float, default=0.33,
+    parser.add_argument("--stochastic-fraction", type=float, default=0.25,
                         help="share of the steps that use stochastic binarization before switching to the "
                              "deterministic binarizer deployment uses (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate, cosine-decayed")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak Adam learning rate, cosine-decayed")
+    parser.add_argument("--clip-grad", type=float, default=1.0,
+                        help="clip the gradient norm to this (0: off); without it a run here diverged at step 3100")
     parser.add_argument("--val-split", type=float, default=0.15, help="fraction of photos held out for validation")
     parser.add_argument("--val-every", type=int, default=1000, help="validate and checkpoint every N steps")
-    parser.add_argument("--resume", help="checkpoint to continue from (weights only; the schedule restarts)")
+    parser.add_argument("--resume", help="checkpoint to continue from (weights; the schedule restarts, and the "
+                                         "checkpoint's training history is kept in the new one's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (crops, flips, init, binarization)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
@@ -105,8 +108,10 @@ def train(args):
     val_images = [centre_crop(resize_short_side(read_rgb(p), s), 256) for p in val_paths for s in scales]
     print(f"{len(train_paths)} training photos, {len(val_paths)} validation photos, scales {scales}")
 
+    history = []  # the training runs this checkpoint went through, oldest first
     if args.resume:
-        model, _ = load_checkpoint(args.resume, device)
+        model, previous = load_checkpoint(args.resume, device)
+        history = previous.pop("history", []) + [previous]
     else:
         model = build_model(args.model, latent_channels=args.latent_channels).to(device)
     model.train()
@@ -122,7 +127,13 @@ def train(args):
         x_hat = model(x)["x_hat"]
         loss = loss_fn(x_hat, x)
         optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            tqdm.write(f"step {step}: loss is {loss.item()}; skipping this batch")
+            scheduler.step()
+            continue
         loss.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         optimizer.step()
         scheduler.step()
         if step % 20 == 0:
@@ -132,10 +143,12 @@ def train(args):
             tqdm.write(f"step {step}: validation PSNR {val_psnr:.2f} dB (best {max(best, val_psnr):.2f})")
             if not val_images or val_psnr > best:
                 best = val_psnr
-                save_checkpoint(args.out, model, step=step, loss=args.loss, val_psnr_db=round(val_psnr, 3),
+                save_checkpoint(args.out, model, history=history, step=step, loss=args.loss,
+                                val_psnr_db=round(val_psnr, 3),
                                 train_photos=[p.name for p in train_paths], val_photos=[p.name for p in val_paths],
                                 scales=list(scales), crop=args.crop, batch_size=args.batch_size, lr=args.lr,
-                                seed=args.seed, stochastic_fraction=args.stochastic_fraction, minutes=round((time.time() - started) / 60, 1))
+                                seed=args.seed, stochastic_fraction=args.stochastic_fraction,
+                                clip_grad=args.clip_grad, minutes=round((time.time() - started) / 60, 1))
     print(f"best validation PSNR {best:.2f} dB; checkpoint: {Path(args.out)}")
     return 0
 

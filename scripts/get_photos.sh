@@ -3,14 +3,15 @@
 #
 #   bash scripts/get_photos.sh data        # then: latentlink train --data data/train ...
 #
-# Training photos: 20 photos from Debian's wallpaper packages (mate-backgrounds, plasma-workspace-wallpapers).
+# Training photos: 35 photos from Debian's wallpaper packages (mate-backgrounds, plasma-workspace-wallpapers,
+# lomiri-wallpapers-*): landscapes, plants, water, and the animals, food and colours of the Lomiri set.
 # Held out (never trained on): 3 more of those photos plus scikit-image's 5 colour sample photos.
 # Needs apt-get (Debian/Ubuntu) and the [export] or [host] extra (for scikit-image). No root needed.
 set -euo pipefail
 dest=${1:-data}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && apt-get download mate-backgrounds plasma-workspace-wallpapers >/dev/null 2>&1 \
+(cd "$work" && apt-get download mate-backgrounds plasma-workspace-wallpapers lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 >/dev/null 2>&1 \
   || { echo "apt-get download failed: run on Debian/Ubuntu with package lists (sudo apt-get update)" >&2; exit 1; })
 for deb in "$work"/*.deb; do dpkg -x "$deb" "$work/x"; done
 share="$work/x/usr/share"
@@ -18,13 +19,21 @@ mkdir -p "$dest/train" "$dest/holdout"
 
 train=(mate/nature/Aqua mate/nature/Blinds mate/nature/Dune mate/nature/Garden mate/nature/GreenMeadow
        mate/nature/RainDrops mate/nature/Storm mate/nature/TwoWings mate/nature/Wood mate/nature/YellowFlower
-       BytheWater ColdRipple ColorfulCups DarkestHour FallenLeaf Grey Kite OneStandsOut Volna summer_1am)
+       BytheWater ColdRipple ColorfulCups DarkestHour FallenLeaf Grey Kite OneStandsOut Volna summer_1am
+       lomiri/Bridge_by_Sander_Klootwijk lomiri/Dragonfly_by_Bolly lomiri/Infinite-Sea_by_Aury88
+       lomiri/Kleiber_by_Lukas_Baubkus lomiri/Picture_0B_by_freespace lomiri/Picture_1A_by_freespace
+       lomiri/Wine_by_Jakkub_Mede lomiri/aitzgorri_by_Aitzol_Berasategi lomiri/free_by_Peter_Nerlich
+       lomiri/friends_by_Aitzol_Berasategi lomiri/greentock_by_Peter_Nerlich lomiri/life_by_Aitzol_Berasategi
+       lomiri/picosdeeuropa_by_Aitzol_Berasategi lomiri/seeding_by_Clements_Engelhardt
+       lomiri/sunset_by_Aitzol_Berasategi)
 holdout=(mate/nature/LadyBird EveningGlow Path)
 
-copy() {  # copy NAME into folder $2: MATE photos by path, Plasma wallpapers by their largest JPEG
+copy() {  # copy NAME into folder $2: MATE and Lomiri photos by path, Plasma wallpapers by their largest JPEG
   local name=$1 to=$2 src
   if [[ $name == mate/* ]]; then
     src="$share/backgrounds/$name.jpg"
+  elif [[ $name == lomiri/* ]]; then
+    src="$share/backgrounds/${name#lomiri/}.jpg"
   else
     src=$(ls -S "$share/wallpapers/$name/contents/images/"*.jpg | head -n 1)
   fi

@@ -119,3 +119,10 @@ def test_train_command_writes_a_checkpoint_that_exports(tmp_path, photos_dir):
     assert main(["export", "onnx", "--checkpoint", str(ckpt), "--height", "32", "--width", "32",
                  "--out", str(tmp_path / "onnx")]) == 0
     assert (tmp_path / "onnx" / "model.json").exists()
+    # Resuming keeps the architecture and records the earlier run.
+    again = tmp_path / "again.pt"
+    assert main(["train", "--data", photos_dir, "--out", str(again), "--resume", str(ckpt), "--steps", "2",
+                 "--batch-size", "2", "--crop", "32", "--scales", "64", "--val-every", "2", "--val-split", "0.25",
+                 "--stochastic-fraction", "0"]) == 0
+    resumed, meta = load_checkpoint(again)
+    assert resumed.hparams == model.hparams and meta["step"] == 2 and meta["history"][0]["step"] == 3
