@@ -3,6 +3,8 @@
 A plain setup.py, not pyproject-only: the Nano's Python 3.6 pip must be able to install ``edge``.
 """
 
+import io
+
 from setuptools import setup
 
 # On a Jetson (aarch64) OpenCV is JetPack's own, built with GStreamer for the CSI camera: a pip opencv-python would
@@ -23,7 +25,7 @@ setup(
     name="latentlink",
     version="0.1.0",
     description="Learned image compression on the edge: encoder on a Jetson Nano, decoder on a host PC",
-    long_description=open("README.md").read(),
+    long_description=io.open("README.md", encoding="utf-8").read(),  # UTF-8 even under the Nano's C locale
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.6",

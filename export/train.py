@@ -29,7 +29,9 @@ def get_args_parser(parser=None):
                      "resume:  latentlink train --data data/train --out runs/lossy-cae.pt --resume runs/lossy-cae.pt")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--data", required=True, help="folder of training photos (searched recursively)")
-    parser.add_argument("--out", required=True, help="checkpoint to write (.pt); the best one by validation PSNR")
+    parser.add_argument("--out", required=True,
+                        help="checkpoint to write (.pt), at every validation; the best one by validation PSNR "
+                             "goes beside it as NAME.best.pt")
     parser.add_argument("--model", default="lossy-cae", choices=sorted(MODELS), help="architecture (default: %(default)s)")
     parser.add_argument("--latent-channels", type=int, default=8, help="latent channels (8 = 0.5 bpp for lossy-cae)")
     parser.add_argument("--loss", default="mse", choices=sorted(LOSSES), help="training loss (default: %(default)s)")
@@ -120,6 +122,7 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps,
                                                     pct_start=0.05, final_div_factor=100)
     best, started = -1.0, time.time()
+    best_path = Path(args.out).with_suffix(".best.pt")
     progress = tqdm(range(1, args.steps + 1), desc="train", unit="step", dynamic_ncols=True)
     for step in progress:
         set_stochastic(model, step <= args.stochastic_fraction * args.steps)
@@ -141,15 +144,18 @@ def train(args):
         if step % args.val_every == 0 or step == args.steps:
             val_psnr = evaluate(model, val_images, device) if val_images else float("nan")
             tqdm.write(f"step {step}: validation PSNR {val_psnr:.2f} dB (best {max(best, val_psnr):.2f})")
-            if not val_images or val_psnr > best:
+            facts = dict(history=history, step=step, loss=args.loss, val_psnr_db=round(val_psnr, 3),
+                         train_photos=[p.name for p in train_paths], val_photos=[p.name for p in val_paths],
+                         scales=list(scales), crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         stochastic_fraction=args.stochastic_fraction, clip_grad=args.clip_grad,
+                         minutes=round((time.time() - started) / 60, 1))
+            # --out always holds the latest weights (the end of the schedule is what ships); the best by
+            # validation is kept beside it, since a few validation crops are a noisy guide.
+            save_checkpoint(args.out, model, **facts)
+            if val_images and val_psnr > best:
                 best = val_psnr
-                save_checkpoint(args.out, model, history=history, step=step, loss=args.loss,
-                                val_psnr_db=round(val_psnr, 3),
-                                train_photos=[p.name for p in train_paths], val_photos=[p.name for p in val_paths],
-                                scales=list(scales), crop=args.crop, batch_size=args.batch_size, lr=args.lr,
-                                seed=args.seed, stochastic_fraction=args.stochastic_fraction,
-                                clip_grad=args.clip_grad, minutes=round((time.time() - started) / 60, 1))
-    print(f"best validation PSNR {best:.2f} dB; checkpoint: {Path(args.out)}")
+                save_checkpoint(best_path, model, **facts)
+    print(f"checkpoint: {args.out} (step {args.steps}); best validation PSNR {best:.2f} dB: {best_path}")
     return 0
 
 
