@@ -61,8 +61,8 @@ def main():
                     print("{:<12} {:>10.2f} {:>10.2f}".format(role + "." + stage if stage == "total" else stage,
                                                              stats["median_ms"], stats["p95_ms"]))
             payload = edge["bytes_per_frame"]
-            print("wire: {:,.0f} bytes/frame (header included); edge {:.1f} fps over loopback with --drop block "
-                  "(the host's decode paces it)".format(payload, edge["fps"]))
+            print("wire: {:,.0f} bytes/frame (header included); edge {:.1f} fps, host {:.1f} fps over loopback with "
+                  "--drop block, sharing this machine's cores".format(payload, edge["fps"], host["fps"]))
             if profile.endswith("1008"):
                 print("target: 1008x1008 frame <= {:,} bytes + header: {} ({:,.0f} bytes)".format(
                     WIRE_TARGET, "met" if payload <= WIRE_TARGET + 200 else "MISSED", payload))

@@ -73,8 +73,11 @@ class FrameTimer(object):
         self.stages[name] = self.stages.get(name, 0.0) + float(ms)
 
     def record(self):
-        """``{"seq": int, "stages": {name: ms}, **extra}``; ``extra`` cannot override ``seq`` or ``stages``."""
-        rec = {"seq": self.seq, "stages": dict(self.stages)}
+        """``{"seq": int, "stages": {name: ms}, **extra}``; ``extra`` cannot override ``seq`` or ``stages``.
+
+        Stage times are rounded to the microsecond (3 decimals of a millisecond), like the summary.
+        """
+        rec = {"seq": self.seq, "stages": dict((k, _r(v)) for k, v in self.stages.items())}
         for key, value in self.extra.items():
             rec.setdefault(key, value)
         return rec
