@@ -104,6 +104,9 @@ def train(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} asked for CUDA, but this PyTorch sees no GPU (use --device cpu)")
     scales = tuple(int(s) for s in args.scales.split(","))
+    if args.loss == "ms-ssim" and args.crop < 176:
+        raise ConfigError(f"--loss ms-ssim needs --crop of at least 176 pixels (5 scales of an 11-pixel window), "
+                          f"got {args.crop}")
 
     train_paths, val_paths = split_paths(list_images(args.data), args.val_split, args.seed)
     sampler = CropSampler(train_paths, crop=args.crop, scales=scales, seed=args.seed)
