@@ -9,6 +9,7 @@ from .cli import add_run_options, peak_rss_mb, positive_int, run_main, setup_log
 from .pipeline import default_stream_name, run_edge
 from .profile import load_profile
 from .profiler import format_table, write_report
+from .protocol import SERIALIZERS
 from .sender import DROP_POLICIES, parse_address
 from .sources import open_source
 
@@ -34,7 +35,7 @@ def get_args_parser():
     parser.add_argument("--frames", type=positive_int, default=None,
                         help="stop after N frames (default: until the source ends)")
     parser.add_argument("--loop", action="store_true", help="restart file sources at their end")
-    parser.add_argument("--serializer", choices=("framed", "pickle"), default=None,
+    parser.add_argument("--serializer", choices=SERIALIZERS, default=None,
                         help="framed (packed latents, default) or pickle (for receivers of the seed pipeline)")
     parser.add_argument("--drop", choices=DROP_POLICIES, default=None,
                         help="when the send queue is full drop the oldest frame (live view), the newest, or block "

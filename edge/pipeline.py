@@ -11,7 +11,7 @@ import time
 from .errors import ConfigError
 from .preprocess import Preprocessor
 from .profiler import EDGE_STAGES, FrameTimer, summarize
-from .protocol import encode_frame
+from .protocol import SERIALIZERS, encode_frame
 from .sender import Sender
 
 log = logging.getLogger("latentlink.edge")
@@ -27,9 +27,9 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     """
     transport = profile.transport
     serializer = serializer or transport.serializer
+    if serializer not in SERIALIZERS:
+        raise ConfigError("unknown serializer {!r} (available: {})".format(serializer, ", ".join(SERIALIZERS)))
     packing = "pickle" if serializer == "pickle" else encoder.info.packing
-    if serializer not in ("framed", "pickle"):
-        raise ConfigError("unknown serializer {!r} (available: framed, pickle)".format(serializer))
     preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit)
     records = []
 

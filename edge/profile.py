@@ -12,11 +12,11 @@ import os
 import yaml
 
 from .errors import ConfigError
+from .preprocess import FIT_MODES
+from .protocol import SERIALIZERS
+from .sender import DROP_POLICIES
 
-FITS = ("center-crop", "resize", "pad")
 PRECISIONS = ("fp16", "fp32")
-SERIALIZERS = ("framed", "pickle")
-DROP_POLICIES = ("oldest", "newest", "block")
 
 # key -> (type, default or REQUIRED, allowed values or (min, max) range or None)
 REQUIRED = object()
@@ -30,7 +30,7 @@ SCHEMA = {
     "input": {
         "width": (int, REQUIRED, (4, 8192)),
         "height": (int, REQUIRED, (4, 8192)),
-        "fit": (str, "center-crop", FITS),
+        "fit": (str, "center-crop", FIT_MODES),
     },
     "capture": {
         "width": (int, 1280, (16, 8192)),

@@ -31,6 +31,7 @@ FIXED_HEADER = struct.Struct(">4sBBH")  # magic, version (uint8), flags (uint8),
 FLAG_END_OF_STREAM = 0x01
 _KNOWN_FLAGS = FLAG_END_OF_STREAM
 PACKINGS = ("bits", "uint8", "float16", "float32", "pickle")
+SERIALIZERS = ("framed", "pickle")  # framed: the model's packing; pickle: the seed pipeline's pickled arrays
 DTYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "int64")
 MAX_META_BYTES = 4096
 MAX_DIMS = 6

@@ -6,8 +6,7 @@ import cv2
 import numpy as np
 
 from edge.errors import ConfigError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from edge.sources import IMAGE_EXTENSIONS
 
 
 def list_images(folder):
