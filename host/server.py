@@ -169,11 +169,12 @@ class Host(object):
         except Exception:  # a bug must cost one connection, never the server
             log.exception("%s: unexpected error; closing this connection", where)
         finally:
-            conn.close()
+            # Free the stream name before closing: an edge that sees the close may reconnect at once.
             with self._lock:
                 self._conns.discard(conn)
                 if names:
                     self._live.pop(names[0], None)
+            conn.close()
 
     def _receive_frames(self, conn, where, names):
         """Serve frames until end-of-stream. Raises on anything that ends the connection early."""
