@@ -18,22 +18,28 @@ from tqdm import tqdm
 from edge.errors import ConfigError
 
 from .data import CropSampler, centre_crop, list_images, read_rgb, resize_short_side, to_batch
-from .losses import LOSSES, get_loss
-from .models import MODELS, build_model, load_checkpoint, save_checkpoint
+from .losses import LOSSES, bit_usage_penalty, get_loss
+from .models import MODELS, build_model, copy_matching_weights, load_checkpoint, save_checkpoint
 
 
 def get_args_parser(parser=None):
     parser = parser or argparse.ArgumentParser(prog="latentlink train")
-    parser.description = "Train a model of the zoo on a folder of photos."
-    parser.epilog = ("example: latentlink train --data data/train --out runs/lossy-cae.pt --steps 20000\n"
-                     "resume:  latentlink train --data data/train --out runs/lossy-cae.pt --resume runs/lossy-cae.pt")
+    parser.description = "Train a model of the zoo on folders of photos."
+    parser.epilog = ("example: latentlink train --data data/train data/extra --out runs/lossy-cae.pt --steps 20000\n"
+                     "resume:  latentlink train --data data/train --out runs/lossy-cae.pt --resume runs/lossy-cae.pt\n"
+                     "grow:    latentlink train --data data/train --out runs/big.pt --init-from runs/lossy-cae.pt \\\n"
+                     "             --hparam decoder_blocks=3 --freeze-encoder")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--data", required=True, help="folder of training photos (searched recursively)")
+    parser.add_argument("--data", required=True, nargs="+", metavar="DIR",
+                        help="one or more folders of training photos (searched recursively)")
     parser.add_argument("--out", required=True,
                         help="checkpoint to write (.pt), at every validation; the best one by validation PSNR "
                              "goes beside it as NAME.best.pt")
     parser.add_argument("--model", default="lossy-cae", choices=sorted(MODELS), help="architecture (default: %(default)s)")
     parser.add_argument("--latent-channels", type=int, default=8, help="latent channels (8 = 0.5 bpp for lossy-cae)")
+    parser.add_argument("--hparam", action="append", default=[], metavar="NAME=INT",
+                        help="architecture setting of a new model, repeatable, e.g. --hparam decoder_blocks=3 "
+                             "(lossy-cae: encoder_channels, decoder_channels, decoder_blocks, dither=0|1)")
     parser.add_argument("--loss", default="mse", choices=sorted(LOSSES), help="training loss (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20000, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -43,6 +49,9 @@ def get_args_parser(parser=None):
     parser.add_argument("--stochastic-fraction", type=float, default=0.25,
                         help="share of the steps that use stochastic binarization before switching to the "
                              "deterministic binarizer deployment uses (default: %(default)s)")
+    parser.add_argument("--bit-usage", type=float, default=0.0,
+                        help="weight of the bit-usage penalty on binary latents (balanced, uncorrelated bits; "
+                             "see losses.bit_usage_penalty); 0: off (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak Adam learning rate, cosine-decayed")
     parser.add_argument("--clip-grad", type=float, default=1.0,
                         help="clip the gradient norm to this (0: off); without it a run here diverged at step 3100")
@@ -50,6 +59,11 @@ def get_args_parser(parser=None):
     parser.add_argument("--val-every", type=int, default=1000, help="validate and checkpoint every N steps")
     parser.add_argument("--resume", help="checkpoint to continue from (weights; the schedule restarts, and the "
                                          "checkpoint's training history is kept in the new one's)")
+    parser.add_argument("--init-from", metavar="CKPT",
+                        help="start a new model (--model, --hparam) from the weights of CKPT whose names and shapes "
+                             "match; the rest start fresh (to grow a trained model, e.g. a larger decoder)")
+    parser.add_argument("--freeze-encoder", action="store_true",
+                        help="train the decoder only: the encoder's weights, and so its bits, stay as they start")
     parser.add_argument("--seed", type=int, default=0, help="random seed (crops, flips, init, binarization)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
@@ -83,6 +97,18 @@ def set_stochastic(model, stochastic):
             module.stochastic = stochastic
 
 
+def parse_hparams(pairs):
+    """["decoder_blocks=3", ...] -> {"decoder_blocks": 3}."""
+    hparams = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            hparams[name.strip()] = int(value)
+        except ValueError:
+            raise ConfigError(f"--hparam {pair!r}: expected NAME=INTEGER, e.g. decoder_blocks=3") from None
+    return hparams
+
+
 def split_paths(paths, val_split, seed):
     paths = list(paths)
     random.Random(seed).shuffle(paths)
@@ -103,12 +129,16 @@ def train(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} asked for CUDA, but this PyTorch sees no GPU (use --device cpu)")
+    if args.resume and (args.hparam or args.init_from):
+        raise ConfigError("--resume continues a checkpoint as it is; --hparam and --init-from build a new model "
+                          "(use --init-from CKPT with --hparam to change the architecture)")
     scales = tuple(int(s) for s in args.scales.split(","))
     if args.loss == "ms-ssim" and args.crop < 176:
         raise ConfigError(f"--loss ms-ssim needs --crop of at least 176 pixels (5 scales of an 11-pixel window), "
                           f"got {args.crop}")
 
-    train_paths, val_paths = split_paths(list_images(args.data), args.val_split, args.seed)
+    photos = sorted({path for folder in args.data for path in list_images(folder)})
+    train_paths, val_paths = split_paths(photos, args.val_split, args.seed)
     sampler = CropSampler(train_paths, crop=args.crop, scales=scales, seed=args.seed)
     val_images = [centre_crop(resize_short_side(read_rgb(p), s), 256) for p in val_paths for s in scales]
     print(f"{len(train_paths)} training photos, {len(val_paths)} validation photos, scales {scales}")
@@ -118,10 +148,18 @@ def train(args):
         model, previous = load_checkpoint(args.resume, device)
         history = previous.pop("history", []) + [previous]
     else:
-        model = build_model(args.model, latent_channels=args.latent_channels).to(device)
+        model = build_model(args.model, latent_channels=args.latent_channels, **parse_hparams(args.hparam))
+        if args.init_from:
+            copied, fresh = copy_matching_weights(model, args.init_from)
+            print(f"--init-from {args.init_from}: {len(copied)} tensors copied, {len(fresh)} start fresh")
+            _, source = load_checkpoint(args.init_from)
+            history = source.pop("history", []) + [source]  # the new model descends from it
+        model = model.to(device)
     model.train()
+    if args.freeze_encoder:
+        model.encoder.requires_grad_(False)
     loss_fn = get_loss(args.loss)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps,
                                                     pct_start=0.05, final_div_factor=100)
     best, started = -1.0, time.time()
@@ -130,8 +168,11 @@ def train(args):
     for step in progress:
         set_stochastic(model, step <= args.stochastic_fraction * args.steps)
         x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
-        x_hat = model(x)["x_hat"]
+        out = model(x)
+        x_hat = out["x_hat"]
         loss = loss_fn(x_hat, x)
+        if args.bit_usage:
+            loss = loss + args.bit_usage * bit_usage_penalty(out["latents"])
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             tqdm.write(f"step {step}: loss is {loss.item()}; skipping this batch")
@@ -150,7 +191,8 @@ def train(args):
             facts = dict(history=history, step=step, loss=args.loss, val_psnr_db=round(val_psnr, 3),
                          train_photos=[p.name for p in train_paths], val_photos=[p.name for p in val_paths],
                          scales=list(scales), crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         stochastic_fraction=args.stochastic_fraction, clip_grad=args.clip_grad,
+                         stochastic_fraction=args.stochastic_fraction, bit_usage=args.bit_usage,
+                         init_from=args.init_from, freeze_encoder=args.freeze_encoder, clip_grad=args.clip_grad,
                          minutes=round((time.time() - started) / 60, 1))
             # --out always holds the latest weights (the end of the schedule is what ships); the best by
             # validation is kept beside it, since a few validation crops are a noisy guide.

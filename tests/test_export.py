@@ -52,6 +52,30 @@ def test_binarizer_trains_on_the_deployed_bits_once_stochastic_is_off():
     assert torch.allclose(x.grad, torch.full_like(x, 0.5))
 
 
+def test_dither_thresholds_spread_16_levels_over_every_4x4_tile():
+    from export.models.lossy_cae import dither_thresholds
+
+    t = dither_thresholds(8, 10, 13)
+    assert t.shape == (1, 8, 10, 13) and t.dtype == np.float32
+    for c in range(8):
+        tile = t[0, c, 4:8, 4:8]
+        assert sorted(tile.ravel().tolist()) == [(2 * b + 1) / 16 - 1 for b in range(16)]
+    # Each channel's pattern is shifted differently, so no two channels share a threshold map.
+    assert len({t[0, c].tobytes() for c in range(8)}) == 8
+
+
+def test_dither_lets_a_flat_area_carry_its_level_in_the_share_of_ones():
+    torch.manual_seed(0)
+    x = torch.full((1, 8, 16, 16), 0.0)
+    plain, dithered = Binarizer(dither=False).eval(), Binarizer(dither=True).eval()
+    for level in (-0.6, -0.2, 0.3, 0.7):
+        # Without dither a flat input gives every position the same bit, whatever the level...
+        assert plain(x + level).unique().numel() == 1
+        # ...with it, the share of ones over a 4x4 tile follows the level, as P(1) = (1 + x) / 2 does on average.
+        share = dithered(x + level)[..., :4, :4].mean().item()
+        assert share == pytest.approx((1 + level) / 2, abs=1 / 16)
+
+
 def test_checkpoint_rebuilds_the_model_alone(tmp_path):
     model = build_model("lossy-cae", latent_channels=4, encoder_channels=8, decoder_channels=8)
     save_checkpoint(tmp_path / "m.pt", model, step=3)
@@ -69,8 +93,9 @@ def test_unknown_model_and_bad_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
 
 
-def test_onnx_export_is_fit_for_tensorrt_8_2(tmp_path):
-    model = build_model("lossy-cae", latent_channels=8, encoder_channels=16, decoder_channels=16)
+@pytest.mark.parametrize("dither", [0, 1])
+def test_onnx_export_is_fit_for_tensorrt_8_2(tmp_path, dither):
+    model = build_model("lossy-cae", latent_channels=8, encoder_channels=16, decoder_channels=16, dither=dither)
     info = export_onnx(model, 32, 48, tmp_path, profile="t")
     for name in ("encoder.onnx", "decoder.onnx"):
         model_proto = onnx.load(str(tmp_path / name))
@@ -126,3 +151,61 @@ def test_train_command_writes_a_checkpoint_that_exports(tmp_path, photos_dir):
                  "--stochastic-fraction", "0"]) == 0
     resumed, meta = load_checkpoint(again)
     assert resumed.hparams == model.hparams and meta["step"] == 2 and meta["history"][0]["step"] == 3
+
+
+def test_grow_a_trained_model_and_train_only_its_decoder(tmp_path, photos_dir):
+    from latentlink.cli import main
+
+    small = build_model("lossy-cae", encoder_channels=8, decoder_channels=8, decoder_blocks=1)
+    save_checkpoint(tmp_path / "small.pt", small, step=1)
+    grown = tmp_path / "grown.pt"
+    assert main(["train", "--data", photos_dir, "--out", str(grown), "--init-from", str(tmp_path / "small.pt"),
+                 "--hparam", "encoder_channels=8", "--hparam", "decoder_channels=8", "--hparam", "decoder_blocks=2",
+                 "--freeze-encoder", "--bit-usage", "0.01", "--steps", "2", "--batch-size", "2", "--crop", "32",
+                 "--scales", "64", "--val-every", "2", "--val-split", "0.25", "--stochastic-fraction", "0"]) == 0
+    model, meta = load_checkpoint(grown)
+    assert model.hparams["decoder_blocks"] == 2 and meta["freeze_encoder"] and meta["bit_usage"] == 0.01
+    assert [h["step"] for h in meta["history"]] == [1]  # the model it grew from
+    # The frozen encoder is the small model's, weight for weight; the decoder has trained.
+    for name, tensor in small.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[name], tensor)
+    assert not torch.equal(model.decoder.state_dict()["1.weight"], small.decoder.state_dict()["1.weight"])
+
+
+def test_bad_hparam_and_init_from_that_fits_nothing(tmp_path):
+    from export.models import copy_matching_weights
+    from export.train import parse_hparams
+
+    assert parse_hparams(["decoder_blocks=3"]) == {"decoder_blocks": 3}
+    from latentlink.cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "x.pt"), "--resume", "a.pt",
+                 "--hparam", "decoder_blocks=3"]) == 2
+    with pytest.raises(ConfigError, match="'decoder_blocks=three'.*NAME=INTEGER"):
+        parse_hparams(["decoder_blocks=three"])
+    with pytest.raises(ConfigError, match="does not take these settings.*wings"):
+        build_model("lossy-cae", wings=2)
+    save_checkpoint(tmp_path / "other.pt", build_model("lossy-cae", latent_channels=2, encoder_channels=4,
+                                                       decoder_channels=4))
+    # Same architecture: everything is copied. Other widths: only what still fits (the output layer's bias).
+    copied, fresh = copy_matching_weights(build_model("lossy-cae", latent_channels=2, encoder_channels=4,
+                                                      decoder_channels=4), tmp_path / "other.pt")
+    assert fresh == [] and len(copied) > 10
+    copied, fresh = copy_matching_weights(build_model("lossy-cae", latent_channels=6, encoder_channels=12,
+                                                      decoder_channels=12), tmp_path / "other.pt")
+    assert copied == ["decoder.8.0.bias"] and len(fresh) > 10
+
+
+def test_bit_usage_penalty_is_zero_for_a_balanced_uncorrelated_code_and_high_for_a_wasted_one():
+    from export.losses import bit_usage_penalty
+
+    # All 256 symbols of 8 bits, equally often: every bit is 1 half the time and no two bits correlate.
+    symbols = torch.arange(256)
+    balanced = ((symbols[:, None] >> torch.arange(8)) & 1).float().T.reshape(1, 8, 16, 16)
+    assert bit_usage_penalty(balanced).item() == pytest.approx(0, abs=1e-4)
+    # Two copies of 4 bits (perfectly correlated pairs), and channels that are always 1: penalized.
+    copied = torch.cat([balanced[:, :4], balanced[:, :4]], dim=1)
+    assert bit_usage_penalty(copied).item() > 0.1
+    stuck = balanced.clone()
+    stuck[:, :2] = 1
+    assert bit_usage_penalty(stuck).item() > 0.2

@@ -8,9 +8,10 @@ rebuild it, stored in every checkpoint so a checkpoint alone rebuilds the model.
 
 from edge.errors import ConfigError
 
-from .registry import MODELS, build_model, load_checkpoint, register_model, save_checkpoint
+from .registry import MODELS, build_model, copy_matching_weights, load_checkpoint, register_model, save_checkpoint
 
 # Importing the model modules registers them.
 from . import lossy_cae  # noqa: F401,E402
 
-__all__ = ["MODELS", "build_model", "load_checkpoint", "register_model", "save_checkpoint", "ConfigError"]
+__all__ = ["MODELS", "build_model", "copy_matching_weights", "load_checkpoint", "register_model", "save_checkpoint",
+           "ConfigError"]

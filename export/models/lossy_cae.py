@@ -5,37 +5,70 @@ a frame costs 8 bits per 16 pixels = 0.5 bits per pixel on the wire, with no ent
 light because it runs on the Nano; the decoder, on the host, is allowed to be heavier.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
 from .registry import register_model
 
 
+# The 4x4 Bayer matrix: 16 thresholds spread evenly over space, the classic ordered-dither pattern.
+BAYER_4 = np.array([[0, 8, 2, 10], [12, 4, 14, 6], [3, 11, 1, 9], [15, 7, 13, 5]])
+
+
+def dither_thresholds(channels, height, width):
+    """Ordered-dither thresholds in (-1, 1): a float32 array of shape (1, channels, height, width).
+
+    The 4x4 Bayer pattern, mapped to ``(2 b + 1) / 16 - 1`` and tiled over the latent grid; channel ``c`` uses it
+    shifted by ``(c % 4, (c // 4 + 2 c) % 4)`` so that the channels' patterns do not line up. Built with numpy, so
+    an exported graph holds it as one constant.
+    """
+    levels = (2 * BAYER_4 + 1) / 16 - 1
+    reps = (-(-height // 4), -(-width // 4))
+    maps = [np.tile(np.roll(levels, (c % 4, (c // 4 + 2 * c) % 4), axis=(0, 1)), reps)[:height, :width]
+            for c in range(channels)]
+    return np.stack(maps)[None].astype(np.float32)
+
+
 class Binarizer(nn.Module):
     """Map tanh activations in (-1, 1) to bits in {0, 1}.
 
-    Inference: the deterministic ``clamp(sign(x), min=0)``, built from float ops only, because TensorRT 8.2 fails
-    on BOOL tensors (what ``(x > 0).float()`` exports to).
+    Inference: the deterministic ``clamp(sign(x - t), min=0)``, built from float ops only, because TensorRT 8.2
+    fails on BOOL tensors (what ``(x > 0).float()`` exports to). With ``dither`` off, ``t = 0``; with it on, ``t``
+    is a fixed ordered-dither pattern (:func:`dither_thresholds`, a constant in the exported graph).
 
-    Training, while ``stochastic`` is True: stochastic binarization, P(bit = 1) = (1 + x) / 2, with a
-    straight-through gradient. It explores well early on, but it lets the encoder code smooth areas as dither (the
-    share of ones carries the intensity) that the deterministic binarizer then destroys: measured here, one photo
-    at 22 dB stochastic fell to 15 dB deterministic. So training ends with ``stochastic = False``: the same
-    deterministic bits as deployment, with a straight-through gradient.
+    Why dither: a convolutional encoder is translation-equivariant, so with ``t = 0`` every 4x4 block of a flat
+    area gets the same 8 bits, and a flat area can take only 2^8 colours: smooth skies, skin and bokeh come back
+    with colour casts and banding. Spreading the thresholds over space lets neighbouring blocks differ, so the share
+    of ones over a neighbourhood carries the colour, as in halftoning, and the decoder averages it back.
+
+    Training, while ``stochastic`` is True: stochastic binarization, P(bit = 1) = (1 + x) / 2 (a uniformly random
+    threshold), with a straight-through gradient. Ordered dither is its deterministic counterpart: the same
+    thresholds, spread evenly instead of drawn at random. Without dither, training must end with ``stochastic =
+    False``: the encoder learns to code smooth areas as random dither that ``t = 0`` then destroys (measured here,
+    one photo at 22 dB stochastic fell to 15 dB deterministic).
     """
 
-    def __init__(self):
+    def __init__(self, dither=False):
         super().__init__()
         self.stochastic = True
+        self.dither = dither
+
+    def thresholds(self, x):
+        if not self.dither:
+            return torch.zeros((), dtype=x.dtype, device=x.device)
+        # int(): the shapes are static (one engine per input size), so the pattern is a constant, not graph ops.
+        shape = [int(n) for n in x.shape[1:]]
+        return torch.from_numpy(dither_thresholds(*shape)).to(device=x.device, dtype=x.dtype)
 
     def forward(self, x):
         if not self.training:
-            return torch.clamp(torch.sign(x), min=0)
+            return torch.clamp(torch.sign(x - self.thresholds(x)), min=0)
         soft = (x + 1) / 2
         if self.stochastic:
             hard = (torch.rand_like(x) < soft).to(x.dtype)
         else:
-            hard = torch.clamp(torch.sign(x), min=0)
+            hard = torch.clamp(torch.sign(x - self.thresholds(x)), min=0)
         return soft + (hard - soft).detach()
 
 
@@ -61,16 +94,18 @@ def _upsample(in_ch, out_ch):
 class LossyCAE(nn.Module):
     """Binary-latent autoencoder: (N, 3, H, W) in [0, 1] -> (N, C, H/4, W/4) bits -> (N, 3, H, W).
 
-    H and W must be multiples of 4. Bits per pixel = latent_channels / 16.
+    H and W must be multiples of 4. Bits per pixel = latent_channels / 16. ``dither=1`` (the default) binarizes
+    against an ordered-dither pattern, ``dither=0`` against 0 (the seed deck's binarizer); see :class:`Binarizer`.
+    On 8 held-out photos at 504x504, switching it on took the same weights from 24.7 dB to 26.5 dB in 1000 steps.
     """
 
     packing = "bits"
     downscale = 4
 
-    def __init__(self, latent_channels=8, encoder_channels=96, decoder_channels=96, decoder_blocks=1):
+    def __init__(self, latent_channels=8, encoder_channels=96, decoder_channels=96, decoder_blocks=1, dither=1):
         super().__init__()
         self.hparams = dict(latent_channels=latent_channels, encoder_channels=encoder_channels,
-                            decoder_channels=decoder_channels, decoder_blocks=decoder_blocks)
+                            decoder_channels=decoder_channels, decoder_blocks=decoder_blocks, dither=dither)
         e, d = encoder_channels, decoder_channels
         self.encoder = nn.Sequential(
             nn.Conv2d(3, e // 2, 5, stride=2, padding=2),
@@ -79,7 +114,7 @@ class LossyCAE(nn.Module):
             nn.PReLU(e),
             nn.Conv2d(e, latent_channels, 3, padding=1),
             nn.Tanh(),
-            Binarizer(),
+            Binarizer(dither=bool(dither)),
         )
         self.decoder = nn.Sequential(
             _Centre(),
