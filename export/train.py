@@ -63,7 +63,8 @@ def get_args_parser(parser=None):
                         help="start a new model (--model, --hparam) from the weights of CKPT whose names and shapes "
                              "match; the rest start fresh (to grow a trained model, e.g. a larger decoder)")
     parser.add_argument("--freeze-encoder", action="store_true",
-                        help="train the decoder only: the encoder's weights, and so its bits, stay as they start")
+                        help="train the decoder only: the encoder's weights, and so its bits, stay as they start "
+                             "(needs --stochastic-fraction 0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (crops, flips, init, binarization)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
@@ -132,6 +133,10 @@ def train(args):
     if args.resume and (args.hparam or args.init_from):
         raise ConfigError("--resume continues a checkpoint as it is; --hparam and --init-from build a new model "
                           "(use --init-from CKPT with --hparam to change the architecture)")
+    if args.freeze_encoder and (args.stochastic_fraction or args.bit_usage):
+        raise ConfigError("--freeze-encoder keeps the encoder's bits as they are: it needs --stochastic-fraction 0 "
+                          "(random bits would train the decoder on bits it never gets) and no --bit-usage "
+                          "(nothing left to shape the bits)")
     scales = tuple(int(s) for s in args.scales.split(","))
     if args.loss == "ms-ssim" and args.crop < 176:
         raise ConfigError(f"--loss ms-ssim needs --crop of at least 176 pixels (5 scales of an 11-pixel window), "
@@ -148,7 +153,7 @@ def train(args):
         model, previous = load_checkpoint(args.resume, device)
         history = previous.pop("history", []) + [previous]
     else:
-        model = build_model(args.model, latent_channels=args.latent_channels, **parse_hparams(args.hparam))
+        model = build_model(args.model, **{"latent_channels": args.latent_channels, **parse_hparams(args.hparam)})
         if args.init_from:
             copied, fresh = copy_matching_weights(model, args.init_from)
             print(f"--init-from {args.init_from}: {len(copied)} tensors copied, {len(fresh)} start fresh")

@@ -161,10 +161,10 @@ def test_grow_a_trained_model_and_train_only_its_decoder(tmp_path, photos_dir):
     grown = tmp_path / "grown.pt"
     assert main(["train", "--data", photos_dir, "--out", str(grown), "--init-from", str(tmp_path / "small.pt"),
                  "--hparam", "encoder_channels=8", "--hparam", "decoder_channels=8", "--hparam", "decoder_blocks=2",
-                 "--freeze-encoder", "--bit-usage", "0.01", "--steps", "2", "--batch-size", "2", "--crop", "32",
+                 "--freeze-encoder", "--steps", "2", "--batch-size", "2", "--crop", "32",
                  "--scales", "64", "--val-every", "2", "--val-split", "0.25", "--stochastic-fraction", "0"]) == 0
     model, meta = load_checkpoint(grown)
-    assert model.hparams["decoder_blocks"] == 2 and meta["freeze_encoder"] and meta["bit_usage"] == 0.01
+    assert model.hparams["decoder_blocks"] == 2 and meta["freeze_encoder"]
     assert [h["step"] for h in meta["history"]] == [1]  # the model it grew from
     # The frozen encoder is the small model's, weight for weight; the decoder has trained.
     for name, tensor in small.encoder.state_dict().items():
@@ -172,15 +172,46 @@ def test_grow_a_trained_model_and_train_only_its_decoder(tmp_path, photos_dir):
     assert not torch.equal(model.decoder.state_dict()["1.weight"], small.decoder.state_dict()["1.weight"])
 
 
-def test_bad_hparam_and_init_from_that_fits_nothing(tmp_path):
+def test_train_refuses_contradictory_options_with_a_clear_error(tmp_path, photos_dir, capsys):
+    from latentlink.cli import main
+
+    common = ["train", "--data", photos_dir, "--out", str(tmp_path / "x.pt"), "--steps", "1"]
+    assert main(common + ["--resume", "a.pt", "--hparam", "decoder_blocks=3"]) == 2
+    assert "--resume continues a checkpoint as it is" in capsys.readouterr().err
+    assert main(common + ["--freeze-encoder"]) == 2  # the default --stochastic-fraction 0.25 would randomize bits
+    assert "--freeze-encoder keeps the encoder's bits" in capsys.readouterr().err
+    assert main(common + ["--freeze-encoder", "--stochastic-fraction", "0", "--bit-usage", "0.01"]) == 2
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_bit_usage_trains_the_encoder_and_latent_channels_can_come_from_hparam(tmp_path, photos_dir):
+    from latentlink.cli import main
+
+    out = tmp_path / "b.pt"
+    assert main(["train", "--data", photos_dir, "--out", str(out), "--hparam", "latent_channels=4",
+                 "--hparam", "encoder_channels=8", "--hparam", "decoder_channels=8", "--bit-usage", "0.01",
+                 "--steps", "2", "--batch-size", "2", "--crop", "32", "--scales", "64", "--val-every", "2",
+                 "--val-split", "0.25"]) == 0
+    model, meta = load_checkpoint(out)
+    assert model.hparams["latent_channels"] == 4 and meta["bit_usage"] == 0.01
+
+
+def test_a_checkpoint_from_before_dither_loads_with_the_binarizer_it_was_trained_with(tmp_path):
+    model = build_model("lossy-cae", encoder_channels=8, decoder_channels=8, dither=0)
+    save_checkpoint(tmp_path / "old.pt", model)
+    ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
+    del ckpt["hparams"]["dither"]  # as written before the setting existed
+    torch.save(ckpt, tmp_path / "old.pt")
+    again, _ = load_checkpoint(tmp_path / "old.pt")
+    assert again.hparams["dither"] == 0 and not again.encoder[-1].dither
+    assert build_model("lossy-cae").encoder[-1].dither  # new models dither
+
+
+def test_bad_hparam_and_an_init_from_that_fits_only_in_part(tmp_path):
     from export.models import copy_matching_weights
     from export.train import parse_hparams
 
     assert parse_hparams(["decoder_blocks=3"]) == {"decoder_blocks": 3}
-    from latentlink.cli import main
-
-    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "x.pt"), "--resume", "a.pt",
-                 "--hparam", "decoder_blocks=3"]) == 2
     with pytest.raises(ConfigError, match="'decoder_blocks=three'.*NAME=INTEGER"):
         parse_hparams(["decoder_blocks=three"])
     with pytest.raises(ConfigError, match="does not take these settings.*wings"):

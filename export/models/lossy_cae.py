@@ -101,6 +101,8 @@ class LossyCAE(nn.Module):
 
     packing = "bits"
     downscale = 4
+    # Checkpoints written before ``dither`` existed were trained with the seed's binarizer.
+    legacy_hparams = {"dither": 0}
 
     def __init__(self, latent_channels=8, encoder_channels=96, decoder_channels=96, decoder_blocks=1, dither=1):
         super().__init__()

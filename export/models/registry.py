@@ -74,6 +74,8 @@ def load_checkpoint(path, device="cpu"):
         name, hparams, state = ckpt["model"], ckpt["hparams"], ckpt["state_dict"]
     except (KeyError, TypeError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
         raise ConfigError(f"{str(path)!r} is not a latentlink checkpoint ({str(exc).splitlines()[0]})") from None
+    # Settings added after a checkpoint was written take the value it was trained with, not today's default.
+    hparams = {**getattr(MODELS.get(name), "legacy_hparams", {}), **hparams}
     model = build_model(name, **hparams)
     model.load_state_dict(state)
     return model.to(device).eval(), ckpt.get("meta", {})
