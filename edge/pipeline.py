@@ -38,8 +38,9 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
         records.append(timer.record())
 
     sender = Sender(address, stream, queue_size=queue_size or transport.queue_size, drop=drop or transport.drop,
-                    send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes, connect_timeout_s=transport.connect_timeout_s,
-                    send_timeout_s=transport.send_timeout_s, max_backoff_s=transport.max_backoff_s, on_sent=finish)
+                    send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes,
+                    connect_timeout_s=transport.connect_timeout_s, send_timeout_s=transport.send_timeout_s,
+                    max_backoff_s=transport.max_backoff_s, on_sent=finish)
     seq = 0
     started = last_status = time.perf_counter()
     try:

@@ -155,10 +155,10 @@ def train(args):
     else:
         model = build_model(args.model, **{"latent_channels": args.latent_channels, **parse_hparams(args.hparam)})
         if args.init_from:
-            copied, fresh = copy_matching_weights(model, args.init_from)
+            source, source_meta = load_checkpoint(args.init_from)
+            copied, fresh = copy_matching_weights(model, source)
             print(f"--init-from {args.init_from}: {len(copied)} tensors copied, {len(fresh)} start fresh")
-            _, source = load_checkpoint(args.init_from)
-            history = source.pop("history", []) + [source]  # the new model descends from it
+            history = source_meta.pop("history", []) + [source_meta]  # the new model descends from it
         model = model.to(device)
     model.train()
     if args.freeze_encoder:

@@ -43,6 +43,11 @@ class StreamStats(object):
             log.info("stream %r restarted its sequence at %d (an edge restarted?)", self.name, seq)
         self.last_seq = seq
 
+    def fail(self, seq):
+        """Frame ``seq`` arrived but could not be decoded."""
+        self.account(seq)
+        self.failed += 1
+
     def as_dict(self):
         return {"frames": self.frames, "gaps": self.gaps, "failed": self.failed, "connections": self.connections,
                 "ended": self.ended, "last_seq": self.last_seq}
@@ -208,9 +213,7 @@ class Host(object):
                 names[0], meta.stream))
         if not meta.flags & FLAG_END_OF_STREAM and tuple(meta.shape) != tuple(self.decoder.input_shape):
             with self._lock:
-                stats = self.streams[meta.stream]
-                stats.account(meta.seq)
-                stats.failed += 1
+                self.streams[meta.stream].fail(meta.seq)
             raise ProtocolError("latents of shape {} do not fit the decoder's input {}: run the host with the "
                                 "edge's profile or decoder".format(list(meta.shape), list(self.decoder.input_shape)))
 
@@ -236,8 +239,7 @@ class Host(object):
                     image = to_image(output)  # inside the lock: output is the backend's buffer
         except BackendError as exc:
             with self._lock:
-                stats.account(meta.seq)
-                stats.failed += 1
+                stats.fail(meta.seq)
             log.error("%s: frame %d of %r failed to decode: %s", where, meta.seq, meta.stream, exc)
             return
         with timer.stage("write"):

@@ -220,10 +220,10 @@ def test_bad_hparam_and_an_init_from_that_fits_only_in_part(tmp_path):
                                                        decoder_channels=4))
     # Same architecture: everything is copied. Other widths: only what still fits (the output layer's bias).
     copied, fresh = copy_matching_weights(build_model("lossy-cae", latent_channels=2, encoder_channels=4,
-                                                      decoder_channels=4), tmp_path / "other.pt")
+                                                      decoder_channels=4), load_checkpoint(tmp_path / "other.pt")[0])
     assert fresh == [] and len(copied) > 10
     copied, fresh = copy_matching_weights(build_model("lossy-cae", latent_channels=6, encoder_channels=12,
-                                                      decoder_channels=12), tmp_path / "other.pt")
+                                                      decoder_channels=12), load_checkpoint(tmp_path / "other.pt")[0])
     assert copied == ["decoder.8.0.bias"] and len(fresh) > 10
 
 

@@ -54,21 +54,22 @@ class Binarizer(nn.Module):
         self.stochastic = True
         self.dither = dither
 
-    def thresholds(self, x):
-        if not self.dither:
-            return torch.zeros((), dtype=x.dtype, device=x.device)
-        # int(): the shapes are static (one engine per input size), so the pattern is a constant, not graph ops.
-        shape = [int(n) for n in x.shape[1:]]
-        return torch.from_numpy(dither_thresholds(*shape)).to(device=x.device, dtype=x.dtype)
+    def deterministic(self, x):
+        """The deployed bits: ``clamp(sign(x - t), 0)``."""
+        if self.dither:
+            # int(): the shapes are static (one engine per input size), so the pattern is a constant, not graph ops.
+            shape = [int(n) for n in x.shape[1:]]
+            x = x - torch.from_numpy(dither_thresholds(*shape)).to(device=x.device, dtype=x.dtype)
+        return torch.clamp(torch.sign(x), min=0)
 
     def forward(self, x):
         if not self.training:
-            return torch.clamp(torch.sign(x - self.thresholds(x)), min=0)
+            return self.deterministic(x)
         soft = (x + 1) / 2
         if self.stochastic:
             hard = (torch.rand_like(x) < soft).to(x.dtype)
         else:
-            hard = torch.clamp(torch.sign(x - self.thresholds(x)), min=0)
+            hard = self.deterministic(x)
         return soft + (hard - soft).detach()
 
 

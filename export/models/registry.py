@@ -43,18 +43,17 @@ def save_checkpoint(path, model, **meta):
     torch.save({"model": model.name, "hparams": dict(model.hparams), "state_dict": state, "meta": meta}, path)
 
 
-def copy_matching_weights(model, path):
-    """Warm start: copy into ``model`` every tensor of checkpoint ``path`` whose name and shape match.
+def copy_matching_weights(model, source):
+    """Warm start: copy into ``model`` every tensor of the model ``source`` whose name and shape match.
 
     For growing a model (a larger decoder, say) from a trained one: what matches starts trained, the rest keeps
     its fresh initialization. Returns ``(copied, fresh)``: the names copied and the names left fresh.
     """
-    source, _ = load_checkpoint(path)
     theirs = source.state_dict()
     ours = model.state_dict()
     copied = [k for k, v in ours.items() if k in theirs and theirs[k].shape == v.shape]
     if not copied:
-        raise ConfigError(f"no weight of {str(path)!r} ({source.name}) fits model {model.name}: nothing to start from")
+        raise ConfigError(f"no weight of the {source.name} model fits model {model.name}: nothing to start from")
     ours.update({k: theirs[k] for k in copied})
     model.load_state_dict(ours)
     return copied, [k for k in ours if k not in copied]
