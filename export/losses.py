@@ -29,8 +29,8 @@ def bit_usage_penalty(bits):
     """How far binary latents (N, C, H, W) in {0, 1} are from a fully used code, in [0, 2].
 
     A fixed-rate code carries the most when every bit is 1 half of the time and the bits of a position are
-    uncorrelated: measured here, the first shipped model's 8 bits had a symbol entropy of only 5.3 bits, with
-    channels at P(1) = 0.14 to 0.83. The penalty is mean 4 (P(1) - 1/2)^2 over channels plus the mean squared
+    uncorrelated: the first shipped model's 8 bits had a symbol entropy of only 5.3 bits, with channels at
+    P(1) = 0.14 to 0.83 (``benchmarks/checkpoint_quality.py`` on the held-out photos). The penalty is mean 4 (P(1) - 1/2)^2 over channels plus the mean squared
     correlation between channels, both computed on the deployed (hard) bits and differentiated through the
     binarizer's straight-through gradient.
     """
