@@ -5,7 +5,8 @@ import logging
 import sys
 
 from .backends import open_backend
-from .cli import add_run_options, peak_rss_mb, positive_int, run_main, setup_logging
+from .cli import (add_backend_options, add_run_options, backend_options, peak_rss_mb, positive_int, run_main,
+                  setup_logging)
 from .pipeline import default_stream_name, run_edge
 from .profile import load_profile
 from .profiler import format_table, write_report
@@ -17,6 +18,8 @@ EXAMPLES = """examples:
   latentlink edge --source csi://0 --connect 192.168.1.20:5760 --profile nano-504
   latentlink edge --source file://clip.mp4 --connect 127.0.0.1:5760 --frames 200 --report edge.json
   latentlink edge --source v4l2:///dev/video0 --encoder my-model/encoder.onnx --profile my-site.yaml
+  latentlink edge --source csi://0 --encoder engines/encoder.<sha>.trt8.2.1.8.NVIDIA-Tegra-X1.fp16.engine --mapped
+  latentlink edge --source csi://0 --encoder runs/lossy-cae.pt --device cuda --precision fp16
 
 sources: csi://N (Jetson CSI camera), v4l2:///dev/videoN (USB camera), file://clip.mp4 (video),
          file://photos/ (images in name order), file://img.png, rtsp://..., synthetic:// (test pattern)"""
@@ -30,7 +33,9 @@ def get_args_parser():
     parser.add_argument("--profile", default="nano-504",
                         help="profile name or YAML file: model, input size, budget, transport (default: %(default)s)")
     parser.add_argument("--encoder", default="default",
-                        help="encoder model: an .onnx file, or 'default' for the profile's (default: %(default)s)")
+                        help="encoder model: .onnx (ONNX Runtime), .engine (TensorRT, built by `latentlink export "
+                             "engine`), .pt (PyTorch checkpoint), or 'default' for the profile's ONNX (default: "
+                             "%(default)s)")
     parser.add_argument("--name", default=None, help="stream name shown by the host (default: this machine's name)")
     parser.add_argument("--frames", type=positive_int, default=None,
                         help="stop after N frames (default: until the source ends)")
@@ -43,6 +48,7 @@ def get_args_parser():
     parser.add_argument("--queue-size", type=positive_int, default=None, help="frames that may wait to be sent")
     parser.add_argument("--send-buffer", type=positive_int, default=None, metavar="BYTES",
                         help="socket send buffer (SO_SNDBUF); default from the profile")
+    add_backend_options(parser)
     add_run_options(parser)
     return parser
 
@@ -60,7 +66,7 @@ def _main(argv):
     stream = args.name or default_stream_name()
     capture = profile.capture
     with open_source(args.source, capture.width, capture.height, capture.fps, loop=args.loop) as source, \
-            open_backend(encoder_path, "encoder", threads=args.threads) as encoder:
+            open_backend(encoder_path, "encoder", **backend_options(args, profile)) as encoder:
         logging.getLogger("latentlink.edge").info(
             "stream %r: %s -> %s (%s, %s packing) -> %s:%d", stream, source.description, encoder_path,
             encoder.name, encoder.info.packing, address[0], address[1])

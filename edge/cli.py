@@ -28,9 +28,28 @@ def _positive(text, kind):
     return value
 
 
+def add_backend_options(parser):
+    """Options that pick where and how a model runs (see ``edge.backends.open_backend``)."""
+    parser.add_argument("--device", default=None,
+                        help="a .pt checkpoint's device: cpu (default), cuda or cuda:N; an engine's GPU index")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default=None,
+                        help="a .pt checkpoint's precision (default fp32; fp16 needs CUDA). ONNX runs FP32; an "
+                             "engine keeps the precision it was built with")
+    parser.add_argument("--mapped", action="store_true",
+                        help="TensorRT engines: zero-copy mapped host memory instead of device buffers (suits the "
+                             "Nano, whose CPU and GPU share memory)")
+
+
+def backend_options(args, profile):
+    """The ``open_backend`` keyword arguments from :func:`add_backend_options`'s and the threads option."""
+    return {"threads": args.threads, "device": args.device, "precision": args.precision, "mapped": args.mapped,
+            "input_size": (profile.input.height, profile.input.width)}
+
+
 def add_run_options(parser):
     """Options every long-running command shares: ONNX Runtime threads, the report file, output verbosity."""
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for ONNX Runtime or PyTorch (0: one per "
+                        "core)")
     parser.add_argument("--report", help="write per-frame records and the summary to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="do not print the per-stage table")
     parser.add_argument("--verbose", action="store_true", help="debug logging")

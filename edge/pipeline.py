@@ -55,8 +55,7 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
             with timer.stage("preprocess"):
                 tensor = preprocess(frame)
             latents, timings = encoder.infer(tensor)
-            timer.add("encode", timings["run_ms"])
-            timer.add("gpu_to_cpu", timings["copy_ms"])
+            timer.add_backend_timings("encode", "gpu_to_cpu", timings)
             with timer.stage("serialize"):
                 data = encode_frame(stream, seq, t_capture, latents, packing)
             timer.extra["bytes"] = len(data)

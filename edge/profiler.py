@@ -28,7 +28,7 @@ BAR_WIDTH = 20  # characters of '#' for 100 % of the budget
 
 _STAT_KEYS = ("min_ms", "median_ms", "mean_ms", "p95_ms", "p99_ms", "max_ms")
 _SUMMARY_KEYS = ("frames", "budget_ms", "over_budget", "fps", "t200_s", "bytes_per_frame", "dropped", "stages")
-_RESERVED = frozenset(_SUMMARY_KEYS + ("kind", "version", "meta", "records"))
+_RESERVED = frozenset(_SUMMARY_KEYS + ("gpu_stages", "kind", "version", "meta", "records"))
 _HOW_TO_MAKE = "write one with `latentlink edge --report FILE.json` or `latentlink host --report FILE.json`"
 
 
@@ -37,15 +37,17 @@ class FrameTimer(object):
 
     ``with timer.stage("encode"): ...`` adds the elapsed ms to that stage (repeated stages add up; stages do not
     nest); ``timer.add(name, ms)`` records a time measured elsewhere; ``timer.extra`` holds other per-frame facts
-    (e.g. ``bytes`` on the wire). The timer is its own context manager, so a stage allocates nothing but its dict
-    entry.
+    (e.g. ``bytes`` on the wire); ``timer.add_gpu(name, ms)`` records the same stage's time measured with CUDA
+    events on the GPU's stream, kept beside the wall-clock time (not added to the frame total). The timer is its
+    own context manager, so a stage allocates nothing but its dict entry.
     """
 
-    __slots__ = ("seq", "stages", "extra", "_clock", "_name", "_t0")
+    __slots__ = ("seq", "stages", "gpu_stages", "extra", "_clock", "_name", "_t0")
 
     def __init__(self, seq, clock=time.perf_counter):
         self.seq = int(seq)
-        self.stages = {}  # stage name -> ms
+        self.stages = {}  # stage name -> wall-clock ms
+        self.gpu_stages = {}  # stage name -> ms between CUDA events (GPU backends only)
         self.extra = {}
         self._clock = clock  # seconds, monotonic
         self._name = None
@@ -72,12 +74,32 @@ class FrameTimer(object):
         """Add ``ms`` milliseconds measured elsewhere (a CUDA event, a backend's own timing) to stage ``name``."""
         self.stages[name] = self.stages.get(name, 0.0) + float(ms)
 
-    def record(self):
-        """``{"seq": int, "stages": {name: ms}, **extra}``; ``extra`` cannot override ``seq`` or ``stages``.
+    def add_gpu(self, name, ms):
+        """Add ``ms`` milliseconds timed with CUDA events to the GPU time of stage ``name``."""
+        self.gpu_stages[name] = self.gpu_stages.get(name, 0.0) + float(ms)
 
-        Stage times are rounded to the microsecond (3 decimals of a millisecond), like the summary.
+    def add_backend_timings(self, stage, copy_stage, timings):
+        """Record a backend's ``infer`` timings: ``run_ms`` -> ``stage``, ``copy_ms`` -> ``copy_stage``.
+
+        ``copy_stage`` None adds the copy to ``stage``. ``run_gpu_ms``/``copy_gpu_ms`` (CUDA events) go to the GPU
+        columns of the same stages.
+        """
+        copy_stage = copy_stage or stage
+        self.add(stage, timings["run_ms"])
+        self.add(copy_stage, timings["copy_ms"])
+        if "run_gpu_ms" in timings:
+            self.add_gpu(stage, timings["run_gpu_ms"])
+            self.add_gpu(copy_stage, timings["copy_gpu_ms"])
+
+    def record(self):
+        """``{"seq": int, "stages": {name: ms}, ["gpu_stages": {name: ms},] **extra}``.
+
+        ``extra`` cannot override ``seq``, ``stages`` or ``gpu_stages``. Times are rounded to the microsecond (3
+        decimals of a millisecond), like the summary.
         """
         rec = {"seq": self.seq, "stages": dict((k, _r(v)) for k, v in self.stages.items())}
+        if self.gpu_stages:
+            rec["gpu_stages"] = dict((k, _r(v)) for k, v in self.gpu_stages.items())
         for key, value in self.extra.items():
             rec.setdefault(key, value)
         return rec
@@ -105,7 +127,9 @@ def summarize(records, stages, budget_ms, wall_s, dropped=0, extra=None):
     """Summarize FrameTimer records: per-stage and total stats (ms), frames over ``budget_ms``, fps over ``wall_s``.
 
     A stage missing from a record counts as 0.0 ms for that frame; a frame's total is the sum of its stage times.
-    The keys of ``extra`` (notes, stream, backend, ...) are appended after the fixed keys.
+    Where records carry ``gpu_stages`` (CUDA-event times), the summary gets ``gpu_stages``: the same statistics
+    for each such stage, over the frames that have it. The keys of ``extra`` (notes, stream, backend, ...) are
+    appended after the fixed keys.
     """
     stages = tuple(stages)
     if "total" in stages:
@@ -135,6 +159,11 @@ def summarize(records, stages, budget_ms, wall_s, dropped=0, extra=None):
         "dropped": int(dropped),
         "stages": stats,
     }
+    gpu_names = [name for name in stages if any(name in (rec.get("gpu_stages") or {}) for rec in records)]
+    if gpu_names:
+        summary["gpu_stages"] = {name: _stats(np.array([rec["gpu_stages"][name] for rec in records
+                                                        if name in (rec.get("gpu_stages") or {})], dtype=np.float64))
+                                 for name in gpu_names}
     summary.update(extra)
     return summary
 
@@ -195,22 +224,30 @@ def load_report(path):
 
 
 def format_table(summary, title=""):
-    """The per-stage table: median, p95, max (ms) and the median's share of the budget (% and a '#' bar)."""
+    """The per-stage table: median, p95, max (ms) and the median's share of the budget (% and a '#' bar).
+
+    When the summary has CUDA-event times (``gpu_stages``), a ``CUDA med`` column shows their median beside the
+    wall clock, like jetson-inference's ``CPU x ms  CUDA y ms`` rows; ``-`` where a stage has none.
+    """
     stages = summary.get("stages") or {}
+    gpu = summary.get("gpu_stages") if isinstance(summary.get("gpu_stages"), dict) else {}
     names = [n for n in stages if n != "total"] + (["total"] if "total" in stages else [])
     budget = float(summary.get("budget_ms") or 0.0)
     w = max([len("budget") + 2, 15] + [len(n) + 2 for n in names])
     lines = [title] if title else []
-    lines.append("stage".ljust(w) + "median ms   p95 ms   max ms   budget share")
+    lines.append("stage".ljust(w) + "median ms   p95 ms   max ms" + (" CUDA med" if gpu else "") + "   budget share")
     for name in names:
         st = stages[name]
         median = float(st.get("median_ms", 0.0))
         share = 100.0 * median / budget if budget > 0 else 0.0
         bar = "#" * int(round(min(share, 100.0) * BAR_WIDTH / 100.0))
-        row = "%s%9.2f%9.2f%9.2f%9.1f%%  %s" % (name.ljust(w), median, float(st.get("p95_ms", 0.0)),
-                                                float(st.get("max_ms", 0.0)), share, bar)
+        cuda = ""
+        if gpu:
+            cuda = "%9.2f" % float(gpu[name].get("median_ms", 0.0)) if name in gpu else "%9s" % "-"
+        row = "%s%9.2f%9.2f%9.2f%s%9.1f%%  %s" % (name.ljust(w), median, float(st.get("p95_ms", 0.0)),
+                                                  float(st.get("max_ms", 0.0)), cuda, share, bar)
         lines.append(row.rstrip())
-    lines.append("%s%9.2f%18s%9.1f%%" % ("budget".ljust(w), budget, "", 100.0))
+    lines.append("%s%9.2f%s%18s%9.1f%%" % ("budget".ljust(w), budget, " " * 9 if gpu else "", "", 100.0))
     frames, over = int(summary.get("frames", 0)), int(summary.get("over_budget", 0))
     lines.append("over budget: %d of %d frames (%.1f%%)" % (over, frames, 100.0 * over / frames if frames else 0.0))
     lines.append("fps {:.1f} \u00b7 T200 {:.2f} s \u00b7 {:,.0f} bytes/frame on the wire \u00b7 dropped {:d}".format(

@@ -1,18 +1,28 @@
 """``latentlink export`` / ``python -m export``: turn a trained checkpoint into deployable model files.
 
-Subcommands: ``onnx`` (encoder and decoder as two ONNX files plus model.json, for one profile's input size).
+Subcommands: ``onnx`` (encoder and decoder as two ONNX files plus model.json, for one profile's input size),
+``check`` (will an ONNX file parse on the Nano's TensorRT 8.2?), ``engine`` (ONNX -> FP16 TensorRT engine, built on
+the GPU that runs it) and ``compare`` (the same inputs through two backends: how far apart are they?).
+
+``check``, ``engine`` and ``compare`` run on the Nano's Python 3.6; ``onnx`` needs PyTorch (a workstation).
 """
 
 import argparse
+import json
 import sys
 
-from edge.cli import run_main
+from edge.cli import positive_float, positive_int, run_main
 from edge.errors import ConfigError
 from edge.profile import load_profile
 
 EXAMPLES = """examples:
   latentlink export onnx --checkpoint runs/lossy-cae.pt --profile nano-504 --out models/nano-504
   latentlink export onnx --checkpoint runs/lossy-cae.pt --height 720 --width 1280 --out models/720p
+  latentlink export check models/nano-504/encoder.onnx models/nano-504/decoder.onnx
+  latentlink export engine models/nano-504/encoder.onnx              (on the Nano: FP16, 256 MB workspace)
+  latentlink export engine --profile nano-504 --out ~/engines --trtexec   (print the trtexec command only)
+  latentlink export compare models/nano-504/encoder.onnx runs/lossy-cae.pt --b-device cuda --b-precision fp16
+  latentlink export compare models/nano-504/encoder.onnx ~/engines/encoder.*.fp16.engine --source file://photos/
 
 regenerate the shipped default models:
   latentlink export onnx --checkpoint profiles/default/lossy-cae.pt --profile nano-504 --out profiles/default/nano-504
@@ -22,15 +32,61 @@ regenerate the shipped default models:
 def get_args_parser():
     parser = argparse.ArgumentParser(prog="latentlink export", description=__doc__.split(":", 1)[1].strip(),
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{onnx}")
+    sub = parser.add_subparsers(dest="command", metavar="{onnx,check,engine,compare}")
     sub.required = True
-    onnx_parser = sub.add_parser("onnx", help="encoder.onnx + decoder.onnx + model.json (opset 13, static shapes)",
-                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    onnx_parser = add("onnx", "encoder.onnx + decoder.onnx + model.json (opset 13, static shapes)")
     onnx_parser.add_argument("--checkpoint", required=True, help="a checkpoint written by `latentlink train`")
     onnx_parser.add_argument("--profile", help="take the input size from this profile (name or YAML file)")
     onnx_parser.add_argument("--height", type=int, help="input height in pixels (instead of --profile)")
     onnx_parser.add_argument("--width", type=int, help="input width in pixels (instead of --profile)")
     onnx_parser.add_argument("--out", required=True, help="folder for encoder.onnx, decoder.onnx and model.json")
+
+    check_parser = add("check", "will these ONNX files parse on TensorRT 8.2 (the Nano's)? exit 1 if not")
+    check_parser.add_argument("onnx", nargs="+", help="ONNX files")
+
+    engine_parser = add("engine", "ONNX -> serialized TensorRT engine (+ <engine>.json), reused while it matches")
+    engine_parser.add_argument("onnx", nargs="*", help="ONNX files (default: the profile's encoder)")
+    engine_parser.add_argument("--profile", default="nano-504",
+                               help="profile whose encoder to build when no ONNX is given (default: %(default)s)")
+    engine_parser.add_argument("--out", help="folder for the engines (default: beside each ONNX file)")
+    engine_parser.add_argument("--fp32", action="store_true", help="build FP32 instead of FP16")
+    engine_parser.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)  # refused with the reason
+    engine_parser.add_argument("--workspace", type=positive_int, default=256, metavar="MB",
+                               help="builder scratch memory; more than 256 MB gets builds 'Killed' on the Nano "
+                                    "(default: %(default)s)")
+    engine_parser.add_argument("--force", action="store_true", help="rebuild even if a matching engine exists")
+    engine_parser.add_argument("--skip-check", action="store_true",
+                               help="do not run `export check` first (it needs the onnx package)")
+    engine_parser.add_argument("--trtexec", action="store_true",
+                               help="only print the equivalent trtexec command (TensorRT 8.2 flags)")
+
+    compare_parser = add("compare", "the same inputs through two backends: errors and the tolerance that passes")
+    compare_parser.add_argument("a", help="reference model file (.onnx, .pt or .engine)")
+    compare_parser.add_argument("b", help="model file to check against it")
+    compare_parser.add_argument("--role", choices=("encoder", "decoder"),
+                                help="which half (default: from A's file name, encoder*/decoder*; else encoder)")
+    compare_parser.add_argument("--profile", default="nano-504",
+                                help="input size for .pt checkpoints (default: %(default)s)")
+    compare_parser.add_argument("--source", default="synthetic://",
+                                help="frames for an encoder, any `latentlink edge --source` (default: %(default)s); "
+                                     "decoders get random latents")
+    compare_parser.add_argument("--count", type=positive_int, default=4, help="inputs (default: %(default)s)")
+    compare_parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default: %(default)s)")
+    compare_parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default: %(default)s)")
+    compare_parser.add_argument("--max-flipped", type=float, default=1e-3,
+                                help="binary latents: the share of bits allowed to flip (default: %(default)s)")
+    for side in ("a", "b"):
+        compare_parser.add_argument("--{}-device".format(side), default=None,
+                                    help="{}'s device: cpu, cuda, cuda:N (.pt), or the GPU index (.engine)".format(
+                                        side.upper()))
+        compare_parser.add_argument("--{}-precision".format(side), choices=("fp32", "fp16"), default=None,
+                                    help="{}'s precision (.pt only; fp16 needs CUDA)".format(side.upper()))
+    compare_parser.add_argument("--json", help="also write the figures to this JSON file")
     return parser
 
 
@@ -40,6 +96,10 @@ def main(argv=None):
 
 def _main(argv):
     args = get_args_parser().parse_args(argv)
+    return {"onnx": _onnx, "check": _check, "engine": _engine, "compare": _compare}[args.command](args)
+
+
+def _onnx(args):
     from .models import load_checkpoint
     from .onnx_export import export_onnx
 
@@ -54,11 +114,88 @@ def _main(argv):
     model, _ = load_checkpoint(args.checkpoint)
     info = export_onnx(model, height, width, args.out, profile=profile_name, checkpoint=args.checkpoint)
     parity = info["parity"]
-    print(f"wrote {args.out}/encoder.onnx, decoder.onnx, model.json: {info['model']} "
-          f"{info['input_shape']} -> {info['latent_shape']} ({info['packing']}, {info['bits_per_pixel']} bpp)")
-    print(f"parity with PyTorch (ONNX Runtime, CPU): {parity['latent_mismatch_fraction']:.2e} of latent bits "
-          f"differ; decoder max |error| {parity['decoder_max_abs_error']:.2e}")
+    print("wrote {0}/encoder.onnx, decoder.onnx, model.json: {1[model]} {1[input_shape]} -> {1[latent_shape]} "
+          "({1[packing]}, {1[bits_per_pixel]} bpp)".format(args.out, info))
+    print("parity with PyTorch (ONNX Runtime, CPU): {:.2e} of latent bits differ; decoder max |error| {:.2e}".format(
+        parity["latent_mismatch_fraction"], parity["decoder_max_abs_error"]))
+    print("next: `latentlink export check {}/encoder.onnx`, then on the Nano `latentlink export engine "
+          "{}/encoder.onnx`".format(args.out, args.out))
     return 0
+
+
+def _check(args):
+    from .onnx_check import check_onnx, format_check
+
+    status = 0
+    for path in args.onnx:
+        report = check_onnx(path)
+        print(format_check(report))
+        status = status or (0 if report["ok"] else 1)
+    return status
+
+
+def _engine(args):
+    import os
+
+    from edge.backends import trt_api
+
+    from .engine import build_engine, gpu_name, refuse_int8
+
+    onnx_files = args.onnx or [load_profile(args.profile).model.encoder]
+    precision = "fp32" if args.fp32 else "fp16"
+    if args.trtexec:
+        for path in onnx_files:
+            out = os.path.join(args.out or os.path.dirname(os.path.abspath(path)),
+                               os.path.splitext(os.path.basename(path))[0] + "." + precision + ".engine")
+            print(trt_api.trtexec_command(path, out, precision, args.workspace))
+        return 0
+    if args.int8:
+        trt = trt_api.import_tensorrt()
+        refuse_int8(gpu_name(), trt.Builder(trt.Logger(trt.Logger.ERROR)).platform_has_fast_int8)
+    if not args.skip_check:
+        try:
+            from .onnx_check import check_onnx, format_check
+        except ImportError:
+            print("note: the onnx package is not installed, so `export check` is skipped (pip3 install onnx to run "
+                  "it, or check on the workstation)")
+        else:
+            for path in onnx_files:
+                report = check_onnx(path)
+                if not report["ok"]:
+                    raise ConfigError("{}\nnot building: fix the graph (or pass --skip-check to try anyway)".format(
+                        format_check(report)))
+    for path in onnx_files:
+        meta = build_engine(path, args.out, precision, args.workspace, force=args.force)
+        if not meta["reused"]:
+            print("built {engine} in {build_s} s ({engine_bytes:,} bytes; metadata in {engine}.json)".format(**meta))
+        role = "encoder" if os.path.basename(path).startswith("encoder") else "decoder"
+        if role == "encoder":
+            print("run it: latentlink edge --encoder {} --source csi://0 --connect HOST:5760 --profile {}".format(
+                meta["engine"], meta.get("profile") or args.profile))
+    return 0
+
+
+def _compare(args):
+    import os
+
+    from .compare import compare_backends, format_comparison
+
+    role = args.role
+    if role is None:
+        base = os.path.basename(args.a)
+        role = "decoder" if base.startswith("decoder") else "encoder"
+    profile = load_profile(args.profile)
+    size = (profile.input.height, profile.input.width)
+    options = dict((side, {"device": getattr(args, side + "_device"), "precision": getattr(args, side + "_precision"),
+                           "input_size": size}) for side in ("a", "b"))
+    result = compare_backends(args.a, args.b, role, count=args.count, source_uri=args.source, options_a=options["a"],
+                              options_b=options["b"], atol=args.atol, rtol=args.rtol, max_flipped=args.max_flipped)
+    print(format_comparison(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import torch
 
 from edge.errors import ConfigError
 
+from .onnx_check import check_onnx, format_check
+
 OPSET = 13
 
 
@@ -81,23 +83,10 @@ def constants_to_initializers(path):
 
 
 def check_graph(path):
-    """Raise ConfigError unless ``path`` is valid ONNX with opset <= 13, static shapes and no BOOL tensors."""
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
-    constants = [n.name or n.output[0] for n in model.graph.node if n.op_type == "Constant"]
-    if constants:
-        raise ConfigError(f"{path}: Constant nodes {constants[:3]} should be initializers for TensorRT 8.2")
-    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if opset > OPSET:
-        raise ConfigError(f"{path}: opset {opset} > {OPSET}, which TensorRT 8.2 cannot parse")
-    inferred = onnx.shape_inference.infer_shapes(model)
-    values = list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info)
-    for value in values:
-        tensor = value.type.tensor_type
-        if tensor.elem_type == onnx.TensorProto.BOOL:
-            raise ConfigError(f"{path}: tensor {value.name!r} is BOOL, which fails TensorRT 8.2 FP16 builds")
-        if any(not d.HasField("dim_value") for d in tensor.shape.dim):
-            raise ConfigError(f"{path}: tensor {value.name!r} has a dynamic shape; the Nano needs static shapes")
+    """Raise ConfigError unless ``path`` passes ``latentlink export check`` (see :mod:`export.onnx_check`)."""
+    report = check_onnx(path)
+    if not report["ok"]:
+        raise ConfigError(format_check(report))
 
 
 def parity_check(model, image, enc_path, dec_path):

@@ -6,8 +6,8 @@ import os
 import sys
 
 from edge.backends import open_backend
-from edge.cli import (add_run_options, peak_rss_mb, positive_float, positive_int, run_main,
-                       setup_logging)
+from edge.cli import (add_backend_options, add_run_options, backend_options, peak_rss_mb, positive_float,
+                      positive_int, run_main, setup_logging)
 from edge.errors import ConfigError
 from edge.profile import load_profile
 from edge.profiler import format_table, write_report
@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   latentlink host --listen 0.0.0.0:5760 --out frames/ --report host.json
   latentlink host --profile nano-1008 --display
   latentlink host --listen 127.0.0.1:0 --ready-file port.txt --max-frames 100
+  latentlink host --decoder runs/lossy-cae.pt --device cuda --precision fp16   (decode on a GPU)
 
 decoded frames are saved as OUT/<stream>/<seq:06d>.png (seq: the edge's sequence number, from 0)"""
 
@@ -31,7 +32,8 @@ def get_args_parser():
                              "port 0 for any free port)")
     parser.add_argument("--profile", default="nano-504", help="profile name or YAML file (default: %(default)s)")
     parser.add_argument("--decoder", default="default",
-                        help="decoder model: an .onnx file, or 'default' for the profile's (default: %(default)s)")
+                        help="decoder model: .onnx (ONNX Runtime), .pt (PyTorch checkpoint; see --device), .engine "
+                             "(TensorRT), or 'default' for the profile's ONNX (default: %(default)s)")
     parser.add_argument("--out", help="save decoded frames under this folder")
     parser.add_argument("--display", action="store_true", help="show decoded frames in a window (needs a screen)")
     parser.add_argument("--max-frames", type=positive_int,
@@ -45,6 +47,7 @@ def get_args_parser():
     parser.add_argument("--idle-timeout", type=positive_float, default=60.0,
                         help="close a connection silent this many seconds between frames (default: %(default)s)")
     parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
+    add_backend_options(parser)
     add_run_options(parser)
     return parser
 
@@ -63,7 +66,7 @@ def _main(argv):
     profile = load_profile(args.profile)
     decoder_path = profile.model.decoder if args.decoder == "default" else args.decoder
     listen = parse_address(args.listen)
-    with open_backend(decoder_path, "decoder", threads=args.threads) as decoder:
+    with open_backend(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
         host = Host(decoder, budget_ms=profile.budget_ms, out_dir=args.out, display=args.display,
                     max_frames=args.max_frames, max_streams=args.max_streams,
                     max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,

@@ -234,7 +234,7 @@ class Host(object):
         try:
             with self._decode_lock:
                 output, timings = self.decoder.infer(latents.astype("float32", copy=False))
-                timer.add("decode", timings["run_ms"] + timings["copy_ms"])
+                timer.add_backend_timings("decode", None, timings)
                 with timer.stage("write"):
                     image = to_image(output)  # inside the lock: output is the backend's buffer
         except BackendError as exc:

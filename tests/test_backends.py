@@ -39,13 +39,17 @@ def test_infer_before_load(tiny_profile):
 def test_missing_file_unknown_suffix_and_missing_sidecar(tmp_path, tiny_profile):
     with pytest.raises(BackendError, match="does not exist"):
         open_backend(str(tmp_path / "nope.onnx"), "encoder")
+    unknown = tmp_path / "model.tflite"
+    unknown.write_bytes(b"x")
+    with pytest.raises(BackendError, match="no backend for .*model.tflite.*: latentlink runs .engine, .onnx"):
+        open_backend(str(unknown), "encoder")
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"x")
-    with pytest.raises(BackendError, match="no backend for '.engine'"):
+    with pytest.raises(ConfigError, match=r"model.engine has no metadata \(model.engine.json"):
         open_backend(str(engine), "encoder")
     lonely = tmp_path / "encoder.onnx"
     shutil.copy(load_profile(tiny_profile).model.encoder, str(lonely))
-    with pytest.raises(ConfigError, match="no model.json beside it"):
+    with pytest.raises(ConfigError, match="no metadata"):
         open_backend(str(lonely), "encoder")
 
 

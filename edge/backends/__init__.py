@@ -1,21 +1,32 @@
 """Inference backends behind one interface (see :class:`base.Backend`).
 
-``open_backend(path)`` picks the backend from the model file: ``.onnx`` -> ONNX Runtime. TensorRT engines
-(``.engine``) and PyTorch checkpoints (``.pt``) plug in here (TensorRT + pycuda on the Nano, PyTorch on CPU/CUDA).
+``open_backend(path, role)`` picks the backend from the model file:
+
+- ``.onnx``: ONNX Runtime on the CPU (development machines, CI, the host);
+- ``.engine`` / ``.plan``: TensorRT + pycuda on the GPU (the Jetson; build the engine there with
+  ``latentlink export engine``);
+- ``.pt``: PyTorch, from a ``latentlink train`` checkpoint, on the CPU or CUDA, FP32 or FP16.
+
 Each backend module imports its heavy library lazily, in ``load()``, so ``edge`` imports on any machine.
 """
 
 import os
 
-from ..errors import BackendError
+from ..errors import BackendError, ConfigError
 from .base import Backend, ModelInfo, read_model_info
 
-__all__ = ["Backend", "ModelInfo", "open_backend", "read_model_info"]
+__all__ = ["Backend", "ModelInfo", "open_backend", "read_model_info", "SUFFIXES"]
+
+SUFFIXES = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt": "pytorch", ".pth": "pytorch"}
 
 
-def open_backend(path, role, **options):
+def open_backend(path, role, threads=0, device=None, precision=None, input_size=None, mapped=False):
     """An unloaded backend for the ``role`` ("encoder" or "decoder") model file at ``path``.
 
+    ``threads``: CPU threads (ONNX Runtime, PyTorch on the CPU; 0: the library's default). ``device``: "cpu",
+    "cuda" or "cuda:N" for PyTorch; the GPU index for TensorRT. ``precision``: "fp32" or "fp16" for PyTorch (an
+    engine's precision is fixed when it is built). ``input_size``: (height, width) in pixels, which a PyTorch
+    checkpoint needs (exported files carry their shapes). ``mapped``: TensorRT with zero-copy host memory.
     Use it as a context manager (``with open_backend(...) as enc: enc.infer(x)``), or call ``load()``/``close()``.
     """
     if role not in ("encoder", "decoder"):
@@ -23,10 +34,31 @@ def open_backend(path, role, **options):
     if not os.path.isfile(path):
         raise BackendError("model file {!r} does not exist; export one with `latentlink export onnx` (or, if it is "
                            "a shipped default, reinstall latentlink)".format(path))
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".onnx":
+    kind = SUFFIXES.get(os.path.splitext(path)[1].lower())
+    if kind is None:
+        raise BackendError("no backend for {!r}: latentlink runs {} files".format(path, ", ".join(sorted(SUFFIXES))))
+    if kind == "onnxruntime" and precision not in (None, "fp32"):
+        raise ConfigError("--precision {}: {} runs in FP32 with ONNX Runtime; FP16 needs a .pt checkpoint on "
+                          "CUDA or a TensorRT engine".format(precision, path))
+    if kind == "tensorrt" and precision is not None:
+        raise ConfigError("--precision {}: an engine's precision is fixed when it is built; rebuild with `latentlink "
+                          "export engine` (--fp32 for FP32)".format(precision))
+    if kind == "onnxruntime":
+        if device not in (None, "cpu"):
+            raise ConfigError("--device {}: ONNX models run on the CPU here; for the GPU give a .pt checkpoint "
+                              "or a TensorRT .engine".format(device))
         from .onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(path, role, **options)
-    raise BackendError("no backend for {!r} files ({}); this version runs .onnx models with ONNX Runtime".format(
-        suffix or "extension-less", path))
+        return OnnxRuntimeBackend(path, role, threads=threads)
+    if kind == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+
+        index = str(device or "0").replace("cuda", "").lstrip(":") or "0"
+        if not index.isdigit():
+            raise ConfigError("--device {!r}: a TensorRT engine runs on a CUDA GPU: give its index (0) or "
+                              "cuda:N".format(device))
+        return TensorRTBackend(path, role, device=int(index), mapped=mapped)
+    from .torch_backend import TorchBackend
+
+    return TorchBackend(path, role, input_size=input_size, device=device or "cpu", precision=precision or "fp32",
+                        threads=threads)

@@ -42,14 +42,18 @@ class ModelInfo(object):
 
 
 def read_model_info(model_path):
-    """The :class:`ModelInfo` for a model file: ``model.json`` in the same folder."""
-    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.json")
+    """The :class:`ModelInfo` for a model file: its sidecar ``<file>.json`` (TensorRT engines have one, written by
+    ``latentlink export engine``), else ``model.json`` in the same folder (written by ``latentlink export onnx``)."""
+    path = os.path.abspath(model_path) + ".json"
+    if not os.path.isfile(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.json")
     try:
         with io.open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, IOError):
-        raise ConfigError("{} has no model.json beside it, so its input shape and latent packing are unknown; "
-                          "export models with `latentlink export onnx`, which writes it".format(model_path))
+        raise ConfigError("{} has no metadata ({}.json or model.json beside it), so its input shape and latent "
+                          "packing are unknown; `latentlink export onnx` writes model.json, `latentlink export engine` "
+                          "writes <engine>.json".format(model_path, os.path.basename(model_path)))
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         raise ConfigError("{}: not valid UTF-8 JSON ({})".format(path, exc))
     return ModelInfo(data, path)
@@ -59,9 +63,11 @@ class Backend(object):
     """One model on one runtime: ``load()``, ``infer(array)``, ``close()``; also a context manager.
 
     ``infer`` takes a float32 array of exactly ``input_shape`` and returns ``(output, timings)``: ``output`` is a
-    host (CPU) numpy array owned by the backend, valid until the next ``infer`` call; ``timings`` is a dict of
-    milliseconds: ``run_ms`` (the model itself) and ``copy_ms`` (bringing the output to host memory; on a GPU
-    that is the device-to-host copy). ``copy_note`` says what ``copy_ms`` really measures on this backend.
+    host (CPU) numpy array owned by the backend, valid until the next ``infer`` call (float32, or float16 from an
+    FP16 model); ``timings`` is a dict of wall-clock milliseconds: ``run_ms`` (the model itself, with the upload of
+    its input on a GPU) and ``copy_ms`` (bringing the output to host memory; on a GPU that is the device-to-host
+    copy). GPU backends add ``run_gpu_ms`` and ``copy_gpu_ms``: the same two spans timed with CUDA events on the
+    stream. ``copy_note`` says what ``copy_ms`` really measures on this backend.
     """
 
     name = "backend"
@@ -71,8 +77,12 @@ class Backend(object):
         self.path = path
         self.role = role
         self.info = info or read_model_info(path)
-        self.input_shape = self.info.shape_for(role)
         self.loaded = False
+
+    @property
+    def input_shape(self):
+        """The NCHW shape ``infer`` takes."""
+        return self.info.shape_for(self.role)
 
     def load(self):
         if not self.loaded:

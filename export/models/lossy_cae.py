@@ -53,13 +53,17 @@ class Binarizer(nn.Module):
         super().__init__()
         self.stochastic = True
         self.dither = dither
+        self._thresholds = {}  # (shape, device, dtype) -> tensor: built and uploaded once, not once per frame
 
     def deterministic(self, x):
         """The deployed bits: ``clamp(sign(x - t), 0)``."""
         if self.dither:
             # int(): the shapes are static (one engine per input size), so the pattern is a constant, not graph ops.
-            shape = [int(n) for n in x.shape[1:]]
-            x = x - torch.from_numpy(dither_thresholds(*shape)).to(device=x.device, dtype=x.dtype)
+            shape = tuple(int(n) for n in x.shape[1:])
+            key = (shape, x.device, x.dtype)
+            if key not in self._thresholds:
+                self._thresholds[key] = torch.from_numpy(dither_thresholds(*shape)).to(device=x.device, dtype=x.dtype)
+            x = x - self._thresholds[key]
         return torch.clamp(torch.sign(x), min=0)
 
     def forward(self, x):

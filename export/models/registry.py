@@ -1,5 +1,6 @@
 """Name -> model class registry and checkpoints that carry their architecture."""
 
+import inspect
 import pickle
 from pathlib import Path
 
@@ -8,6 +9,10 @@ import torch
 from edge.errors import ConfigError
 
 MODELS = {}
+
+# weights_only: a checkpoint is data; it must not be able to run code when loaded. PyTorch < 1.13 (NVIDIA's wheels
+# for the Nano's JetPack 4.6 are 1.10) lacks the option and unpickles freely: load only checkpoints you trust there.
+_WEIGHTS_ONLY = {"weights_only": True} if "weights_only" in inspect.signature(torch.load).parameters else {}
 
 
 def register_model(name):
@@ -68,8 +73,7 @@ def load_checkpoint(path, device="cpu"):
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist (train one with `latentlink train`)")
     try:
-        # weights_only: a checkpoint is data; it must not be able to run code when loaded.
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, **_WEIGHTS_ONLY)
         name, hparams, state = ckpt["model"], ckpt["hparams"], ckpt["state_dict"]
     except (KeyError, TypeError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
         raise ConfigError(f"{str(path)!r} is not a latentlink checkpoint ({str(exc).splitlines()[0]})") from None

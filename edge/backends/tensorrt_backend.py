@@ -1,0 +1,141 @@
+"""TensorRT + pycuda backend: the Jetson's encoder (a serialized ``.engine`` built on the device itself).
+
+Buffers are allocated once, at load: a page-locked host buffer and a device buffer per tensor (or, with
+``mapped=True``, one page-locked buffer that the GPU reads and writes in place: zero-copy, which suits the Nano,
+whose CPU and GPU share the same 4 GB). A frame then costs one copy into the input buffer, the enqueue, and the
+copy out, all on one CUDA stream, with CUDA events around ``encode`` and ``gpu_to_cpu``.
+
+Python 3.6 compatible; pycuda and tensorrt are imported in ``load()``.
+"""
+
+import time
+
+import numpy as np
+
+from ..errors import BackendError
+from . import trt_api
+from .base import Backend, elapsed_ms
+
+
+def import_pycuda():
+    try:
+        import pycuda.driver as cuda
+    except ImportError as exc:
+        raise BackendError("pycuda is not importable ({}). On the Jetson: export PATH=/usr/local/cuda/bin:$PATH and "
+                           "pip3 install 'pycuda<2021.1' (see the README's Jetson section)".format(exc))
+    return cuda
+
+
+class TensorRTBackend(Backend):
+    """Runs a TensorRT engine on CUDA device ``device`` (an index).
+
+    ``mapped``: use mapped page-locked host memory (zero-copy) instead of device buffers plus copies.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, path, role, info=None, device=0, mapped=False):
+        super(TensorRTBackend, self).__init__(path, role, info)
+        self.device = int(device)
+        self.mapped = bool(mapped)
+        self.copy_note = ("mapped (zero-copy) host memory: gpu_to_cpu is the wait for the GPU's writes, no copy"
+                          if self.mapped else "device-to-host copy into a page-locked buffer")
+        self._context = None
+
+    def _load(self):
+        trt = trt_api.import_tensorrt()
+        cuda = import_pycuda()
+        cuda.init()
+        flags = cuda.ctx_flags.MAP_HOST if self.mapped else 0
+        self._cuda = cuda
+        self._context = cuda.Device(self.device).make_context(flags=flags)  # made current in this thread
+        try:
+            self._load_engine(trt, cuda)
+        except BaseException:
+            self._close()
+            raise
+        # Each infer pushes the context and pops it again, so any thread may call it (the host decodes in its
+        # connection threads), at the cost of microseconds.
+        self._context.pop()
+
+    def _load_engine(self, trt, cuda):
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        with open(self.path, "rb") as f:
+            self._engine = self._runtime.deserialize_cuda_engine(f.read())
+        if self._engine is None:
+            raise BackendError("TensorRT cannot deserialize {}: engines only load on the GPU and TensorRT version "
+                               "that built them; rebuild it here with `latentlink export engine`".format(self.path))
+        tensors = trt_api.io_tensors(trt, self._engine)
+        inputs = [t for t in tensors if t.is_input]
+        outputs = [t for t in tensors if not t.is_input]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BackendError("{} has {} inputs and {} outputs; latentlink models have one of each".format(
+                self.path, len(inputs), len(outputs)))
+        self._input, self._output = inputs[0], outputs[0]
+        self.input_name = self._input.name
+        expected_out = self.info.latent_shape if self.role == "encoder" else self.info.input_shape
+        for tensor, expected in ((self._input, self.input_shape), (self._output, expected_out)):
+            if tensor.shape != tuple(expected):
+                raise BackendError("{}: tensor {!r} has shape {} in the engine but {} in its metadata {}; rebuild the "
+                                   "engine from the ONNX beside that metadata".format(
+                                       self.path, tensor.name, tensor.shape, tuple(expected), self.info.path))
+        self._exec_context = self._engine.create_execution_context()
+        self._stream = cuda.Stream()
+        self._host, self._device_mem, addresses = {}, {}, {}
+        for tensor in tensors:
+            if self.mapped:
+                host = cuda.pagelocked_empty(tensor.shape, tensor.dtype, mem_flags=cuda.host_alloc_flags.DEVICEMAP)
+                addresses[tensor.name] = host.base.get_device_pointer()
+            else:
+                host = cuda.pagelocked_empty(tensor.shape, tensor.dtype)
+                self._device_mem[tensor.name] = cuda.mem_alloc(host.nbytes)
+                addresses[tensor.name] = int(self._device_mem[tensor.name])
+            self._host[tensor.name] = host
+        self._execute = trt_api.bind_addresses(self._exec_context, self._engine, tensors, addresses)
+        self._events = [cuda.Event() for _ in range(3)]
+
+    def _infer(self, array):
+        self._context.push()
+        try:
+            return self._run(array)
+        finally:
+            self._context.pop()
+
+    def _run(self, array):
+        cuda, stream = self._cuda, self._stream
+        start_ev, run_ev, copy_ev = self._events
+        inp, out = self._input.name, self._output.name
+        start = time.perf_counter()
+        np.copyto(self._host[inp], array, casting="same_kind")  # float32 -> the engine's input dtype
+        start_ev.record(stream)
+        if not self.mapped:
+            cuda.memcpy_htod_async(self._device_mem[inp], self._host[inp], stream)
+        self._execute(stream.handle)
+        run_ev.record(stream)
+        run_ev.synchronize()
+        run_ms = elapsed_ms(start)
+        start = time.perf_counter()
+        if not self.mapped:
+            cuda.memcpy_dtoh_async(self._host[out], self._device_mem[out], stream)
+        copy_ev.record(stream)
+        copy_ev.synchronize()
+        copy_ms = elapsed_ms(start)
+        return self._host[out], {"run_ms": run_ms, "copy_ms": copy_ms, "run_gpu_ms": run_ev.time_since(start_ev),
+                                 "copy_gpu_ms": copy_ev.time_since(run_ev)}
+
+    def _close(self):
+        if self._context is None:
+            return
+        if self.loaded:  # after load the context is not current; during a failed load it still is
+            self._context.push()
+        # Free in reverse order of creation, inside our context, then leave it: nothing outlives the backend.
+        for name in ("_events", "_execute", "_exec_context", "_engine", "_runtime"):
+            self.__dict__.pop(name, None)
+        for mem in self.__dict__.pop("_device_mem", {}).values():
+            mem.free()
+        self.__dict__.pop("_host", None)
+        self.__dict__.pop("_stream", None)
+        self._context.pop()
+        self._context.detach()
+        self._context = None

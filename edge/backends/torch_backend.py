@@ -1,0 +1,136 @@
+"""PyTorch backend: a checkpoint's encoder or decoder on the CPU or a CUDA GPU, in FP32 or FP16.
+
+What a Nano owner with NVIDIA's PyTorch wheel runs before building an engine, and what a host with a GPU decodes
+with. On CUDA, the input goes through a page-locked buffer, the output comes back into one, and CUDA events on the
+stream time ``encode`` (upload + model) and ``gpu_to_cpu`` beside the wall clock.
+
+Python 3.6 compatible; torch and the model zoo (``export.models``) are imported in ``load()``.
+"""
+
+import time
+
+import numpy as np
+
+from ..errors import BackendError, ConfigError
+from .base import Backend, ModelInfo, elapsed_ms
+
+PRECISIONS = ("fp32", "fp16")
+WARMUP_RUNS = 3  # cuDNN picks its kernels on the first runs; none of that belongs in a frame's time
+
+
+class TorchBackend(Backend):
+    """Runs ``role`` of a ``latentlink train`` checkpoint at ``input_size`` (height, width) in pixels.
+
+    ``device``: "cpu", "cuda" or "cuda:N"; ``precision``: "fp32" or "fp16" (CUDA only); ``threads``: CPU threads
+    for PyTorch (0: its default).
+    """
+
+    name = "pytorch"
+
+    def __init__(self, path, role, input_size=None, device="cpu", precision="fp32", threads=0):
+        if input_size is None:
+            raise ConfigError("a PyTorch checkpoint has no fixed input size: give the profile (--profile) whose "
+                              "input size it should run at")
+        if precision not in PRECISIONS:
+            raise ConfigError("precision {!r} is not one of {}".format(precision, ", ".join(PRECISIONS)))
+        device = str(device or "cpu")
+        if precision == "fp16" and not device.startswith("cuda"):
+            raise ConfigError("--precision fp16 needs --device cuda: FP16 convolutions on the CPU are slower than "
+                              "FP32, not faster")
+        self.path, self.role, self.loaded = path, role, False
+        self.height, self.width = (int(n) for n in input_size)
+        self.device, self.precision, self.threads = device, precision, threads
+        self.info = None  # known once the checkpoint is loaded
+        self.input_name = "image" if role == "encoder" else "latents"
+        self.name = "pytorch-{}-{}".format(device.split(":")[0], precision)
+        self.copy_note = ("device-to-host copy into a page-locked buffer" if self.on_cuda else
+                          "PyTorch on the CPU has no device: gpu_to_cpu is the copy of the output into the "
+                          "backend's host buffer, near zero")
+
+    @property
+    def on_cuda(self):
+        return self.device.startswith("cuda")
+
+    def _load(self):
+        try:
+            import torch
+        except ImportError:
+            raise BackendError("PyTorch is not installed: `pip install torch` on a PC; on a Jetson, NVIDIA's wheel "
+                               "for JetPack 4.6 (see the README)")
+        from export.models import load_checkpoint
+
+        if self.on_cuda and not torch.cuda.is_available():
+            raise BackendError("--device {}: PyTorch {} sees no CUDA GPU (a CPU-only build, or no driver); use "
+                               "--device cpu".format(self.device, torch.__version__))
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick the fastest kernels once
+        self._torch = torch
+        model, _ = load_checkpoint(self.path, device="cpu")
+        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        image = torch.zeros(1, 3, self.height, self.width)
+        if self.height % model.downscale or self.width % model.downscale:
+            raise ConfigError("input {}x{} is not a multiple of {} ({}'s downscale); pick a profile whose size "
+                              "is".format(self.width, self.height, model.downscale, model.name))
+        with torch.no_grad():
+            latents = model.encoder(image)
+        self.info = ModelInfo({"model": model.name, "input_shape": list(image.shape),
+                               "latent_shape": list(latents.shape), "packing": model.packing,
+                               "bits_per_pixel": model.bits_per_pixel}, self.path)
+        self._module = getattr(model, self.role).to(device=self.device, dtype=dtype).eval()
+        shape, out_shape = (image.shape, latents.shape) if self.role == "encoder" else (latents.shape, image.shape)
+        pin = self.on_cuda  # page-locked host buffers: the copies can be asynchronous DMA
+        self._host_in = torch.empty(tuple(shape), dtype=torch.float32, pin_memory=pin)
+        self._device_in = torch.empty(tuple(shape), dtype=dtype, device=self.device)
+        with torch.no_grad():
+            for _ in range(WARMUP_RUNS if self.on_cuda else 1):
+                out = self._module(self._device_in.zero_())
+        if tuple(out.shape) != tuple(out_shape):
+            raise BackendError("{}: the {} returns shape {}, expected {}".format(
+                self.path, self.role, tuple(out.shape), tuple(out_shape)))
+        self._host_out = torch.empty(tuple(out_shape), dtype=out.dtype, pin_memory=pin)
+        self._host_in_np, self._host_out_np = self._host_in.numpy(), self._host_out.numpy()
+        if self.on_cuda:
+            self._stream = torch.cuda.current_stream(self.device)
+            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            torch.cuda.synchronize(self.device)
+
+    def _infer(self, array):
+        return self._infer_cuda(array) if self.on_cuda else self._infer_cpu(array)
+
+    def _infer_cpu(self, array):
+        torch = self._torch
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self._module(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+        run_ms = elapsed_ms(start)
+        start = time.perf_counter()
+        np.copyto(self._host_out_np, out.numpy())
+        return self._host_out_np, {"run_ms": run_ms, "copy_ms": elapsed_ms(start)}
+
+    def _infer_cuda(self, array):
+        torch = self._torch
+        start_ev, run_ev, copy_ev = self._events
+        start = time.perf_counter()
+        np.copyto(self._host_in_np, array)
+        start_ev.record(self._stream)
+        with torch.no_grad():
+            self._device_in.copy_(self._host_in, non_blocking=True)  # upload (and cast to FP16) on the stream
+            out = self._module(self._device_in)
+        run_ev.record(self._stream)
+        run_ev.synchronize()
+        run_ms = elapsed_ms(start)
+        start = time.perf_counter()
+        self._host_out.copy_(out, non_blocking=True)
+        copy_ev.record(self._stream)
+        copy_ev.synchronize()
+        copy_ms = elapsed_ms(start)
+        return self._host_out_np, {"run_ms": run_ms, "copy_ms": copy_ms,
+                                   "run_gpu_ms": start_ev.elapsed_time(run_ev),
+                                   "copy_gpu_ms": run_ev.elapsed_time(copy_ev)}
+
+    def _close(self):
+        for name in ("_module", "_device_in", "_host_in", "_host_out", "_host_in_np", "_host_out_np", "_events"):
+            self.__dict__.pop(name, None)
+        if self.on_cuda:
+            self._torch.cuda.empty_cache()

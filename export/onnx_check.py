@@ -1,0 +1,108 @@
+"""Will this ONNX file parse and build on the Nano's TensorRT 8.2?  (``latentlink export check``)
+
+What is checked, without TensorRT: a valid ONNX model; opset <= 13 (the newest TensorRT 8.2 parses); every node in
+the default domain and in TensorRT 8.2's ONNX operator table (onnx-tensorrt ``release/8.2`` ``docs/operators.md``),
+with the restrictions that table states for the operators our models use; every tensor shape static; no BOOL
+tensor (8.2 fails FP16 builds on them); no ``Constant`` node where 8.2 wants an initializer.
+
+Python 3.6 compatible (needs the ``onnx`` package): it runs on the Nano before an engine build.
+"""
+
+import collections
+
+import onnx
+
+MAX_OPSET = 13
+
+# The operators TensorRT 8.2's ONNX parser imports (onnx-tensorrt release/8.2, docs/operators.md).
+TRT82_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip Concat
+Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout Einsum Elu
+Equal Erf Exp Expand EyeLike Flatten Floor GRU Gather GatherElements Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool
+Greater GreaterOrEqual HardSigmoid Identity If ImageScaler InstanceNormalization IsInf IsNaN LRN LSTM LeakyRelu Less
+LessOrEqual Log LogSoftmax Loop LpNormalization LpPool MatMul Max MaxPool Mean Min Mod Mul Neg NonMaxSuppression Not
+OneHot Or PRelu Pad ParametricSoftplus Pow QuantizeLinear RNN RandomNormal RandomNormalLike RandomUniform
+RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin
+ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round ScaledTanh Scan ScatterElements ScatterND Selu Shape
+Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
+ThresholdedRelu Tile TopK Transpose Unsqueeze Upsample Where Xor
+""".split())
+
+# Inputs that TensorRT 8.2 needs as initializers (constants known at build time), by operator: input index -> name.
+INITIALIZER_INPUTS = {
+    "Clip": {1: "min", 2: "max"},
+    "Pad": {1: "pads", 2: "constant_value"},
+    "Reshape": {1: "shape"},
+    "Resize": {1: "roi", 2: "scales", 3: "sizes"},
+    "Upsample": {1: "scales"},
+    "Slice": {1: "starts", 2: "ends", 3: "axes", 4: "steps"},
+}
+
+# Why a BOOL tensor is a problem (the notes of jetson-facts.md, with a TensorRT 8.2 build log as the source).
+BOOL_REASON = ("TensorRT 8.2 FP16 builds fail on BOOL tensors ('cannot use precision Int32 for layer that computes "
+               "boolean values'); write the binarizer with float ops: clamp(sign(x), min=0)")
+
+
+def check_onnx(path):
+    """Check ``path``; returns ``{"path", "ok", "opset", "nodes", "ops": {op: count}, "problems": [str]}``."""
+    problems = []
+    report = {"path": str(path), "ok": False, "opset": None, "nodes": 0, "ops": {}, "problems": problems}
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError...: all mean "not usable"
+        problems.append("not a valid ONNX model: {}".format(str(exc).splitlines()[0] if str(exc) else exc))
+        return report
+    graph = model.graph
+    opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    report["opset"] = max(opsets) if opsets else None
+    if report["opset"] is None or report["opset"] > MAX_OPSET:
+        problems.append("opset {} > {}: TensorRT 8.2 parses opsets up to {}; export with opset_version={} "
+                        "(`latentlink export onnx` does)".format(report["opset"], MAX_OPSET, MAX_OPSET, MAX_OPSET))
+    initializers = set(t.name for t in graph.initializer)
+    counts = collections.Counter()
+    for index, node in enumerate(graph.node):
+        counts[node.op_type] += 1
+        where = "node {} ({!r}, {})".format(index, node.name, node.op_type)
+        if node.domain not in ("", "ai.onnx"):
+            problems.append("{}: custom domain {!r} needs a TensorRT plugin".format(where, node.domain))
+        elif node.op_type not in TRT82_OPS:
+            problems.append("{}: {} is not in TensorRT 8.2's ONNX operator table".format(where, node.op_type))
+        if node.op_type == "Constant":
+            problems.append("{}: a Constant node; TensorRT 8.2 wants constant operands as initializers "
+                            "(export.onnx_export.constants_to_initializers rewrites them)".format(where))
+        for i, name in sorted(INITIALIZER_INPUTS.get(node.op_type, {}).items()):
+            if i < len(node.input) and node.input[i] and node.input[i] not in initializers:
+                problems.append("{}: input {!r} ({}) is computed in the graph; TensorRT 8.2 needs it as an "
+                                "initializer".format(where, name, node.input[i]))
+        if node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.BOOL for a in node.attribute):
+            problems.append("{}: casts to BOOL. {}".format(where, BOOL_REASON))
+    report["nodes"] = len(graph.node)
+    report["ops"] = dict(sorted(counts.items()))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as exc:  # strict shape inference raises on graphs it cannot type
+        problems.append("shape inference failed: {}".format(str(exc).splitlines()[0]))
+        inferred = model
+    values = list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info)
+    for value in values:
+        tensor = value.type.tensor_type
+        if tensor.elem_type == onnx.TensorProto.BOOL:
+            problems.append("tensor {!r} is BOOL. {}".format(value.name, BOOL_REASON))
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+        if not tensor.HasField("shape") or any(not isinstance(d, int) or d <= 0 for d in dims):
+            problems.append("tensor {!r} has a dynamic or unknown shape {}; the Nano's engines need static shapes "
+                            "(export at one input size per profile)".format(value.name, dims))
+    for tensor in graph.initializer:
+        if tensor.data_type == onnx.TensorProto.BOOL:
+            problems.append("initializer {!r} is BOOL. {}".format(tensor.name, BOOL_REASON))
+    report["ok"] = not problems
+    return report
+
+
+def format_check(report):
+    """``OK: path (opset 13, 24 nodes: Conv x9, ...)`` or ``FAIL: path`` and one line per problem."""
+    ops = ", ".join("{} x{}".format(op, n) for op, n in report["ops"].items())
+    head = "{}: {} (opset {}, {} nodes{})".format("OK" if report["ok"] else "FAIL", report["path"], report["opset"],
+                                                 report["nodes"], ": " + ops if ops else "")
+    return "\n".join([head] + ["  - " + p for p in report["problems"]])
