@@ -24,9 +24,8 @@ EXAMPLES = """examples:
   latentlink export compare models/nano-504/encoder.onnx runs/lossy-cae.pt --b-device cuda --b-precision fp16
   latentlink export compare models/nano-504/encoder.onnx ~/engines/encoder.*.fp16.engine --source file://photos/
 
-regenerate the shipped default models:
-  latentlink export onnx --checkpoint profiles/default/lossy-cae.pt --profile nano-504 --out profiles/default/nano-504
-  latentlink export onnx --checkpoint profiles/default/lossy-cae.pt --profile nano-1008 --out profiles/default/nano-1008"""
+regenerate the shipped default models (and nano-1008 likewise):
+  latentlink export onnx --checkpoint profiles/default/lossy-cae.pt --profile nano-504 --out profiles/default/nano-504"""
 
 
 def get_args_parser():

@@ -137,6 +137,8 @@ def build_engine(onnx_path, out_dir=None, precision="fp16", workspace_mb=DEFAULT
 
 def _build(trt, onnx_path, precision, workspace_mb, gpu, log):
     logger = trt.Logger(trt.Logger.WARNING)
+    if hasattr(trt, "init_libnvinfer_plugins"):  # 8.2 imports InstanceNormalization as a plugin
+        trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
     network = trt_api.create_network(trt, builder)
     parser = trt.OnnxParser(network, logger)

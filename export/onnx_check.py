@@ -3,7 +3,8 @@
 What is checked, without TensorRT: a valid ONNX model; opset <= 13 (the newest TensorRT 8.2 parses); every node in
 the default domain and in TensorRT 8.2's ONNX operator table (onnx-tensorrt ``release/8.2`` ``docs/operators.md``),
 with the restrictions that table states for the operators our models use; every tensor shape static; no BOOL
-tensor (8.2 fails FP16 builds on them); no ``Constant`` node where 8.2 wants an initializer.
+tensor (8.2 fails FP16 builds on them); no ``Constant`` node (latentlink's exports hold constants as initializers,
+which 8.2 wants for Conv weights, Squeeze axes, Resize scales and more).
 
 Python 3.6 compatible (needs the ``onnx`` package): it runs on the Nano before an engine build.
 """
@@ -14,28 +15,32 @@ import onnx
 
 MAX_OPSET = 13
 
-# The operators TensorRT 8.2's ONNX parser imports (onnx-tensorrt release/8.2, docs/operators.md).
+# The operators TensorRT 8.2's ONNX parser imports: the names its builtin_op_importers.cpp (TensorRT OSS
+# release/8.2) registers; the same as onnx-tensorrt's 8.4 docs/operators.md "Y" rows without Xor (new in 8.4),
+# plus Reciprocal. Any other name is looked up as a plugin and fails unless one is registered.
 TRT82_OPS = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip Concat
 Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout Einsum Elu
-Equal Erf Exp Expand EyeLike Flatten Floor GRU Gather GatherElements Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool
-Greater GreaterOrEqual HardSigmoid Identity If ImageScaler InstanceNormalization IsInf IsNaN LRN LSTM LeakyRelu Less
-LessOrEqual Log LogSoftmax Loop LpNormalization LpPool MatMul Max MaxPool Mean Min Mod Mul Neg NonMaxSuppression Not
-OneHot Or PRelu Pad ParametricSoftplus Pow QuantizeLinear RNN RandomNormal RandomNormalLike RandomUniform
-RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin
-ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round ScaledTanh Scan ScatterElements ScatterND Selu Shape
-Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
-ThresholdedRelu Tile TopK Transpose Unsqueeze Upsample Where Xor
+Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool
+GlobalMaxPool Greater GreaterOrEqual GRU HardSigmoid Identity If ImageScaler InstanceNormalization IsNaN LeakyRelu
+Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean Min Mul Neg
+NonMaxSuppression Not Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomUniform RandomUniformLike Range
+Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+ReduceSumSquare Relu Reshape Resize ReverseSequence RNN Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu
+Shape Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
+ThresholdedRelu Tile TopK Transpose Unsqueeze Upsample Where
 """.split())
 
-# Inputs that TensorRT 8.2 needs as initializers (constants known at build time), by operator: input index -> name.
+# Operands TensorRT 8.2 needs as initializers (known at build time), by operator: input index -> name. From the
+# operator table's restrictions and the 8.2 importer's asserts.
 INITIALIZER_INPUTS = {
-    "Clip": {1: "min", 2: "max"},
-    "Pad": {1: "pads", 2: "constant_value"},
-    "Reshape": {1: "shape"},
-    "Resize": {1: "roi", 2: "scales", 3: "sizes"},
+    "Conv": {1: "W", 2: "B"},
+    "ConvTranspose": {1: "W", 2: "B"},
+    "InstanceNormalization": {1: "scale", 2: "B"},
+    "Squeeze": {1: "axes"},
+    "Unsqueeze": {1: "axes"},
+    "Slice": {3: "axes"},
     "Upsample": {1: "scales"},
-    "Slice": {1: "starts", 2: "ends", 3: "axes", 4: "steps"},
 }
 
 # Why a BOOL tensor is a problem (the notes of jetson-facts.md, with a TensorRT 8.2 build log as the source).
@@ -71,6 +76,8 @@ def check_onnx(path):
         if node.op_type == "Constant":
             problems.append("{}: a Constant node; TensorRT 8.2 wants constant operands as initializers "
                             "(export.onnx_export.constants_to_initializers rewrites them)".format(where))
+        if node.op_type == "Resize":
+            problems.extend(_resize_problems(node, initializers, where))
         for i, name in sorted(INITIALIZER_INPUTS.get(node.op_type, {}).items()):
             if i < len(node.input) and node.input[i] and node.input[i] not in initializers:
                 problems.append("{}: input {!r} ({}) is computed in the graph; TensorRT 8.2 needs it as an "
@@ -98,6 +105,19 @@ def check_onnx(path):
             problems.append("initializer {!r} is BOOL. {}".format(tensor.name, BOOL_REASON))
     report["ok"] = not problems
     return report
+
+
+def _resize_problems(node, initializers, where):
+    """Resize on 8.2: nearest or linear only, and ``scales`` an initializer unless ``sizes`` is given."""
+    problems = []
+    mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+    if mode not in ("nearest", "linear"):
+        problems.append("{}: Resize mode {!r}; TensorRT 8.2 resizes nearest or linear only".format(where, mode))
+    has_sizes = len(node.input) > 3 and node.input[3]
+    if not has_sizes and len(node.input) > 2 and node.input[2] and node.input[2] not in initializers:
+        problems.append("{}: Resize's scales ({}) are computed in the graph; TensorRT 8.2 needs them as an "
+                        "initializer (or give sizes)".format(where, node.input[2]))
+    return problems
 
 
 def format_check(report):

@@ -262,3 +262,33 @@ def test_main_exit_codes(tmp_path):
     with pytest.raises(SystemExit) as e:
         _run([])
     assert e.value.code == 2
+
+
+def test_cuda_event_times_sit_beside_the_wall_clock_not_in_the_total():
+    records = []
+    for seq in range(4):
+        timer = FrameTimer(seq)
+        timer.add("capture", 2.0)
+        timer.add_backend_timings("encode", "gpu_to_cpu", {"run_ms": 10.0 + seq, "copy_ms": 1.0,
+                                                           "run_gpu_ms": 8.0 + seq, "copy_gpu_ms": 0.5})
+        records.append(timer.record())
+    assert records[0]["gpu_stages"] == {"encode": 8.0, "gpu_to_cpu": 0.5}
+    summary = summarize(records, EDGE_STAGES, 33.0, 1.0)
+    assert summary["stages"]["total"]["median_ms"] == 14.5  # wall clock only: 2 + 11.5 + 1
+    assert summary["gpu_stages"]["encode"]["median_ms"] == 9.5
+    assert set(summary["gpu_stages"]) == {"encode", "gpu_to_cpu"}
+    table = format_table(summary).splitlines()
+    assert "CUDA med" in table[0]
+    encode = next(line for line in table if line.startswith("encode"))
+    capture = next(line for line in table if line.startswith("capture"))
+    assert encode.split()[1:5] == ["11.50", "12.85", "13.00", "9.50"] and capture.split()[4] == "-"
+
+
+def test_host_decode_adds_copy_and_cuda_time_to_one_stage():
+    timer = FrameTimer(0)
+    timer.add_backend_timings("decode", None, {"run_ms": 5.0, "copy_ms": 1.0, "run_gpu_ms": 4.0, "copy_gpu_ms": 0.5})
+    assert timer.record() == {"seq": 0, "stages": {"decode": 6.0}, "gpu_stages": {"decode": 4.5}}
+    cpu = FrameTimer(1)
+    cpu.add_backend_timings("decode", None, {"run_ms": 5.0, "copy_ms": 1.0})
+    assert "gpu_stages" not in cpu.record()
+    assert "CUDA" not in format_table(summarize([cpu.record()], ("decode",), 33.0, 1.0))

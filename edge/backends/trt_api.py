@@ -32,6 +32,16 @@ def import_tensorrt():
     return tensorrt
 
 
+def nptype(trt, dtype):
+    """The numpy dtype of a TensorRT DataType. Not ``trt.nptype``: TensorRT 8.x's refers to ``np.bool``, which
+    numpy >= 1.24 removed, so it fails on a desktop with a current numpy."""
+    for name, numpy_type in (("FLOAT", np.float32), ("HALF", np.float16), ("INT8", np.int8), ("INT32", np.int32),
+                             ("BOOL", np.bool_), ("UINT8", np.uint8), ("INT64", np.int64)):
+        if dtype == getattr(trt.DataType, name, None):
+            return np.dtype(numpy_type)
+    raise BackendError("TensorRT data type {} has no numpy equivalent here".format(dtype))
+
+
 def has_tensor_api(engine):
     """True for engines with the name-based I/O API (TensorRT >= 8.5); False for the binding API (8.2)."""
     return hasattr(engine, "num_io_tensors")
@@ -45,12 +55,12 @@ def io_tensors(trt, engine):
             name = engine.get_tensor_name(i)
             tensors.append(IOTensor(name, i, engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
                                     tuple(engine.get_tensor_shape(name)),
-                                    np.dtype(trt.nptype(engine.get_tensor_dtype(name)))))
+                                    nptype(trt, engine.get_tensor_dtype(name))))
     else:
         for i in range(engine.num_bindings):
             tensors.append(IOTensor(engine.get_binding_name(i), i, bool(engine.binding_is_input(i)),
                                     tuple(engine.get_binding_shape(i)),
-                                    np.dtype(trt.nptype(engine.get_binding_dtype(i)))))
+                                    nptype(trt, engine.get_binding_dtype(i))))
     return tensors
 
 
