@@ -241,6 +241,7 @@ def test_jetson_image_takes_opencv_from_apt():
 
 def test_jetson_header_run_commands_parse_with_the_edge_cli():
     from edge.__main__ import get_args_parser
+    from export.__main__ import get_args_parser as export_parser
 
     with open(os.path.join(DOCKER, "Dockerfile.jetson")) as f:
         header = []
@@ -256,8 +257,16 @@ def test_jetson_header_run_commands_parse_with_the_edge_cli():
         if "--entrypoint" in words[:image]:
             continue
         assert "--runtime" in words[:image] and option(words, "--runtime") == "nvidia", command
+        if words[image + 1] == "export":  # the engine build: the same mounted folder the edge runs read
+            args = export_parser().parse_args(words[image + 2:])
+            assert args.command == "engine" and "{}:{}".format("$PWD/engines", args.out) in command.replace(
+                '"', ""), command
+            continue
         assert words[image + 1] == "edge", command
         args = get_args_parser().parse_args(words[image + 2:])
+        # The image has no ONNX Runtime: its edge encodes with an engine from the mounted folder.
+        assert args.encoder.startswith("/engines/") and args.encoder.endswith(".engine"), command
+        assert "$PWD/engines:/engines" in command.replace('"', ""), command
         if args.source.startswith("csi://"):
             assert "/tmp/argus_socket:/tmp/argus_socket" in words[:image], command
         if args.source.startswith("v4l2://"):
