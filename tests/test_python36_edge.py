@@ -36,3 +36,51 @@ def test_python36_edge_streams_to_this_host(tmp_path, tiny_profile, video_file, 
     report = json.loads((tmp_path / "host.json").read_text())
     assert report["frames"] == 24 and report["failed"] == 0 and report["protocol_errors"] == 0
     assert report["streams"]["nano"]["ended"]
+
+
+PY36_ENGINE_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from tests import fake_tensorrt
+package, driver = fake_tensorrt.make_pycuda()
+sys.modules.update({{"pycuda": package, "pycuda.driver": driver,
+                    "tensorrt": fake_tensorrt.make_tensorrt({api!r}, driver=driver)}})
+from export.__main__ import main as export_main
+assert export_main(["check", {onnx!r}]) == 0
+assert export_main(["engine", {onnx!r}, "--out", {out!r}]) == 0
+import glob
+engine = glob.glob({out!r} + "/*.engine")[0]
+from edge.__main__ import main as edge_main
+code = edge_main(["--source", "synthetic://", "--connect", {address!r}, "--name", "nano", "--profile", {profile!r},
+                  "--encoder", engine, "--frames", "6", "--drop", "block", "--report", {report!r}] + {extra!r})
+assert not driver._state.stack and driver._state.contexts_alive == 0
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("api, extra", [("8.2", []), ("10", ["--mapped"])])
+def test_python36_engine_build_and_tensorrt_edge_against_fakes(tmp_path, tiny_profile, api, extra):
+    """`latentlink export check/engine` and the TensorRT edge on Python 3.6 + numpy 1.19, with TensorRT and pycuda
+    faked (tests/fake_tensorrt.py): the Nano's interpreter runs every line of the TensorRT path we can run here."""
+    check = subprocess.run([PY36, "-c", "import onnx, onnxruntime"], capture_output=True)
+    if check.returncode:
+        pytest.skip("the Python 3.6 environment has no onnx/onnxruntime (the fakes parse and run ONNX with them)")
+    import shutil
+
+    from edge.profile import load_profile
+
+    onnx_dir = tmp_path / "model"
+    shutil.copytree(os.path.dirname(load_profile(tiny_profile).model.encoder), str(onnx_dir))
+    host, address = start_host(tmp_path, tiny_profile)
+    script = PY36_ENGINE_SCRIPT.format(root=ROOT, api=api, onnx=str(onnx_dir / "encoder.onnx"),
+                                       out=str(tmp_path / "engines"), address=address, profile=tiny_profile,
+                                       report=str(tmp_path / "edge.json"), extra=extra)
+    edge = subprocess.run([PY36, "-c", script], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=120)
+    host.communicate(timeout=60)
+    assert edge.returncode == 0, edge.stdout + edge.stderr
+    assert "built " in edge.stdout and "CUDA med" in edge.stdout
+    edge_report = json.loads((tmp_path / "edge.json").read_text())
+    assert edge_report["meta"]["backend"] == "tensorrt" and set(edge_report["gpu_stages"]) == {"encode", "gpu_to_cpu"}
+    report = json.loads((tmp_path / "host.json").read_text())
+    assert report["frames"] == 6 and report["failed"] == 0 and report["streams"]["nano"]["ended"]
