@@ -112,11 +112,13 @@ def build_engine(onnx_path, out_dir=None, precision="fp16", workspace_mb=DEFAULT
             meta = json.load(f)
         meta["reused"] = True
         return meta
+    if not os.path.isdir(out_dir):
+        os.makedirs(out_dir)
+    if not os.access(out_dir, os.W_OK):
+        raise ConfigError("cannot write engines to {} (no permission); pass --out DIR".format(out_dir))
     started = time.time()
     plan = _build(trt, onnx_path, precision, workspace_mb, gpu, log)
     build_s = time.time() - started
-    if not os.path.isdir(out_dir):
-        os.makedirs(out_dir)
     for old in stale_engines(path):
         log("replacing stale engine {} (built from another ONNX checksum or TensorRT version)".format(old))
         for stale in (old, old + ".json"):

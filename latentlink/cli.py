@@ -13,7 +13,7 @@ COMMANDS = [
     ("edge", "edge.__main__", "capture frames, encode them and send the latents to a host"),
     ("host", "host.__main__", "receive latents from edges, decode them, save or show the images"),
     ("train", "export.train", "train a model on a folder of photos"),
-    ("export", "export.__main__", "export a checkpoint's encoder and decoder to ONNX"),
+    ("export", "export.__main__", "ONNX export, TensorRT 8.2 check, engine build, backend comparison"),
     ("eval", "export.evaluate", "PSNR of a model against JPEG at the same bits per pixel"),
     ("report", "edge.profiler", "print the per-stage table of an edge or host report"),
 ]
