@@ -91,11 +91,12 @@ def main(argv=None):
                 dec_t["run_ms"] + dec_t["copy_ms"], dec_t["run_gpu_ms"] + dec_t["copy_gpu_ms"], flipped, err))
     if args.engine_dir:
         for path in sorted(glob.glob(os.path.join(args.engine_dir, "*.engine"))):
-            with open_backend(path, "encoder") as engine:
+            role = "decoder" if os.path.basename(path).startswith("decoder") else "encoder"
+            with open_backend(path, role) as engine:
                 shape = engine.input_shape
                 figures, _ = time_backend(engine, np.random.RandomState(0).rand(*shape).astype(np.float32),
                                           args.frames, args.warmup)
-            print("{}: encode {run_ms:.2f} ms (CUDA {run_gpu_ms:.2f}), gpu_to_cpu {copy_ms:.3f} ms (CUDA "
+            print("{}: run {run_ms:.2f} ms (CUDA {run_gpu_ms:.2f}), gpu_to_cpu {copy_ms:.3f} ms (CUDA "
                   "{copy_gpu_ms:.3f})".format(os.path.basename(path), **figures))
     return 0
 

@@ -9,6 +9,7 @@ the GPU that runs it) and ``compare`` (the same inputs through two backends: how
 
 import argparse
 import json
+import math
 import sys
 
 from edge.cli import positive_float, positive_int, run_main
@@ -174,6 +175,17 @@ def _engine(args):
     return 0
 
 
+def _finite(obj):
+    """``obj`` with every non-finite float replaced by None (JSON has no Infinity or NaN)."""
+    if isinstance(obj, dict):
+        return dict((k, _finite(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def _compare(args):
     import os
 
@@ -191,8 +203,8 @@ def _compare(args):
                               options_b=options["b"], atol=args.atol, rtol=args.rtol, max_flipped=args.max_flipped)
     print(format_comparison(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        with open(args.json, "w") as f:  # strict JSON: an infinite relative error is written as null
+            json.dump(_finite(result), f, indent=1)
             f.write("\n")
     return 0 if result["passed"] else 1
 

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import tempfile
 import time
 
 from edge.backends.base import read_model_info
@@ -50,7 +51,7 @@ def gpu_name(device=0):
 
 
 def _label(text):
-    """A file-name-safe label: runs of anything but letters, digits, '.' and '-' become '-'."""
+    """A file-name-safe label: runs of anything but letters, digits and '.' become '-'."""
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "unknown"
 
 
@@ -60,20 +61,25 @@ def engine_path(onnx_path, out_dir, sha256, trt_version, gpu, precision):
     return os.path.join(out_dir, name)
 
 
-def stale_engines(path):
-    """Other engines for the same ONNX stem, GPU and precision in ``path``'s folder: older builds to replace."""
-    folder, name = os.path.split(path)
-    stem, _, _, rest = _split_name(name)
-    pattern = os.path.join(folder, "{}.*.trt*.{}".format(glob.escape(stem), glob.escape(rest)))
-    return sorted(p for p in glob.glob(pattern) if os.path.abspath(p) != os.path.abspath(path))
-
-
-def _split_name(name):
-    """``stem.sha.trtV.gpu.precision.engine`` -> (stem, sha, trt version, "gpu.precision.engine")."""
-    match = re.match(r"^(.*)\.([0-9a-f]{8})\.trt(.*?)\.([^.]+\.(?:fp16|fp32)\.engine)$", name)
-    if not match:
-        raise ValueError("not an engine cache name: " + name)
-    return match.groups()
+def stale_engines(path, onnx_path, gpu, precision):
+    """Engines in ``path``'s folder built earlier from the same ONNX file for the same GPU and precision, with
+    another ONNX checksum or TensorRT version: what ``path`` replaces. Told apart by their sidecars, not by their
+    names: every profile's encoder is called ``encoder.onnx``, and one folder may hold engines of several."""
+    folder = os.path.dirname(path)
+    stem = os.path.splitext(os.path.basename(onnx_path))[0]
+    stale = []
+    for candidate in sorted(glob.glob(os.path.join(folder, glob.escape(stem) + ".*.engine"))):
+        if os.path.abspath(candidate) == os.path.abspath(path):
+            continue
+        try:
+            with io.open(candidate + ".json", encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, IOError, ValueError):
+            continue  # no readable sidecar: not ours to delete
+        if (meta.get("onnx") == os.path.abspath(onnx_path) and meta.get("gpu") == gpu
+                and meta.get("precision") == precision):
+            stale.append(candidate)
+    return stale
 
 
 def refuse_int8(gpu, has_fast_int8):
@@ -110,21 +116,22 @@ def build_engine(onnx_path, out_dir=None, precision="fp16", workspace_mb=DEFAULT
         log("reusing {} (same ONNX SHA-256, TensorRT {}, GPU and precision)".format(path, trt.__version__))
         with io.open(sidecar, encoding="utf-8") as f:
             meta = json.load(f)
-        meta["reused"] = True
+        meta.update(engine=os.path.abspath(path), reused=True)  # the folder may have moved since the build
         return meta
-    if not os.path.isdir(out_dir):
-        os.makedirs(out_dir)
-    if not os.access(out_dir, os.W_OK):
-        raise ConfigError("cannot write engines to {} (no permission); pass --out DIR".format(out_dir))
+    _check_writable(out_dir)  # before the build: a Nano build takes minutes
     started = time.time()
     plan = _build(trt, onnx_path, precision, workspace_mb, gpu, log)
     build_s = time.time() - started
-    for old in stale_engines(path):
-        log("replacing stale engine {} (built from another ONNX checksum or TensorRT version)".format(old))
-        for stale in (old, old + ".json"):
-            if os.path.exists(stale):
-                os.remove(stale)
-    _write_atomic(path, plan)
+    try:
+        for old in stale_engines(path, onnx_path, gpu, precision):
+            log("replacing stale engine {} (built from another ONNX checksum or TensorRT version)".format(old))
+            for stale in (old, old + ".json"):
+                if os.path.exists(stale):
+                    os.remove(stale)
+        _write_atomic(path, plan)
+    except (OSError, IOError) as exc:
+        raise ConfigError("cannot write the engine to {} ({}); pass --out DIR with a folder you can write".format(
+            out_dir, exc.strerror or exc))
     meta = dict(info.data)
     meta.pop("parity", None)  # PyTorch-vs-ONNX Runtime figures say nothing about this engine
     meta.update({
@@ -133,7 +140,10 @@ def build_engine(onnx_path, out_dir=None, precision="fp16", workspace_mb=DEFAULT
         "workspace_mb": int(workspace_mb), "build_s": round(build_s, 1),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "engine_bytes": len(plan), "reused": False,
     })
-    _write_atomic(sidecar, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+    try:
+        _write_atomic(sidecar, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+    except (OSError, IOError) as exc:
+        raise ConfigError("cannot write {} ({})".format(sidecar, exc.strerror or exc))
     return meta
 
 
@@ -164,6 +174,18 @@ def _build(trt, onnx_path, precision, workspace_mb, gpu, log):
                            "'Killed' ran out of memory: close other programs or lower --workspace (now {} MB)".format(
                                onnx_path, workspace_mb))
     return plan
+
+
+def _check_writable(folder):
+    """Create ``folder`` if needed and write a probe file in it; ConfigError naming the fix if that fails."""
+    try:
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (OSError, IOError) as exc:
+        raise ConfigError("cannot write engines to {} ({}); pass --out DIR with a folder you can write".format(
+            folder, exc.strerror or exc))
 
 
 def _write_atomic(path, data):

@@ -11,11 +11,14 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from hypothesis import settings
-
-# Behaviour, not speed: no per-example deadline (CI machines are noisy and have 2 cores).
-settings.register_profile("latentlink", deadline=None)
-settings.load_profile("latentlink")
+try:
+    from hypothesis import settings
+except ImportError:  # a Jetson running only tests/test_tensorrt_device.py need not install hypothesis
+    settings = None
+else:
+    # Behaviour, not speed: no per-example deadline (CI machines are noisy and have 2 cores).
+    settings.register_profile("latentlink", deadline=None)
+    settings.load_profile("latentlink")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 64

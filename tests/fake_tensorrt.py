@@ -19,7 +19,7 @@ They follow the real signatures, method by method, of:
 - pycuda.driver: ``init, Device(i).name(), Device.make_context(flags), Context.push/pop/detach, ctx_flags.MAP_HOST,
   pagelocked_empty(shape, dtype, order, mem_flags), host_alloc_flags.DEVICEMAP, HostAllocation.get_device_pointer,
   mem_alloc(n), DeviceAllocation.free, memcpy_htod_async(dest, src, stream), memcpy_dtoh_async(dest, src, stream),
-  Stream().handle/synchronize, Event().record(stream)/synchronize/time_since(start)``.
+  Stream().handle/synchronize, Event(flags).record(stream)/synchronize/time_since(start), event_flags``.
 
 What the fakes do instead of a GPU: "device memory" is host memory behind integer addresses; an engine is the ONNX
 bytes plus its precision, and executing it runs the ONNX file in ONNX Runtime on what the bindings point at. An FP16
@@ -31,6 +31,7 @@ current, mapped memory without ``MAP_HOST``.
 import itertools
 import json
 import sys
+import threading
 import time
 import types
 import weakref
@@ -52,6 +53,8 @@ class _Cuda(object):
         self.mapped = weakref.WeakValueDictionary()  # address -> mapped host buffer, freed with its last array
         self.stack = []  # current contexts, innermost last
         self.contexts_alive = 0
+        self.contexts_leaked = 0  # detached while not current, from another thread: pycuda leaks those silently
+        self.pending = {}  # stream handle -> operations enqueued and not yet run (copies, inferences, events)
         self.device_allocations = 0
         self.copies = 0
         self._addresses = itertools.count(0x10000, 0x1000000)
@@ -69,6 +72,22 @@ class _Cuda(object):
             raise FakeCudaError("{}: {} bytes at {:#x}, {} expected".format(what, len(buffer), address, nbytes))
         return buffer
 
+    def enqueue(self, stream_handle, operation):
+        """Run ``operation`` when the stream is synchronized (CUDA's asynchrony: nothing happens at enqueue)."""
+        if stream_handle is None:  # the legacy default stream: this fake runs it at once
+            operation()
+        else:
+            self.pending.setdefault(stream_handle, []).append(operation)
+
+    def run_pending(self, stream_handle, until=None):
+        """Run the stream's operations in order, up to and including ``until`` (all of them if None)."""
+        queue = self.pending.get(stream_handle, [])
+        while queue:
+            operation = queue.pop(0)
+            operation()
+            if operation is until:
+                return
+
     def require_context(self, what):
         if not self.stack:
             raise FakeCudaError("{}: no current CUDA context (invalid context)".format(what))
@@ -83,6 +102,7 @@ def make_pycuda():
     driver.Error = driver.LogicError = FakeCudaError
     driver.ctx_flags = types.SimpleNamespace(SCHED_AUTO=0, MAP_HOST=8)
     driver.host_alloc_flags = types.SimpleNamespace(PORTABLE=1, DEVICEMAP=2, WRITECOMBINED=4)
+    driver.event_flags = types.SimpleNamespace(DEFAULT=0, BLOCKING_SYNC=1, DISABLE_TIMING=2, INTERPROCESS=4)
     initialized = []
 
     def init(flags=0):
@@ -92,6 +112,7 @@ def make_pycuda():
         def __init__(self, flags):
             self.flags = flags
             self.alive = True
+            self.thread = threading.get_ident()
             state.contexts_alive += 1
 
         def push(self):
@@ -104,8 +125,13 @@ def make_pycuda():
             state.stack.pop()
 
         def detach(self):
-            if self in state.stack:
-                raise FakeCudaError("detach a context only after popping it")
+            """As pycuda: a current context is destroyed and popped; a context that is not current is destroyed
+            only from the thread that made it (here: never from another thread) and otherwise leaked."""
+            if state.stack and state.stack[-1] is self:
+                state.stack.pop()
+            elif threading.get_ident() != self.thread:
+                state.contexts_leaked += 1
+                return
             self.alive = False
             state.contexts_alive -= 1
 
@@ -161,15 +187,23 @@ def make_pycuda():
 
     def memcpy_htod_async(dest, src, stream=None):
         state.require_context("memcpy_htod_async")
-        src = np.ascontiguousarray(src)
-        state.buffer_at(int(dest), src.nbytes, "memcpy_htod_async")[:] = src.tobytes()
-        state.copies += 1
+        src = np.asarray(src)
+
+        def copy():  # reads the page-locked source when the stream gets there, as the DMA would
+            state.buffer_at(int(dest), src.nbytes, "memcpy_htod_async")[:] = np.ascontiguousarray(src).tobytes()
+            state.copies += 1
+
+        state.enqueue(stream.handle if stream is not None else None, copy)
 
     def memcpy_dtoh_async(dest, src, stream=None):
         state.require_context("memcpy_dtoh_async")
-        buffer = state.buffer_at(int(src), dest.nbytes, "memcpy_dtoh_async")
-        dest.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(buffer), dtype=np.uint8)
-        state.copies += 1
+
+        def copy():
+            buffer = state.buffer_at(int(src), dest.nbytes, "memcpy_dtoh_async")
+            dest.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(buffer), dtype=np.uint8)
+            state.copies += 1
+
+        state.enqueue(stream.handle if stream is not None else None, copy)
 
     class Stream(object):
         _handles = itertools.count(0x7000)
@@ -179,24 +213,34 @@ def make_pycuda():
             self.handle = next(self._handles)
 
         def synchronize(self):
-            pass
+            state.run_pending(self.handle)
 
     class Event(object):
         def __init__(self, flags=0):
             state.require_context("Event")
+            if flags & driver.event_flags.DISABLE_TIMING:
+                raise FakeCudaError("an event made with DISABLE_TIMING cannot be timed")
             self.t = None
+            self._stream = self._marker = None
 
         def record(self, stream=None):
-            self.t = time.perf_counter()
+            self.t = None
+
+            def mark():
+                self.t = time.perf_counter()
+
+            self._stream, self._marker = (stream.handle if stream is not None else None), mark
+            state.enqueue(self._stream, mark)
             return self
 
         def synchronize(self):
+            state.run_pending(self._stream, until=self._marker)
             return self
 
         def time_since(self, start):
-            """ms from ``start`` to this event, as pycuda's ``Event.time_since``."""
+            """ms from ``start`` to this event, as pycuda's ``Event.time_since``; both must have completed."""
             if self.t is None or start.t is None:
-                raise FakeCudaError("cuEventElapsedTime: an event was never recorded")
+                raise FakeCudaError("cuEventElapsedTime: an event has not completed (synchronize first)")
             return (self.t - start.t) * 1000.0
 
     for value in (init, Context, Device, HostAllocation, pagelocked_empty, DeviceAllocation, mem_alloc,
@@ -215,11 +259,13 @@ FAKE_PARSER_OPS = {"Conv", "PRelu", "DepthToSpace", "Add", "Sub", "Mul", "Relu",
 ENGINE_MAGIC = b"FAKE-TRT-ENGINE\n"
 
 
-def make_tensorrt(api="8.2", driver=None, fast_fp16=True, fast_int8=False, fail_build=False):
+def make_tensorrt(api="8.2", driver=None, fast_fp16=True, fast_int8=False, fail_build=False, fail_execute=False,
+                  fail_address=False):
     """A fake ``tensorrt`` module with the ``api`` "8.2" (binding) or "10" (tensor) surface.
 
     ``driver``: the fake pycuda.driver whose memory engines read and write. ``fail_build``: the builder returns
-    None, as TensorRT does when a build fails (out of memory on a Nano, say).
+    None, as TensorRT does when a build fails (out of memory on a Nano, say). ``fail_execute``/``fail_address``:
+    ``execute_async_v2/v3`` and ``set_tensor_address`` return False, as TensorRT does when it refuses them.
     """
     import onnx
     import onnxruntime as ort
@@ -406,6 +452,15 @@ def make_tensorrt(api="8.2", driver=None, fast_fp16=True, fast_int8=False, fail_
 
         def _run(self, addresses, stream_handle):
             state.require_context("execute")
+            missing = [name for name, _, _ in self.engine.io if addresses.get(name) is None]
+            if missing:
+                raise RuntimeError("no address for {}".format(missing))
+            if fail_execute:
+                return False
+            state.enqueue(stream_handle, lambda: self._infer(addresses))
+            return True
+
+        def _infer(self, addresses):
             feeds = {}
             for name, is_input, shape in self.engine.io:
                 nbytes = int(np.prod(shape)) * 4
@@ -417,7 +472,6 @@ def make_tensorrt(api="8.2", driver=None, fast_fp16=True, fast_int8=False, fail_
                 if self.engine.fp16:  # an FP16 engine's output carries FP16 rounding
                     value = value.astype(np.float16).astype(np.float32)
                 state.buffer_at(addresses[name], value.nbytes, "binding " + name)[:] = value.tobytes()
-            return True
 
     class Context8(Context):
         def execute_async_v2(self, bindings, stream_handle, input_consumed=None):
@@ -432,6 +486,8 @@ def make_tensorrt(api="8.2", driver=None, fast_fp16=True, fast_int8=False, fail_
             self.addresses = {}
 
         def set_tensor_address(self, name, memory):
+            if fail_address:
+                return False
             self.addresses[name] = memory
             return True
 
@@ -446,6 +502,7 @@ def make_tensorrt(api="8.2", driver=None, fast_fp16=True, fast_int8=False, fail_
             self.logger = logger
 
         def deserialize_cuda_engine(self, serialized_engine):
+            state.require_context("deserialize_cuda_engine")
             data = bytes(serialized_engine)
             if not data.startswith(ENGINE_MAGIC):
                 return None  # TensorRT logs the reason and returns None

@@ -63,12 +63,11 @@ def test_engine_cache_name_sidecar_reuse_and_rebuild(monkeypatch, onnx_dir, api)
     build(onnx_dir / "encoder.onnx", force=True)
     assert len(trt.built) == 2
 
-    # A changed ONNX file is a new engine; the stale one (same stem, GPU, precision) is replaced.
-    with open(str(onnx_dir / "encoder.onnx"), "ab") as f:
-        f.write(b"")  # same bytes: same name
-    model = __import__("onnx").load(str(onnx_dir / "encoder.onnx"))
+    # A changed ONNX file is a new engine; the stale one (same ONNX file, GPU, precision) is replaced.
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(onnx_dir / "encoder.onnx"))
     model.doc_string = "retrained"
-    __import__("onnx").save(model, str(onnx_dir / "encoder.onnx"))
+    onnx.save(model, str(onnx_dir / "encoder.onnx"))
     new, logs = build(onnx_dir / "encoder.onnx")
     assert new["engine"] != meta["engine"] and not os.path.exists(meta["engine"])
     assert not os.path.exists(meta["engine"] + ".json") and any("replacing stale" in line for line in logs)
@@ -76,6 +75,31 @@ def test_engine_cache_name_sidecar_reuse_and_rebuild(monkeypatch, onnx_dir, api)
     fp32, _ = build(onnx_dir / "encoder.onnx", precision="fp32")
     assert fp32["engine"].endswith(".fp32.engine") and os.path.exists(new["engine"])
     assert trt.built[-1][1] is False
+
+
+def test_engines_of_other_models_in_one_folder_are_not_stale(monkeypatch, tmp_path, onnx_dir):
+    """Every profile's encoder is encoder.onnx: engines for two of them share --out without deleting each other."""
+    fake_tensorrt.install(monkeypatch, "8.2")
+    other = tmp_path / "other-model"
+    shutil.copytree(str(onnx_dir), str(other))
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(other / "encoder.onnx"))
+    model.doc_string = "another profile's encoder"
+    onnx.save(model, str(other / "encoder.onnx"))
+    out = str(tmp_path / "engines")
+    first, _ = build(onnx_dir / "encoder.onnx", out_dir=out)
+    second, logs = build(other / "encoder.onnx", out_dir=out)
+    assert first["engine"] != second["engine"] and os.path.exists(first["engine"]) and os.path.exists(second["engine"])
+    assert not any("stale" in line for line in logs)
+
+
+def test_unwritable_output_folder_is_refused_before_the_build(monkeypatch, tmp_path, onnx_dir):
+    trt, _ = fake_tensorrt.install(monkeypatch, "8.2")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot write engines to .*a-file/engines.*pass --out DIR"):
+        build(onnx_dir / "encoder.onnx", out_dir=str(blocker / "engines"))
+    assert not trt.built  # refused before minutes of building, not after
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -144,9 +168,11 @@ def test_export_engine_command_line(monkeypatch, onnx_dir, capsys):
     assert main(["engine", str(onnx_dir / "encoder.onnx"), "--int8"]) == 2
     assert "no fast INT8" in capsys.readouterr().err
     assert main(["engine", str(onnx_dir / "encoder.onnx"), "--trtexec", "--fp32"]) == 0
-    line = capsys.readouterr().out.strip()
+    line, copy = capsys.readouterr().out.strip().splitlines()
     assert line.startswith("/usr/src/tensorrt/bin/trtexec --onnx=") and "--fp16" not in line
-    assert "--workspace=256 --buildOnly" in line and line.split("--saveEngine=")[1].split()[0].endswith(".fp32.engine")
+    engine = line.split("--saveEngine=")[1].split()[0]
+    assert "--workspace=256 --buildOnly" in line and engine.endswith(".fp32.engine")
+    assert copy == "cp {} {}.json".format(onnx_dir / "model.json", engine)  # the metadata the edge reads
 
 
 def test_export_engine_runs_the_check_first(monkeypatch, tmp_path, capsys):
@@ -224,6 +250,49 @@ def test_backend_errors_name_tensor_and_shapes(monkeypatch, onnx_dir):
         open_backend(meta["engine"], "encoder").load()
 
 
+@pytest.mark.parametrize("api", APIS)
+def test_refused_inference_is_an_error_and_leaves_no_context_current(monkeypatch, onnx_dir, api):
+    _, driver = fake_tensorrt.install(monkeypatch, api, fail_execute=True)
+    meta, _ = build(onnx_dir / "encoder.onnx")
+    with open_backend(meta["engine"], "encoder") as engine:
+        with pytest.raises(BackendError, match="execute_async_v[23] failed"):
+            engine.infer(np.zeros(engine.input_shape, np.float32))
+        assert not driver._state.stack
+    assert driver._state.contexts_alive == 0 and not driver._state.memory
+
+
+def test_refused_tensor_address_is_an_error(monkeypatch, onnx_dir):
+    _, driver = fake_tensorrt.install(monkeypatch, "10", fail_address=True)
+    meta, _ = build(onnx_dir / "encoder.onnx")
+    with pytest.raises(BackendError, match="refused the address of tensor 'image'"):
+        open_backend(meta["engine"], "encoder").load()
+    assert driver._state.contexts_alive == 0 and not driver._state.stack
+
+
+def test_output_shape_that_disagrees_with_the_metadata(monkeypatch, onnx_dir):
+    fake_tensorrt.install(monkeypatch, "8.2")
+    meta, _ = build(onnx_dir / "encoder.onnx")
+    sidecar = meta["engine"] + ".json"
+    data = json.loads(open(sidecar).read())
+    data["latent_shape"] = [1, 32, 16, 16]
+    with open(sidecar, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(BackendError, match=r"tensor 'latents' has shape \(1, 8, 16, 16\) in the engine but "
+                                           r"\(1, 32, 16, 16\)"):
+        open_backend(meta["engine"], "encoder").load()
+
+
+def test_options_that_do_not_apply_are_refused(monkeypatch, onnx_dir):
+    fake_tensorrt.install(monkeypatch, "8.2")
+    meta, _ = build(onnx_dir / "encoder.onnx")
+    with pytest.raises(ConfigError, match="give its index"):
+        open_backend(meta["engine"], "encoder", device="cpu")
+    with pytest.raises(ConfigError, match="precision is fixed when it is built"):
+        open_backend(meta["engine"], "encoder", precision="fp16")
+    with pytest.raises(ConfigError, match="--mapped applies to TensorRT engines"):
+        open_backend(str(onnx_dir / "encoder.onnx"), "encoder", mapped=True)
+
+
 def test_engine_from_another_machine_says_rebuild_here(monkeypatch, onnx_dir):
     _, driver = fake_tensorrt.install(monkeypatch, "8.2")
     meta, _ = build(onnx_dir / "encoder.onnx")
@@ -238,8 +307,11 @@ def test_engine_io_dispatch_reads_both_apis(monkeypatch, onnx_dir):
     for api in APIS:
         trt, driver = fake_tensorrt.install(monkeypatch, api)
         meta, _ = build(onnx_dir / "encoder.onnx", force=True)
+        driver.init()
+        context = driver.Device(0).make_context()
         with open(meta["engine"], "rb") as f:
             engine = trt.Runtime(None).deserialize_cuda_engine(f.read())
+        context.detach()
         assert trt_api.has_tensor_api(engine) == (api == "10")
         tensors = trt_api.io_tensors(trt, engine)
         assert [(t.name, t.is_input, t.shape, t.dtype) for t in tensors] == [

@@ -40,6 +40,8 @@ def open_backend(path, role, threads=0, device=None, precision=None, input_size=
     if kind == "onnxruntime" and precision not in (None, "fp32"):
         raise ConfigError("--precision {}: {} runs in FP32 with ONNX Runtime; FP16 needs a .pt checkpoint on "
                           "CUDA or a TensorRT engine".format(precision, path))
+    if mapped and kind != "tensorrt":
+        raise ConfigError("--mapped applies to TensorRT engines (.engine); {} runs with {}".format(path, kind))
     if kind == "tensorrt" and precision is not None:
         raise ConfigError("--precision {}: an engine's precision is fixed when it is built; rebuild with `latentlink "
                           "export engine` (--fp32 for FP32)".format(precision))

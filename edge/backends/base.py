@@ -63,11 +63,11 @@ class Backend(object):
     """One model on one runtime: ``load()``, ``infer(array)``, ``close()``; also a context manager.
 
     ``infer`` takes a float32 array of exactly ``input_shape`` and returns ``(output, timings)``: ``output`` is a
-    host (CPU) numpy array owned by the backend, valid until the next ``infer`` call (float32, or float16 from an
-    FP16 model); ``timings`` is a dict of wall-clock milliseconds: ``run_ms`` (the model itself, with the upload of
-    its input on a GPU) and ``copy_ms`` (bringing the output to host memory; on a GPU that is the device-to-host
-    copy). GPU backends add ``run_gpu_ms`` and ``copy_gpu_ms``: the same two spans timed with CUDA events on the
-    stream. ``copy_note`` says what ``copy_ms`` really measures on this backend.
+    host (CPU) numpy array owned by the backend, valid until the next ``infer`` or ``close()`` (copy it to keep
+    it; float32, or float16 from an FP16 model); ``timings`` is a dict of wall-clock milliseconds: ``run_ms`` (the
+    model itself, with the upload of its input on a GPU) and ``copy_ms`` (bringing the output to host memory; on a
+    GPU that is the device-to-host copy). GPU backends add ``run_gpu_ms`` and ``copy_gpu_ms``: the same two spans
+    timed with CUDA events on the stream. ``copy_note`` says what ``copy_ms`` really measures on this backend.
     """
 
     name = "backend"

@@ -54,8 +54,8 @@ class TensorRTBackend(Backend):
         except BaseException:
             self._close()
             raise
-        # Each infer pushes the context and pops it again, so any thread may call it (the host decodes in its
-        # connection threads), at the cost of microseconds.
+        # Each infer pushes the context and pops it again, so whichever thread calls it (the host decodes in its
+        # connection threads, one at a time under its decode lock) finds it current, at the cost of microseconds.
         self._context.pop()
 
     def _load_engine(self, trt, cuda):
@@ -93,7 +93,8 @@ class TensorRTBackend(Backend):
                 addresses[tensor.name] = int(self._device_mem[tensor.name])
             self._host[tensor.name] = host
         self._execute = trt_api.bind_addresses(self._exec_context, self._engine, tensors, addresses)
-        self._events = [cuda.Event() for _ in range(3)]
+        # BLOCKING_SYNC: waiting on an event sleeps instead of spinning one of the Nano's 4 CPU cores.
+        self._events = [cuda.Event(cuda.event_flags.BLOCKING_SYNC) for _ in range(3)]
 
     def _infer(self, array):
         self._context.push()
@@ -129,13 +130,14 @@ class TensorRTBackend(Backend):
             return
         if self.loaded:  # after load the context is not current; during a failed load it still is
             self._context.push()
-        # Free in reverse order of creation, inside our context, then leave it: nothing outlives the backend.
+        # Free what lives in the context while it is current, then detach it while still current: pycuda's
+        # detach() of a context that is current destroys it (and pops it) from any thread; popping first and
+        # detaching from another thread than the one that made it would silently leak it.
         for name in ("_events", "_execute", "_exec_context", "_engine", "_runtime"):
             self.__dict__.pop(name, None)
         for mem in self.__dict__.pop("_device_mem", {}).values():
             mem.free()
         self.__dict__.pop("_host", None)
         self.__dict__.pop("_stream", None)
-        self._context.pop()
         self._context.detach()
         self._context = None

@@ -9,6 +9,7 @@ Python 3.6 compatible: runs on the Nano.
 """
 
 import collections
+import os
 
 import numpy as np
 
@@ -91,11 +92,9 @@ def bind_addresses(context, engine, tensors, addresses):
 
 
 def create_network(trt, builder):
-    """An explicit-batch network definition (ONNX needs it on 8.x; 10.x networks are always explicit-batch)."""
+    """An explicit-batch network definition: 8.x's ONNX parser needs the flag; 10.x ignores it (always explicit)."""
     flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
-    if flag is None or not hasattr(builder, "build_engine"):  # 10.x: the flag is deprecated and ignored
-        return builder.create_network(0)
-    return builder.create_network(1 << int(flag))
+    return builder.create_network(0 if flag is None else 1 << int(flag))
 
 
 def set_workspace(trt, config, nbytes):
@@ -107,12 +106,9 @@ def set_workspace(trt, config, nbytes):
 
 
 def build_serialized(builder, network, config):
-    """Build and serialize the engine: bytes, or None when TensorRT failed (its logger said why)."""
-    if hasattr(builder, "build_serialized_network"):  # 8.0+, the only way in 10.x
-        plan = builder.build_serialized_network(network, config)
-    else:  # 7.x
-        engine = builder.build_engine(network, config)
-        plan = engine.serialize() if engine is not None else None
+    """Build and serialize the engine (TensorRT 8.0+ and 10.x): bytes, or None when the build failed (TensorRT's
+    logger said why)."""
+    plan = builder.build_serialized_network(network, config)
     return bytes(plan) if plan is not None else None
 
 
@@ -135,9 +131,11 @@ def parser_errors(parser):
 
 
 def trtexec_command(onnx_path, engine_path, precision="fp16", workspace_mb=256):
-    """The equivalent ``trtexec`` command line, in TensorRT 8.2's flag spelling (the Nano's)."""
+    """The equivalent ``trtexec`` command line, in TensorRT 8.2's flag spelling (the Nano's), and the copy of the
+    model's metadata that ``latentlink edge`` needs beside the engine."""
     words = [TRTEXEC, "--onnx=" + onnx_path, "--saveEngine=" + engine_path]
     if precision == "fp16":
         words.append("--fp16")
     words += ["--workspace={}".format(int(workspace_mb)), "--buildOnly", "--verbose"]
-    return " ".join(words)
+    model_json = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), "model.json")
+    return " ".join(words) + "\ncp {} {}.json".format(model_json, engine_path)
