@@ -13,7 +13,7 @@ import math
 import sys
 
 from edge.cli import positive_float, positive_int, run_main
-from edge.errors import ConfigError
+from edge.errors import BackendError, ConfigError
 from edge.profile import load_profile
 
 EXAMPLES = """examples:
@@ -149,8 +149,12 @@ def _engine(args):
                                os.path.splitext(os.path.basename(path))[0] + "." + precision + ".engine")
             print(trt_api.trtexec_command(path, out, precision, args.workspace))
         return 0
-    if args.int8:
+    try:
         trt = trt_api.import_tensorrt()
+    except BackendError as exc:
+        raise BackendError("{}\nWithout the bindings, `latentlink export engine ... --trtexec` prints the trtexec "
+                           "command that builds the same engine".format(exc))
+    if args.int8:
         refuse_int8(gpu_name(), trt.Builder(trt.Logger(trt.Logger.ERROR)).platform_has_fast_int8)
     if not args.skip_check:
         try:

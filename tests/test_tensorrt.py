@@ -149,6 +149,14 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch, onnx_dir):
         build(onnx_dir / "encoder.onnx")
 
 
+def test_export_engine_without_tensorrt_points_to_trtexec(monkeypatch, onnx_dir, capsys):
+    from export.__main__ import main
+
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
+    assert main(["engine", str(onnx_dir / "encoder.onnx")]) == 2
+    assert "--trtexec` prints the trtexec command" in capsys.readouterr().err
+
+
 def test_int8_is_refused_with_the_reason():
     from export.engine import refuse_int8
 
