@@ -41,6 +41,16 @@ def build(onnx_path, **kwargs):
     return meta, logs
 
 
+def edit_sidecar(meta, **changes):
+    """Rewrite keys of an engine's ``<engine>.json``."""
+    sidecar = meta["engine"] + ".json"
+    with open(sidecar) as f:
+        data = json.load(f)
+    data.update(changes)
+    with open(sidecar, "w") as f:
+        json.dump(data, f)
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_engine_cache_name_sidecar_reuse_and_rebuild(monkeypatch, onnx_dir, api):
     trt, _ = fake_tensorrt.install(monkeypatch, api)
@@ -248,11 +258,7 @@ def test_backend_errors_name_tensor_and_shapes(monkeypatch, onnx_dir):
                                                r"\(1, 3, 64, 64\)"):
             engine.infer(np.zeros((1, 3, 32, 32), np.float32))
     # Metadata that disagrees with the engine (an engine copied beside another model's sidecar).
-    sidecar = meta["engine"] + ".json"
-    data = json.loads(open(sidecar).read())
-    data["input_shape"] = [1, 3, 128, 128]
-    with open(sidecar, "w") as f:
-        json.dump(data, f)
+    edit_sidecar(meta, input_shape=[1, 3, 128, 128])
     with pytest.raises(BackendError, match=r"tensor 'image' has shape \(1, 3, 64, 64\) in the engine but "
                                            r"\(1, 3, 128, 128\)"):
         open_backend(meta["engine"], "encoder").load()
@@ -280,11 +286,7 @@ def test_refused_tensor_address_is_an_error(monkeypatch, onnx_dir):
 def test_output_shape_that_disagrees_with_the_metadata(monkeypatch, onnx_dir):
     fake_tensorrt.install(monkeypatch, "8.2")
     meta, _ = build(onnx_dir / "encoder.onnx")
-    sidecar = meta["engine"] + ".json"
-    data = json.loads(open(sidecar).read())
-    data["latent_shape"] = [1, 32, 16, 16]
-    with open(sidecar, "w") as f:
-        json.dump(data, f)
+    edit_sidecar(meta, latent_shape=[1, 32, 16, 16])
     with pytest.raises(BackendError, match=r"tensor 'latents' has shape \(1, 8, 16, 16\) in the engine but "
                                            r"\(1, 32, 16, 16\)"):
         open_backend(meta["engine"], "encoder").load()
