@@ -1,9 +1,14 @@
-"""``latentlink eval``: is the model better than JPEG at the same bits per pixel, on these photos?
+"""``latentlink eval``: is the model better than JPEG, WebP and JPEG 2000 at the same bits per pixel, on these photos?
 
-The model is measured exactly as it is deployed: the profile's ONNX encoder, latents packed into a wire frame (its
-bytes, header included, are the rate), the ONNX decoder, the output rounded to 8 bits. Each codec (JPEG, WebP, via
-OpenCV) is then given the highest quality whose file is no larger than the model's frame, photo by photo.
-PSNR is over RGB, 8 bits (peak 255).
+The model is measured exactly as it is deployed: its encoder (ONNX by default; any backend file), latents packed
+into a wire frame (its bytes, header included, are the rate), its decoder, the output rounded to 8 bits. Each codec
+(OpenCV) is then given the highest quality whose file is no larger than the model's frame, photo by photo (seed
+000 matched JPEG's quality factor to its compression ratio the same way), and is also swept over its quality range
+for rate-distortion curves.
+
+Metrics: PSNR over RGB and over Y (BT.601 luma), SSIM and MS-SSIM over RGB (8 bits, peak 255), bpp, compression
+ratio against raw 24-bit RGB, and encode/decode time. ``--compressai DIR`` writes one JSON per method in
+CompressAI's shape, ``--plot FILE.png`` the rate-distortion plot.
 """
 
 import argparse
@@ -16,17 +21,30 @@ import numpy as np
 
 from edge.backends import open_backend
 from edge.cli import run_main
+from edge.errors import ConfigError
 from edge.preprocess import Preprocessor, fit_frame, psnr, to_image
 from edge.profile import load_profile
 from edge.protocol import encode_frame
 
 from .data import list_images
 
-CODECS = {"jpeg": (".jpg", cv2.IMWRITE_JPEG_QUALITY), "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY)}
+# codec -> (file extension, OpenCV quality flag, lowest and highest quality value)
+CODECS = {
+    "jpeg": (".jpg", cv2.IMWRITE_JPEG_QUALITY, 1, 100),
+    "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY, 1, 100),
+    "jpeg2000": (".jp2", cv2.IMWRITE_JPEG2000_COMPRESSION_X1000, 1, 1000),  # target rate x 1000
+}
+SWEEPS = {"jpeg": (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95), "webp": (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95),
+          "jpeg2000": (5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500)}
+METRICS = ("psnr", "psnr_y", "ssim", "ms_ssim")
+COMPRESSAI_KEYS = {"psnr": "psnr-rgb", "psnr_y": "psnr-y", "ssim": "ssim-rgb", "ms_ssim": "ms-ssim-rgb"}
+MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-pixel window
 
 EXAMPLES = """examples:
   latentlink eval --photos data/holdout
-  latentlink eval --photos data/holdout --profile nano-1008 --json runs/eval-1008.json"""
+  latentlink eval --photos data/holdout --profile nano-1008 --json runs/eval-1008.json
+  latentlink eval --photos data/holdout --codecs jpeg,webp,jpeg2000 --compressai runs/rd --plot runs/rd.png
+  latentlink eval --photos data/holdout --encoder runs/lossy-cae.pt --decoder runs/lossy-cae.pt   (a checkpoint)"""
 
 
 def get_args_parser():
@@ -34,71 +52,177 @@ def get_args_parser():
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", required=True, help="folder of photos (searched recursively)")
     parser.add_argument("--profile", default="nano-504", help="profile: input size and default model")
-    parser.add_argument("--encoder", default="default", help="encoder .onnx (default: the profile's)")
-    parser.add_argument("--decoder", default="default", help="decoder .onnx (default: the profile's)")
-    parser.add_argument("--codecs", default="jpeg,webp", help="codecs to compare with (default: %(default)s)")
+    parser.add_argument("--encoder", default="default", help="encoder .onnx, .pt or .engine (default: the profile's)")
+    parser.add_argument("--decoder", default="default", help="decoder .onnx, .pt or .engine (default: the profile's)")
+    parser.add_argument("--codecs", default="jpeg,webp", help="codecs to compare with, of {} (default: "
+                        "%(default)s)".format(", ".join(CODECS)))
+    parser.add_argument("--per-image", action="store_true", help="print every photo's row, not only the means")
     parser.add_argument("--json", help="write per-photo results to this JSON file")
+    parser.add_argument("--compressai", metavar="DIR", help="write CompressAI-style JSON, one file per method")
+    parser.add_argument("--plot", metavar="FILE.png", help="write the rate-distortion plot (PSNR and MS-SSIM)")
     return parser
+
+
+def encode_with_codec(image_bgr, codec, quality):
+    """``(bytes, decoded image)`` of ``image_bgr`` through ``codec`` at ``quality``."""
+    ext, flag, _, _ = CODECS[codec]
+    ok, buf = cv2.imencode(ext, image_bgr, [flag, int(quality)])
+    if not ok:
+        raise ConfigError("OpenCV could not encode {} at quality {}".format(codec, quality))
+    return len(buf), cv2.imdecode(buf, cv2.IMREAD_COLOR)
 
 
 def codec_at_budget(image_bgr, codec, max_bytes):
     """Highest-quality encoding by ``codec`` of at most ``max_bytes``; returns (quality, bytes, decoded image).
 
-    Falls back to quality 1 (the smallest the codec makes) when even that is over the budget.
+    Falls back to the lowest quality when even that is over the budget.
     """
-    ext, flag = CODECS[codec]
+    _, _, low, high = CODECS[codec]
     best = None
-    low, high = 1, 100
     while low <= high:  # file size grows with quality: binary search the largest quality within budget
         q = (low + high) // 2
-        ok, buf = cv2.imencode(ext, image_bgr, [flag, q])
-        if len(buf) <= max_bytes:
-            best, low = (q, buf), q + 1
+        size, decoded = encode_with_codec(image_bgr, codec, q)
+        if size <= max_bytes:
+            best, low = (q, size, decoded), q + 1
         else:
             high = q - 1
-    if best is None:
-        best = (1, cv2.imencode(ext, image_bgr, [flag, 1])[1])
-    quality, buf = best
-    return quality, len(buf), cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return best or (CODECS[codec][2],) + encode_with_codec(image_bgr, codec, CODECS[codec][2])
 
 
-def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp")):
-    """Per-photo results: the model's bpp, PSNR and times, and each codec's at the same size."""
+def image_metrics(reference, test):
+    """PSNR (RGB, Y), SSIM and MS-SSIM (RGB) of two BGR uint8 images; MS-SSIM is None below 161 pixels a side."""
+    import torch
+    from pytorch_msssim import ms_ssim, ssim
+
+    y_ref = cv2.cvtColor(reference, cv2.COLOR_BGR2YCrCb)[..., :1]
+    y_test = cv2.cvtColor(test, cv2.COLOR_BGR2YCrCb)[..., :1]
+    a, b = (torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)))[None].double()
+            for im in (reference, test))
+    small = min(reference.shape[:2]) < MS_SSIM_MIN_SIDE
+    return {"psnr": psnr(reference, test), "psnr_y": psnr(y_ref, y_test),
+            "ssim": float(ssim(a, b, data_range=255.0)),
+            "ms_ssim": None if small else float(ms_ssim(a, b, data_range=255.0))}
+
+
+def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"), backend_options=None):
+    """Per-photo results: the model's bytes, bpp, ratio, metrics and times, and each codec's at the same size."""
     w, h, fit = profile.input.width, profile.input.height, profile.input.fit
     preprocess = Preprocessor(w, h, fit)
+    options = dict(backend_options or {}, input_size=(h, w))
     results = []
-    with open_backend(encoder_path, "encoder") as enc, open_backend(decoder_path, "decoder") as dec:
+    with open_backend(encoder_path, "encoder", **options) as enc, \
+            open_backend(decoder_path, "decoder", **options) as dec:
         for path in list_images(photos):
             frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
             reference = fit_frame(frame, w, h, fit)
             start = time.perf_counter()
             latents, _ = enc.infer(preprocess(frame))
             wire = encode_frame("eval", 0, 0.0, latents, enc.info.packing)
-            encode_ms = (time.perf_counter() - start) * 1000
+            encode_s = time.perf_counter() - start
             start = time.perf_counter()
             output, _ = dec.infer(latents.astype(np.float32))
             decoded = to_image(output)
-            decode_ms = (time.perf_counter() - start) * 1000
-            row = {"photo": path.name, "model": {"bytes": len(wire), "bpp": 8 * len(wire) / (w * h),
-                                                 "psnr": psnr(reference, decoded), "encode_ms": encode_ms,
-                                                 "decode_ms": decode_ms}}
+            decode_s = time.perf_counter() - start
+            row = {"photo": path.name, "model": dict(_rate(len(wire), w, h), encoding_time=encode_s,
+                                                     decoding_time=decode_s, **image_metrics(reference, decoded))}
             for codec in codecs:
                 quality, size, image = codec_at_budget(reference, codec, len(wire))
-                row[codec] = {"quality": quality, "bytes": size, "bpp": 8 * size / (w * h),
-                              "psnr": psnr(reference, image)}
+                row[codec] = dict(_rate(size, w, h), quality=quality, **image_metrics(reference, image))
             results.append(row)
+    if not results:
+        raise ConfigError("no photos under {} (looked for the image types OpenCV reads)".format(photos))
     return results
 
 
-def format_results(results, codecs):
+def codec_sweep(photos, profile, codec, qualities=None):
+    """The codec's rate-distortion curve: for each quality, the mean bpp, metrics and times over the photos."""
+    w, h, fit = profile.input.width, profile.input.height, profile.input.fit
+    images = [fit_frame(cv2.imread(str(p), cv2.IMREAD_COLOR), w, h, fit) for p in list_images(photos)]
+    curve = []
+    for quality in qualities or SWEEPS[codec]:
+        rows = []
+        for image in images:
+            start = time.perf_counter()
+            ext, flag, _, _ = CODECS[codec]
+            ok, buf = cv2.imencode(ext, image, [flag, int(quality)])
+            encode_s = time.perf_counter() - start
+            start = time.perf_counter()
+            decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+            decode_s = time.perf_counter() - start
+            rows.append(dict(_rate(len(buf), w, h), encoding_time=encode_s, decoding_time=decode_s,
+                             **image_metrics(image, decoded)))
+        point = _mean_rows(rows)
+        point["quality"] = quality
+        curve.append(point)
+    return curve
+
+
+def _rate(size, w, h):
+    return {"bytes": size, "bpp": 8.0 * size / (w * h), "ratio": 3.0 * w * h / size}
+
+
+def _mean_rows(rows):
+    keys = [k for k in rows[0] if k not in ("quality",)]
+    return dict((k, None if any(r[k] is None for r in rows) else float(np.mean([r[k] for r in rows]))) for k in keys)
+
+
+def compressai_json(name, description, points):
+    """CompressAI's results shape: ``{"name", "description", "results": {"psnr-rgb": [...], "bpp": [...]...}}``."""
+    results = {"bpp": [p["bpp"] for p in points]}
+    for key, out in COMPRESSAI_KEYS.items():
+        results[out] = [p[key] for p in points]
+    for key in ("encoding_time", "decoding_time"):
+        if all(key in p for p in points):
+            results[key] = [p[key] for p in points]
+    return {"name": name, "description": description, "results": results}
+
+
+def plot_rd(path, model_name, model_point, curves, title):
+    """PSNR-RGB and MS-SSIM against bpp: codecs as curves, the model as a point (matplotlib, written as PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "psnr", "PSNR RGB (dB)"), (axes[1], "ms_ssim", "MS-SSIM (RGB)")):
+        for codec, curve in curves.items():
+            points = [(p["bpp"], p[key]) for p in curve if p[key] is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=codec)
+        if model_point.get(key) is not None:
+            ax.plot([model_point["bpp"]], [model_point[key]], marker="*", markersize=14, linestyle="none",
+                    color="black", label=model_name)
+        ax.set_xlabel("bits per pixel (bpp)")
+        ax.set_ylabel(label)
+        ax.set_xlim(0, max([model_point["bpp"] * 2.5] + [0.1]))
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+
+
+def format_results(results, codecs, per_image=False):
+    """The table: PSNR @ bpp per method (every photo with ``per_image``, and the mean), then the other metrics."""
     names = ["model"] + list(codecs)
     lines = ["{:<24}".format("photo") + "".join("{:>18}".format(n + " dB @ bpp") for n in names)]
-    for row in results:
+    for row in results if per_image else []:
         lines.append("{:<24}".format(row["photo"][:24]) + "".join(
             "{:>18}".format("{:.2f} @ {:.3f}".format(row[n]["psnr"], row[n]["bpp"])) for n in names))
-    mean = {n: (np.mean([r[n]["psnr"] for r in results]), np.mean([r[n]["bpp"] for r in results])) for n in names}
-    lines.append("{:<24}".format("mean") + "".join("{:>18}".format("{:.2f} @ {:.3f}".format(*mean[n]))
-                                                    for n in names))
+    means = dict((n, _mean_rows([r[n] for r in results])) for n in names)
+    lines.append("{:<24}".format("mean") + "".join("{:>18}".format("{:.2f} @ {:.3f}".format(
+        means[n]["psnr"], means[n]["bpp"])) for n in names))
+    for key, label in (("psnr_y", "mean PSNR-Y dB"), ("ssim", "mean SSIM"), ("ms_ssim", "mean MS-SSIM"),
+                       ("ratio", "mean ratio")):
+        lines.append("{:<24}".format(label) + "".join(
+            "{:>18}".format("-" if means[n][key] is None else "{:.4f}".format(means[n][key])) for n in names))
+    model = means["model"]
+    lines.append("model times: encode {:.1f} ms, decode {:.1f} ms (mean, this machine)".format(
+        1000 * model["encoding_time"], 1000 * model["decoding_time"]))
     return "\n".join(lines)
 
 
@@ -112,18 +236,35 @@ def _main(argv):
     codecs = [c for c in args.codecs.split(",") if c]
     unknown = [c for c in codecs if c not in CODECS]
     if unknown:
-        from edge.errors import ConfigError
-
         raise ConfigError(f"unknown codec {unknown[0]!r} (available: {', '.join(CODECS)})")
     encoder = profile.model.encoder if args.encoder == "default" else args.encoder
     decoder = profile.model.decoder if args.decoder == "default" else args.decoder
     results = evaluate(args.photos, profile, encoder, decoder, codecs)
-    print(f"{profile.name}: {profile.input.width}x{profile.input.height}, PSNR RGB 8-bit; codecs at the highest "
-          f"quality no larger than the model's wire frame")
-    print(format_results(results, codecs))
+    print(f"{profile.name}: {profile.input.width}x{profile.input.height}, {len(results)} photos; codecs at the "
+          f"highest quality no larger than the model's wire frame")
+    print(format_results(results, codecs, per_image=args.per_image))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"profile": profile.name, "results": results}, indent=1))
+    if args.compressai or args.plot:
+        model_point = _mean_rows([r["model"] for r in results])
+        model_name = "latentlink {} ({})".format(profile.name, Path(encoder).name)
+        curves = dict((codec, codec_sweep(args.photos, profile, codec)) for codec in codecs)
+        if args.compressai:
+            out = Path(args.compressai)
+            out.mkdir(parents=True, exist_ok=True)
+            documents = {"model": compressai_json(model_name, "wire frame bytes (header included) as the rate; "
+                                                  f"{profile.input.width}x{profile.input.height}", [model_point])}
+            for codec, curve in curves.items():
+                documents[codec] = compressai_json(codec, f"OpenCV {cv2.__version__}, quality sweep "
+                                                   f"{[p['quality'] for p in curve]}", curve)
+            for name, document in documents.items():
+                (out / f"{name}.json").write_text(json.dumps(document, indent=1) + "\n")
+            print(f"CompressAI-style results: {', '.join(str(out / (n + '.json')) for n in documents)}")
+        if args.plot:
+            plot_rd(args.plot, model_name, model_point, curves,
+                    f"{profile.name}: {len(results)} photos from {args.photos}")
+            print(f"rate-distortion plot: {args.plot}")
     return 0
 
 

@@ -14,7 +14,7 @@ COMMANDS = [
     ("host", "host.__main__", "receive latents from edges, decode them, save or show the images"),
     ("train", "export.train", "train a model on a folder of photos"),
     ("export", "export.__main__", "ONNX export, TensorRT 8.2 check, engine build, backend comparison"),
-    ("eval", "export.evaluate", "PSNR of a model against JPEG at the same bits per pixel"),
+    ("eval", "export.evaluate", "a model against JPEG, WebP and JPEG 2000: PSNR, MS-SSIM, bpp, RD plot"),
     ("report", "edge.profiler", "print the per-stage table of an edge or host report"),
 ]
 

@@ -35,3 +35,41 @@ def test_eval_command_writes_json(tiny_profile, photos_dir, tmp_path, capsys):
     assert main(["eval", "--photos", photos_dir, "--profile", tiny_profile, "--json", str(out)]) == 0
     assert "mean" in capsys.readouterr().out
     assert len(json.loads(out.read_text())["results"]) == 4
+
+
+def test_codec_at_budget_for_jpeg2000(photos_dir):
+    image = cv2.imread(photos_dir + "/coffee.png")
+    quality, size, decoded = codec_at_budget(image, "jpeg2000", 4000)
+    assert size <= 4000 and decoded.shape == image.shape and 1 <= quality <= 1000
+
+
+def test_image_metrics_are_perfect_for_identical_images_and_drop_with_noise(photos_dir):
+    import numpy as np
+
+    from export.evaluate import image_metrics
+
+    image = cv2.resize(cv2.imread(photos_dir + "/coffee.png"), (192, 192))
+    same = image_metrics(image, image.copy())
+    assert same["psnr"] == float("inf") and same["ssim"] == pytest.approx(1.0) and same["ms_ssim"] == pytest.approx(1.0)
+    noisy = np.clip(image + np.random.default_rng(0).normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    worse = image_metrics(image, noisy)
+    assert 25 < worse["psnr"] < 35 and 25 < worse["psnr_y"] < 40 and worse["ssim"] < 0.99
+    assert image_metrics(image[:64, :64], noisy[:64, :64])["ms_ssim"] is None  # too small for 5 scales
+
+
+def test_eval_writes_compressai_json_and_the_rd_plot(tiny_profile, photos_dir, tmp_path, capsys):
+    from latentlink.cli import main
+
+    out, plot = tmp_path / "rd", tmp_path / "rd.png"
+    assert main(["eval", "--photos", photos_dir, "--profile", tiny_profile, "--codecs", "jpeg,jpeg2000",
+                 "--compressai", str(out), "--plot", str(plot), "--per-image"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean MS-SSIM" in printed and "coffee" in printed and "jpeg2000" in printed
+    model = json.loads((out / "model.json").read_text())
+    assert set(model) == {"name", "description", "results"}
+    assert set(model["results"]) == {"bpp", "psnr-rgb", "psnr-y", "ssim-rgb", "ms-ssim-rgb", "encoding_time",
+                                     "decoding_time"}
+    assert len(model["results"]["bpp"]) == 1 and model["results"]["ms-ssim-rgb"] == [None]  # 64 px: no MS-SSIM
+    jpeg = json.loads((out / "jpeg.json").read_text())["results"]
+    assert len(jpeg["bpp"]) == len(jpeg["psnr-rgb"]) > 5 and jpeg["bpp"] == sorted(jpeg["bpp"])
+    assert plot.read_bytes().startswith(b"\x89PNG")
