@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from edge.backends import open_backend  # noqa: E402
+from edge.backends import open_backend, role_from_name  # noqa: E402
 from edge.preprocess import Preprocessor  # noqa: E402
 from edge.profile import load_profile  # noqa: E402
 from edge.sources import open_source  # noqa: E402
@@ -91,8 +91,7 @@ def main(argv=None):
                 dec_t["run_ms"] + dec_t["copy_ms"], dec_t["run_gpu_ms"] + dec_t["copy_gpu_ms"], flipped, err))
     if args.engine_dir:
         for path in sorted(glob.glob(os.path.join(args.engine_dir, "*.engine"))):
-            role = "decoder" if os.path.basename(path).startswith("decoder") else "encoder"
-            with open_backend(path, role) as engine:
+            with open_backend(path, role_from_name(path)) as engine:
                 shape = engine.input_shape
                 figures, _ = time_backend(engine, np.random.RandomState(0).rand(*shape).astype(np.float32),
                                           args.frames, args.warmup)

@@ -36,8 +36,8 @@ def add_backend_options(parser):
                         help="a .pt checkpoint's precision (default fp32; fp16 needs CUDA). ONNX runs FP32; an "
                              "engine keeps the precision it was built with")
     parser.add_argument("--mapped", action="store_true",
-                        help="TensorRT engines: zero-copy mapped host memory instead of device buffers (suits the "
-                             "Nano, whose CPU and GPU share memory)")
+                        help="TensorRT engines: zero-copy mapped host memory instead of device buffers (meant for "
+                             "the Nano, whose CPU and GPU share memory)")
 
 
 def backend_options(args, profile):
@@ -47,7 +47,7 @@ def backend_options(args, profile):
 
 
 def add_run_options(parser):
-    """Options every long-running command shares: ONNX Runtime threads, the report file, output verbosity."""
+    """Options every long-running command shares: CPU threads, the report file, output verbosity."""
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for ONNX Runtime or PyTorch (0: one per "
                         "core)")
     parser.add_argument("--report", help="write per-frame records and the summary to this JSON file")

@@ -159,11 +159,12 @@ def summarize(records, stages, budget_ms, wall_s, dropped=0, extra=None):
         "dropped": int(dropped),
         "stages": stats,
     }
-    gpu_names = [name for name in stages if any(name in (rec.get("gpu_stages") or {}) for rec in records)]
-    if gpu_names:
-        summary["gpu_stages"] = {name: _stats(np.array([rec["gpu_stages"][name] for rec in records
-                                                        if name in (rec.get("gpu_stages") or {})], dtype=np.float64))
-                                 for name in gpu_names}
+    gpu = {}  # stage -> its CUDA-event times, over the frames that have them
+    for rec in records:
+        for name, ms in (rec.get("gpu_stages") or {}).items():
+            gpu.setdefault(name, []).append(ms)
+    if gpu:
+        summary["gpu_stages"] = {name: _stats(np.array(gpu[name], dtype=np.float64)) for name in stages if name in gpu}
     summary.update(extra)
     return summary
 

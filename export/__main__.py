@@ -137,7 +137,7 @@ def _check(args):
 def _engine(args):
     import os
 
-    from edge.backends import trt_api
+    from edge.backends import role_from_name, trt_api
 
     from .engine import build_engine, gpu_name, refuse_int8
 
@@ -172,8 +172,7 @@ def _engine(args):
         meta = build_engine(path, args.out, precision, args.workspace, force=args.force)
         if not meta["reused"]:
             print("built {engine} in {build_s} s ({engine_bytes:,} bytes; metadata in {engine}.json)".format(**meta))
-        role = "encoder" if os.path.basename(path).startswith("encoder") else "decoder"
-        if role == "encoder":
+        if role_from_name(path) == "encoder":
             print("run it: latentlink edge --encoder {} --source csi://0 --connect HOST:5760 --profile {}".format(
                 meta["engine"], meta.get("profile") or args.profile))
     return 0
@@ -191,14 +190,11 @@ def _finite(obj):
 
 
 def _compare(args):
-    import os
+    from edge.backends import role_from_name
 
     from .compare import compare_backends, format_comparison
 
-    role = args.role
-    if role is None:
-        base = os.path.basename(args.a)
-        role = "decoder" if base.startswith("decoder") else "encoder"
+    role = args.role or role_from_name(args.a)
     profile = load_profile(args.profile)
     size = (profile.input.height, profile.input.width)
     options = dict((side, {"device": getattr(args, side + "_device"), "precision": getattr(args, side + "_precision"),

@@ -64,12 +64,16 @@ def get_args_parser():
 
 
 def encode_with_codec(image_bgr, codec, quality):
-    """``(bytes, decoded image)`` of ``image_bgr`` through ``codec`` at ``quality``."""
+    """``(bytes, decoded image, encode s, decode s)`` of ``image_bgr`` through ``codec`` at ``quality``."""
     ext, flag, _, _ = CODECS[codec]
+    start = time.perf_counter()
     ok, buf = cv2.imencode(ext, image_bgr, [flag, int(quality)])
+    encode_s = time.perf_counter() - start
     if not ok:
         raise ConfigError("OpenCV could not encode {} at quality {}".format(codec, quality))
-    return len(buf), cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    start = time.perf_counter()
+    decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return len(buf), decoded, encode_s, time.perf_counter() - start
 
 
 def codec_at_budget(image_bgr, codec, max_bytes):
@@ -81,12 +85,15 @@ def codec_at_budget(image_bgr, codec, max_bytes):
     best = None
     while low <= high:  # file size grows with quality: binary search the largest quality within budget
         q = (low + high) // 2
-        size, decoded = encode_with_codec(image_bgr, codec, q)
+        size, decoded, _, _ = encode_with_codec(image_bgr, codec, q)
         if size <= max_bytes:
             best, low = (q, size, decoded), q + 1
         else:
             high = q - 1
-    return best or (CODECS[codec][2],) + encode_with_codec(image_bgr, codec, CODECS[codec][2])
+    if best is None:
+        lowest = CODECS[codec][2]
+        best = (lowest,) + encode_with_codec(image_bgr, codec, lowest)[:2]
+    return best
 
 
 def image_metrics(reference, test):
@@ -142,14 +149,8 @@ def codec_sweep(photos, profile, codec, qualities=None):
     for quality in qualities or SWEEPS[codec]:
         rows = []
         for image in images:
-            start = time.perf_counter()
-            ext, flag, _, _ = CODECS[codec]
-            ok, buf = cv2.imencode(ext, image, [flag, int(quality)])
-            encode_s = time.perf_counter() - start
-            start = time.perf_counter()
-            decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-            decode_s = time.perf_counter() - start
-            rows.append(dict(_rate(len(buf), w, h), encoding_time=encode_s, decoding_time=decode_s,
+            size, decoded, encode_s, decode_s = encode_with_codec(image, codec, quality)
+            rows.append(dict(_rate(size, w, h), encoding_time=encode_s, decoding_time=decode_s,
                              **image_metrics(image, decoded)))
         point = _mean_rows(rows)
         point["quality"] = quality

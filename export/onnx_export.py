@@ -5,7 +5,6 @@ exporter (PyTorch >= 2.9 would pick the dynamo exporter and opset 18), and no BO
 Beside the two files goes ``model.json``, which the edge and host read: model, input shape, latent shape, packing.
 """
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from edge.errors import ConfigError
 
+from .engine import sha256_of
 from .onnx_check import check_onnx, format_check
 
 OPSET = 13
@@ -48,7 +48,7 @@ def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sa
         "input": "RGB float32 in [0, 1], NCHW", "output": "RGB float32, NCHW, clip to [0, 1]",
         "encoder": enc_path.name, "decoder": dec_path.name, "opset": OPSET, "torch": torch.__version__,
         "checkpoint": Path(checkpoint).name if checkpoint else None,
-        "checkpoint_sha256": _sha256(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": sha256_of(checkpoint) if checkpoint else None,
         "parity": parity_check(model, image, enc_path, dec_path),
     }
     (out_dir / "model.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -116,7 +116,3 @@ def _smooth_random(height, width, seed=0):
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(1, 3, max(1, height // 16), max(1, width // 16), generator=g)
     return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
-
-
-def _sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

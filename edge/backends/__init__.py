@@ -15,9 +15,14 @@ import os
 from ..errors import BackendError, ConfigError
 from .base import Backend, ModelInfo, read_model_info
 
-__all__ = ["Backend", "ModelInfo", "open_backend", "read_model_info", "SUFFIXES"]
+__all__ = ["Backend", "ModelInfo", "open_backend", "read_model_info", "role_from_name", "SUFFIXES"]
 
 SUFFIXES = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt": "pytorch", ".pth": "pytorch"}
+
+
+def role_from_name(path):
+    """"decoder" for a file named ``decoder*`` (as ``latentlink export onnx/engine`` name them), else "encoder"."""
+    return "decoder" if os.path.basename(path).startswith("decoder") else "encoder"
 
 
 def open_backend(path, role, threads=0, device=None, precision=None, input_size=None, mapped=False):

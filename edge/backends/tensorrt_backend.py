@@ -1,9 +1,10 @@
 """TensorRT + pycuda backend: the Jetson's encoder (a serialized ``.engine`` built on the device itself).
 
 Buffers are allocated once, at load: a page-locked host buffer and a device buffer per tensor (or, with
-``mapped=True``, one page-locked buffer that the GPU reads and writes in place: zero-copy, which suits the Nano,
-whose CPU and GPU share the same 4 GB). A frame then costs one copy into the input buffer, the enqueue, and the
-copy out, all on one CUDA stream, with CUDA events around ``encode`` and ``gpu_to_cpu``.
+``mapped=True``, one page-locked buffer that the GPU reads and writes in place: zero-copy, meant for the Nano,
+whose CPU and GPU share the same 4 GB; whether it is faster there is unmeasured). A frame then costs one copy
+into the input buffer, the enqueue, and the copy out, all on one CUDA stream, with CUDA events around ``encode``
+and ``gpu_to_cpu``.
 
 Python 3.6 compatible; pycuda and tensorrt are imported in ``load()``.
 """
