@@ -6,6 +6,7 @@ Example::
 """
 
 import argparse
+import inspect
 import math
 import random
 import time
@@ -36,10 +37,11 @@ def get_args_parser(parser=None):
                         help="checkpoint to write (.pt), at every validation; the best one by validation PSNR "
                              "goes beside it as NAME.best.pt")
     parser.add_argument("--model", default="lossy-cae", choices=sorted(MODELS), help="architecture (default: %(default)s)")
-    parser.add_argument("--latent-channels", type=int, default=8, help="latent channels (8 = 0.5 bpp for lossy-cae)")
+    parser.add_argument("--latent-channels", type=int,
+                        help="latent channels, for the models that have them (lossy-cae: 8 = 0.5 bpp, the default)")
     parser.add_argument("--hparam", action="append", default=[], metavar="NAME=INT",
-                        help="architecture setting of a new model, repeatable, e.g. --hparam decoder_blocks=3 "
-                             "(lossy-cae: encoder_channels, decoder_channels, decoder_blocks, dither=0|1)")
+                        help="architecture setting of a new model, repeatable, e.g. --hparam decoder_blocks=3; "
+                             + "; ".join(f"{name}: {', '.join(hparam_names(name))}" for name in sorted(MODELS)))
     parser.add_argument("--loss", default="mse", choices=sorted(LOSSES), help="training loss (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20000, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -69,6 +71,11 @@ def get_args_parser(parser=None):
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
     return parser
+
+
+def hparam_names(model_name):
+    """The settings ``--hparam`` takes for a model: its constructor's keyword arguments."""
+    return [p for p in inspect.signature(MODELS[model_name].__init__).parameters if p != "self"]
 
 
 def psnr(mse):
@@ -137,6 +144,9 @@ def train(args):
         raise ConfigError("--freeze-encoder keeps the encoder's bits as they are: it needs --stochastic-fraction 0 "
                           "(random bits would train the decoder on bits it never gets) and no --bit-usage "
                           "(nothing left to shape the bits)")
+    if args.bit_usage and MODELS[args.model].__dict__.get("packing", "bits") != "bits" and not args.resume:
+        raise ConfigError(f"--bit-usage shapes binary latents; model {args.model!r} sends "
+                          f"{MODELS[args.model].packing} latents (use it with lossy-cae)")
     scales = tuple(int(s) for s in args.scales.split(","))
     if args.loss == "ms-ssim" and args.crop < 176:
         raise ConfigError(f"--loss ms-ssim needs --crop of at least 176 pixels (5 scales of an 11-pixel window), "
@@ -153,7 +163,10 @@ def train(args):
         model, previous = load_checkpoint(args.resume, device)
         history = previous.pop("history", []) + [previous]
     else:
-        model = build_model(args.model, **{"latent_channels": args.latent_channels, **parse_hparams(args.hparam)})
+        hparams = parse_hparams(args.hparam)
+        if args.latent_channels is not None:
+            hparams.setdefault("latent_channels", args.latent_channels)
+        model = build_model(args.model, **hparams)
         if args.init_from:
             source, source_meta = load_checkpoint(args.init_from)
             copied, fresh = copy_matching_weights(model, source)
@@ -164,9 +177,14 @@ def train(args):
     if args.freeze_encoder:
         model.encoder.requires_grad_(False)
     loss_fn = get_loss(args.loss)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    # The encoder and decoder are what ships; a model trained against critics (cyclegan) trains them apart.
+    adversarial = hasattr(model, "discriminator_loss")
+    trained = [p for part in (model.encoder, model.decoder) for p in part.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=args.lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps,
                                                     pct_start=0.05, final_div_factor=100)
+    if adversarial:  # betas as Zhu et al.'s Cycle-GAN: a short momentum keeps the two games from oscillating
+        critic_optimizer = torch.optim.Adam(model.discriminators.parameters(), lr=args.lr, betas=(0.5, 0.999))
     best, started = -1.0, time.time()
     best_path = Path(args.out).with_suffix(".best.pt")
     progress = tqdm(range(1, args.steps + 1), desc="train", unit="step", dynamic_ncols=True)
@@ -175,7 +193,7 @@ def train(args):
         x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
         out = model(x)
         x_hat = out["x_hat"]
-        loss = loss_fn(x_hat, x)
+        loss = model.generator_loss(x, out, loss_fn) if adversarial else loss_fn(x_hat, x)
         if args.bit_usage:
             loss = loss + args.bit_usage * bit_usage_penalty(out["latents"])
         optimizer.zero_grad(set_to_none=True)
@@ -185,9 +203,13 @@ def train(args):
             continue
         loss.backward()
         if args.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            torch.nn.utils.clip_grad_norm_(trained, args.clip_grad)
         optimizer.step()
         scheduler.step()
+        if adversarial:
+            critic_optimizer.zero_grad(set_to_none=True)  # also drops what the generators' loss left on the critics
+            model.discriminator_loss(x, out).backward()
+            critic_optimizer.step()
         if step % 20 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(torch.mean((x_hat - x) ** 2).item()):.2f}")
         if step % args.val_every == 0 or step == args.steps:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layers import ResidualBlock, subpixel_conv
 from .registry import register_model
 
 
@@ -77,24 +78,6 @@ class Binarizer(nn.Module):
         return soft + (hard - soft).detach()
 
 
-class ResidualBlock(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.PReLU(channels),
-            nn.Conv2d(channels, channels, 3, padding=1),
-        )
-
-    def forward(self, x):
-        return x + self.body(x)
-
-
-def _upsample(in_ch, out_ch):
-    """Sub-pixel convolution: x2 resolution (exports to Conv + DepthToSpace)."""
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch * 4, 3, padding=1), nn.PixelShuffle(2))
-
-
 @register_model("lossy-cae")
 class LossyCAE(nn.Module):
     """Binary-latent autoencoder: (N, 3, H, W) in [0, 1] -> (N, C, H/4, W/4) bits -> (N, 3, H, W).
@@ -128,11 +111,11 @@ class LossyCAE(nn.Module):
             nn.Conv2d(latent_channels, d, 3, padding=1),
             nn.PReLU(d),
             *[ResidualBlock(d) for _ in range(decoder_blocks)],
-            _upsample(d, d // 2),
+            subpixel_conv(d, d // 2),
             nn.PReLU(d // 2),
             nn.Conv2d(d // 2, d // 2, 3, padding=1),
             nn.PReLU(d // 2),
-            _upsample(d // 2, 3),
+            subpixel_conv(d // 2, 3),
         )
 
     def latent_shape(self, height, width):

@@ -37,7 +37,8 @@ def build_model(name, **hparams):
     try:
         return cls(**hparams)
     except TypeError as exc:
-        raise ConfigError(f"model {name!r} does not take these settings: {exc}") from None
+        takes = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        raise ConfigError(f"model {name!r} does not take these settings ({exc}); it takes: {', '.join(takes)}") from None
 
 
 def save_checkpoint(path, model, **meta):
