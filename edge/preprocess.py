@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from .errors import ConfigError
+from .tiles import join_tiles, split_tiles, tile_shape
 
 FIT_MODES = ("center-crop", "resize", "pad")
 
@@ -54,20 +55,31 @@ class Preprocessor(object):
     The returned array is that buffer: it is overwritten by the next call.
     """
 
-    def __init__(self, width, height, fit="center-crop"):
+    def __init__(self, width, height, fit="center-crop", tiles=(1, 1)):
         if fit not in FIT_MODES:
             raise ConfigError("unknown fit {!r} (available: {})".format(fit, ", ".join(FIT_MODES)))
-        self.width, self.height, self.fit = width, height, fit
+        self.width, self.height, self.fit, self.tiles = width, height, fit, tuple(tiles)
         self._buffer = np.empty((1, 3, height, width), dtype=np.float32)
+        self._tiled = None
+        if self.tiles != (1, 1):  # patch processing: the frame goes out as a batch of tiles (edge/tiles.py)
+            self._tiled = np.empty(tile_shape(self._buffer.shape, self.tiles), dtype=np.float32)
 
     def __call__(self, frame_bgr):
+        """The model's input: (1, 3, height, width), or (R*C, 3, height/R, width/C) tiles."""
         rgb = cv2.cvtColor(fit_frame(frame_bgr, self.width, self.height, self.fit), cv2.COLOR_BGR2RGB)
         np.multiply(rgb.transpose(2, 0, 1), np.float32(1.0 / 255.0), out=self._buffer[0], casting="unsafe")
+        if self._tiled is not None:
+            return split_tiles(self._buffer, self.tiles, out=self._tiled)
         return self._buffer
 
 
-def to_image(tensor):
-    """Model output (1, 3, H, W) float RGB in [0, 1] -> BGR uint8 (H, W, 3), rounded and clipped like a PNG."""
+def to_image(tensor, tiles=(1, 1)):
+    """Model output (1, 3, H, W) float RGB in [0, 1] -> BGR uint8 (H, W, 3), rounded and clipped like a PNG.
+
+    A tiled model's output, (R*C, 3, h, w) with ``tiles=(R, C)``, is put back together first.
+    """
+    if tuple(tiles) != (1, 1):
+        tensor = join_tiles(tensor, tiles)
     rgb = np.clip(np.asarray(tensor[0], dtype=np.float32).transpose(1, 2, 0) * 255.0 + 0.5, 0, 255)
     return cv2.cvtColor(rgb.astype(np.uint8), cv2.COLOR_RGB2BGR)
 

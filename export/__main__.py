@@ -15,6 +15,7 @@ import sys
 from edge.cli import positive_float, positive_int, run_main
 from edge.errors import BackendError, ConfigError
 from edge.profile import load_profile
+from edge.tiles import parse_tiles
 
 EXAMPLES = """examples:
   latentlink export onnx --checkpoint runs/lossy-cae.pt --profile nano-504 --out models/nano-504
@@ -45,6 +46,10 @@ def get_args_parser():
     onnx_parser.add_argument("--height", type=int, help="input height in pixels (instead of --profile)")
     onnx_parser.add_argument("--width", type=int, help="input width in pixels (instead of --profile)")
     onnx_parser.add_argument("--out", required=True, help="folder for encoder.onnx, decoder.onnx and model.json")
+    onnx_parser.add_argument("--tiles", metavar="RxC",
+                             help="patch processing: the frame goes through the models as a batch of R x C equal "
+                                  "tiles, e.g. 2x2 (the seed deck's 1008 -> 4 x 504); default: the checkpoint's "
+                                  "training setting, else 1x1")
 
     check_parser = add("check", "will these ONNX files parse on TensorRT 8.2 (the Nano's)? exit 1 if not")
     check_parser.add_argument("onnx", nargs="+", help="ONNX files")
@@ -111,11 +116,14 @@ def _onnx(args):
         height, width = args.height, args.width
     else:
         raise ConfigError("give --profile NAME, or both --height and --width")
-    model, _ = load_checkpoint(args.checkpoint)
-    info = export_onnx(model, height, width, args.out, profile=profile_name, checkpoint=args.checkpoint)
+    model, meta = load_checkpoint(args.checkpoint)
+    tiles = parse_tiles(args.tiles or "x".join(str(n) for n in meta.get("tiles", (1, 1))))
+    info = export_onnx(model, height, width, args.out, profile=profile_name, checkpoint=args.checkpoint, tiles=tiles)
     parity = info["parity"]
     print("wrote {0}/encoder.onnx, decoder.onnx, model.json: {1[model]} {1[input_shape]} -> {1[latent_shape]} "
-          "({1[packing]}, {1[bits_per_pixel]} bpp)".format(args.out, info))
+          "({1[packing]}, {1[bits_per_pixel]} bpp){2}".format(
+              args.out, info, "; {}x{} tiles of each {}x{} frame".format(*tiles, width, height) if tiles != (1, 1)
+              else ""))
     if "latent_mismatch_fraction" in parity:
         latents = "{:.2e} of latent values differ".format(parity["latent_mismatch_fraction"])
     else:

@@ -14,6 +14,7 @@ import onnx
 import torch
 
 from edge.errors import ConfigError
+from edge.tiles import split_tiles, tile_shape
 
 from .engine import sha256_of
 from .onnx_check import check_onnx, format_check
@@ -21,18 +22,22 @@ from .onnx_check import check_onnx, format_check
 OPSET = 13
 
 
-def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sample=None):
-    """Write ``encoder.onnx``, ``decoder.onnx`` and ``model.json`` for ``height`` x ``width`` inputs to ``out_dir``.
+def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sample=None, tiles=(1, 1)):
+    """Write ``encoder.onnx``, ``decoder.onnx`` and ``model.json`` for ``height`` x ``width`` frames to ``out_dir``.
 
-    ``sample``: an optional float32 (1, 3, H, W) image for the parity check (default: a smooth random image).
-    Returns the model.json contents, parity figures included.
+    ``tiles=(R, C)``: patch processing; the models take the frame as a batch of R*C tiles (see edge/tiles.py),
+    and model.json records the grid for the host. ``sample``: an optional float32 (1, 3, H, W) frame for the
+    parity check (default: a smooth random image). Returns the model.json contents, parity figures included.
     """
-    if height % model.downscale or width % model.downscale:
-        raise ConfigError(f"input {width}x{height} is not a multiple of {model.downscale} (the model's downscale)")
+    tile_batch = tile_shape((1, 3, height, width), tiles)
+    if tile_batch[2] % model.downscale or tile_batch[3] % model.downscale:
+        what = "input" if tuple(tiles) == (1, 1) else f"tile {tile_batch[3]}x{tile_batch[2]} of"
+        raise ConfigError(f"{what} {width}x{height} is not a multiple of {model.downscale} (the model's downscale)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
-    image = torch.from_numpy(sample) if sample is not None else _smooth_random(height, width)
+    frame = sample if sample is not None else _smooth_random(height, width).numpy()
+    image = torch.from_numpy(split_tiles(frame, tiles))
     with torch.no_grad():
         latents = model.encoder(image)
     enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
@@ -44,6 +49,7 @@ def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sa
     info = {
         "format": "latentlink-model", "version": 1, "model": model.name, "hparams": model.hparams,
         "profile": profile, "input_shape": list(image.shape), "latent_shape": list(latents.shape),
+        "tiles": list(tiles), "frame_shape": [1, 3, height, width],
         "packing": model.packing, "latent_dtype": "float32", "bits_per_pixel": model.bits_per_pixel,
         "input": "RGB float32 in [0, 1], NCHW", "output": "RGB float32, NCHW, clip to [0, 1]",
         "encoder": enc_path.name, "decoder": dec_path.name, "opset": OPSET, "torch": torch.__version__,

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from edge.errors import ConfigError
+from edge.tiles import join_tiles, parse_tiles, split_tiles
 
 from .data import CropSampler, centre_crop, list_images, read_rgb, resize_short_side, to_batch
 from .losses import LOSSES, bit_usage_penalty, get_loss
@@ -67,6 +68,10 @@ def get_args_parser(parser=None):
     parser.add_argument("--freeze-encoder", action="store_true",
                         help="train the decoder only: the encoder's weights, and so its bits, stay as they start "
                              "(needs --stochastic-fraction 0)")
+    parser.add_argument("--tiles", metavar="RxC",
+                        help="patch processing: the model will see frames as R x C tiles (train with --crop at the "
+                             "tile size; validation cuts its 256-pixel crops into tiles and joins them back, as "
+                             "deployment does); recorded in the checkpoint for `export onnx` (default: 1x1, or the --resume checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (crops, flips, init, binarization)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
@@ -84,13 +89,21 @@ def psnr(mse):
 
 
 @torch.no_grad()
-def evaluate(model, images, device):
-    """Mean PSNR (dB) of the deterministic (deployed) model over 256x256 centre crops of ``images`` (RGB uint8)."""
+def evaluate(model, images, device, tiles=(1, 1)):
+    """Mean PSNR (dB) of the deterministic (deployed) model over 256x256 centre crops of ``images`` (RGB uint8).
+
+    ``tiles=(R, C)``: each crop goes through the model as R x C tiles and is put back together, as deployed.
+    """
     model.eval()
     scores = []
     for image in images:
-        x = torch.from_numpy(to_batch(image[None])).to(device)
-        x_hat = model(x)["x_hat"].clamp(0, 1)
+        # Trimmed to whole tiles whose sides are multiples of the model's downscale.
+        step_h, step_w = model.downscale * tiles[0], model.downscale * tiles[1]
+        image = image[:image.shape[0] - image.shape[0] % step_h, :image.shape[1] - image.shape[1] % step_w]
+        frame = to_batch(image[None])
+        x = torch.from_numpy(frame).to(device)
+        x_hat = model(torch.from_numpy(split_tiles(frame, tiles)).to(device))["x_hat"].clamp(0, 1)
+        x_hat = torch.from_numpy(join_tiles(x_hat.cpu().numpy(), tiles)).to(device)
         # Quantize to 8 bits as the host does before comparing.
         x_hat = torch.round(x_hat * 255) / 255
         scores.append(psnr(torch.mean((x_hat - x) ** 2).item()))
@@ -159,9 +172,11 @@ def train(args):
     print(f"{len(train_paths)} training photos, {len(val_paths)} validation photos, scales {scales}")
 
     history = []  # the training runs this checkpoint went through, oldest first
+    resumed_tiles = (1, 1)
     if args.resume:
         model, previous = load_checkpoint(args.resume, device)
         history = previous.pop("history", []) + [previous]
+        resumed_tiles = tuple(previous.get("tiles", (1, 1)))
     else:
         hparams = parse_hparams(args.hparam)
         if args.latent_channels is not None:
@@ -173,6 +188,9 @@ def train(args):
             print(f"--init-from {args.init_from}: {len(copied)} tensors copied, {len(fresh)} start fresh")
             history = source_meta.pop("history", []) + [source_meta]  # the new model descends from it
         model = model.to(device)
+    tiles = parse_tiles(args.tiles) if args.tiles else resumed_tiles
+    if args.crop % model.downscale:
+        raise ConfigError(f"--crop {args.crop} is not a multiple of {model.downscale}, model {model.name}'s downscale")
     model.train()
     if args.freeze_encoder:
         model.encoder.requires_grad_(False)
@@ -213,11 +231,11 @@ def train(args):
         if step % 20 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(torch.mean((x_hat - x) ** 2).item()):.2f}")
         if step % args.val_every == 0 or step == args.steps:
-            val_psnr = evaluate(model, val_images, device) if val_images else float("nan")
+            val_psnr = evaluate(model, val_images, device, tiles) if val_images else float("nan")
             tqdm.write(f"step {step}: validation PSNR {val_psnr:.2f} dB (best {max(best, val_psnr):.2f})")
             facts = dict(history=history, step=step, loss=args.loss, val_psnr_db=round(val_psnr, 3),
                          train_photos=[p.name for p in train_paths], val_photos=[p.name for p in val_paths],
-                         scales=list(scales), crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         scales=list(scales), crop=args.crop, tiles=list(tiles), batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          stochastic_fraction=args.stochastic_fraction, bit_usage=args.bit_usage,
                          init_from=args.init_from, freeze_encoder=args.freeze_encoder, clip_grad=args.clip_grad,
                          minutes=round((time.time() - started) / 60, 1))

@@ -14,7 +14,8 @@ class ModelInfo(object):
     """What an exported model pair is: read from the ``model.json`` written beside the ONNX files.
 
     Attributes: ``model`` (zoo name), ``input_shape`` and ``latent_shape`` (NCHW tuples), ``packing`` (how the
-    latents travel), ``latent_dtype``, ``bits_per_pixel``, ``path`` (of the sidecar) and ``data`` (all of it).
+    latents travel), ``latent_dtype``, ``bits_per_pixel``, ``tiles`` ((rows, columns); (1, 1) without patch
+    processing), ``frame_shape`` (the whole frame, (1, C, H, W)), ``path`` (of the sidecar) and ``data`` (all of it).
     """
 
     def __init__(self, data, path):
@@ -30,6 +31,18 @@ class ModelInfo(object):
         if self.packing not in PACKINGS:
             raise ConfigError("{}: packing {!r} is not one of {}".format(path, self.packing, ", ".join(PACKINGS)))
         self.bits_per_pixel = float(data.get("bits_per_pixel", 0.0))
+        try:
+            self.tiles = tuple(int(n) for n in data.get("tiles", (1, 1)))
+            rows, cols = self.tiles
+        except (TypeError, ValueError):
+            raise ConfigError("{}: tiles {!r} is not [rows, columns]".format(path, data.get("tiles")))
+        if rows < 1 or cols < 1 or self.input_shape[0] != rows * cols:
+            raise ConfigError("{}: tiles {!r} do not fit the input batch of {} (re-export with `latentlink export "
+                              "onnx --tiles`)".format(path, list(self.tiles), self.input_shape[0]))
+        if len(self.input_shape) != 4:
+            raise ConfigError("{}: input_shape {!r} is not NCHW".format(path, list(self.input_shape)))
+        channels, height, width = self.input_shape[1:]
+        self.frame_shape = (1, channels, height * rows, width * cols)  # the frame the tiles make
         self.path = path
         self.data = data
 
