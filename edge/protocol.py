@@ -2,8 +2,14 @@
 
 Fixed header (8 bytes, big-endian ``>4sBBH``): magic ``b"LLNK"``, version, flags, metadata length in bytes.
 Metadata: a UTF-8 JSON object (sorted keys, no spaces, at most :data:`MAX_META_BYTES` bytes) with the keys
-``stream seq t_capture dtype shape packing payload_len``; unknown extra keys are ignored (forward compatibility).
-Payload: ``payload_len`` bytes holding the latent array packed as ``packing`` says (see :func:`pack_latents`).
+``stream seq t_capture dtype shape packing payload_len`` and the optional ``entropy``; unknown extra keys are
+ignored (forward compatibility).
+Payload: ``payload_len`` bytes holding the latent array packed as ``packing`` says (see :func:`pack_latents`), then,
+if ``entropy`` names a coder (``zlib``, ``lz4``, ``zstd``; see :mod:`edge.entropy`), compressed with it. Without the
+key (or with ``"none"``, which senders leave out) ``payload_len`` is exactly the packed size implied by packing and
+shape; with it, ``payload_len`` is the compressed size and the packed size is what decompression must give exactly.
+``max_payload_bytes`` bounds both. The ``pickle`` packing is never entropy-coded: it exists for the seed
+pipeline's receivers, which know no entropy coding, and its size is not implied by the shape.
 
 Everything here runs on Python 3.6 + numpy 1.19 (the Jetson Nano) as well as on current Python and numpy 2.
 The pure functions (encode/parse/pack/unpack) are separate from the two that touch a socket
@@ -23,6 +29,7 @@ import time
 
 import numpy as np
 
+from .entropy import CODERS, compress, decompress
 from .errors import ConfigError, ConnectionClosed, ProtocolError
 
 MAGIC = b"LLNK"
@@ -44,8 +51,10 @@ _META_KEYS = ("stream", "seq", "t_capture", "dtype", "shape", "packing", "payloa
 # The stream name becomes a directory on the host: a closed character set, and no "." / ".." (path traversal).
 _STREAM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 
-FrameMeta = collections.namedtuple("FrameMeta", "stream seq t_capture dtype shape packing payload_len flags meta_len")
-FrameMeta.__new__.__defaults__ = (0,)  # meta_len: bytes of the metadata block, known once a frame is parsed
+FrameMeta = collections.namedtuple("FrameMeta",
+                                   "stream seq t_capture dtype shape packing payload_len flags meta_len entropy")
+# meta_len: bytes of the metadata block, known once a frame is parsed; entropy: the coder, "none" if absent
+FrameMeta.__new__.__defaults__ = (0, "none")
 
 
 def _is_int(value):
@@ -115,6 +124,12 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
             raise error("end-of-stream frame has packing %r (expected 'none')" % (packing,))
     elif packing not in PACKINGS:
         raise error("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
+    entropy = obj.get("entropy", "none")  # optional: frames from edges older than the key have none
+    if entropy not in CODERS:
+        raise error("unknown entropy coder %r (available: %s)" % (entropy, ", ".join(CODERS)))
+    if entropy != "none" and (end_of_stream or packing == "pickle"):
+        raise error("packing %r cannot be entropy-coded (entropy %r): only bits, uint8, float16 and float32 "
+                    "payloads can" % (packing, entropy))
     payload_len = obj["payload_len"]
     if not _is_int(payload_len) or payload_len < 0:
         raise error("bad payload_len %r (expected an integer >= 0)" % (payload_len,))
@@ -122,11 +137,17 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
         raise error("payload of %d bytes exceeds the limit of %d bytes (raise --max-frame-bytes if this is "
                     "legitimate)" % (payload_len, max_payload_bytes))
     expected = payload_size(packing, shape)
-    if expected is not None and payload_len != expected:
-        raise error("payload_len %d does not match shape %r with packing %r (expected %d bytes)"
-                    % (payload_len, shape, packing, expected))
+    if entropy == "none":
+        if expected is not None and payload_len != expected:
+            raise error("payload_len %d does not match shape %r with packing %r (expected %d bytes)"
+                        % (payload_len, shape, packing, expected))
+    elif max_payload_bytes is not None and expected > max_payload_bytes:
+        # The size after decompression is bounded too: a few compressed bytes may not unpack to gigabytes.
+        raise error("%s payload unpacks to %d bytes (shape %r, packing %r), over the limit of %d bytes (raise "
+                    "--max-frame-bytes if this is legitimate)" % (entropy, expected, shape, packing,
+                                                                  max_payload_bytes))
     return FrameMeta(obj["stream"], int(seq), t_capture, dtype, tuple(int(d) for d in shape), packing,
-                     int(payload_len), flags)
+                     int(payload_len), flags, 0, entropy)
 
 
 def _sender_numbers(seq, t_capture):
@@ -167,17 +188,41 @@ def pack_latents(array, packing):
     raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
 
 
-def encode_frame(stream, seq, t_capture, array, packing):
-    """The whole frame (header + metadata + payload) as one bytes object, ready for ``sock.sendall``."""
+def encode_frame(stream, seq, t_capture, array, packing, entropy="none"):
+    """The whole frame (header + metadata + payload) as one bytes object, ready for ``sock.sendall``.
+
+    ``entropy``: compress the packed payload with this coder (see :mod:`edge.entropy`); "none" sends it as packed.
+    """
     a = np.asarray(array)
+    _check_sender_args(a, packing, entropy)
+    return frame_payload(stream, seq, t_capture, a, packing, compress(pack_latents(a, packing), entropy), entropy)
+
+
+def _check_sender_args(a, packing, entropy):
     if packing not in PACKINGS:
         raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
     if a.dtype.name not in DTYPES:
         raise ConfigError("array dtype %r is not supported (supported: %s)" % (a.dtype.name, ", ".join(DTYPES)))
+    if entropy not in CODERS:
+        raise ConfigError("unknown entropy coder %r (available: %s)" % (entropy, ", ".join(CODERS)))
+    if packing == "pickle" and entropy != "none":
+        raise ConfigError("the pickle serializer cannot be entropy-coded (entropy %r): it is for the seed "
+                          "pipeline's receivers, which know no entropy coding; use --serializer framed or "
+                          "--entropy none" % (entropy,))
+
+
+def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none"):
+    """The frame carrying ``payload``: ``array`` packed with :func:`pack_latents` and coded with ``entropy``.
+
+    :func:`encode_frame` in steps, for a caller that times packing, entropy coding and framing apart.
+    """
+    a = np.asarray(array)
+    _check_sender_args(a, packing, entropy)
     seq, t_capture = _sender_numbers(seq, t_capture)
-    payload = pack_latents(a, packing)
     meta = {"stream": stream, "seq": seq, "t_capture": t_capture, "dtype": a.dtype.name,
             "shape": [int(d) for d in a.shape], "packing": packing, "payload_len": len(payload)}
+    if entropy != "none":  # absent means none: frames without a coder stay byte-identical for older hosts
+        meta["entropy"] = entropy
     _validate_meta(meta, 0, None, ConfigError)  # refuse here what the host would refuse
     return _encode(meta, 0, payload)
 
@@ -326,9 +371,14 @@ def unpack_latents(payload, meta):
 
 
 def decode_latents(meta, payload):
-    """The latent array a frame carries (pickle payloads go through :func:`restricted_loads`)."""
+    """The latent array a frame carries: decompressed (bounded by the packed size), then unpacked.
+
+    Pickle payloads go through :func:`restricted_loads`.
+    """
     if meta.flags & FLAG_END_OF_STREAM:
         raise ProtocolError("an end-of-stream frame carries no latents")
+    if meta.entropy != "none":
+        payload = decompress(payload, meta.entropy, payload_size(meta.packing, meta.shape))
     return unpack_latents(payload, meta)
 
 
