@@ -7,6 +7,7 @@ import sys
 from .backends import open_backend
 from .cli import (add_backend_options, add_run_options, backend_options, peak_rss_mb, positive_int, run_main,
                   setup_logging)
+from .entropy import CODERS, check_available
 from .pipeline import default_stream_name, run_edge
 from .profile import load_profile
 from .profiler import format_table, write_report
@@ -42,6 +43,10 @@ def get_args_parser():
     parser.add_argument("--loop", action="store_true", help="restart file sources at their end")
     parser.add_argument("--serializer", choices=SERIALIZERS, default=None,
                         help="framed (packed latents, default) or pickle (for receivers of the seed pipeline)")
+    parser.add_argument("--entropy", choices=CODERS, default=None,
+                        help="lossless coding of the packed latents before sending, on the CPU: zlib (always "
+                             "there), lz4 (pip install lz4), zstd (pip install zstandard); default: the profile's "
+                             "transport.entropy (none unless it says)")
     parser.add_argument("--drop", choices=DROP_POLICIES, default=None,
                         help="when the send queue is full drop the oldest frame (live view), the newest, or block "
                              "(never drop); default from the profile")
@@ -65,17 +70,19 @@ def _main(argv):
     address = parse_address(args.connect)
     stream = args.name or default_stream_name()
     capture = profile.capture
+    entropy = args.entropy or profile.transport.entropy
+    check_available(entropy)  # before the camera and the model are opened: a missing library fails at once
     with open_source(args.source, capture.width, capture.height, capture.fps, loop=args.loop) as source, \
             open_backend(encoder_path, "encoder", **backend_options(args, profile)) as encoder:
         logging.getLogger("latentlink.edge").info(
-            "stream %r: %s -> %s (%s, %s packing) -> %s:%d", stream, source.description, encoder_path,
-            encoder.name, encoder.info.packing, address[0], address[1])
+            "stream %r: %s -> %s (%s, %s packing, entropy %s) -> %s:%d", stream, source.description, encoder_path,
+            encoder.name, encoder.info.packing, entropy, address[0], address[1])
         summary, records = run_edge(source, encoder, profile, address, stream, frames=args.frames,
                                     serializer=args.serializer, drop=args.drop, queue_size=args.queue_size,
-                                    send_buffer_bytes=args.send_buffer)
+                                    send_buffer_bytes=args.send_buffer, entropy=entropy)
     meta = {"role": "edge", "peak_rss_mb": peak_rss_mb(),
             "stream": stream, "profile": profile.name, "backend": encoder.name,
-            "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing,
+            "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing, "entropy": entropy,
             "input_shape": list(encoder.info.input_shape), "latent_shape": list(encoder.info.latent_shape)}
     if args.report:
         write_report(args.report, summary, records, meta)

@@ -1,6 +1,8 @@
-"""The edge loop: capture -> preprocess -> encode -> (gpu_to_cpu) -> serialize -> queue -> send, timed per frame.
+"""The edge loop: capture -> preprocess -> encode -> (gpu_to_cpu) -> serialize -> (entropy) -> queue -> send, timed
+per frame.
 
-Capture, preprocess, encode and serialize run in the calling thread; ``send`` runs in the :class:`Sender`'s
+``serialize`` is packing and framing; ``entropy`` the optional lossless coding of the packed payload (timed apart:
+it runs on the Nano's CPU). All but ``send`` run in the calling thread; ``send`` runs in the :class:`Sender`'s
 thread, so a slow network costs queue space (and, by policy, dropped frames), not capture time.
 """
 
@@ -8,29 +10,44 @@ import logging
 import socket
 import time
 
+from .entropy import check_available, compress
 from .errors import ConfigError
 from .preprocess import Preprocessor
 from .profiler import EDGE_STAGES, FrameTimer, summarize
-from .protocol import SERIALIZERS, encode_frame
+from .protocol import SERIALIZERS, frame_payload, pack_latents
 from .sender import Sender
 
 log = logging.getLogger("latentlink.edge")
 
 
 def run_edge(source, encoder, profile, address, stream, frames=None, serializer=None, drop=None, queue_size=None,
-             send_buffer_bytes=None, status_every_s=10.0):
+             send_buffer_bytes=None, status_every_s=10.0, entropy=None):
     """Stream ``source`` through ``encoder`` to the host at ``address``; returns ``(summary, records)``.
 
     ``frames``: stop after this many captured frames (None: until the source ends or Ctrl-C). ``serializer``,
-    ``drop``, ``queue_size`` and ``send_buffer_bytes`` override the profile's transport settings. A status line
-    is logged every ``status_every_s`` seconds (frames captured, sent, dropped, fps): a long run shows it is alive.
+    ``drop``, ``queue_size``, ``send_buffer_bytes`` and ``entropy`` (a coder of :mod:`edge.entropy`) override the
+    profile's transport settings. A status line is logged every ``status_every_s`` seconds (frames captured, sent,
+    dropped, fps): a long run shows it is alive.
     """
     transport = profile.transport
     serializer = serializer or transport.serializer
     if serializer not in SERIALIZERS:
         raise ConfigError("unknown serializer {!r} (available: {})".format(serializer, ", ".join(SERIALIZERS)))
     packing = "pickle" if serializer == "pickle" else encoder.info.packing
-    preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit)
+    entropy = entropy or transport.entropy
+    check_available(entropy)  # a missing library fails here, not at the first frame
+    if packing == "pickle" and entropy != "none":
+        raise ConfigError("--serializer pickle cannot be entropy-coded (entropy {!r}): it is for the seed pipeline's "
+                          "receivers, which know no entropy coding; use --entropy none".format(entropy))
+    stages = EDGE_STAGES if entropy != "none" else tuple(s for s in EDGE_STAGES if s != "entropy")
+    frame_hw = tuple(encoder.info.frame_shape[2:])
+    if frame_hw != (profile.input.height, profile.input.width):
+        raise ConfigError("the encoder takes {}x{} frames{} but profile {!r} says {}x{}: use the profile it was "
+                          "exported for".format(frame_hw[1], frame_hw[0], " (as {}x{} tiles)".format(
+                              *encoder.info.tiles) if encoder.info.tiles != (1, 1) else "", profile.name,
+                              profile.input.width, profile.input.height))
+    # With patch processing (edge/tiles.py) preprocessing also cuts the frame into the encoder's batch of tiles.
+    preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit, encoder.info.tiles)
     records = []
 
     def finish(timer):
@@ -57,7 +74,12 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
             latents, timings = encoder.infer(tensor)
             timer.add_backend_timings("encode", "gpu_to_cpu", timings)
             with timer.stage("serialize"):
-                data = encode_frame(stream, seq, t_capture, latents, packing)
+                payload = pack_latents(latents, packing)
+            if entropy != "none":
+                with timer.stage("entropy"):
+                    payload = compress(payload, entropy)
+            with timer.stage("serialize"):
+                data = frame_payload(stream, seq, t_capture, latents, packing, payload, entropy)
             timer.extra["bytes"] = len(data)
             sender.submit(data, timer)
             seq += 1
@@ -73,7 +95,7 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     wall_s = time.perf_counter() - started
     records.sort(key=lambda r: r["seq"])
     notes = {"gpu_to_cpu": encoder.copy_note} if encoder.copy_note else {}
-    summary = summarize(records, EDGE_STAGES, profile.budget_ms, wall_s, dropped=sender.dropped, extra={
+    summary = summarize(records, stages, profile.budget_ms, wall_s, dropped=sender.dropped, extra={
         "captured": seq, "sent": sender.sent, "dropped_by_policy": sender.dropped_queue,
         "lost_in_send": sender.dropped_send, "reconnects": sender.reconnects, "notes": notes})
     return summary, records

@@ -11,6 +11,7 @@ import os
 
 import yaml
 
+from .entropy import CODERS
 from .errors import ConfigError
 from .preprocess import FIT_MODES
 from .protocol import SERIALIZERS
@@ -41,6 +42,7 @@ SCHEMA = {
     "budget_ms": (float, 33.0, (0.1, 100000.0)),
     "transport": {
         "serializer": (str, "framed", SERIALIZERS),
+        "entropy": (str, "none", CODERS),
         "send_buffer_bytes": (int, 1 << 20, (4096, 1 << 28)),
         "queue_size": (int, 4, (1, 1024)),
         "drop": (str, "oldest", DROP_POLICIES),

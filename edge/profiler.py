@@ -19,7 +19,8 @@ import numpy as np
 
 from edge.errors import ConfigError, LatentlinkError
 
-EDGE_STAGES = ("capture", "preprocess", "encode", "gpu_to_cpu", "serialize", "send")
+# entropy: the optional lossless coding of the packed payload; reports of runs without a coder leave it out.
+EDGE_STAGES = ("capture", "preprocess", "encode", "gpu_to_cpu", "serialize", "entropy", "send")
 HOST_STAGES = ("receive", "deserialize", "decode", "write")
 
 REPORT_KIND = "latentlink-report"

@@ -41,7 +41,8 @@ def get_args_parser():
     parser.add_argument("--max-streams", type=positive_int,
                         help="exit after N streams have ended (their edge said end-of-stream)")
     parser.add_argument("--max-frame-bytes", type=positive_int, default=None,
-                        help="refuse frames larger than this (default: the profile's transport.max_frame_bytes)")
+                        help="refuse payloads larger than this, and entropy-coded ones that unpack to more "
+                             "(default: the profile's transport.max_frame_bytes)")
     parser.add_argument("--max-connections", type=positive_int, default=32,
                         help="edges served at once; more are refused (default: %(default)s)")
     parser.add_argument("--idle-timeout", type=positive_float, default=60.0,

@@ -230,13 +230,14 @@ class Host(object):
     def _handle_frame(self, where, meta, payload, timer):
         stats = self.streams[meta.stream]
         with timer.stage("deserialize"):
-            latents = decode_latents(meta, payload)
+            latents = decode_latents(meta, payload)  # decompressed first if entropy-coded (bounded, edge/entropy.py)
         try:
             with self._decode_lock:
                 output, timings = self.decoder.infer(latents.astype("float32", copy=False))
                 timer.add_backend_timings("decode", None, timings)
                 with timer.stage("write"):
-                    image = to_image(output)  # inside the lock: output is the backend's buffer
+                    # Inside the lock: output is the backend's buffer. A tiled model's tiles are joined here.
+                    image = to_image(output, self.decoder.info.tiles)
         except BackendError as exc:
             with self._lock:
                 stats.fail(meta.seq)

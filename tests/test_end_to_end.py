@@ -92,3 +92,40 @@ def test_frames_dropped_by_policy_are_counted_on_both_sides(tmp_path, tiny_profi
     assert report["captured"] == 40
     assert report["sent"] + report["dropped"] == 40
     assert report["dropped"] == report["dropped_by_policy"] + report["lost_in_send"]
+
+
+def test_edge_with_an_entropy_coder_to_host(tmp_path, tiny_profile, video_file):
+    host, address = start_host(tmp_path, tiny_profile)
+    edge = run_cli("edge", "--source", "file://" + video_file, "--connect", address, "--name", "coded",
+                   "--profile", tiny_profile, "--drop", "block", "--entropy", "zlib",
+                   "--report", str(tmp_path / "edge.json"))
+    host_out, _ = host.communicate(timeout=60)
+    assert edge.returncode == 0, edge.stderr
+    assert host.returncode == 0, host_out
+
+    edge_report = json.loads((tmp_path / "edge.json").read_text())
+    host_report = json.loads((tmp_path / "host.json").read_text())
+    assert host_report["frames"] == 24 and host_report["failed"] == 0 and host_report["protocol_errors"] == 0
+    assert list(edge_report["stages"]) == ["capture", "preprocess", "encode", "gpu_to_cpu", "serialize", "entropy",
+                                           "send", "total"]
+    assert all("entropy" in r["stages"] for r in edge_report["records"])
+    assert edge_report["meta"]["entropy"] == "zlib"
+    assert edge_report["bytes_per_frame"] == host_report["bytes_per_frame"]  # the compressed frame, both sides
+    rows = [line.split()[0] for line in edge.stdout.splitlines() if line.strip()]
+    assert rows.index("serialize") + 1 == rows.index("entropy") == rows.index("send") - 1  # the printed table
+
+    saved = sorted(os.listdir(str(tmp_path / "frames" / "coded")))
+    expected = expected_images(video_file, load_profile(tiny_profile))
+    assert len(saved) == len(expected) == 24
+    for seq, image in enumerate(expected):
+        assert np.array_equal(cv2.imread(str(tmp_path / "frames" / "coded" / saved[seq])), image), seq
+
+
+def test_the_pickle_serializer_cannot_be_entropy_coded(tiny_profile, capsys):
+    from edge.__main__ import main
+
+    assert main(["--source", "synthetic://", "--profile", tiny_profile, "--serializer", "pickle", "--entropy",
+                 "zlib", "--frames", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --serializer pickle cannot be entropy-coded (entropy 'zlib')")
+    assert "--entropy none" in err

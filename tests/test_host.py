@@ -106,6 +106,23 @@ def test_malformed_frames_close_only_their_connection(host, junk):
     assert host.protocol_errors == 1
 
 
+def test_entropy_coded_frames_decode_and_a_corrupt_one_closes_only_its_connection(host, caplog):
+    frames = [encode_frame("coded", seq, time.time(), latents(seq), "bits", entropy="zlib") for seq in range(3)]
+    good = connect(host)
+    good.sendall(frames[0] + frames[1])
+    bad = connect(host)
+    frame = bytearray(encode_frame("broken", 0, time.time(), latents(0), "bits", entropy="zlib"))
+    frame[-8:] = b"\xff" * 8  # the end of the zlib stream (and its checksum)
+    with caplog.at_level(logging.ERROR, logger="latentlink.host"):
+        bad.sendall(bytes(frame))
+        assert closed_by_peer(bad)
+    good.sendall(frames[2] + encode_end_of_stream("coded", 3))
+    wait_until(lambda: host.streams.get("coded") and host.streams["coded"].ended)
+    assert host.streams["coded"].frames == 3 and host.protocol_errors == 1
+    assert "bad frame: zlib payload of" in caplog.text and "closing this connection" in caplog.text
+    assert [r["bytes"] for r in host.summary()[1]] == [len(f) for f in frames]  # the compressed frames
+
+
 def test_oversized_payload_is_refused_before_reading_it(host):
     meta = ('{"dtype":"float32","packing":"float32","payload_len":%d,"seq":0,"shape":[1,64,1024,4096],'
             '"stream":"big","t_capture":0.0}' % (4 * 64 * 1024 * 4096)).encode()

@@ -28,12 +28,15 @@ def write(tmp_path, text):
 def test_defaults_and_relative_model_paths(tmp_path):
     profile = load_profile(write(tmp_path, ""))
     assert profile.transport.drop == "oldest" and profile.input.fit == "center-crop"
+    assert profile.transport.entropy == "none"
+    assert load_profile(write(tmp_path, "transport: {entropy: zstd}\n")).transport.entropy == "zstd"
     assert profile.model.encoder == str(tmp_path / "e.onnx")
 
 
 @pytest.mark.parametrize("text,message", [
     ("budgett_ms: 30\n", "unknown key 'budgett_ms'"),
     ("transport: {drop: latest}\n", "transport.drop must be one of oldest, newest, block, got 'latest'"),
+    ("transport: {entropy: brotli}\n", "transport.entropy must be one of none, zlib, lz4, zstd, got 'brotli'"),
     ("budget_ms: fast\n", "budget_ms must be a number, got 'fast'"),
     ("transport: {queue_size: 0}\n", "transport.queue_size must be between 1 and 1024, got 0"),
     ("precision: int8\n", "precision must be one of fp16, fp32"),

@@ -292,3 +292,15 @@ def test_host_decode_adds_copy_and_cuda_time_to_one_stage():
     cpu.add_backend_timings("decode", None, {"run_ms": 5.0, "copy_ms": 1.0})
     assert "gpu_stages" not in cpu.record()
     assert "CUDA" not in format_table(summarize([cpu.record()], ("decode",), 33.0, 1.0))
+
+
+def test_the_entropy_stage_prints_between_serialize_and_send_and_old_reports_still_load(tmp_path):
+    records = [{"seq": i, "stages": dict((s, 1.0) for s in EDGE_STAGES), "bytes": 90} for i in range(3)]
+    rows = [line.split()[0] for line in format_table(summarize(records, EDGE_STAGES, 33.0, 1.0)).splitlines()]
+    assert rows[1:9] == ["capture", "preprocess", "encode", "gpu_to_cpu", "serialize", "entropy", "send", "total"]
+    # A report written before the entropy stage existed (or by a run without a coder) has no such row.
+    old_stages = [s for s in EDGE_STAGES if s != "entropy"]
+    path = str(tmp_path / "old.json")
+    write_report(path, summarize(records, old_stages, 33.0, 1.0), records, {"role": "edge"})
+    table = format_report(load_report(path))
+    assert "serialize" in table and "entropy" not in table

@@ -23,12 +23,14 @@ def test_interpreter_is_the_nano_one():
     assert out.startswith("(3, 6)") and "1.19" in out
 
 
-@pytest.mark.parametrize("serializer", ["framed", "pickle"])
-def test_python36_edge_streams_to_this_host(tmp_path, tiny_profile, video_file, serializer):
+@pytest.mark.parametrize("serializer, entropy", [("framed", "none"), ("pickle", "none"), ("framed", "zstd"),
+                                                 ("framed", "lz4")])
+def test_python36_edge_streams_to_this_host(tmp_path, tiny_profile, video_file, serializer, entropy):
+    """Also the entropy coders across versions: zstandard 0.20 / lz4 3.1 on the edge, the newest here."""
     host, address = start_host(tmp_path, tiny_profile)
     edge = subprocess.run([PY36, "-m", "edge", "--source", "file://" + video_file, "--connect", address,
                            "--name", "nano", "--profile", tiny_profile, "--drop", "block", "--serializer",
-                           serializer, "--report", str(tmp_path / "edge.json")],
+                           serializer, "--entropy", entropy, "--report", str(tmp_path / "edge.json")],
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                           timeout=120)
     host_out, _ = host.communicate(timeout=60)
@@ -36,6 +38,8 @@ def test_python36_edge_streams_to_this_host(tmp_path, tiny_profile, video_file, 
     report = json.loads((tmp_path / "host.json").read_text())
     assert report["frames"] == 24 and report["failed"] == 0 and report["protocol_errors"] == 0
     assert report["streams"]["nano"]["ended"]
+    edge_report = json.loads((tmp_path / "edge.json").read_text())
+    assert ("entropy" in edge_report["stages"]) == (entropy != "none")
 
 
 PY36_ENGINE_SCRIPT = """
