@@ -1,10 +1,10 @@
 """``latentlink eval``: is the model better than JPEG, WebP and JPEG 2000 at the same bits per pixel, on these photos?
 
 The model is measured exactly as it is deployed: its encoder (ONNX by default; any backend file), latents packed
-into a wire frame (its bytes, header included, are the rate), its decoder, the output rounded to 8 bits. Each codec
-(OpenCV) is then given the highest quality whose file is no larger than the model's frame, photo by photo (seed
-000 matched JPEG's quality factor to its compression ratio the same way), and is also swept over its quality range
-for rate-distortion curves.
+(and with ``--entropy`` losslessly compressed) into a wire frame (its bytes, header included, are the rate), its
+decoder, the output rounded to 8 bits. Each codec (OpenCV) is then given the highest quality whose file is no
+larger than the model's frame, photo by photo (seed 000 matched JPEG's quality factor to its compression ratio the
+same way), and is also swept over its quality range for rate-distortion curves.
 
 Metrics: PSNR over RGB and over Y (BT.601 luma), SSIM and MS-SSIM over RGB (8 bits, peak 255), bpp, compression
 ratio against raw 24-bit RGB, and encode/decode time. ``--compressai DIR`` writes one JSON per method in
@@ -24,7 +24,8 @@ from edge.cli import run_main
 from edge.errors import ConfigError
 from edge.preprocess import Preprocessor, fit_frame, psnr, to_image
 from edge.profile import load_profile
-from edge.protocol import encode_frame
+from edge.entropy import CODERS, check_available, compress, decompress
+from edge.protocol import frame_payload, pack_latents
 
 from .data import list_images
 
@@ -56,6 +57,10 @@ def get_args_parser():
     parser.add_argument("--decoder", default="default", help="decoder .onnx, .pt or .engine (default: the profile's)")
     parser.add_argument("--codecs", default="jpeg,webp", help="codecs to compare with, of {} (default: "
                         "%(default)s)".format(", ".join(CODECS)))
+    parser.add_argument("--entropy", choices=CODERS, default="none", metavar="CODER",
+                        help="compress the packed latents losslessly as the edge would (--entropy of `latentlink "
+                             "edge`): one of {}; the rate counts the compressed frame, the times include coding "
+                             "(default: %(default)s)".format(", ".join(CODERS)))
     parser.add_argument("--per-image", action="store_true", help="print every photo's row, not only the means")
     parser.add_argument("--json", help="write per-photo results to this JSON file")
     parser.add_argument("--compressai", metavar="DIR", help="write CompressAI-style JSON, one file per method")
@@ -111,27 +116,42 @@ def image_metrics(reference, test):
             "ms_ssim": None if small else float(ms_ssim(a, b, data_range=255.0))}
 
 
-def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"), backend_options=None):
-    """Per-photo results: the model's bytes, bpp, ratio, metrics and times, and each codec's at the same size."""
+def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"), backend_options=None,
+             entropy="none"):
+    """Per-photo results: the model's bytes, bpp, ratio, metrics and times (s), and each codec's at the same size.
+
+    ``entropy``: the coder applied to the packed latents; the model's bytes are the compressed wire frame, its
+    encoding time includes the compression (also given alone as ``entropy_encoding_time``) and its decoding time
+    the decompression (``entropy_decoding_time``).
+    """
+    check_available(entropy)
     w, h, fit = profile.input.width, profile.input.height, profile.input.fit
-    preprocess = Preprocessor(w, h, fit)
     options = dict(backend_options or {}, input_size=(h, w))
     results = []
     with open_backend(encoder_path, "encoder", **options) as enc, \
             open_backend(decoder_path, "decoder", **options) as dec:
+        preprocess = Preprocessor(w, h, fit, enc.info.tiles)  # a tiled model: the frame as a batch of tiles
         for path in list_images(photos):
             frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
             reference = fit_frame(frame, w, h, fit)
             start = time.perf_counter()
             latents, _ = enc.infer(preprocess(frame))
-            wire = encode_frame("eval", 0, 0.0, latents, enc.info.packing)
+            packed = pack_latents(latents, enc.info.packing)
+            coding_start = time.perf_counter()
+            payload = compress(packed, entropy)
+            entropy_encode_s = time.perf_counter() - coding_start
+            wire = frame_payload("eval", 0, 0.0, latents, enc.info.packing, payload, entropy)
             encode_s = time.perf_counter() - start
             start = time.perf_counter()
+            decompress(payload, entropy, len(packed))  # lossless: it gives back exactly `packed` (tests check that)
+            entropy_decode_s = time.perf_counter() - start
             output, _ = dec.infer(latents.astype(np.float32))
-            decoded = to_image(output)
+            decoded = to_image(output, dec.info.tiles)
             decode_s = time.perf_counter() - start
-            row = {"photo": path.name, "model": dict(_rate(len(wire), w, h), encoding_time=encode_s,
-                                                     decoding_time=decode_s, **image_metrics(reference, decoded))}
+            row = {"photo": path.name, "model": dict(
+                _rate(len(wire), w, h), encoding_time=encode_s, decoding_time=decode_s,
+                entropy_encoding_time=entropy_encode_s, entropy_decoding_time=entropy_decode_s,
+                **image_metrics(reference, decoded))}
             for codec in codecs:
                 quality, size, image = codec_at_budget(reference, codec, len(wire))
                 row[codec] = dict(_rate(size, w, h), quality=quality, **image_metrics(reference, image))
@@ -207,8 +227,11 @@ def plot_rd(path, model_name, model_point, curves, title):
     plt.close(fig)
 
 
-def format_results(results, codecs, per_image=False):
-    """The table: PSNR @ bpp per method (every photo with ``per_image``, and the mean), then the other metrics."""
+def format_results(results, codecs, per_image=False, entropy="none"):
+    """The table: PSNR @ bpp per method (every photo with ``per_image``, and the mean), then the other metrics.
+
+    ``entropy``: the coder the model's rate was measured with (its coding times get their own line).
+    """
     names = ["model"] + list(codecs)
     lines = ["{:<24}".format("photo") + "".join("{:>18}".format(n + " dB @ bpp") for n in names)]
     for row in results if per_image else []:
@@ -224,6 +247,9 @@ def format_results(results, codecs, per_image=False):
     model = means["model"]
     lines.append("model times: encode {:.1f} ms, decode {:.1f} ms (mean, this machine)".format(
         1000 * model["encoding_time"], 1000 * model["decoding_time"]))
+    if entropy != "none":
+        lines.append("entropy coding ({}), included above: compress {:.2f} ms, decompress {:.2f} ms".format(
+            entropy, 1000 * model["entropy_encoding_time"], 1000 * model["entropy_decoding_time"]))
     return "\n".join(lines)
 
 
@@ -240,22 +266,26 @@ def _main(argv):
         raise ConfigError(f"unknown codec {unknown[0]!r} (available: {', '.join(CODECS)})")
     encoder = profile.model.encoder if args.encoder == "default" else args.encoder
     decoder = profile.model.decoder if args.decoder == "default" else args.decoder
-    results = evaluate(args.photos, profile, encoder, decoder, codecs)
+    results = evaluate(args.photos, profile, encoder, decoder, codecs, entropy=args.entropy)
+    coded = "" if args.entropy == "none" else f" ({args.entropy}-compressed)"
     print(f"{profile.name}: {profile.input.width}x{profile.input.height}, {len(results)} photos; codecs at the "
-          f"highest quality no larger than the model's wire frame")
-    print(format_results(results, codecs, per_image=args.per_image))
+          f"highest quality no larger than the model's wire frame{coded}")
+    print(format_results(results, codecs, per_image=args.per_image, entropy=args.entropy))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"profile": profile.name, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"profile": profile.name, "entropy": args.entropy,
+                                               "results": results}, indent=1))
     if args.compressai or args.plot:
         model_point = _mean_rows([r["model"] for r in results])
-        model_name = "latentlink {} ({})".format(profile.name, Path(encoder).name)
+        model_name = "latentlink {} ({}{})".format(profile.name, Path(encoder).name,
+                                                  "" if args.entropy == "none" else ", " + args.entropy)
         curves = dict((codec, codec_sweep(args.photos, profile, codec)) for codec in codecs)
         if args.compressai:
             out = Path(args.compressai)
             out.mkdir(parents=True, exist_ok=True)
             documents = {"model": compressai_json(model_name, "wire frame bytes (header included) as the rate; "
-                                                  f"{profile.input.width}x{profile.input.height}", [model_point])}
+                                                  f"{profile.input.width}x{profile.input.height}; entropy coder "
+                                                  f"{args.entropy}", [model_point])}
             for codec, curve in curves.items():
                 documents[codec] = compressai_json(codec, f"OpenCV {cv2.__version__}, quality sweep "
                                                    f"{[p['quality'] for p in curve]}", curve)

@@ -73,3 +73,41 @@ def test_eval_writes_compressai_json_and_the_rd_plot(tiny_profile, photos_dir, t
     jpeg = json.loads((out / "jpeg.json").read_text())["results"]
     assert len(jpeg["bpp"]) == len(jpeg["psnr-rgb"]) > 5 and jpeg["bpp"] == sorted(jpeg["bpp"])
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_eval_with_an_entropy_coder_counts_the_compressed_frame(tiny_profile, photos_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    import export.evaluate as evaluate_module
+    from edge.entropy import decompress
+    from edge.protocol import frame_payload
+
+    from .test_protocol import read_from_bytes
+
+    wires = []
+
+    def spy(*args):
+        wires.append(frame_payload(*args))
+        return wires[-1]
+
+    monkeypatch.setattr(evaluate_module, "frame_payload", spy)
+    profile = load_profile(tiny_profile)
+    rows = evaluate(photos_dir, profile, profile.model.encoder, profile.model.decoder, codecs=("jpeg",),
+                    entropy="zlib")
+    assert len(rows) == len(wires) == 4
+    for row, wire in zip(rows, wires):
+        meta, payload = read_from_bytes(wire)
+        assert meta.entropy == "zlib" and len(decompress(payload, "zlib", 256)) == 256  # 8 x 16 x 16 bits
+        model = row["model"]
+        assert model["bytes"] == len(wire) and model["bpp"] == 8.0 * len(wire) / 64 ** 2
+        assert row["jpeg"]["bytes"] <= len(wire) or row["jpeg"]["quality"] == 1  # matched to the compressed size
+        assert 0 <= model["entropy_encoding_time"] <= model["encoding_time"]  # included in, and given alone
+        assert 0 <= model["entropy_decoding_time"] <= model["decoding_time"]
+
+    from latentlink.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--photos", photos_dir, "--profile", tiny_profile, "--codecs", "jpeg", "--entropy", "zlib",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(zlib-compressed)" in printed and "entropy coding (zlib), included above: compress" in printed
+    assert json.loads(out.read_text())["entropy"] == "zlib"
