@@ -39,10 +39,11 @@ class ModelInfo(object):
         if rows < 1 or cols < 1 or self.input_shape[0] != rows * cols:
             raise ConfigError("{}: tiles {!r} do not fit the input batch of {} (re-export with `latentlink export "
                               "onnx --tiles`)".format(path, list(self.tiles), self.input_shape[0]))
-        if len(self.input_shape) != 4:
-            raise ConfigError("{}: input_shape {!r} is not NCHW".format(path, list(self.input_shape)))
-        channels, height, width = self.input_shape[1:]
-        self.frame_shape = (1, channels, height * rows, width * cols)  # the frame the tiles make
+        self.frame_shape = self.input_shape  # the frame the tiles make
+        if self.tiles != (1, 1):
+            if len(self.input_shape) != 4:
+                raise ConfigError("{}: tiles need an NCHW input, not {!r}".format(path, list(self.input_shape)))
+            self.frame_shape = (1, self.input_shape[1], self.input_shape[2] * rows, self.input_shape[3] * cols)
         self.path = path
         self.data = data
 
