@@ -25,3 +25,25 @@ def test_every_path_in_the_layout_table_exists():
     assert paths
     for path in paths:
         assert os.path.exists(os.path.join(ROOT, path)), path
+
+
+def test_every_train_and_export_command_in_the_readme_parses():
+    """The recipes are commands users paste: each must name options that exist, with values they accept."""
+    import shlex
+
+    import pytest
+
+    pytest.importorskip("torch")
+    from export.__main__ import get_args_parser as export_parser
+    from export.train import get_args_parser as train_parser
+
+    text = read("README.md").replace("\\\n", " ")
+    commands = re.findall(r"^latentlink (train|export onnx) (.+?)(?:\s+#.*)?$", text, flags=re.M)
+    assert len(commands) >= 8
+    for kind, rest in commands:
+        args = [a for a in shlex.split(rest) if a != "..."]
+        if kind == "train":
+            args = ["--data", "d", "--out", "o.pt"] + args if "--data" not in args else args
+            train_parser().parse_args(args)
+        else:
+            export_parser().parse_args(["onnx"] + args)
