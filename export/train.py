@@ -30,7 +30,10 @@ def get_args_parser(parser=None):
     parser.epilog = ("example: latentlink train --data data/train data/extra --out runs/lossy-cae.pt --steps 20000\n"
                      "resume:  latentlink train --data data/train --out runs/lossy-cae.pt --resume runs/lossy-cae.pt\n"
                      "grow:    latentlink train --data data/train --out runs/big.pt --init-from runs/lossy-cae.pt \\\n"
-                     "             --hparam decoder_blocks=3 --freeze-encoder")
+                     "             --hparam decoder_blocks=3 --freeze-encoder\n"
+                     "zoo:     latentlink train --model crae --data data/train --out runs/crae.pt --crop 128\n"
+                     "patches: latentlink train --model crae --data data/train --out runs/crae-tiles.pt --crop 128 "
+                     "--tiles 4x4")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--data", required=True, nargs="+", metavar="DIR",
                         help="one or more folders of training photos (searched recursively)")
