@@ -53,6 +53,8 @@ def get_args_parser():
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", required=True, help="folder of photos (searched recursively)")
     parser.add_argument("--profile", default="nano-504", help="profile: input size and default model")
+    parser.add_argument("--size", metavar="WxH", help="frame size in pixels instead of the profile's, for a model "
+                        "exported at another size (crae needs multiples of 32, e.g. 512x512)")
     parser.add_argument("--encoder", default="default", help="encoder .onnx, .pt or .engine (default: the profile's)")
     parser.add_argument("--decoder", default="default", help="decoder .onnx, .pt or .engine (default: the profile's)")
     parser.add_argument("--codecs", default="jpeg,webp", help="codecs to compare with, of {} (default: "
@@ -260,6 +262,13 @@ def main(argv=None):
 def _main(argv):
     args = get_args_parser().parse_args(argv)
     profile = load_profile(args.profile)
+    if args.size:
+        try:
+            width, height = (int(n) for n in args.size.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--size {args.size!r}: expected WIDTHxHEIGHT in pixels, e.g. 512x512") from None
+        profile.input.width, profile.input.height = width, height
+        profile.name = f"{profile.name}@{width}x{height}"
     codecs = [c for c in args.codecs.split(",") if c]
     unknown = [c for c in codecs if c not in CODECS]
     if unknown:

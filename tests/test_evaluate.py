@@ -111,3 +111,18 @@ def test_eval_with_an_entropy_coder_counts_the_compressed_frame(tiny_profile, ph
     printed = capsys.readouterr().out
     assert "(zlib-compressed)" in printed and "entropy coding (zlib), included above: compress" in printed
     assert json.loads(out.read_text())["entropy"] == "zlib"
+
+
+def test_eval_size_overrides_the_profile_for_a_model_exported_at_another_size(tiny_profile, photos_dir, tmp_path,
+                                                                              capsys):
+    from latentlink.cli import main
+
+    tiny = load_profile(tiny_profile)
+    out = tmp_path / "r.json"
+    # nano-504's profile, the tiny 64x64 model: without --size the encoder refuses 504x504 frames.
+    assert main(["eval", "--photos", photos_dir, "--encoder", tiny.model.encoder, "--decoder", tiny.model.decoder,
+                 "--size", "64x64", "--codecs", "jpeg", "--json", str(out)]) == 0
+    assert "nano-504@64x64: 64x64" in capsys.readouterr().out
+    assert json.loads(out.read_text())["results"][0]["model"]["bpp"] > 0
+    assert main(["eval", "--photos", photos_dir, "--size", "64"]) == 2
+    assert "--size '64': expected WIDTHxHEIGHT in pixels" in capsys.readouterr().err
