@@ -14,7 +14,7 @@ from .entropy import check_available, compress
 from .errors import ConfigError
 from .preprocess import Preprocessor
 from .profiler import EDGE_STAGES, FrameTimer, summarize
-from .protocol import SERIALIZERS, frame_payload, pack_latents
+from .protocol import SERIALIZERS, check_coding, frame_payload, pack_latents
 from .sender import Sender
 
 log = logging.getLogger("latentlink.edge")
@@ -35,10 +35,8 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
         raise ConfigError("unknown serializer {!r} (available: {})".format(serializer, ", ".join(SERIALIZERS)))
     packing = "pickle" if serializer == "pickle" else encoder.info.packing
     entropy = entropy or transport.entropy
-    check_available(entropy)  # a missing library fails here, not at the first frame
-    if packing == "pickle" and entropy != "none":
-        raise ConfigError("--serializer pickle cannot be entropy-coded (entropy {!r}): it is for the seed pipeline's "
-                          "receivers, which know no entropy coding; use --entropy none".format(entropy))
+    check_coding(packing, entropy)  # refused here, not at the first frame
+    check_available(entropy)  # a missing library too
     stages = EDGE_STAGES if entropy != "none" else tuple(s for s in EDGE_STAGES if s != "entropy")
     frame_hw = tuple(encoder.info.frame_shape[2:])
     if frame_hw != (profile.input.height, profile.input.width):

@@ -203,10 +203,15 @@ def _check_sender_args(a, packing, entropy):
         raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
     if a.dtype.name not in DTYPES:
         raise ConfigError("array dtype %r is not supported (supported: %s)" % (a.dtype.name, ", ".join(DTYPES)))
+    check_coding(packing, entropy)
+
+
+def check_coding(packing, entropy):
+    """Raise ConfigError unless ``entropy`` is a known coder that ``packing`` can take (the sender's side)."""
     if entropy not in CODERS:
         raise ConfigError("unknown entropy coder %r (available: %s)" % (entropy, ", ".join(CODERS)))
     if packing == "pickle" and entropy != "none":
-        raise ConfigError("the pickle serializer cannot be entropy-coded (entropy %r): it is for the seed "
+        raise ConfigError("--serializer pickle cannot be entropy-coded (entropy %r): it is for the seed "
                           "pipeline's receivers, which know no entropy coding; use --serializer framed or "
                           "--entropy none" % (entropy,))
 

@@ -117,7 +117,7 @@ def _onnx(args):
     else:
         raise ConfigError("give --profile NAME, or both --height and --width")
     model, meta = load_checkpoint(args.checkpoint)
-    tiles = parse_tiles(args.tiles or "x".join(str(n) for n in meta.get("tiles", (1, 1))))
+    tiles = parse_tiles(args.tiles) if args.tiles else tuple(meta.get("tiles", (1, 1)))
     info = export_onnx(model, height, width, args.out, profile=profile_name, checkpoint=args.checkpoint, tiles=tiles)
     parity = info["parity"]
     print("wrote {0}/encoder.onnx, decoder.onnx, model.json: {1[model]} {1[input_shape]} -> {1[latent_shape]} "

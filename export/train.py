@@ -160,9 +160,6 @@ def train(args):
         raise ConfigError("--freeze-encoder keeps the encoder's bits as they are: it needs --stochastic-fraction 0 "
                           "(random bits would train the decoder on bits it never gets) and no --bit-usage "
                           "(nothing left to shape the bits)")
-    if args.bit_usage and MODELS[args.model].__dict__.get("packing", "bits") != "bits" and not args.resume:
-        raise ConfigError(f"--bit-usage shapes binary latents; model {args.model!r} sends "
-                          f"{MODELS[args.model].packing} latents (use it with lossy-cae)")
     scales = tuple(int(s) for s in args.scales.split(","))
     if args.loss == "ms-ssim" and args.crop < 176:
         raise ConfigError(f"--loss ms-ssim needs --crop of at least 176 pixels (5 scales of an 11-pixel window), "
@@ -192,6 +189,9 @@ def train(args):
             history = source_meta.pop("history", []) + [source_meta]  # the new model descends from it
         model = model.to(device)
     tiles = parse_tiles(args.tiles) if args.tiles else resumed_tiles
+    if args.bit_usage and model.packing != "bits":
+        raise ConfigError(f"--bit-usage shapes binary latents; model {model.name!r} sends {model.packing} latents "
+                          f"(use it with lossy-cae)")
     if args.crop % model.downscale:
         raise ConfigError(f"--crop {args.crop} is not a multiple of {model.downscale}, model {model.name}'s downscale")
     model.train()

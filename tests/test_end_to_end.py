@@ -48,18 +48,30 @@ def expected_images(video, profile):
     return images
 
 
-@pytest.mark.parametrize("serializer", ["framed", "pickle"])
-def test_video_from_edge_process_to_host_process(tmp_path, tiny_profile, video_file, serializer):
-    host, address = start_host(tmp_path, tiny_profile)
-    edge = run_cli("edge", "--source", "file://" + video_file, "--connect", address, "--name", "clip",
-                   "--profile", tiny_profile, "--drop", "block", "--serializer", serializer,
-                   "--report", str(tmp_path / "edge.json"))
+def stream_video(tmp_path, profile, video, name, *edge_args):
+    """The video from an edge process to a host process; returns (edge process, edge report, host report)."""
+    host, address = start_host(tmp_path, profile)
+    edge = run_cli("edge", "--source", "file://" + video, "--connect", address, "--name", name,
+                   "--profile", profile, "--drop", "block", "--report", str(tmp_path / "edge.json"), *edge_args)
     host_out, _ = host.communicate(timeout=60)
     assert edge.returncode == 0, edge.stderr
     assert host.returncode == 0, host_out
+    return edge, json.loads((tmp_path / "edge.json").read_text()), json.loads((tmp_path / "host.json").read_text())
 
-    edge_report = json.loads((tmp_path / "edge.json").read_text())
-    host_report = json.loads((tmp_path / "host.json").read_text())
+
+def assert_host_saved_what_the_model_decodes(tmp_path, name, video, profile):
+    saved = sorted(os.listdir(str(tmp_path / "frames" / name)))
+    assert saved == ["{:06d}.png".format(i) for i in range(24)]
+    expected = expected_images(video, load_profile(profile))
+    assert len(expected) == 24
+    for seq, image in enumerate(expected):
+        assert np.array_equal(cv2.imread(str(tmp_path / "frames" / name / saved[seq])), image), seq
+
+
+@pytest.mark.parametrize("serializer", ["framed", "pickle"])
+def test_video_from_edge_process_to_host_process(tmp_path, tiny_profile, video_file, serializer):
+    edge, edge_report, host_report = stream_video(tmp_path, tiny_profile, video_file, "clip",
+                                                  "--serializer", serializer)
     assert edge_report["frames"] == 24 and edge_report["dropped"] == 0
     assert host_report["frames"] == 24 and host_report["dropped"] == 0 and host_report["failed"] == 0
     assert host_report["streams"]["clip"]["ended"]
@@ -71,12 +83,7 @@ def test_video_from_edge_process_to_host_process(tmp_path, tiny_profile, video_f
         assert 256 < edge_report["bytes_per_frame"] < 256 + 200
     assert edge_report["bytes_per_frame"] == host_report["bytes_per_frame"]
     assert "encode" in edge.stdout and "budget" in edge.stdout  # the per-stage table
-
-    saved = sorted(os.listdir(str(tmp_path / "frames" / "clip")))
-    assert saved == ["{:06d}.png".format(i) for i in range(24)]
-    expected = expected_images(video_file, load_profile(tiny_profile))
-    for seq, image in enumerate(expected):
-        assert np.array_equal(cv2.imread(str(tmp_path / "frames" / "clip" / saved[seq])), image), seq
+    assert_host_saved_what_the_model_decodes(tmp_path, "clip", video_file, tiny_profile)
 
 
 def test_frames_dropped_by_policy_are_counted_on_both_sides(tmp_path, tiny_profile, photos_dir):
@@ -95,16 +102,7 @@ def test_frames_dropped_by_policy_are_counted_on_both_sides(tmp_path, tiny_profi
 
 
 def test_edge_with_an_entropy_coder_to_host(tmp_path, tiny_profile, video_file):
-    host, address = start_host(tmp_path, tiny_profile)
-    edge = run_cli("edge", "--source", "file://" + video_file, "--connect", address, "--name", "coded",
-                   "--profile", tiny_profile, "--drop", "block", "--entropy", "zlib",
-                   "--report", str(tmp_path / "edge.json"))
-    host_out, _ = host.communicate(timeout=60)
-    assert edge.returncode == 0, edge.stderr
-    assert host.returncode == 0, host_out
-
-    edge_report = json.loads((tmp_path / "edge.json").read_text())
-    host_report = json.loads((tmp_path / "host.json").read_text())
+    edge, edge_report, host_report = stream_video(tmp_path, tiny_profile, video_file, "coded", "--entropy", "zlib")
     assert host_report["frames"] == 24 and host_report["failed"] == 0 and host_report["protocol_errors"] == 0
     assert list(edge_report["stages"]) == ["capture", "preprocess", "encode", "gpu_to_cpu", "serialize", "entropy",
                                            "send", "total"]
@@ -114,11 +112,7 @@ def test_edge_with_an_entropy_coder_to_host(tmp_path, tiny_profile, video_file):
     rows = [line.split()[0] for line in edge.stdout.splitlines() if line.strip()]
     assert rows.index("serialize") + 1 == rows.index("entropy") == rows.index("send") - 1  # the printed table
 
-    saved = sorted(os.listdir(str(tmp_path / "frames" / "coded")))
-    expected = expected_images(video_file, load_profile(tiny_profile))
-    assert len(saved) == len(expected) == 24
-    for seq, image in enumerate(expected):
-        assert np.array_equal(cv2.imread(str(tmp_path / "frames" / "coded" / saved[seq])), image), seq
+    assert_host_saved_what_the_model_decodes(tmp_path, "coded", video_file, tiny_profile)
 
 
 def test_the_pickle_serializer_cannot_be_entropy_coded(tiny_profile, capsys):

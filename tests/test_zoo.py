@@ -184,6 +184,12 @@ def test_the_zoo_models_are_what_their_papers_say():
     assert "discriminators" not in dict(gan.encoder.named_children()) and len(gan.discriminators) == 2
 
 
+@pytest.mark.parametrize("name", ["cae", "crae"])  # crae declares its packing per instance (float32 or float16)
+def test_bit_usage_is_refused_for_models_without_binary_latents(name, tmp_path, photos_dir):
+    with pytest.raises(ConfigError, match="--bit-usage shapes binary latents; model '{}' sends".format(name)):
+        train_briefly(name, photos_dir, tmp_path / "model.pt", "--bit-usage", "0.01")
+
+
 def test_straight_through_rounding_passes_gradients():
     cae = build_model("cae", width=8).train()
     x = torch.rand(1, 3, 32, 32)
