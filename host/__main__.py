@@ -47,6 +47,9 @@ def get_args_parser():
                         help="edges served at once; more are refused (default: %(default)s)")
     parser.add_argument("--idle-timeout", type=positive_float, default=60.0,
                         help="close a connection silent this many seconds between frames (default: %(default)s)")
+    parser.add_argument("--accept-pickle", action="store_true",
+                        help="accept frames of pickled arrays (edge --serializer pickle, the seed pipeline's format); "
+                             "off by default: pickle is the riskiest thing a host can parse")
     parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
     add_backend_options(parser)
     add_run_options(parser)
@@ -71,7 +74,12 @@ def _main(argv):
         host = Host(decoder, budget_ms=profile.budget_ms, out_dir=args.out, display=args.display,
                     max_frames=args.max_frames, max_streams=args.max_streams,
                     max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
-                    idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
+                    idle_timeout_s=args.idle_timeout, max_connections=args.max_connections,
+                    accept_pickle=args.accept_pickle)
+        if args.accept_pickle:
+            logging.getLogger("latentlink.host").warning(
+                "--accept-pickle: frames of pickled numpy arrays are accepted from any peer (numeric arrays "
+                "only); without it they are refused")
         bound = host.bind(*listen)
         if args.ready_file:
             with open(args.ready_file + ".tmp", "w") as f:

@@ -61,16 +61,20 @@ class Host(object):
     end-of-stream. ``idle_timeout_s``: close a connection silent this long between frames; ``frame_timeout_s``:
     a frame, once started, must arrive whole within this time. ``max_frame_bytes``: the largest payload accepted;
     ``max_connections``: edges served at once (more are refused), which with ``max_frame_bytes`` bounds memory.
+    ``accept_pickle``: accept the seed pipeline's pickled arrays (off by default: a pickle is a program, and the
+    parser for it is the largest attack surface the host has; see the README's threat model).
     """
 
     def __init__(self, decoder, budget_ms=33.0, out_dir=None, display=False, max_frames=None, max_streams=None,
-                 max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32):
+                 max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
+                 accept_pickle=False):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
         self.max_frames, self.max_streams = max_frames, max_streams
         self.max_frame_bytes, self.max_connections = max_frame_bytes, max_connections
         self.idle_timeout_s, self.frame_timeout_s = idle_timeout_s, frame_timeout_s
+        self.accept_pickle = accept_pickle
         self.streams = {}
         self.records = []
         self.protocol_errors = 0
@@ -211,6 +215,9 @@ class Host(object):
         elif meta.stream != names[0]:
             raise ProtocolError("stream name changed from {!r} to {!r} on one connection".format(
                 names[0], meta.stream))
+        if meta.packing == "pickle" and not self.accept_pickle:
+            raise ProtocolError("pickle frames are refused by this host (start it with --accept-pickle to accept the "
+                                "seed pipeline's pickled arrays, or send with --serializer framed)")
         if not meta.flags & FLAG_END_OF_STREAM and tuple(meta.shape) != tuple(self.decoder.input_shape):
             with self._lock:
                 self.streams[meta.stream].fail(meta.seq)

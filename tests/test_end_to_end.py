@@ -50,7 +50,7 @@ def expected_images(video, profile):
 
 def stream_video(tmp_path, profile, video, name, *edge_args):
     """The video from an edge process to a host process; returns (edge process, edge report, host report)."""
-    host, address = start_host(tmp_path, profile)
+    host, address = start_host(tmp_path, profile, *(["--accept-pickle"] if "pickle" in edge_args else []))
     edge = run_cli("edge", "--source", "file://" + video, "--connect", address, "--name", name,
                    "--profile", profile, "--drop", "block", "--report", str(tmp_path / "edge.json"), *edge_args)
     host_out, _ = host.communicate(timeout=60)

@@ -16,10 +16,11 @@ from edge.protocol import FIXED_HEADER, MAGIC, VERSION, encode_end_of_stream, en
 from host.server import Host
 
 
-@pytest.fixture
-def host(tiny_profile, tmp_path):
+@pytest.fixture(params=[False], ids=["default"])
+def host(tiny_profile, tmp_path, request):
     decoder = open_backend(load_profile(tiny_profile).model.decoder, "decoder").load()
-    server = Host(decoder, out_dir=str(tmp_path / "frames"), idle_timeout_s=5, frame_timeout_s=2)
+    server = Host(decoder, out_dir=str(tmp_path / "frames"), idle_timeout_s=5, frame_timeout_s=2,
+                  accept_pickle=request.param)
     server.bind("127.0.0.1", 0)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
@@ -60,6 +61,20 @@ class Exploit(object):
         return (os.system, ("touch " + self.marker,))
 
 
+pickle_host = pytest.mark.parametrize("host", [True], ids=["accept-pickle"], indirect=True)
+
+
+def test_pickle_frames_are_refused_by_default(host, caplog):
+    sock = connect(host)
+    with caplog.at_level(logging.ERROR, logger="latentlink.host"):
+        sock.sendall(encode_frame("legacy", 0, time.time(), latents(0), "pickle"))
+        assert closed_by_peer(sock)
+    wait_until(lambda: host.protocol_errors == 1)
+    assert "pickle frames are refused by this host (start it with --accept-pickle" in caplog.text
+    assert host.streams["legacy"].frames == 0
+
+
+@pickle_host
 def test_malicious_pickle_is_refused_while_another_edge_streams(host, tmp_path, caplog):
     marker = str(tmp_path / "pwned")
     good = connect(host)
@@ -82,6 +97,7 @@ def test_malicious_pickle_is_refused_while_another_edge_streams(host, tmp_path, 
     assert sorted(os.listdir(str(tmp_path / "frames" / "good"))) == ["{:06d}.png".format(i) for i in range(6)]
 
 
+@pickle_host
 def test_pickled_arrays_from_the_seed_pipeline_are_accepted(host):
     sock = connect(host)
     sock.sendall(encode_frame("legacy", 0, time.time(), latents(0), "pickle"))

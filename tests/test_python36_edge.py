@@ -27,7 +27,7 @@ def test_interpreter_is_the_nano_one():
                                                  ("framed", "lz4")])
 def test_python36_edge_streams_to_this_host(tmp_path, tiny_profile, video_file, serializer, entropy):
     """Also the entropy coders across versions: zstandard 0.20 / lz4 3.1 on the edge, the newest here."""
-    host, address = start_host(tmp_path, tiny_profile)
+    host, address = start_host(tmp_path, tiny_profile, *(["--accept-pickle"] if serializer == "pickle" else []))
     edge = subprocess.run([PY36, "-m", "edge", "--source", "file://" + video_file, "--connect", address,
                            "--name", "nano", "--profile", tiny_profile, "--drop", "block", "--serializer",
                            serializer, "--entropy", entropy, "--report", str(tmp_path / "edge.json")],
