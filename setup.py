@@ -1,6 +1,6 @@
 """latentlink: learned image compression on the edge (encoder on a Jetson Nano, decoder on a host PC).
 
-A plain setup.py, not pyproject-only: the Nano's Python 3.6 pip must be able to install ``edge``.
+A plain setup.py, not pyproject-only: the Nano's Python 3.6 pip must be able to install ``latentlink.edge``.
 """
 
 import io
@@ -32,8 +32,13 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.6",
-    packages=["edge", "edge.backends", "host", "export", "export.models", "profiles", "latentlink"],
-    package_data={"profiles": ["*.yaml", "default/*.pt", "default/*/*.onnx", "default/*/*.json"]},
+    # Installed under the latentlink name (latentlink.edge, ...): top-level "edge" or "host" packages would collide
+    # with other distributions'. The repository keeps the folders at its root; package_dir maps them.
+    packages=["latentlink", "latentlink.edge", "latentlink.edge.backends", "latentlink.host", "latentlink.export",
+              "latentlink.export.models", "latentlink.profiles"],
+    package_dir={"latentlink.edge": "edge", "latentlink.host": "host", "latentlink.export": "export",
+                 "latentlink.profiles": "profiles"},
+    package_data={"latentlink.profiles": ["*.yaml", "default/*.pt", "default/*/*.onnx", "default/*/*.json"]},
     install_requires=["numpy>=1.19", "pyyaml>=3.12"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["latentlink = latentlink.cli:main"]},

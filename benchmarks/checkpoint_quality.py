@@ -21,8 +21,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from edge.preprocess import Preprocessor, fit_frame, psnr, to_image  # noqa: E402
-from export.models import load_checkpoint  # noqa: E402
+from latentlink.edge.preprocess import Preprocessor, fit_frame, psnr, to_image  # noqa: E402
+from latentlink.export.models import load_checkpoint  # noqa: E402
 
 
 def symbol_entropy_bits(bits):

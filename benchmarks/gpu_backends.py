@@ -19,10 +19,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from edge.backends import open_backend, role_from_name  # noqa: E402
-from edge.preprocess import Preprocessor  # noqa: E402
-from edge.profile import load_profile  # noqa: E402
-from edge.sources import open_source  # noqa: E402
+from latentlink.edge.backends import open_backend, role_from_name  # noqa: E402
+from latentlink.edge.preprocess import Preprocessor  # noqa: E402
+from latentlink.edge.profile import load_profile  # noqa: E402
+from latentlink.edge.sources import open_source  # noqa: E402
 
 CHECKPOINT = os.path.join("profiles", "default", "lossy-cae.pt")
 

@@ -29,13 +29,13 @@ def run_profile(profile, frames, photos, work):
     env = dict(os.environ, PYTHONPATH=ROOT)
     ready = os.path.join(work, profile + ".address")
     host_report, edge_report = os.path.join(work, profile + "-host.json"), os.path.join(work, profile + "-edge.json")
-    host = subprocess.Popen([sys.executable, "-m", "host", "--listen", "127.0.0.1:0", "--ready-file", ready,
+    host = subprocess.Popen([sys.executable, "-m", "latentlink.host", "--listen", "127.0.0.1:0", "--ready-file", ready,
                              "--profile", profile, "--report", host_report, "--max-streams", "1", "--quiet"],
                             cwd=ROOT, env=env)
     while not os.path.exists(ready):
         time.sleep(0.05)
     address = open(ready).read().strip()
-    subprocess.run([sys.executable, "-m", "edge", "--source", "file://" + photos, "--loop", "--frames",
+    subprocess.run([sys.executable, "-m", "latentlink.edge", "--source", "file://" + photos, "--loop", "--frames",
                     str(frames), "--connect", address, "--name", "bench", "--profile", profile, "--drop", "block",
                     "--report", edge_report, "--quiet"], cwd=ROOT, env=env, check=True)
     host.wait(timeout=600)

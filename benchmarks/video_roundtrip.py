@@ -2,8 +2,8 @@
 
     python benchmarks/video_roundtrip.py [--photo data/holdout/EveningGlow.jpg]
 
-Writes a 2 s, 60-frame 1280x720 MP4 panning across a photo, streams it with `python -m edge ... --drop block` to
-`python -m host --out ...`, then prints the frame counts of both reports and how many saved PNGs are identical to
+Writes a 2 s, 60-frame 1280x720 MP4 panning across a photo, streams it with `python -m latentlink.edge ... --drop block` to
+`python -m latentlink.host --out ...`, then prints the frame counts of both reports and how many saved PNGs are identical to
 what the model decodes directly from the same frames (bit-exact latents on the wire make that all of them).
 """
 
@@ -21,10 +21,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from edge.backends import open_backend  # noqa: E402
-from edge.preprocess import Preprocessor, to_image  # noqa: E402
-from edge.profile import load_profile  # noqa: E402
-from edge.sources import open_source  # noqa: E402
+from latentlink.edge.backends import open_backend  # noqa: E402
+from latentlink.edge.preprocess import Preprocessor, to_image  # noqa: E402
+from latentlink.edge.profile import load_profile  # noqa: E402
+from latentlink.edge.sources import open_source  # noqa: E402
 
 
 def write_pan_video(photo_path, path, frames=60):
@@ -47,12 +47,12 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         video, ready = os.path.join(work, "pan.mp4"), os.path.join(work, "address")
         write_pan_video(args.photo, video)
-        host = subprocess.Popen([sys.executable, "-m", "host", "--listen", "127.0.0.1:0", "--ready-file", ready,
+        host = subprocess.Popen([sys.executable, "-m", "latentlink.host", "--listen", "127.0.0.1:0", "--ready-file", ready,
                                  "--out", work + "/frames", "--report", work + "/host.json", "--max-streams", "1",
                                  "--quiet"], env=env, cwd=ROOT)
         while not os.path.exists(ready):
             time.sleep(0.05)
-        subprocess.run([sys.executable, "-m", "edge", "--source", "file://" + video, "--connect",
+        subprocess.run([sys.executable, "-m", "latentlink.edge", "--source", "file://" + video, "--connect",
                         open(ready).read().strip(), "--name", "pan", "--drop", "block", "--report",
                         work + "/edge.json", "--quiet"], env=env, cwd=ROOT, check=True)
         host.wait(timeout=300)

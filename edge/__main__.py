@@ -1,4 +1,4 @@
-"""``latentlink edge`` / ``python -m edge``: capture, encode and send frames to a host, profiling every stage."""
+"""``latentlink edge`` / ``python -m latentlink.edge``: capture, encode and send frames to a host, profiling every stage."""
 
 import argparse
 import logging

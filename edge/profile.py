@@ -69,7 +69,7 @@ class Section(object):
 
 def profiles_dir():
     """The folder of the profiles shipped with latentlink (the ``profiles`` package)."""
-    import profiles
+    from latentlink import profiles
 
     return os.path.dirname(os.path.abspath(profiles.__file__))
 

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from edge.errors import ConfigError, LatentlinkError
+from .errors import ConfigError, LatentlinkError
 
 # entropy: the optional lossless coding of the packed payload; reports of runs without a coder leave it out.
 EDGE_STAGES = ("capture", "preprocess", "encode", "gpu_to_cpu", "serialize", "entropy", "send")

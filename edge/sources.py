@@ -23,7 +23,7 @@ import time
 import cv2
 import numpy as np
 
-from edge.errors import SourceError
+from .errors import SourceError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ACCEPTED_FORMS = "csi://N, v4l2:///dev/videoN, file://PATH, synthetic://, rtsp://..."

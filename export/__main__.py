@@ -1,4 +1,4 @@
-"""``latentlink export`` / ``python -m export``: turn a trained checkpoint into deployable model files.
+"""``latentlink export`` / ``python -m latentlink.export``: turn a trained checkpoint into deployable model files.
 
 Subcommands: ``onnx`` (encoder and decoder as two ONNX files plus model.json, for one profile's input size),
 ``check`` (will an ONNX file parse on the Nano's TensorRT 8.2?), ``engine`` (ONNX -> FP16 TensorRT engine, built on
@@ -12,10 +12,10 @@ import json
 import math
 import sys
 
-from edge.cli import positive_float, positive_int, run_main
-from edge.errors import BackendError, ConfigError
-from edge.profile import load_profile
-from edge.tiles import parse_tiles
+from latentlink.edge.cli import positive_float, positive_int, run_main
+from latentlink.edge.errors import BackendError, ConfigError
+from latentlink.edge.profile import load_profile
+from latentlink.edge.tiles import parse_tiles
 
 EXAMPLES = """examples:
   latentlink export onnx --checkpoint runs/lossy-cae.pt --profile nano-504 --out models/nano-504
@@ -149,7 +149,7 @@ def _check(args):
 def _engine(args):
     import os
 
-    from edge.backends import role_from_name, trt_api
+    from latentlink.edge.backends import role_from_name, trt_api
 
     from .engine import build_engine, gpu_name, refuse_int8
 
@@ -202,7 +202,7 @@ def _finite(obj):
 
 
 def _compare(args):
-    from edge.backends import role_from_name
+    from latentlink.edge.backends import role_from_name
 
     from .compare import compare_backends, format_comparison
 

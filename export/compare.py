@@ -9,10 +9,10 @@ Python 3.6 compatible: it runs on the Nano to check a TensorRT engine against Py
 
 import numpy as np
 
-from edge.backends import open_backend
-from edge.errors import ConfigError
-from edge.preprocess import Preprocessor
-from edge.sources import open_source
+from latentlink.edge.backends import open_backend
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.preprocess import Preprocessor
+from latentlink.edge.sources import open_source
 
 
 def backend_inputs(info, role, count, source_uri="synthetic://", fit="center-crop", seed=0):

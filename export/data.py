@@ -5,8 +5,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.errors import ConfigError
-from edge.sources import IMAGE_EXTENSIONS
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.sources import IMAGE_EXTENSIONS
 
 
 def list_images(folder):

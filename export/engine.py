@@ -18,9 +18,9 @@ import re
 import tempfile
 import time
 
-from edge.backends.base import read_model_info
-from edge.backends import trt_api
-from edge.errors import BackendError, ConfigError
+from latentlink.edge.backends.base import read_model_info
+from latentlink.edge.backends import trt_api
+from latentlink.edge.errors import BackendError, ConfigError
 
 PRECISIONS = ("fp16", "fp32")
 DEFAULT_WORKSPACE_MB = 256  # 1 GB builds get "Killed" on the 4 GB Nano; 256 MB works

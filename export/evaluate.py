@@ -19,13 +19,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.backends import open_backend
-from edge.cli import run_main
-from edge.errors import ConfigError
-from edge.preprocess import Preprocessor, fit_frame, psnr, to_image
-from edge.profile import load_profile
-from edge.entropy import CODERS, check_available, compress, decompress
-from edge.protocol import frame_payload, pack_latents
+from latentlink.edge.backends import open_backend
+from latentlink.edge.cli import run_main
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.preprocess import Preprocessor, fit_frame, psnr, to_image
+from latentlink.edge.profile import load_profile
+from latentlink.edge.entropy import CODERS, check_available, compress, decompress
+from latentlink.edge.protocol import frame_payload, pack_latents
 
 from .data import list_images
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim, ssim
 
-from edge.errors import ConfigError
+from latentlink.edge.errors import ConfigError
 
 
 def mse_loss(x_hat, x):

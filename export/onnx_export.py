@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import torch
 
-from edge.errors import ConfigError
-from edge.tiles import split_tiles, tile_shape
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.tiles import split_tiles, tile_shape
 
 from .engine import sha256_of
 from .onnx_check import check_onnx, format_check

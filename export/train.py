@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edge.errors import ConfigError
-from edge.tiles import join_tiles, parse_tiles, split_tiles
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.tiles import join_tiles, parse_tiles, split_tiles
 
 from .data import CropSampler, centre_crop, list_images, read_rgb, resize_short_side, to_batch
 from .losses import LOSSES, bit_usage_penalty, get_loss
@@ -141,7 +141,7 @@ def split_paths(paths, val_split, seed):
 
 
 def main(argv=None):
-    from edge.cli import run_main
+    from latentlink.edge.cli import run_main
 
     return run_main(lambda a: train(get_args_parser().parse_args(a)), argv)
 

@@ -1,17 +1,17 @@
-"""``latentlink host`` / ``python -m host``: receive latents from edges, decode them, store or show the images."""
+"""``latentlink host`` / ``python -m latentlink.host``: receive latents from edges, decode them, store or show the images."""
 
 import argparse
 import logging
 import os
 import sys
 
-from edge.backends import open_backend
-from edge.cli import (add_backend_options, add_run_options, backend_options, peak_rss_mb, positive_float,
+from latentlink.edge.backends import open_backend
+from latentlink.edge.cli import (add_backend_options, add_run_options, backend_options, peak_rss_mb, positive_float,
                       positive_int, run_main, setup_logging)
-from edge.errors import ConfigError
-from edge.profile import load_profile
-from edge.profiler import format_table, write_report
-from edge.sender import parse_address
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.profile import load_profile
+from latentlink.edge.profiler import format_table, write_report
+from latentlink.edge.sender import parse_address
 
 from .server import Host, check_display
 

@@ -15,10 +15,10 @@ import time
 
 import cv2
 
-from edge.errors import BackendError, ConfigError, ConnectionClosed, ProtocolError
-from edge.preprocess import to_image
-from edge.profiler import HOST_STAGES, FrameTimer, summarize
-from edge.protocol import FIXED_HEADER, FLAG_END_OF_STREAM, decode_latents, read_frame
+from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, ProtocolError
+from latentlink.edge.preprocess import to_image
+from latentlink.edge.profiler import HOST_STAGES, FrameTimer, summarize
+from latentlink.edge.protocol import FIXED_HEADER, FLAG_END_OF_STREAM, decode_latents, read_frame
 
 log = logging.getLogger("latentlink.host")
 

@@ -10,12 +10,12 @@ import sys
 # command -> (module with main(argv), one-line summary)
 COMMANDS = [
     ("demo", "latentlink.demo", "edge and host on loopback, streaming photos through the default model"),
-    ("edge", "edge.__main__", "capture frames, encode them and send the latents to a host"),
-    ("host", "host.__main__", "receive latents from edges, decode them, save or show the images"),
-    ("train", "export.train", "train a model on a folder of photos"),
-    ("export", "export.__main__", "ONNX export, TensorRT 8.2 check, engine build, backend comparison"),
-    ("eval", "export.evaluate", "a model against JPEG, WebP and JPEG 2000: PSNR, MS-SSIM, bpp, RD plot"),
-    ("report", "edge.profiler", "print the per-stage table of an edge or host report"),
+    ("edge", "latentlink.edge.__main__", "capture frames, encode them and send the latents to a host"),
+    ("host", "latentlink.host.__main__", "receive latents from edges, decode them, save or show the images"),
+    ("train", "latentlink.export.train", "train a model on a folder of photos"),
+    ("export", "latentlink.export.__main__", "ONNX export, TensorRT 8.2 check, engine build, backend comparison"),
+    ("eval", "latentlink.export.evaluate", "a model against JPEG, WebP and JPEG 2000: PSNR, MS-SSIM, bpp, RD plot"),
+    ("report", "latentlink.edge.profiler", "print the per-stage table of an edge or host report"),
 ]
 
 USAGE = """usage: latentlink <command> [options]     (latentlink <command> --help for each)
@@ -40,7 +40,7 @@ def main(argv=None):
         print(USAGE.format("\n".join("  {:<8} {}".format(name, text) for name, _, text in COMMANDS)))
         return 0
     if argv[0] in ("-V", "--version"):
-        from edge import __version__
+        from latentlink import __version__
 
         print("latentlink " + __version__)
         return 0

@@ -33,15 +33,15 @@ def get_args_parser():
 
 
 def main(argv=None):
-    from edge.cli import run_main
+    from latentlink.edge.cli import run_main
 
     return run_main(_main, argv)
 
 
 def _main(argv):
-    from edge.errors import ConfigError, LatentlinkError
-    from edge.profile import load_profile
-    from edge.profiler import format_report, load_report
+    from latentlink.edge.errors import ConfigError, LatentlinkError
+    from latentlink.edge.profile import load_profile
+    from latentlink.edge.profiler import format_report, load_report
 
     args = get_args_parser().parse_args(argv)
     profile = load_profile(args.profile)
@@ -56,7 +56,7 @@ def _main(argv):
     photos = args.photos or write_sample_photos(os.path.join(out, "photos"))
 
     python = [sys.executable, "-m"]
-    host = subprocess.Popen(python + ["host", "--listen", "127.0.0.1:0", "--ready-file", ready, "--profile",
+    host = subprocess.Popen(python + ["latentlink.host", "--listen", "127.0.0.1:0", "--ready-file", ready, "--profile",
                                       args.profile, "--out", frames_dir, "--report", host_report, "--max-streams",
                                       "1", "--quiet"])
     edge = None
@@ -65,7 +65,7 @@ def _main(argv):
         print(f"host listening on {address}; edge streaming {args.frames} frames of {photos} ...", flush=True)
         # --drop block: every frame reaches the host, so each PSNR below has a frame to compare. A live camera
         # would use the profile's 'oldest' policy and count the frames it drops.
-        edge = subprocess.Popen(python + ["edge", "--source", "file://" + photos, "--loop", "--frames",
+        edge = subprocess.Popen(python + ["latentlink.edge", "--source", "file://" + photos, "--loop", "--frames",
                                           str(args.frames), "--connect", address, "--name", "demo", "--profile",
                                           args.profile, "--drop", "block", "--report", edge_report, "--quiet"])
         if edge.wait(timeout=args.timeout) != 0:
@@ -104,7 +104,7 @@ def write_sample_photos(folder):
     try:
         import skimage.data
     except ImportError:
-        from edge.errors import ConfigError
+        from latentlink.edge.errors import ConfigError
 
         raise ConfigError("the demo's photos come from scikit-image: pip install scikit-image, or pass --photos DIR")
     import cv2
@@ -118,7 +118,7 @@ def write_sample_photos(folder):
 
 def wait_for_file(path, process, timeout):
     """Wait for the host to write its address to ``path``; returns it."""
-    from edge.errors import LatentlinkError
+    from latentlink.edge.errors import LatentlinkError
 
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
@@ -138,8 +138,8 @@ def decoded_psnr(photos, frames_dir, profile):
     """
     import cv2
 
-    from edge.preprocess import fit_frame, psnr
-    from edge.sources import open_source
+    from latentlink.edge.preprocess import fit_frame, psnr
+    from latentlink.edge.sources import open_source
 
     references, names = [], []
     with open_source("file://" + photos) as source:

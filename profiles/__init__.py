@@ -1,2 +1,2 @@
 """Deployment profiles shipped with latentlink (YAML files beside this one) and the default model's files
-(``default/``). Load them with ``edge.profile.load_profile("nano-504")``."""
+(``default/``). Load them with ``latentlink.edge.profile.load_profile("nano-504")``."""

@@ -29,8 +29,8 @@ def tiny_profile(tmp_path_factory):
     """Path of a profile YAML whose encoder/decoder are a tiny Lossy CAE exported to ONNX at 64x64."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from export.models import build_model, save_checkpoint
-    from export.onnx_export import export_onnx
+    from latentlink.export.models import build_model, save_checkpoint
+    from latentlink.export.onnx_export import export_onnx
 
     folder = tmp_path_factory.mktemp("tiny-model")
     torch.manual_seed(0)

@@ -4,9 +4,9 @@ import shutil
 import numpy as np
 import pytest
 
-from edge.backends import open_backend, read_model_info
-from edge.errors import BackendError, ConfigError
-from edge.profile import load_profile
+from latentlink.edge.backends import open_backend, read_model_info
+from latentlink.edge.errors import BackendError, ConfigError
+from latentlink.edge.profile import load_profile
 
 
 def test_onnxruntime_encoder_and_decoder(tiny_profile):

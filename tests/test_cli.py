@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -29,7 +32,7 @@ def test_every_command_has_help_with_an_example(command, capsys):
     assert "example" in out and "latentlink " + command in out
 
 
-@pytest.mark.parametrize("package", ["edge", "host", "export"])
+@pytest.mark.parametrize("package", ["latentlink.edge", "latentlink.host", "latentlink.export"])
 def test_python_dash_m(package):
     result = run_cli(package, "--help")
     assert result.returncode == 0 and "usage" in result.stdout
@@ -44,7 +47,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_report_prints_the_stage_table(tmp_path, capsys):
-    from edge.profiler import EDGE_STAGES, summarize, write_report
+    from latentlink.edge.profiler import EDGE_STAGES, summarize, write_report
 
     records = [{"seq": i, "stages": {s: 1.0 + i for s in EDGE_STAGES}, "bytes": 100} for i in range(5)]
     path = str(tmp_path / "edge.json")
@@ -53,3 +56,16 @@ def test_report_prints_the_stage_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "capture" in out and "over budget" in out
     assert json.load(open(path))["frames"] == 5
+
+
+def test_installed_names_are_under_latentlink(tmp_path):
+    """Outside the checkout only latentlink.* exists: no top-level edge/host/export to collide with other packages."""
+    code = ("import importlib.util as u, latentlink.edge.protocol, latentlink.host.server, latentlink.profiles; "
+            "print([u.find_spec(n) is None for n in ('edge', 'host', 'export', 'profiles')])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[True, True, True, True]"
+    result = subprocess.run([sys.executable, "-m", "latentlink.edge", "--help"], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: latentlink edge" in result.stdout

@@ -151,7 +151,7 @@ def test_compose_port_matches_the_host_image():
 
 
 def test_compose_command_is_a_valid_host_command_writing_into_the_volume():
-    from host.__main__ import get_args_parser
+    from latentlink.host.__main__ import get_args_parser
 
     assert exec_form(single("Dockerfile.host", "ENTRYPOINT")) == ["latentlink", "host"]
     service = compose()["services"]["host"]
@@ -164,7 +164,7 @@ def test_compose_command_is_a_valid_host_command_writing_into_the_volume():
 
 
 def test_compose_commented_edge_example_parses_with_the_edge_cli():
-    from edge.__main__ import get_args_parser
+    from latentlink.edge.__main__ import get_args_parser
 
     with open(COMPOSE) as f:
         lines = f.read().splitlines()
@@ -201,10 +201,13 @@ def test_every_package_setup_py_installs_is_copied(name):
         if keyword == "COPY":
             copied.update(os.path.normpath(w) for w in shlex.split(args)[:-1] if not w.startswith("--"))
     kwargs = setup_kwargs()
-    needed = {package.split(".")[0] for package in kwargs["packages"]} | {"setup.py", "README.md"}
+    # The folder each installed package comes from: package_dir maps latentlink.edge to edge/, and so on.
+    folders = {kwargs["package_dir"].get(".".join(package.split(".")[:2]), package).split(".")[0]
+               for package in kwargs["packages"]}
+    needed = folders | {"setup.py", "README.md"}
     assert needed <= copied, "{} does not COPY {}".format(name, sorted(needed - copied))
     # ... including the model files the profiles package ships.
-    for pattern in kwargs["package_data"]["profiles"]:
+    for pattern in kwargs["package_data"]["latentlink.profiles"]:
         assert glob.glob(os.path.join(ROOT, "profiles", pattern)), pattern
 
 
@@ -240,8 +243,8 @@ def test_jetson_image_takes_opencv_from_apt():
 
 
 def test_jetson_header_run_commands_parse_with_the_edge_cli():
-    from edge.__main__ import get_args_parser
-    from export.__main__ import get_args_parser as export_parser
+    from latentlink.edge.__main__ import get_args_parser
+    from latentlink.export.__main__ import get_args_parser as export_parser
 
     with open(os.path.join(DOCKER, "Dockerfile.jetson")) as f:
         header = []

@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.backends import open_backend
-from edge.preprocess import Preprocessor, to_image
-from edge.profile import load_profile
-from edge.sources import open_source
+from latentlink.edge.backends import open_backend
+from latentlink.edge.preprocess import Preprocessor, to_image
+from latentlink.edge.profile import load_profile
+from latentlink.edge.sources import open_source
 
 from .conftest import run_cli
 
@@ -24,7 +24,7 @@ def start_host(tmp_path, profile, *extra):
 
     ready = tmp_path / "host.address"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "host", "--listen", "127.0.0.1:0", "--ready-file", str(ready),
+    proc = subprocess.Popen([sys.executable, "-m", "latentlink.host", "--listen", "127.0.0.1:0", "--ready-file", str(ready),
                              "--profile", profile, "--out", str(tmp_path / "frames"), "--report",
                              str(tmp_path / "host.json"), "--max-streams", "1"] + list(extra),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -51,7 +51,7 @@ def expected_images(video, profile):
 def stream_video(tmp_path, profile, video, name, *edge_args):
     """The video from an edge process to a host process; returns (edge process, edge report, host report)."""
     host, address = start_host(tmp_path, profile, *(["--accept-pickle"] if "pickle" in edge_args else []))
-    edge = run_cli("edge", "--source", "file://" + video, "--connect", address, "--name", name,
+    edge = run_cli("latentlink.edge", "--source", "file://" + video, "--connect", address, "--name", name,
                    "--profile", profile, "--drop", "block", "--report", str(tmp_path / "edge.json"), *edge_args)
     host_out, _ = host.communicate(timeout=60)
     assert edge.returncode == 0, edge.stderr
@@ -90,7 +90,7 @@ def test_frames_dropped_by_policy_are_counted_on_both_sides(tmp_path, tiny_profi
     # The host stops after 3 frames; the edge keeps capturing with drop=newest and a queue of 1, so frames are
     # either delivered, dropped by policy, or lost when the host goes away: never unaccounted for.
     host, address = start_host(tmp_path, tiny_profile, "--max-frames", "3")
-    edge = run_cli("edge", "--source", "file://" + photos_dir, "--loop", "--frames", "40", "--connect", address,
+    edge = run_cli("latentlink.edge", "--source", "file://" + photos_dir, "--loop", "--frames", "40", "--connect", address,
                    "--name", "live", "--profile", tiny_profile, "--drop", "newest", "--queue-size", "1",
                    "--report", str(tmp_path / "edge.json"))
     host.communicate(timeout=60)
@@ -116,7 +116,7 @@ def test_edge_with_an_entropy_coder_to_host(tmp_path, tiny_profile, video_file):
 
 
 def test_the_pickle_serializer_cannot_be_entropy_coded(tiny_profile, capsys):
-    from edge.__main__ import main
+    from latentlink.edge.__main__ import main
 
     assert main(["--source", "synthetic://", "--profile", tiny_profile, "--serializer", "pickle", "--entropy",
                  "zlib", "--frames", "1"]) == 2

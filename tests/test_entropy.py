@@ -12,10 +12,10 @@ import zlib
 import numpy as np
 import pytest
 
-from edge import entropy
-from edge.entropy import CODERS, check_available, compress, decompress
-from edge.errors import ConfigError, ProtocolError
-from edge.protocol import (FIXED_HEADER, PACKINGS, decode_latents, encode_frame, pack_latents, parse_meta,
+from latentlink.edge import entropy
+from latentlink.edge.entropy import CODERS, check_available, compress, decompress
+from latentlink.edge.errors import ConfigError, ProtocolError
+from latentlink.edge.protocol import (FIXED_HEADER, PACKINGS, decode_latents, encode_frame, pack_latents, parse_meta,
                            payload_size)
 
 from .test_protocol import check_round_trip, good_meta, raw_frame, read_from_bytes

@@ -3,8 +3,8 @@ import json
 import cv2
 import pytest
 
-from edge.profile import load_profile
-from export.evaluate import codec_at_budget, evaluate
+from latentlink.edge.profile import load_profile
+from latentlink.export.evaluate import codec_at_budget, evaluate
 
 
 @pytest.mark.parametrize("codec", ["jpeg", "webp"])
@@ -46,7 +46,7 @@ def test_codec_at_budget_for_jpeg2000(photos_dir):
 def test_image_metrics_are_perfect_for_identical_images_and_drop_with_noise(photos_dir):
     import numpy as np
 
-    from export.evaluate import image_metrics
+    from latentlink.export.evaluate import image_metrics
 
     image = cv2.resize(cv2.imread(photos_dir + "/coffee.png"), (192, 192))
     same = image_metrics(image, image.copy())
@@ -77,9 +77,9 @@ def test_eval_writes_compressai_json_and_the_rd_plot(tiny_profile, photos_dir, t
 
 def test_eval_with_an_entropy_coder_counts_the_compressed_frame(tiny_profile, photos_dir, tmp_path, capsys,
                                                                 monkeypatch):
-    import export.evaluate as evaluate_module
-    from edge.entropy import decompress
-    from edge.protocol import frame_payload
+    import latentlink.export.evaluate as evaluate_module
+    from latentlink.edge.entropy import decompress
+    from latentlink.edge.protocol import frame_payload
 
     from .test_protocol import read_from_bytes
 

@@ -8,10 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from edge.errors import ConfigError  # noqa: E402
-from export.models import build_model, load_checkpoint, save_checkpoint  # noqa: E402
-from export.models.lossy_cae import Binarizer  # noqa: E402
-from export.onnx_export import check_graph, export_onnx  # noqa: E402
+from latentlink.edge.errors import ConfigError  # noqa: E402
+from latentlink.export.models import build_model, load_checkpoint, save_checkpoint  # noqa: E402
+from latentlink.export.models.lossy_cae import Binarizer  # noqa: E402
+from latentlink.export.onnx_export import check_graph, export_onnx  # noqa: E402
 
 # Operators the TensorRT 8.2 ONNX parser supports that our layers export to (jetson-facts.md).
 # Identity appears when constant folding merges equal initializers (untrained PReLU slopes are all 0.25).
@@ -53,7 +53,7 @@ def test_binarizer_trains_on_the_deployed_bits_once_stochastic_is_off():
 
 
 def test_dither_thresholds_spread_16_levels_over_every_4x4_tile():
-    from export.models.lossy_cae import dither_thresholds
+    from latentlink.export.models.lossy_cae import dither_thresholds
 
     t = dither_thresholds(8, 10, 13)
     assert t.shape == (1, 8, 10, 13) and t.dtype == np.float32
@@ -208,8 +208,8 @@ def test_a_checkpoint_from_before_dither_loads_with_the_binarizer_it_was_trained
 
 
 def test_bad_hparam_and_an_init_from_that_fits_only_in_part(tmp_path):
-    from export.models import copy_matching_weights
-    from export.train import parse_hparams
+    from latentlink.export.models import copy_matching_weights
+    from latentlink.export.train import parse_hparams
 
     assert parse_hparams(["decoder_blocks=3"]) == {"decoder_blocks": 3}
     with pytest.raises(ConfigError, match="'decoder_blocks=three'.*NAME=INTEGER"):
@@ -228,7 +228,7 @@ def test_bad_hparam_and_an_init_from_that_fits_only_in_part(tmp_path):
 
 
 def test_bit_usage_penalty_is_zero_for_a_balanced_uncorrelated_code_and_high_for_a_wasted_one():
-    from export.losses import bit_usage_penalty
+    from latentlink.export.losses import bit_usage_penalty
 
     # All 256 symbols of 8 bits, equally often: every bit is 1 half the time and no two bits correlate.
     symbols = torch.arange(256)

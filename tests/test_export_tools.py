@@ -11,10 +11,10 @@ torch = pytest.importorskip("torch")
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from edge.profile import load_profile  # noqa: E402
-from export.__main__ import main  # noqa: E402
-from export.compare import compare_outputs  # noqa: E402
-from export.onnx_check import check_onnx  # noqa: E402
+from latentlink.edge.profile import load_profile  # noqa: E402
+from latentlink.export.__main__ import main  # noqa: E402
+from latentlink.export.compare import compare_outputs  # noqa: E402
+from latentlink.export.onnx_check import check_onnx  # noqa: E402
 
 from . import fake_tensorrt  # noqa: E402
 
@@ -33,8 +33,8 @@ def value(name, shape, dtype=TensorProto.FLOAT):
 
 def test_every_zoo_model_exports_to_onnx_that_passes_the_check(tmp_path):
     """Each registered model, exported at a small size, passes `export check` (so it would parse on 8.2)."""
-    from export.models import MODELS, build_model
-    from export.onnx_export import export_onnx
+    from latentlink.export.models import MODELS, build_model
+    from latentlink.export.onnx_export import export_onnx
 
     assert MODELS
     for name, cls in sorted(MODELS.items()):
@@ -134,7 +134,7 @@ def test_compare_fp16_engine_fails_1e5_and_says_what_would_pass(monkeypatch, tin
     """An FP16 engine's decoder output is near the FP32 reference, not within 1e-5: the command says by how much."""
     import shutil
 
-    from export.engine import build_engine
+    from latentlink.export.engine import build_engine
 
     fake_tensorrt.install(monkeypatch, "8.2")
     folder = tmp_path / "m"

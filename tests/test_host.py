@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from edge.backends import open_backend
-from edge.profile import load_profile
-from edge.protocol import FIXED_HEADER, MAGIC, VERSION, encode_end_of_stream, encode_frame
-from host.server import Host
+from latentlink.edge.backends import open_backend
+from latentlink.edge.profile import load_profile
+from latentlink.edge.protocol import FIXED_HEADER, MAGIC, VERSION, encode_end_of_stream, encode_frame
+from latentlink.host.server import Host
 
 
 @pytest.fixture(params=[False], ids=["default"])
@@ -255,7 +255,7 @@ def test_connections_beyond_the_limit_are_refused(tiny_profile):
 
 
 def test_listening_on_a_busy_port_is_a_clear_error(host, tiny_profile):
-    from edge.errors import ConfigError
+    from latentlink.edge.errors import ConfigError
 
     other = Host(host.decoder)
     with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:%d" % host.address[1]):
@@ -265,8 +265,8 @@ def test_listening_on_a_busy_port_is_a_clear_error(host, tiny_profile):
 def test_display_without_gui_support_is_a_clear_error(monkeypatch):
     import cv2
 
-    from edge.errors import ConfigError
-    from host.server import check_display
+    from latentlink.edge.errors import ConfigError
+    from latentlink.host.server import check_display
 
     def no_gui(name):
         raise cv2.error("The function is not implemented")

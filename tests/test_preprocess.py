@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from edge.errors import ConfigError
-from edge.preprocess import FIT_MODES, Preprocessor, fit_frame, psnr, to_image
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.preprocess import FIT_MODES, Preprocessor, fit_frame, psnr, to_image
 
 
 def gradient(h, w):

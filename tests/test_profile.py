@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from edge.errors import ConfigError
-from edge.profile import available_profiles, load_profile
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.profile import available_profiles, load_profile
 
 
 @pytest.mark.parametrize("name,size", [("nano-504", 504), ("nano-1008", 1008)])

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.errors import ConfigError
-from edge.profiler import (EDGE_STAGES, HOST_STAGES, BAR_WIDTH, FrameTimer, format_report, format_table,
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.profiler import (EDGE_STAGES, HOST_STAGES, BAR_WIDTH, FrameTimer, format_report, format_table,
                            load_report, main, summarize, write_report)
 
 STAT_KEYS = ["min_ms", "median_ms", "mean_ms", "p95_ms", "p99_ms", "max_ms"]

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from edge.errors import ConfigError, ConnectionClosed, ProtocolError
-from edge.protocol import (
+from latentlink.edge.errors import ConfigError, ConnectionClosed, ProtocolError
+from latentlink.edge.protocol import (
     DEFAULT_MAX_PAYLOAD_BYTES, DTYPES, FIXED_HEADER, FLAG_END_OF_STREAM, MAGIC, MAX_ELEMENTS, MAX_META_BYTES,
     PACKINGS, VERSION, FrameMeta, decode_latents, encode_end_of_stream, encode_frame, pack_latents,
     parse_fixed_header, parse_meta, payload_size, read_frame, recv_exactly, restricted_loads, unpack_latents)
@@ -606,7 +606,7 @@ def test_a_pickle_naming_a_huge_memo_index_allocates_nothing():
 
 
 def test_a_pickle_cannot_set_attributes_on_the_allowed_globals():
-    import edge.protocol as protocol
+    import latentlink.edge.protocol as protocol
 
     # GLOBAL numpy.ndarray, state (None, {"planted": 1}), BUILD: would setattr on the class itself.
     payload = b"\x80\x03cnumpy\nndarray\nN}X\x07\x00\x00\x00plantedK\x01s\x86b."

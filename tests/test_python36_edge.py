@@ -28,7 +28,7 @@ def test_interpreter_is_the_nano_one():
 def test_python36_edge_streams_to_this_host(tmp_path, tiny_profile, video_file, serializer, entropy):
     """Also the entropy coders across versions: zstandard 0.20 / lz4 3.1 on the edge, the newest here."""
     host, address = start_host(tmp_path, tiny_profile, *(["--accept-pickle"] if serializer == "pickle" else []))
-    edge = subprocess.run([PY36, "-m", "edge", "--source", "file://" + video_file, "--connect", address,
+    edge = subprocess.run([PY36, "-m", "latentlink.edge", "--source", "file://" + video_file, "--connect", address,
                            "--name", "nano", "--profile", tiny_profile, "--drop", "block", "--serializer",
                            serializer, "--entropy", entropy, "--report", str(tmp_path / "edge.json")],
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
@@ -49,12 +49,12 @@ from tests import fake_tensorrt
 package, driver = fake_tensorrt.make_pycuda()
 sys.modules.update({{"pycuda": package, "pycuda.driver": driver,
                     "tensorrt": fake_tensorrt.make_tensorrt({api!r}, driver=driver)}})
-from export.__main__ import main as export_main
+from latentlink.export.__main__ import main as export_main
 assert export_main(["check", {onnx!r}]) == 0
 assert export_main(["engine", {onnx!r}, "--out", {out!r}]) == 0
 import glob
 engine = glob.glob({out!r} + "/*.engine")[0]
-from edge.__main__ import main as edge_main
+from latentlink.edge.__main__ import main as edge_main
 code = edge_main(["--source", "synthetic://", "--connect", {address!r}, "--name", "nano", "--profile", {profile!r},
                   "--encoder", engine, "--frames", "6", "--drop", "block", "--report", {report!r}] + {extra!r})
 assert not driver._state.stack and driver._state.contexts_alive == 0
@@ -71,7 +71,7 @@ def test_python36_engine_build_and_tensorrt_edge_against_fakes(tmp_path, tiny_pr
         pytest.skip("the Python 3.6 environment has no onnx/onnxruntime (the fakes parse and run ONNX with them)")
     import shutil
 
-    from edge.profile import load_profile
+    from latentlink.edge.profile import load_profile
 
     onnx_dir = tmp_path / "model"
     shutil.copytree(os.path.dirname(load_profile(tiny_profile).model.encoder), str(onnx_dir))

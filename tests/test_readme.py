@@ -34,8 +34,8 @@ def test_every_train_and_export_command_in_the_readme_parses():
     import pytest
 
     pytest.importorskip("torch")
-    from export.__main__ import get_args_parser as export_parser
-    from export.train import get_args_parser as train_parser
+    from latentlink.export.__main__ import get_args_parser as export_parser
+    from latentlink.export.train import get_args_parser as train_parser
 
     text = read("README.md").replace("\\\n", " ")
     commands = re.findall(r"^latentlink (train|export onnx) (.+?)(?:\s+#.*)?$", text, flags=re.M)

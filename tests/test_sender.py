@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 
-import edge.sender as sender_module
-from edge.errors import ConfigError, ConnectionClosed
-from edge.profiler import FrameTimer
-from edge.protocol import FLAG_END_OF_STREAM, encode_frame, read_frame
-from edge.sender import DROP_POLICIES, Sender, parse_address
+import latentlink.edge.sender as sender_module
+from latentlink.edge.errors import ConfigError, ConnectionClosed
+from latentlink.edge.profiler import FrameTimer
+from latentlink.edge.protocol import FLAG_END_OF_STREAM, encode_frame, read_frame
+from latentlink.edge.sender import DROP_POLICIES, Sender, parse_address
 
 STREAM = "cam0"
 SMALL = 16  # payload bytes of an ordinary frame

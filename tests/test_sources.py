@@ -4,9 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edge import sources
-from edge.errors import LatentlinkError, SourceError
-from edge.sources import csi_pipeline, open_source
+from latentlink.edge import sources
+from latentlink.edge.errors import LatentlinkError, SourceError
+from latentlink.edge.sources import csi_pipeline, open_source
 
 RED, GREEN, BLUE = (0, 0, 255), (0, 255, 0), (255, 0, 0)
 VIDEO_FRAMES = 6

@@ -12,9 +12,9 @@ import threading
 import numpy as np
 import pytest
 
-from edge.backends import open_backend, trt_api
-from edge.errors import BackendError, ConfigError
-from edge.profile import load_profile
+from latentlink.edge.backends import open_backend, trt_api
+from latentlink.edge.errors import BackendError, ConfigError
+from latentlink.edge.profile import load_profile
 
 from . import fake_tensorrt
 
@@ -34,7 +34,7 @@ def onnx_dir(tmp_path, tiny_profile):
 
 
 def build(onnx_path, **kwargs):
-    from export.engine import build_engine
+    from latentlink.export.engine import build_engine
 
     logs = []
     meta = build_engine(str(onnx_path), log=logs.append, **kwargs)
@@ -55,7 +55,7 @@ def edit_sidecar(meta, **changes):
 def test_engine_cache_name_sidecar_reuse_and_rebuild(monkeypatch, onnx_dir, api):
     trt, _ = fake_tensorrt.install(monkeypatch, api)
     meta, logs = build(onnx_dir / "encoder.onnx")
-    from export.engine import sha256_of
+    from latentlink.export.engine import sha256_of
 
     sha = sha256_of(str(onnx_dir / "encoder.onnx"))
     name = "encoder.{}.trt{}.Fake-GPU-9000.fp16.engine".format(sha[:8], trt.__version__)
@@ -160,7 +160,7 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch, onnx_dir):
 
 
 def test_export_engine_without_tensorrt_points_to_trtexec(monkeypatch, onnx_dir, capsys):
-    from export.__main__ import main
+    from latentlink.export.__main__ import main
 
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
     assert main(["engine", str(onnx_dir / "encoder.onnx")]) == 2
@@ -168,7 +168,7 @@ def test_export_engine_without_tensorrt_points_to_trtexec(monkeypatch, onnx_dir,
 
 
 def test_int8_is_refused_with_the_reason():
-    from export.engine import refuse_int8
+    from latentlink.export.engine import refuse_int8
 
     with pytest.raises(ConfigError, match="no fast INT8.*Maxwell"):
         refuse_int8("NVIDIA Tegra X1", has_fast_int8=False)
@@ -177,7 +177,7 @@ def test_int8_is_refused_with_the_reason():
 
 
 def test_export_engine_command_line(monkeypatch, onnx_dir, capsys):
-    from export.__main__ import main
+    from latentlink.export.__main__ import main
 
     fake_tensorrt.install(monkeypatch, "8.2")
     assert main(["engine", str(onnx_dir / "encoder.onnx"), "--workspace", "128"]) == 0
@@ -197,7 +197,7 @@ def test_export_engine_runs_the_check_first(monkeypatch, tmp_path, capsys):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from export.__main__ import main
+    from latentlink.export.__main__ import main
 
     trt, _ = fake_tensorrt.install(monkeypatch, "8.2")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
@@ -331,10 +331,10 @@ def test_engine_io_dispatch_reads_both_apis(monkeypatch, onnx_dir):
 
 def test_edge_streams_through_an_engine_with_cuda_columns(monkeypatch, onnx_dir, tiny_profile):
     """edge -> host on loopback with the (fake) TensorRT encoder: the report carries CUDA-event times."""
-    from edge.pipeline import run_edge
-    from edge.profiler import format_table
-    from edge.sources import open_source
-    from host.server import Host
+    from latentlink.edge.pipeline import run_edge
+    from latentlink.edge.profiler import format_table
+    from latentlink.edge.sources import open_source
+    from latentlink.host.server import Host
 
     fake_tensorrt.install(monkeypatch, "8.2")
     meta, _ = build(onnx_dir / "encoder.onnx")

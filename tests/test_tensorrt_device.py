@@ -15,8 +15,8 @@ import pytest
 trt = pytest.importorskip("tensorrt")
 cuda = pytest.importorskip("pycuda.driver")
 
-from edge.backends import open_backend  # noqa: E402
-from edge.profile import load_profile  # noqa: E402
+from latentlink.edge.backends import open_backend  # noqa: E402
+from latentlink.edge.profile import load_profile  # noqa: E402
 
 
 def _has_gpu():
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(not _has_gpu(), reason="no CUDA device for pycud
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from export.engine import build_engine
+    from latentlink.export.engine import build_engine
 
     folder = tmp_path_factory.mktemp("engine")
     source = os.path.dirname(load_profile("nano-504").model.encoder)

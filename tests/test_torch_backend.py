@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from edge.backends import open_backend
-from edge.errors import ConfigError
-from edge.profile import load_profile
+from latentlink.edge.backends import open_backend
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.profile import load_profile
 
 torch = pytest.importorskip("torch")
 
@@ -52,7 +52,7 @@ def test_refusals_name_the_fix(tiny_profile):
 
 
 def test_cuda_requested_without_a_gpu_is_a_clear_error(tiny_profile, monkeypatch):
-    from edge.errors import BackendError
+    from latentlink.edge.errors import BackendError
 
     ckpt, _ = checkpoint_and_onnx(tiny_profile)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -64,8 +64,8 @@ def test_edge_and_host_commands_take_a_checkpoint(tiny_profile, tmp_path):
     """latentlink host --decoder X.pt and latentlink edge --encoder X.pt, in one process each."""
     import threading
 
-    from edge.__main__ import main as edge_main
-    from host.__main__ import main as host_main
+    from latentlink.edge.__main__ import main as edge_main
+    from latentlink.host.__main__ import main as host_main
 
     ckpt, _ = checkpoint_and_onnx(tiny_profile)
     ready = tmp_path / "port.txt"

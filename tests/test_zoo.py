@@ -11,17 +11,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from edge.backends import open_backend  # noqa: E402
-from edge.errors import ConfigError  # noqa: E402
-from edge.pipeline import run_edge  # noqa: E402
-from edge.preprocess import Preprocessor, fit_frame, to_image  # noqa: E402
-from edge.profile import load_profile  # noqa: E402
-from edge.sources import open_source  # noqa: E402
-from edge.tiles import join_tiles, parse_tiles, split_tiles  # noqa: E402
-from export.models import MODELS, build_model, load_checkpoint  # noqa: E402
-from export.onnx_export import export_onnx  # noqa: E402
-from export.train import get_args_parser, train  # noqa: E402
-from host.server import Host  # noqa: E402
+from latentlink.edge.backends import open_backend  # noqa: E402
+from latentlink.edge.errors import ConfigError  # noqa: E402
+from latentlink.edge.pipeline import run_edge  # noqa: E402
+from latentlink.edge.preprocess import Preprocessor, fit_frame, to_image  # noqa: E402
+from latentlink.edge.profile import load_profile  # noqa: E402
+from latentlink.edge.sources import open_source  # noqa: E402
+from latentlink.edge.tiles import join_tiles, parse_tiles, split_tiles  # noqa: E402
+from latentlink.export.models import MODELS, build_model, load_checkpoint  # noqa: E402
+from latentlink.export.onnx_export import export_onnx  # noqa: E402
+from latentlink.export.train import get_args_parser, train  # noqa: E402
+from latentlink.host.server import Host  # noqa: E402
 
 SIZE = 64  # pixels a side: a multiple of every model's downscale (crae's is 32)
 

@@ -57,7 +57,7 @@ class TorchBackend(Backend):
         except ImportError:
             raise BackendError("PyTorch is not installed: `pip install torch` on a PC; on a Jetson, NVIDIA's wheel "
                                "for JetPack 4.6 (see the README)")
-        from export.models import load_checkpoint
+        from latentlink.export.models import load_checkpoint
 
         if self.on_cuda and not torch.cuda.is_available():
             raise BackendError("--device {}: PyTorch {} sees no CUDA GPU (a CPU-only build, or no driver); use "

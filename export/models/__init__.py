@@ -17,7 +17,7 @@ checkpoint so a checkpoint alone rebuilds the model. A model trained against cri
     ==========  ==========================================  =========  ==============================
 """
 
-from edge.errors import ConfigError
+from latentlink.edge.errors import ConfigError
 
 from .registry import MODELS, build_model, copy_matching_weights, load_checkpoint, register_model, save_checkpoint
 

@@ -8,7 +8,7 @@ defaults, a quarter of the deck's 504 -> 252 at downscale 2).
 
 from torch import nn
 
-from edge.errors import ConfigError
+from latentlink.edge.errors import ConfigError
 
 from .layers import QuantizeUint8, ResidualBlock, subpixel_conv
 from .registry import register_model

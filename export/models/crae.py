@@ -16,7 +16,7 @@ paper did not do; 32 (the default) is the paper's.
 
 from torch import nn
 
-from edge.errors import ConfigError
+from latentlink.edge.errors import ConfigError
 
 from .layers import GreyToRGB, ResidualBlock, RGBToGrey, RoundToHalf, subpixel_conv
 from .registry import register_model

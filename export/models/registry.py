@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from edge.errors import ConfigError
+from latentlink.edge.errors import ConfigError
 
 MODELS = {}
 
