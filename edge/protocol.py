@@ -17,7 +17,6 @@ The pure functions (encode/parse/pack/unpack) are separate from the two that tou
 :class:`ConnectionClosed`; the sending side raises :class:`ConfigError` for bad arguments.
 """
 import collections
-import io
 import json
 import math
 import numbers
@@ -31,6 +30,7 @@ import numpy as np
 
 from .entropy import CODERS, compress, decompress
 from .errors import ConfigError, ConnectionClosed, ProtocolError
+from .safe_pickle import loads_ndarray
 
 MAGIC = b"LLNK"
 VERSION = 1
@@ -275,83 +275,6 @@ def parse_meta(meta_bytes, flags, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES):
     return _validate_meta(obj, flags, max_payload_bytes, ProtocolError)._replace(meta_len=len(meta_bytes))
 
 
-# --- the restricted unpickler for the legacy "pickle" packing ------------------------------------------------
-if int(np.__version__.split(".")[0]) >= 2:  # numpy 2 renamed its internals; importing numpy.core there warns
-    from numpy._core import multiarray as _multiarray, numeric as _numeric
-else:
-    from numpy.core import multiarray as _multiarray, numeric as _numeric
-
-
-class _NdarrayToken(object):
-    """Stands in for ``numpy.ndarray`` in a pickle: only _reconstruct may use it, calling it is refused.
-
-    Calling the real ndarray from a pickle would let a few bytes ask for an arbitrarily large allocation.
-    """
-
-    def __new__(cls, *args, **kwargs):
-        raise ProtocolError("pickle payload refused: numpy.ndarray may only be rebuilt through _reconstruct")
-
-
-def _safe_reconstruct(subtype, shape, dtype_code):
-    # numpy always pickles arrays as _reconstruct(ndarray, (0,), b'b') followed by __setstate__ with the data.
-    if subtype is not _NdarrayToken or tuple(shape) != (0,):
-        raise ProtocolError("pickle payload refused: unexpected _reconstruct arguments")
-    return _multiarray._reconstruct(np.ndarray, (0,), dtype_code)
-
-
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
-    ("numpy", "ndarray"): _NdarrayToken,
-    ("numpy", "dtype"): np.dtype,
-}
-if hasattr(_numeric, "_frombuffer"):  # protocol 5 (Python >= 3.8); the buffer must match dtype and shape
-    _ALLOWED_GLOBALS[("numpy.core.numeric", "_frombuffer")] = _numeric._frombuffer
-    _ALLOWED_GLOBALS[("numpy._core.numeric", "_frombuffer")] = _numeric._frombuffer
-
-
-def _load_build_checked(unpickler):
-    # BUILD sets state on the object below it on the stack: allowed on the arrays and dtypes being rebuilt only,
-    # never on the allowed globals themselves (a peer could otherwise attach attributes, and memory, to them).
-    target = unpickler.stack[-2] if len(unpickler.stack) >= 2 else None
-    if type(target) is not np.ndarray and not isinstance(target, np.dtype):
-        raise ProtocolError("pickle payload refused: BUILD on a %s (only numpy arrays and dtypes)"
-                            % type(target).__name__)
-    pickle._Unpickler.load_build(unpickler)
-
-
-class _RestrictedUnpickler(pickle._Unpickler):
-    """The pure-Python unpickler, restricted to numpy arrays.
-
-    Pure Python on purpose: the C unpickler sizes its memo table from the indices a pickle names, so 9 bytes can
-    make it allocate gigabytes; this one keeps the memo in a dict.
-    """
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-    dispatch[pickle.BUILD[0]] = _load_build_checked
-
-    def find_class(self, module, name):
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise ProtocolError("pickle payload refused: global '%s.%s' is not allowed (only numpy arrays of "
-                                "numeric dtypes are accepted)" % (module, name))
-
-
-def restricted_loads(data):
-    """Unpickle a numpy array of a numeric dtype from untrusted bytes; anything else is a ProtocolError."""
-    try:
-        obj = _RestrictedUnpickler(io.BytesIO(data)).load()
-    except ProtocolError:
-        raise
-    except Exception as exc:  # bytes from the network: no raw exception may escape
-        raise ProtocolError("pickle payload is not a valid numpy array pickle (%s: %s)" % (type(exc).__name__, exc))
-    if type(obj) is not np.ndarray or obj.dtype.kind not in "biuf":
-        raise ProtocolError("pickle payload refused: got %s of dtype %r (only numpy arrays of numeric dtypes are "
-                            "accepted)" % (type(obj).__name__, str(getattr(obj, "dtype", None))))
-    return obj
-
-
 def unpack_latents(payload, meta):
     """Decode a payload according to ``meta``; returns a writable array of meta.dtype and meta.shape."""
     if meta.packing not in PACKINGS or meta.dtype not in DTYPES:
@@ -364,12 +287,8 @@ def unpack_latents(payload, meta):
     n = int(np.prod(meta.shape))
     if meta.packing == "bits":
         flat = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=n)
-    elif meta.packing == "pickle":
-        a = restricted_loads(payload)
-        if a.dtype != dtype or a.shape != tuple(meta.shape):
-            raise ProtocolError("pickled array is %s %r but the metadata says %s %r"
-                                % (a.dtype, list(a.shape), meta.dtype, list(meta.shape)))
-        return a if a.flags.writeable else a.copy()
+    elif meta.packing == "pickle":  # read, never unpickled: edge/safe_pickle.py
+        return loads_ndarray(payload, meta.dtype, meta.shape)
     else:  # explicit little-endian wire types, whatever the host's byte order
         flat = np.frombuffer(payload, dtype={"uint8": "u1", "float16": "<f2", "float32": "<f4"}[meta.packing])
     return flat.reshape(meta.shape).astype(dtype)  # astype copies: writable and independent of the buffer
@@ -378,7 +297,7 @@ def unpack_latents(payload, meta):
 def decode_latents(meta, payload):
     """The latent array a frame carries: decompressed (bounded by the packed size), then unpacked.
 
-    Pickle payloads go through :func:`restricted_loads`.
+    Pickle payloads are read by :func:`edge.safe_pickle.loads_ndarray`, which never unpickles them.
     """
     if meta.flags & FLAG_END_OF_STREAM:
         raise ProtocolError("an end-of-stream frame carries no latents")

@@ -78,8 +78,9 @@ def _main(argv):
                     accept_pickle=args.accept_pickle)
         if args.accept_pickle:
             logging.getLogger("latentlink.host").warning(
-                "--accept-pickle: frames of pickled numpy arrays are accepted from any peer (numeric arrays "
-                "only); without it they are refused")
+                "--accept-pickle: frames of pickled numpy arrays are accepted from any peer; they are parsed "
+                "without an unpickler (numeric numpy arrays only, pickle protocols 2-5); without the flag they are "
+                "refused")
         bound = host.bind(*listen)
         if args.ready_file:
             with open(args.ready_file + ".tmp", "w") as f:
