@@ -25,7 +25,8 @@ byte (this reader does the latin-1 encoding itself; ``_codecs.encode`` is never 
 BINGET a 1-byte data block that is the same cached object as ``b"b"``, and the module name ``numpy``).
 
 Accepted opcodes (and the lowest protocol that may use them): PROTO (first, 2 to 5), STOP (last byte),
-GLOBAL, REDUCE, BUILD, MARK, TUPLE, TUPLE1-3, NONE, NEWTRUE, NEWFALSE, BININT1, BININT2, BININT, BINUNICODE,
+GLOBAL, REDUCE, BUILD, MARK, TUPLE, TUPLE1, TUPLE2,
+TUPLE3, NONE, NEWTRUE, NEWFALSE, BININT1, BININT2, BININT, BINUNICODE,
 BINPUT, LONG_BINPUT, BINGET, LONG_BINGET (2); SHORT_BINBYTES, BINBYTES (3); FRAME, STACK_GLOBAL, MEMOIZE,
 SHORT_BINUNICODE, BINUNICODE8, BINBYTES8 (4); BYTEARRAY8 (5). Every other opcode is refused, among them DUP, POP,
 the dict/list/set builders, LONG/LONG1/LONG4, EMPTY_TUPLE, NEWOBJ, EXT*, PERSID and protocol 5's out-of-band
@@ -496,10 +497,12 @@ class _Reader(object):
             self.pos, code = at, self.view[at]
             entry = _OPCODES.get(code)
             if entry is None:
+                if code in _OUT_OF_BAND:
+                    self.op = _OUT_OF_BAND[code]
+                    self.fail("out-of-band buffers (protocol 5) cannot arrive over a socket")
                 known = pickletools.code2op.get(chr(code))
                 self.op = known.name if known is not None else "byte 0x%02x" % code
-                self.fail(_OUT_OF_BAND if code in (0x97, 0x98) else
-                          "not an opcode numpy writes for an ndarray" if known is not None else "not a pickle opcode")
+                self.fail("not an opcode numpy writes for an ndarray" if known is not None else "not a pickle opcode")
             self.op, lowest, method = entry
             count += 1
             if count > MAX_OPCODES:
@@ -525,7 +528,8 @@ class _Reader(object):
         return result
 
 
-_OUT_OF_BAND = "out-of-band buffers (protocol 5) cannot arrive over a socket"
+# Protocol 5's out-of-band buffer opcodes, named here: Python 3.6's pickletools does not know them.
+_OUT_OF_BAND = {0x97: "NEXT_BUFFER", 0x98: "READONLY_BUFFER"}
 
 # opcode byte -> (name, lowest protocol that writes it, _Reader method; None for STOP)
 _OPCODES = {
