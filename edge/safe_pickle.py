@@ -24,17 +24,22 @@ byte (this reader does the latin-1 encoding itself; ``_codecs.encode`` is never 
 ``_reconstruct`` is such a call too with protocol 2. Any value may come through the memo (numpy's pickles
 BINGET a 1-byte data block that is the same cached object as ``b"b"``, and the module name ``numpy``).
 
-Accepted opcodes (and the lowest protocol that may use them): PROTO (first, 2 to 5), STOP (last byte),
-GLOBAL, REDUCE, BUILD, MARK, TUPLE, TUPLE1, TUPLE2,
-TUPLE3, NONE, NEWTRUE, NEWFALSE, BININT1, BININT2, BININT, BINUNICODE,
-BINPUT, LONG_BINPUT, BINGET, LONG_BINGET (2); SHORT_BINBYTES, BINBYTES (3); FRAME, STACK_GLOBAL, MEMOIZE,
-SHORT_BINUNICODE, BINUNICODE8, BINBYTES8 (4); BYTEARRAY8 (5). Every other opcode is refused, among them DUP, POP,
-the dict/list/set builders, LONG/LONG1/LONG4, EMPTY_TUPLE, NEWOBJ, EXT*, PERSID and protocol 5's out-of-band
-NEXT_BUFFER/READONLY_BUFFER (a socket carries no out-of-band buffers). Protocols 0 and 1 are refused.
+Accepted opcodes, with the lowest protocol that may use them:
 
-Bounds, all checked before the work they bound: at most :data:`MAX_OPCODES` opcodes, :data:`MAX_STACK` stack
-items, :data:`MAX_MARKS` open marks, :data:`MAX_MEMO` memo slots (indices 0 to MAX_MEMO - 1), tuples nested at
-most :data:`MAX_TUPLE_DEPTH` deep. A length read from the stream is compared with the bytes left and with the size
+- protocol 2: PROTO (the first opcode, 2 to 5), STOP (the last byte), GLOBAL (module and name lines of at most 64
+  ASCII bytes), REDUCE, BUILD, MARK, TUPLE, TUPLE1, TUPLE2, TUPLE3, NONE, NEWTRUE, NEWFALSE, BININT1, BININT2,
+  BININT, BINUNICODE, BINPUT, LONG_BINPUT, BINGET, LONG_BINGET;
+- protocol 3: SHORT_BINBYTES, BINBYTES;
+- protocol 4: FRAME, STACK_GLOBAL, MEMOIZE, SHORT_BINUNICODE, BINUNICODE8, BINBYTES8;
+- protocol 5: BYTEARRAY8.
+
+Every other opcode is refused, among them DUP, POP, the dict/list/set builders, LONG/LONG1/LONG4, EMPTY_TUPLE,
+NEWOBJ, EXT*, PERSID and protocol 5's out-of-band NEXT_BUFFER/READONLY_BUFFER (a socket carries no out-of-band
+buffers). Protocols 0 and 1 are refused; so is an opcode newer than the protocol the pickle declared.
+
+Bounds, all checked before the work they bound: at most :data:`MAX_OPCODES` (256) opcodes, :data:`MAX_STACK` (32)
+stack items, :data:`MAX_MARKS` (4) open marks, :data:`MAX_MEMO` (64) memo slots, tuples nested at most
+:data:`MAX_TUPLE_DEPTH` (3) deep. A length read from the stream is compared with the bytes left and with the size
 the metadata implies (``prod(shape) * itemsize`` for bytes, twice that for protocol 2's UTF-8 text, at least
 :data:`_SHORT_LIMIT`) before anything is sliced or decoded; data blocks stay views of the input. Each opcode costs
 time proportional to its own bytes, so a parse is linear in the input length. The array is built only after the
