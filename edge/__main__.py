@@ -8,11 +8,13 @@ from .backends import open_backend
 from .cli import (add_backend_options, add_run_options, backend_options, peak_rss_mb, positive_int, run_main,
                   setup_logging)
 from .entropy import CODERS, check_available
+from .errors import ConfigError
 from .pipeline import default_stream_name, run_edge
 from .profile import load_profile
 from .profiler import format_table, write_report
 from .protocol import SERIALIZERS
-from .sender import DROP_POLICIES, parse_address
+from .protocol import DELIVERIES
+from .sender import DROP_POLICIES, Spool, parse_address
 from .sources import open_source
 
 EXAMPLES = """examples:
@@ -21,9 +23,13 @@ EXAMPLES = """examples:
   latentlink edge --source v4l2:///dev/video0 --encoder my-model/encoder.onnx --profile my-site.yaml
   latentlink edge --source csi://0 --encoder engines/encoder.<sha>.trt8.2.1.8.NVIDIA-Tegra-X1.fp16.engine --mapped
   latentlink edge --source csi://0 --encoder runs/lossy-cae.pt --device cuda --precision fp16
+  latentlink edge --source csi://0 --delivery reliable --spool /var/spool/latentlink --spool-bytes 200000000
 
 sources: csi://N (Jetson CSI camera), v4l2:///dev/videoN (USB camera), file://clip.mp4 (video),
-         file://photos/ (images in name order), file://img.png, rtsp://..., synthetic:// (test pattern)"""
+         file://photos/ (images in name order), file://img.png, rtsp://..., synthetic:// (test pattern)
+
+exit status: 0 when every frame was decoded or dropped by the --drop policy; 1 when the host refused the stream, or
+frames were lost under --drop block or --delivery reliable (the counts are printed); 2 for bad options."""
 
 
 def get_args_parser():
@@ -50,7 +56,25 @@ def get_args_parser():
     parser.add_argument("--drop", choices=DROP_POLICIES, default=None,
                         help="when the send queue is full drop the oldest frame (live view), the newest, or block "
                              "(never drop); default from the profile")
-    parser.add_argument("--queue-size", type=positive_int, default=None, help="frames that may wait to be sent")
+    parser.add_argument("--queue-size", type=positive_int, default=None,
+                        help="frames that may wait beyond the window; default from the profile")
+    parser.add_argument("--window", type=positive_int, default=None,
+                        help="frames sent and not yet acknowledged by the host (the host may grant fewer); a small "
+                             "window bounds latency whatever the network buffers hold; default from the profile")
+    parser.add_argument("--delivery", choices=DELIVERIES, default=None,
+                        help="live: a frame in flight when a connection dies is lost (default from the profile); "
+                             "reliable: it is resent after the reconnect, the host decodes each frame once, and "
+                             "nothing is dropped (a full queue blocks capture or spills to --spool)")
+    parser.add_argument("--spool", metavar="DIR", help="with --delivery reliable: frames that do not fit in the "
+                        "queue wait in files here (kept only while the edge runs)")
+    parser.add_argument("--spool-bytes", type=positive_int, default=100 << 20, metavar="BYTES",
+                        help="the most the spool may hold (default: %(default)s)")
+    parser.add_argument("--wait-for-host", type=float, default=None, metavar="SECONDS",
+                        help="give up when the host has been unreachable this long, counting what was not "
+                             "delivered as lost (0: wait forever; default from the profile: forever)")
+    parser.add_argument("--protocol", type=int, choices=(1, 2), default=2,
+                        help="2 (default): handshake, acknowledgements, exact accounting; 1: for hosts older than "
+                             "protocol 2 (frames are only counted as sent)")
     parser.add_argument("--send-buffer", type=positive_int, default=None, metavar="BYTES",
                         help="socket send buffer (SO_SNDBUF); default from the profile")
     add_backend_options(parser)
@@ -72,6 +96,15 @@ def _main(argv):
     capture = profile.capture
     entropy = args.entropy or profile.transport.entropy
     check_available(entropy)  # before the camera and the model are opened: a missing library fails at once
+    delivery = args.delivery or profile.transport.delivery
+    if delivery == "reliable" and args.drop not in (None, "block"):
+        raise ConfigError("--delivery reliable never drops frames, so it cannot take --drop {}: leave --drop out, "
+                          "or use --delivery live".format(args.drop))
+    if args.spool and delivery != "reliable":
+        raise ConfigError("--spool holds frames for --delivery reliable only: add --delivery reliable")
+    if args.wait_for_host is not None and args.wait_for_host < 0:
+        raise ConfigError("bad --wait-for-host {}: seconds >= 0 (0: wait forever)".format(args.wait_for_host))
+    spool = Spool(args.spool, args.spool_bytes) if args.spool else None
     with open_source(args.source, capture.width, capture.height, capture.fps, loop=args.loop) as source, \
             open_backend(encoder_path, "encoder", **backend_options(args, profile)) as encoder:
         logging.getLogger("latentlink.edge").info(
@@ -79,7 +112,9 @@ def _main(argv):
             encoder.name, encoder.info.packing, entropy, address[0], address[1])
         summary, records = run_edge(source, encoder, profile, address, stream, frames=args.frames,
                                     serializer=args.serializer, drop=args.drop, queue_size=args.queue_size,
-                                    send_buffer_bytes=args.send_buffer, entropy=entropy)
+                                    send_buffer_bytes=args.send_buffer, entropy=entropy, window=args.window,
+                                    delivery=delivery, wait_for_host_s=args.wait_for_host, spool=spool,
+                                    protocol=args.protocol)
     meta = {"role": "edge", "peak_rss_mb": peak_rss_mb(),
             "stream": stream, "profile": profile.name, "backend": encoder.name,
             "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing, "entropy": entropy,
@@ -91,6 +126,21 @@ def _main(argv):
         print(format_table(summary, title))
         if args.report:
             print("report: {}".format(args.report))
+    return exit_status(summary, args.drop or ("block" if delivery == "reliable" else profile.transport.drop))
+
+
+def exit_status(summary, drop):
+    """1 when the host refused the stream or frames were lost where none may be (``block``, ``reliable``)."""
+    outcomes = summary["outcomes"]
+    if summary.get("refused"):
+        print("error: the host refused the stream: {} ({} frames refused)".format(
+            summary["refused"]["message"], outcomes["refused"]), file=sys.stderr)
+        return 1
+    if outcomes["lost"] and (drop == "block" or summary["delivery"] == "reliable"):
+        print("error: {} of {} frames were lost{}".format(
+            outcomes["lost"], summary["captured"], ": " + summary["gave_up"] if summary.get("gave_up") else
+            " (connections to the host died with frames in flight)"), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -31,3 +31,15 @@ class ProtocolError(LatentlinkError):
 
 class ConnectionClosed(LatentlinkError):
     """The peer closed the connection (cleanly, between frames, or in the middle of one)."""
+
+
+class HostRefused(LatentlinkError):
+    """The host refused the edge's HELLO: ``reason`` (machine-readable), ``message`` (for a human), ``permanent``.
+
+    A permanent refusal (another model, another latent shape, a stream name in use) stops the edge at once: nothing
+    it could retry would change the answer. A transient one (the host is busy) is retried with backoff.
+    """
+
+    def __init__(self, reason, message, permanent=True):
+        LatentlinkError.__init__(self, message)
+        self.reason, self.message, self.permanent = reason, message, permanent

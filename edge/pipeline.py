@@ -3,7 +3,11 @@ per frame.
 
 ``serialize`` is packing and framing; ``entropy`` the optional lossless coding of the packed payload (timed apart:
 it runs on the Nano's CPU). All but ``send`` run in the calling thread; ``send`` runs in the :class:`Sender`'s
-thread, so a slow network costs queue space (and, by policy, dropped frames), not capture time.
+thread, so a slow network or host costs queue space (and, by policy, dropped frames), not capture time.
+
+Every frame processed keeps its stage timings, whatever became of it: the report of an edge whose host never
+answered still shows what capture, preprocessing and encoding cost. Each record says its ``outcome`` (see
+:data:`latentlink.edge.sender.OUTCOMES`) and, once the host decoded it, ``latency_ms``: capture to decoded.
 """
 
 import logging
@@ -15,19 +19,23 @@ from .errors import ConfigError
 from .preprocess import Preprocessor
 from .profiler import EDGE_STAGES, FrameTimer, summarize
 from .protocol import SERIALIZERS, check_coding, frame_payload, pack_latents
-from .sender import Sender
+from .sender import OUTCOMES, Sender
 
 log = logging.getLogger("latentlink.edge")
 
 
 def run_edge(source, encoder, profile, address, stream, frames=None, serializer=None, drop=None, queue_size=None,
-             send_buffer_bytes=None, status_every_s=10.0, entropy=None):
+             send_buffer_bytes=None, status_every_s=10.0, entropy=None, window=None, delivery=None,
+             wait_for_host_s=None, spool=None, protocol=2):
     """Stream ``source`` through ``encoder`` to the host at ``address``; returns ``(summary, records)``.
 
     ``frames``: stop after this many captured frames (None: until the source ends or Ctrl-C). ``serializer``,
-    ``drop``, ``queue_size``, ``send_buffer_bytes`` and ``entropy`` (a coder of :mod:`edge.entropy`) override the
-    profile's transport settings. A status line is logged every ``status_every_s`` seconds (frames captured, sent,
-    dropped, fps): a long run shows it is alive.
+    ``drop``, ``queue_size``, ``send_buffer_bytes``, ``entropy`` (a coder of :mod:`latentlink.edge.entropy`),
+    ``window``, ``delivery`` and ``wait_for_host_s`` override the profile's transport settings; ``spool`` is a
+    :class:`~latentlink.edge.sender.Spool` for reliable delivery; ``protocol`` 1 talks to hosts older than
+    protocol 2. A status line is logged every ``status_every_s`` seconds (frames captured, decoded, in flight,
+    dropped, fps): a long run shows it is alive. The loop stops early when the host refused the stream or could
+    not be reached within ``wait_for_host_s``; the summary's ``refused`` and ``gave_up`` say so.
     """
     transport = profile.transport
     serializer = serializer or transport.serializer
@@ -46,27 +54,30 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                               profile.input.width, profile.input.height))
     # With patch processing (edge/tiles.py) preprocessing also cuts the frame into the encoder's batch of tiles.
     preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit, encoder.info.tiles)
-    records = []
-
-    def finish(timer):
-        timer.extra["latency_ms"] = round((time.perf_counter() - timer.extra.pop("t0")) * 1000.0, 3)
-        records.append(timer.record())
-
-    sender = Sender(address, stream, queue_size=queue_size or transport.queue_size, drop=drop or transport.drop,
-                    send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes,
+    timers = []  # every frame processed, whatever became of it
+    delivery = delivery or transport.delivery
+    info = encoder.info
+    hello = {"model_id": info.model_id, "shape": [int(d) for d in info.latent_shape],
+             "dtype": info.latent_dtype, "packing": packing, "entropy": entropy,
+             "tiles": [int(n) for n in info.tiles]}
+    sender = Sender(address, stream, hello=hello, queue_size=queue_size or transport.queue_size,
+                    drop=drop or ("block" if delivery == "reliable" else transport.drop),
+                    window=window or transport.window, delivery=delivery, protocol=protocol,
+                    wait_for_host_s=transport.wait_for_host_s if wait_for_host_s is None else wait_for_host_s,
+                    spool=spool, send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes,
                     connect_timeout_s=transport.connect_timeout_s, send_timeout_s=transport.send_timeout_s,
-                    max_backoff_s=transport.max_backoff_s, on_sent=finish)
+                    max_backoff_s=transport.max_backoff_s)
     seq = 0
     started = last_status = time.perf_counter()
     try:
-        while frames is None or seq < frames:
+        while (frames is None or seq < frames) and not sender.stopped:
             timer = FrameTimer(seq)
-            timer.extra["t0"] = time.perf_counter()
             with timer.stage("capture"):
                 got = source.read()
             if got is None:
                 break
             frame, t_capture = got
+            timer.extra["t_capture"] = t_capture
             with timer.stage("preprocess"):
                 tensor = preprocess(frame)
             latents, timings = encoder.infer(tensor)
@@ -77,25 +88,43 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                 with timer.stage("entropy"):
                     payload = compress(payload, entropy)
             with timer.stage("serialize"):
-                data = frame_payload(stream, seq, t_capture, latents, packing, payload, entropy)
+                data = frame_payload(stream, seq, t_capture, latents, packing, payload, entropy, version=protocol)
             timer.extra["bytes"] = len(data)
+            timers.append(timer)
             sender.submit(data, timer)
             seq += 1
             now = time.perf_counter()
             if now - last_status >= status_every_s:
                 last_status = now
-                log.info("%d frames captured, %d sent, %d dropped; %.1f fps", seq, sender.sent, sender.dropped,
+                counts = sender.counts
+                log.info("%d frames captured, %d decoded, %d in flight, %d dropped, %d lost; %.1f fps", seq,
+                         counts["decoded"], sender.in_flight, counts["dropped"], counts["lost"],
                          seq / (now - started))
     except KeyboardInterrupt:
-        log.info("interrupted after %d frames; sending what is queued", seq)
+        log.info("interrupted after %d frames; delivering what is queued (Ctrl-C again to stop at once)", seq)
     finally:
         sender.close()
     wall_s = time.perf_counter() - started
-    records.sort(key=lambda r: r["seq"])
+    records = []
+    for timer in timers:
+        timer.extra.pop("t_capture", None)
+        timer.extra.setdefault("outcome", "lost")  # cannot happen once close() returned; never leave one out
+        records.append(timer.record())
     notes = {"gpu_to_cpu": encoder.copy_note} if encoder.copy_note else {}
-    summary = summarize(records, stages, profile.budget_ms, wall_s, dropped=sender.dropped, extra={
-        "captured": seq, "sent": sender.sent, "dropped_by_policy": sender.dropped_queue,
-        "lost_in_send": sender.dropped_send, "reconnects": sender.reconnects, "notes": notes})
+    if sender.clock.error_s is not None:
+        notes["latency"] = ("capture to decoded on the host; host clock offset {:+.3f} ms, estimated to within "
+                            "{:.3f} ms (NTP-style, from the acknowledgements)".format(
+                                sender.clock.offset_s * 1000.0, sender.clock.error_s * 1000.0))
+    summary = summarize(records, stages, profile.budget_ms, wall_s, dropped=sender.counts["dropped"], extra={
+        "captured": seq, "outcomes": dict((k, sender.counts[k]) for k in OUTCOMES if k != "sent" or protocol == 1),
+        "protocol": protocol, "delivery": delivery, "window": sender.window, "session": sender.session,
+        "reconnects": sender.reconnects, "connection_losses": sender.connection_losses, "resent": sender.resent,
+        "duplicates": sender.duplicates, "end_acknowledged": sender.end_acknowledged,
+        "refused": {"reason": sender.refusal[0], "message": sender.refusal[1]} if sender.refusal else None,
+        "gave_up": sender.gave_up, "clock": {"offset_ms": round(sender.clock.offset_s * 1000.0, 3),
+                                             "error_ms": None if sender.clock.error_s is None else
+                                             round(sender.clock.error_s * 1000.0, 3)},
+        "notes": notes})
     return summary, records
 
 

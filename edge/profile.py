@@ -15,6 +15,7 @@ from .entropy import CODERS
 from .errors import ConfigError
 from .preprocess import FIT_MODES
 from .protocol import SERIALIZERS
+from .protocol import DELIVERIES, MAX_WINDOW
 from .sender import DROP_POLICIES
 
 PRECISIONS = ("fp16", "fp32")
@@ -46,6 +47,9 @@ SCHEMA = {
         "send_buffer_bytes": (int, 1 << 20, (4096, 1 << 28)),
         "queue_size": (int, 4, (1, 1024)),
         "drop": (str, "oldest", DROP_POLICIES),
+        "window": (int, 4, (1, MAX_WINDOW)),
+        "delivery": (str, "live", DELIVERIES),
+        "wait_for_host_s": (float, 0.0, (0.0, 1e9)),
         "connect_timeout_s": (float, 5.0, (0.1, 3600.0)),
         "send_timeout_s": (float, 10.0, (0.1, 3600.0)),
         "max_backoff_s": (float, 5.0, (0.1, 3600.0)),

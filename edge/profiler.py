@@ -29,7 +29,7 @@ BAR_WIDTH = 20  # characters of '#' for 100 % of the budget
 
 _STAT_KEYS = ("min_ms", "median_ms", "mean_ms", "p95_ms", "p99_ms", "max_ms")
 _SUMMARY_KEYS = ("frames", "budget_ms", "over_budget", "fps", "t200_s", "bytes_per_frame", "dropped", "stages")
-_RESERVED = frozenset(_SUMMARY_KEYS + ("gpu_stages", "kind", "version", "meta", "records"))
+_RESERVED = frozenset(_SUMMARY_KEYS + ("gpu_stages", "latency", "kind", "version", "meta", "records"))
 _HOW_TO_MAKE = "write one with `latentlink edge --report FILE.json` or `latentlink host --report FILE.json`"
 
 
@@ -127,10 +127,12 @@ def _stats(values):
 def summarize(records, stages, budget_ms, wall_s, dropped=0, extra=None):
     """Summarize FrameTimer records: per-stage and total stats (ms), frames over ``budget_ms``, fps over ``wall_s``.
 
-    A stage missing from a record counts as 0.0 ms for that frame; a frame's total is the sum of its stage times.
-    Where records carry ``gpu_stages`` (CUDA-event times), the summary gets ``gpu_stages``: the same statistics
-    for each such stage, over the frames that have it. The keys of ``extra`` (notes, stream, backend, ...) are
-    appended after the fixed keys.
+    A stage's statistics are over the frames that ran it, and its ``frames`` says how many did (on the edge, a
+    frame dropped before ``send`` has no send time: that column shows the drops); a frame's total is the sum of
+    the stage times it has. Where records carry ``gpu_stages`` (CUDA-event times), the summary gets ``gpu_stages``:
+    the same statistics for each such stage, over the frames that have it. Where records carry ``latency_ms``
+    (capture to decoded), the summary gets ``latency``: its statistics over those frames. The keys of ``extra``
+    (notes, stream, backend, ...) are appended after the fixed keys.
     """
     stages = tuple(stages)
     if "total" in stages:
@@ -140,16 +142,22 @@ def summarize(records, stages, budget_ms, wall_s, dropped=0, extra=None):
     if clash:
         raise ValueError("extra keys %s are reserved by the report format" % ", ".join(clash))
     frames = len(records)
-    times = np.zeros((frames, len(stages)), dtype=np.float64)
+    times = np.full((frames, len(stages)), np.nan, dtype=np.float64)
     for i, rec in enumerate(records):
         rec_stages = rec.get("stages") or {}
         for j, name in enumerate(stages):
-            times[i, j] = rec_stages.get(name, 0.0)
-    totals = times.sum(axis=1)
+            if name in rec_stages:
+                times[i, j] = rec_stages[name]
+    totals = np.nansum(times, axis=1) if frames else np.zeros(0)
     fps = frames / float(wall_s) if frames and wall_s > 0 else 0.0
     sizes = [float(rec["bytes"]) for rec in records if "bytes" in rec]
-    stats = {name: _stats(times[:, j]) for j, name in enumerate(stages)}
+    stats = {}
+    for j, name in enumerate(stages):
+        ran = times[:, j][~np.isnan(times[:, j])]
+        stats[name] = _stats(ran)
+        stats[name]["frames"] = int(ran.size)
     stats["total"] = _stats(totals)
+    stats["total"]["frames"] = frames
     summary = {
         "frames": frames,
         "budget_ms": _r(budget_ms),
@@ -166,6 +174,10 @@ def summarize(records, stages, budget_ms, wall_s, dropped=0, extra=None):
             gpu.setdefault(name, []).append(ms)
     if gpu:
         summary["gpu_stages"] = {name: _stats(np.array(gpu[name], dtype=np.float64)) for name in stages if name in gpu}
+    latencies = [float(rec["latency_ms"]) for rec in records if rec.get("latency_ms") is not None]
+    if latencies:
+        summary["latency"] = _stats(np.array(latencies, dtype=np.float64))
+        summary["latency"]["frames"] = len(latencies)
     summary.update(extra)
     return summary
 
@@ -237,7 +249,8 @@ def format_table(summary, title=""):
     budget = float(summary.get("budget_ms") or 0.0)
     w = max([len("budget") + 2, 15] + [len(n) + 2 for n in names])
     lines = [title] if title else []
-    lines.append("stage".ljust(w) + "median ms   p95 ms   max ms" + (" CUDA med" if gpu else "") + "   budget share")
+    lines.append("stage".ljust(w) + " frames  median ms   p95 ms   max ms" + (" CUDA med" if gpu else "") +
+                 "   budget share")
     for name in names:
         st = stages[name]
         median = float(st.get("median_ms", 0.0))
@@ -246,15 +259,29 @@ def format_table(summary, title=""):
         cuda = ""
         if gpu:
             cuda = "%9.2f" % float(gpu[name].get("median_ms", 0.0)) if name in gpu else "%9s" % "-"
-        row = "%s%9.2f%9.2f%9.2f%s%9.1f%%  %s" % (name.ljust(w), median, float(st.get("p95_ms", 0.0)),
-                                                  float(st.get("max_ms", 0.0)), cuda, share, bar)
+        count = st.get("frames", summary.get("frames", 0))
+        row = "%s%7s%11.2f%9.2f%9.2f%s%9.1f%%  %s" % (name.ljust(w), count, median, float(st.get("p95_ms", 0.0)),
+                                                      float(st.get("max_ms", 0.0)), cuda, share, bar)
         lines.append(row.rstrip())
-    lines.append("%s%9.2f%s%18s%9.1f%%" % ("budget".ljust(w), budget, " " * 9 if gpu else "", "", 100.0))
+    lines.append("%s%7s%11.2f%s%18s%9.1f%%" % ("budget".ljust(w), "", budget, " " * 9 if gpu else "", "", 100.0))
+    latency = summary.get("latency")
+    if isinstance(latency, dict):
+        lines.append("%s%7s%11.2f%9.2f%9.2f   capture to decoded (glass to glass)" % (
+            "latency".ljust(w), latency.get("frames", ""), float(latency.get("median_ms", 0.0)),
+            float(latency.get("p95_ms", 0.0)), float(latency.get("max_ms", 0.0))))
     frames, over = int(summary.get("frames", 0)), int(summary.get("over_budget", 0))
     lines.append("over budget: %d of %d frames (%.1f%%)" % (over, frames, 100.0 * over / frames if frames else 0.0))
     lines.append("fps {:.1f} \u00b7 T200 {:.2f} s \u00b7 {:,.0f} bytes/frame on the wire \u00b7 dropped {:d}".format(
         float(summary.get("fps", 0.0)), float(summary.get("t200_s", 0.0)),
         float(summary.get("bytes_per_frame", 0.0)), int(summary.get("dropped", 0))))
+    outcomes = summary.get("outcomes")
+    if isinstance(outcomes, dict):
+        lines.append("frames: %s captured = %s" % (summary.get("captured", sum(outcomes.values())), " + ".join(
+            "%d %s" % (n, name) for name, n in outcomes.items())))
+    for key in ("refused", "gave_up"):
+        if summary.get(key):
+            value = summary[key]
+            lines.append("%s: %s" % (key.replace("_", " "), value.get("message") if isinstance(value, dict) else value))
     notes = summary.get("notes")
     if isinstance(notes, dict):
         lines.extend("note: %s: %s" % (stage, text) for stage, text in notes.items())

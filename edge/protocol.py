@@ -1,20 +1,29 @@
-"""The latentlink wire format, version 1: one frame = fixed header + JSON metadata + payload.
+"""The latentlink wire format: protocol 1 (frames one way) and protocol 2 (a closed loop: handshake, acks).
 
-Fixed header (8 bytes, big-endian ``>4sBBH``): magic ``b"LLNK"``, version, flags, metadata length in bytes.
-Metadata: a UTF-8 JSON object (sorted keys, no spaces, at most :data:`MAX_META_BYTES` bytes) with the keys
-``stream seq t_capture dtype shape packing payload_len`` and the optional ``entropy``; unknown extra keys are
-ignored (forward compatibility).
+Every message starts with the same fixed header (8 bytes, big-endian ``>4sBBH``): magic ``b"LLNK"``, version, one
+byte, metadata length in bytes. Then a UTF-8 JSON object (sorted keys, no spaces, at most :data:`MAX_META_BYTES`
+bytes), then a payload for frames. Unknown extra keys are ignored (forward compatibility).
+
+**Protocol 1** (``version`` 1; the byte is ``flags``): the edge only sends frames. Metadata keys
+``stream seq t_capture dtype shape packing payload_len`` and the optional ``entropy``.
 Payload: ``payload_len`` bytes holding the latent array packed as ``packing`` says (see :func:`pack_latents`), then,
-if ``entropy`` names a coder (``zlib``, ``lz4``, ``zstd``; see :mod:`edge.entropy`), compressed with it. Without the
-key (or with ``"none"``, which senders leave out) ``payload_len`` is exactly the packed size implied by packing and
-shape; with it, ``payload_len`` is the compressed size and the packed size is what decompression must give exactly.
-``max_payload_bytes`` bounds both. The ``pickle`` packing is never entropy-coded: it exists for the seed
-pipeline's receivers, which know no entropy coding, and its size is not implied by the shape.
+if ``entropy`` names a coder (``zlib``, ``lz4``, ``zstd``; see :mod:`latentlink.edge.entropy`), compressed with it.
+Without the key (or with ``"none"``, which senders leave out) ``payload_len`` is exactly the packed size implied by
+packing and shape; with it, ``payload_len`` is the compressed size and the packed size is what decompression must
+give exactly. ``max_payload_bytes`` bounds both. The ``pickle`` packing is never entropy-coded: it exists for the
+seed pipeline's receivers, which know no entropy coding, and its size is not implied by the shape. Flag
+``END_OF_STREAM`` (packing ``none``, no payload) ends a stream.
+
+**Protocol 2** (``version`` 2; the byte is the message ``kind``): see the "protocol 2" section below and the README.
+The edge opens with HELLO; the host answers ACCEPT or REFUSE; then the edge sends FRAME messages (protocol 1's
+metadata and payload exactly), CLOCK now and then, and END; the host answers each FRAME and the END with an ACK once
+the frame is decoded (and written). A host that speaks 2 also serves protocol-1 edges, without acknowledgements.
 
 Everything here runs on Python 3.6 + numpy 1.19 (the Jetson Nano) as well as on current Python and numpy 2.
-The pure functions (encode/parse/pack/unpack) are separate from the two that touch a socket
-(:func:`recv_exactly`, :func:`read_frame`). Bytes from the network only ever raise :class:`ProtocolError` or
-:class:`ConnectionClosed`; the sending side raises :class:`ConfigError` for bad arguments.
+The pure functions (encode/parse/pack/unpack) are separate from those that touch a socket
+(:func:`recv_exactly`, :func:`read_frame`, :func:`read_header`, :func:`read_body`). Bytes from the network only ever
+raise :class:`ProtocolError` or :class:`ConnectionClosed`; the sending side raises :class:`ConfigError` for bad
+arguments.
 """
 import collections
 import json
@@ -33,8 +42,10 @@ from .errors import ConfigError, ConnectionClosed, ProtocolError
 from .safe_pickle import loads_ndarray
 
 MAGIC = b"LLNK"
-VERSION = 1
-FIXED_HEADER = struct.Struct(">4sBBH")  # magic, version (uint8), flags (uint8), metadata length in bytes (uint16)
+VERSION = 1  # protocol 1: frames only (the header's byte is flags)
+VERSION_2 = 2  # protocol 2: messages (the header's byte is the message kind)
+VERSIONS = (VERSION, VERSION_2)
+FIXED_HEADER = struct.Struct(">4sBBH")  # magic, version (uint8), flags or kind (uint8), metadata bytes (uint16)
 FLAG_END_OF_STREAM = 0x01
 _KNOWN_FLAGS = FLAG_END_OF_STREAM
 PACKINGS = ("bits", "uint8", "float16", "float32", "pickle")
@@ -80,6 +91,24 @@ def payload_size(packing, shape):
     return sizes[packing]
 
 
+def _check_shape(shape, error):
+    """A latent shape from the network: a list of 1 to MAX_DIMS positive integers, at most MAX_ELEMENTS in all."""
+    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS:
+        raise error("bad shape %r (expected a list of 1 to %d integers)" % (shape, MAX_DIMS))
+    n = 1
+    for dim in shape:
+        if not _is_int(dim):
+            raise error("shape %r has a non-integer dimension %r" % (shape, dim))
+        if dim < 1:
+            raise error("shape %r has a dimension of %d" % (shape, dim))
+        if dim > MAX_DIM:
+            raise error("shape %r has a dimension of %d (at most 2**20 allowed)" % (shape, dim))
+        n *= dim
+    if n > MAX_ELEMENTS:
+        raise error("shape %r has %d elements (at most %d allowed)" % (shape, n, MAX_ELEMENTS))
+    return shape
+
+
 def _validate_meta(obj, flags, max_payload_bytes, error):
     """Check a decoded metadata dict and build a FrameMeta; ``error`` is the exception class to raise."""
     if not isinstance(obj, dict):
@@ -103,20 +132,7 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
     dtype = obj["dtype"]
     if dtype not in DTYPES:  # a non-str (even an unhashable list) simply is not in the tuple
         raise error("unknown dtype %r (supported: %s)" % (dtype, ", ".join(DTYPES)))
-    shape = obj["shape"]
-    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS:
-        raise error("bad shape %r (expected a list of 1 to %d integers)" % (shape, MAX_DIMS))
-    n = 1
-    for dim in shape:
-        if not _is_int(dim):
-            raise error("shape %r has a non-integer dimension %r" % (shape, dim))
-        if dim < 1:
-            raise error("shape %r has a dimension of %d" % (shape, dim))
-        if dim > MAX_DIM:
-            raise error("shape %r has a dimension of %d (at most 2**20 allowed)" % (shape, dim))
-        n *= dim
-    if n > MAX_ELEMENTS:
-        raise error("shape %r has %d elements (at most %d allowed)" % (shape, n, MAX_ELEMENTS))
+    shape = _check_shape(obj["shape"], error)
     packing = obj["packing"]
     end_of_stream = bool(flags & FLAG_END_OF_STREAM)
     if end_of_stream:
@@ -160,11 +176,12 @@ def _sender_numbers(seq, t_capture):
     raise ConfigError("bad seq %r or t_capture %r (expected an int and UNIX seconds)" % (seq, t_capture))
 
 
-def _encode(meta_dict, flags, payload):
+def _encode(meta_dict, flags, payload, version=VERSION):
+    """Header + JSON + payload; ``flags`` is protocol 1's flags byte or protocol 2's message kind."""
     meta_bytes = json.dumps(meta_dict, sort_keys=True, separators=(",", ":")).encode("utf-8")
     if len(meta_bytes) > MAX_META_BYTES:  # cannot happen with validated fields; guards the uint16 all the same
         raise ConfigError("frame metadata of %d bytes exceeds %d bytes" % (len(meta_bytes), MAX_META_BYTES))
-    return FIXED_HEADER.pack(MAGIC, VERSION, flags, len(meta_bytes)) + meta_bytes + payload
+    return FIXED_HEADER.pack(MAGIC, version, flags, len(meta_bytes)) + meta_bytes + payload
 
 
 def pack_latents(array, packing):
@@ -216,10 +233,11 @@ def check_coding(packing, entropy):
                           "--entropy none" % (entropy,))
 
 
-def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none"):
+def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none", version=VERSION):
     """The frame carrying ``payload``: ``array`` packed with :func:`pack_latents` and coded with ``entropy``.
 
     :func:`encode_frame` in steps, for a caller that times packing, entropy coding and framing apart.
+    ``version``: 1 for a protocol-1 frame, 2 for protocol 2's FRAME message (the same metadata and payload).
     """
     a = np.asarray(array)
     _check_sender_args(a, packing, entropy)
@@ -229,6 +247,8 @@ def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none
     if entropy != "none":  # absent means none: frames without a coder stay byte-identical for older hosts
         meta["entropy"] = entropy
     _validate_meta(meta, 0, None, ConfigError)  # refuse here what the host would refuse
+    if version == VERSION_2:
+        return _encode(meta, KIND_FRAME, payload, VERSION_2)
     return _encode(meta, 0, payload)
 
 
@@ -244,35 +264,186 @@ def encode_end_of_stream(stream, seq, t_capture=0.0):
     return _encode(meta, FLAG_END_OF_STREAM, b"")
 
 
-def parse_fixed_header(data8):
-    """Check the 8 fixed-header bytes; returns ``(flags, meta_len)`` with meta_len in bytes."""
+def parse_header(data8, versions=VERSIONS):
+    """Check the 8 fixed-header bytes of a protocol 1 or 2 message; returns ``(version, flags_or_kind, meta_len)``.
+
+    Protocol 1's byte is flags (only END_OF_STREAM is defined), protocol 2's the message kind (``KIND_*``).
+    """
     if len(data8) != FIXED_HEADER.size:
         raise ProtocolError("fixed header is %d bytes (expected %d)" % (len(data8), FIXED_HEADER.size))
-    magic, version, flags, meta_len = FIXED_HEADER.unpack(bytes(data8))
+    magic, version, byte, meta_len = FIXED_HEADER.unpack(bytes(data8))
     if magic != MAGIC:
         raise ProtocolError("bad magic %r (expected %r: is this a latentlink edge?)" % (magic, MAGIC))
-    if version != VERSION:
-        raise ProtocolError("unsupported protocol version %d (this host speaks %d)" % (version, VERSION))
-    if flags & ~_KNOWN_FLAGS:
-        raise ProtocolError("reserved flag bits 0x%02x are set (flags 0x%02x)" % (flags & ~_KNOWN_FLAGS, flags))
+    if version not in versions:
+        raise ProtocolError("unsupported protocol version %d (this host speaks %s)"
+                            % (version, " and ".join(str(v) for v in versions)))
+    if version == VERSION and byte & ~_KNOWN_FLAGS:
+        raise ProtocolError("reserved flag bits 0x%02x are set (flags 0x%02x)" % (byte & ~_KNOWN_FLAGS, byte))
+    if version == VERSION_2 and byte not in KIND_NAMES:
+        raise ProtocolError("unknown protocol-2 message kind %d (known: %s)" % (
+            byte, ", ".join("%d %s" % (k, KIND_NAMES[k]) for k in sorted(KIND_NAMES))))
     if meta_len > MAX_META_BYTES:
         raise ProtocolError("metadata of %d bytes exceeds the limit of %d bytes" % (meta_len, MAX_META_BYTES))
-    return flags, meta_len
+    return version, byte, meta_len
+
+
+def parse_fixed_header(data8):
+    """Check the 8 fixed-header bytes of a protocol-1 frame; returns ``(flags, meta_len)`` with meta_len in bytes."""
+    return parse_header(data8, versions=(VERSION,))[1:]
 
 
 def _refuse_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
-def parse_meta(meta_bytes, flags, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES):
-    """Decode and validate the metadata block; ``max_payload_bytes`` bounds payload_len (bytes)."""
+def _json_object(meta_bytes):
     if len(meta_bytes) > MAX_META_BYTES:
         raise ProtocolError("metadata of %d bytes exceeds the limit of %d bytes" % (len(meta_bytes), MAX_META_BYTES))
     try:
-        obj = json.loads(bytes(meta_bytes).decode("utf-8"), parse_constant=_refuse_constant)
+        return json.loads(bytes(meta_bytes).decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ProtocolError("frame metadata is not UTF-8 JSON (%s): %r" % (exc, bytes(meta_bytes[:80])))
+
+
+def parse_meta(meta_bytes, flags, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES):
+    """Decode and validate a frame's metadata block; ``max_payload_bytes`` bounds payload_len (bytes)."""
+    obj = _json_object(meta_bytes)
     return _validate_meta(obj, flags, max_payload_bytes, ProtocolError)._replace(meta_len=len(meta_bytes))
+
+
+# --- protocol 2: handshake, acknowledgements, clock --------------------------------------------------------------
+# Message kinds (the header's byte in protocol 2). Edge -> host: HELLO, FRAME, CLOCK, END. Host -> edge: ACCEPT,
+# REFUSE, ACK. A connection is: HELLO, then ACCEPT or REFUSE (then close), then any number of FRAME and CLOCK, then
+# END; the host ACKs each FRAME once it is decoded (and written) and the END once every frame before it was.
+KIND_HELLO, KIND_ACCEPT, KIND_REFUSE, KIND_FRAME, KIND_END, KIND_ACK, KIND_CLOCK = 1, 2, 3, 4, 5, 6, 7
+KIND_NAMES = {KIND_HELLO: "HELLO", KIND_ACCEPT: "ACCEPT", KIND_REFUSE: "REFUSE", KIND_FRAME: "FRAME",
+              KIND_END: "END", KIND_ACK: "ACK", KIND_CLOCK: "CLOCK"}
+DELIVERIES = ("live", "reliable")  # live: frames lost with a connection stay lost; reliable: resent until acked
+# What the host says of a frame in an ACK. "decoded" includes a frame it had already decoded (a resent duplicate:
+# the ACK then says "duplicate": true and nothing is decoded or written again); "end" acknowledges END.
+ACK_OUTCOMES = ("decoded", "failed", "end")
+# Reasons a host refuses a HELLO. Permanent ones stop the edge at once (nothing it can retry would change them);
+# the others ("busy", "shutting_down") are retried with backoff.
+PERMANENT_REFUSALS = ("version", "bad_hello", "model_mismatch", "shape_mismatch", "packing_mismatch",
+                      "pickle_refused", "entropy_unavailable", "name_in_use")
+TRANSIENT_REFUSALS = ("busy", "shutting_down")
+MAX_WINDOW = 1024  # frames in flight; also bounds the lists a HELLO or ACCEPT may carry
+_SESSION_RE = re.compile(r"[0-9a-f]{8,64}\Z")
+
+
+def _number(obj, key, error, minimum=None):
+    value = obj.get(key)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise error("%s %r is not a number" % (key, value))
+    try:
+        value = float(value)
+    except OverflowError:
+        raise error("%s %r is too large" % (key, value))
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        raise error("%s %r is out of range (finite%s)" % (key, value, "" if minimum is None else ", >= %r" % minimum))
+    return value
+
+
+def _integer(obj, key, error, lo, hi):
+    value = obj.get(key)
+    if not _is_int(value) or not lo <= value <= hi:
+        raise error("%s %r is not an integer from %d to %d" % (key, value, lo, hi))
+    return int(value)
+
+
+def _text(obj, key, error, choices=None, limit=1024):
+    value = obj.get(key)
+    if not isinstance(value, str) or len(value) > limit:
+        raise error("%s %r is not a string of at most %d characters" % (key, value, limit))
+    if choices is not None and value not in choices:
+        raise error("%s %r is not one of %s" % (key, value, ", ".join(choices)))
+    return value
+
+
+def _seq_list(obj, key, error):
+    value = obj.get(key, [])
+    if not isinstance(value, list) or len(value) > 4 * MAX_WINDOW:
+        raise error("%s is not a list of at most %d sequence numbers" % (key, 4 * MAX_WINDOW))
+    for seq in value:
+        if not _is_int(seq) or not 0 <= seq < MAX_SEQ:
+            raise error("%s holds %r, not a sequence number" % (key, seq))
+    return [int(seq) for seq in value]
+
+
+def _validate_fields(kind, obj, error):
+    """Check a protocol-2 control message's fields (everything but FRAME); returns a clean dict."""
+    if not isinstance(obj, dict):
+        raise error("%s fields are a JSON %s, not an object" % (KIND_NAMES[kind], type(obj).__name__))
+    if kind == KIND_HELLO:
+        versions = obj.get("versions")
+        if not isinstance(versions, list) or not 1 <= len(versions) <= 16 or not all(_is_int(v) for v in versions):
+            raise error("HELLO versions %r is not a list of protocol numbers" % (versions,))
+        stream = obj.get("stream")
+        _check_stream(stream, error)
+        session = obj.get("session")
+        if not isinstance(session, str) or not _SESSION_RE.match(session):
+            raise error("HELLO session %r is not 8 to 64 lowercase hex digits" % (session,))
+        model_id = obj.get("model_id")
+        if model_id is not None and (not isinstance(model_id, str) or not 1 <= len(model_id) <= 128):
+            raise error("HELLO model_id %r is not a string of 1 to 128 characters or null" % (model_id,))
+        shape = _check_shape(obj.get("shape"), error)
+        tiles = obj.get("tiles", [1, 1])
+        if not isinstance(tiles, list) or len(tiles) != 2 or not all(_is_int(t) and 1 <= t <= 64 for t in tiles):
+            raise error("HELLO tiles %r is not [rows, columns] of 1 to 64" % (tiles,))
+        return {"versions": [int(v) for v in versions], "stream": stream, "session": session, "model_id": model_id,
+                "shape": [int(d) for d in shape], "dtype": _text(obj, "dtype", error, DTYPES),
+                "packing": _text(obj, "packing", error, PACKINGS),
+                "entropy": _text(obj, "entropy", error, CODERS) if "entropy" in obj else "none",
+                "tiles": [int(t) for t in tiles], "delivery": _text(obj, "delivery", error, DELIVERIES),
+                "window": _integer(obj, "window", error, 1, MAX_WINDOW), "unacked": _seq_list(obj, "unacked", error),
+                "t_send": _number(obj, "t_send", error), "software": _text(obj, "software", error, limit=64)
+                if "software" in obj else ""}
+    if kind == KIND_ACCEPT:
+        acked = obj.get("acked", [])
+        if not isinstance(acked, list) or len(acked) > 4 * MAX_WINDOW:
+            raise error("ACCEPT acked is not a list of at most %d [seq, outcome] pairs" % (4 * MAX_WINDOW))
+        pairs = []
+        for pair in acked:
+            if (not isinstance(pair, list) or len(pair) != 2 or not _is_int(pair[0]) or not 0 <= pair[0] < MAX_SEQ
+                    or pair[1] not in ("decoded", "failed")):
+                raise error("ACCEPT acked holds %r, not [seq, 'decoded' or 'failed']" % (pair,))
+            pairs.append((int(pair[0]), pair[1]))
+        return {"version": _integer(obj, "version", error, 2, 255), "window": _integer(obj, "window", error, 1,
+                                                                                       MAX_WINDOW),
+                "max_frame_bytes": _integer(obj, "max_frame_bytes", error, 1, 1 << 40), "acked": pairs,
+                "t_recv": _number(obj, "t_recv", error), "t_send": _number(obj, "t_send", error)}
+    if kind == KIND_REFUSE:
+        permanent = obj.get("permanent")
+        if not isinstance(permanent, bool):
+            raise error("REFUSE permanent %r is not true or false" % (permanent,))
+        return {"reason": _text(obj, "reason", error, limit=64), "message": _text(obj, "message", error),
+                "permanent": permanent}
+    if kind == KIND_ACK:
+        fields = {"seq": _integer(obj, "seq", error, 0, MAX_SEQ - 1),
+                  "outcome": _text(obj, "outcome", error, ACK_OUTCOMES),
+                  "reason": _text(obj, "reason", error) if "reason" in obj else "",
+                  "duplicate": obj.get("duplicate") is True,
+                  "t_recv": _number(obj, "t_recv", error), "t_ack": _number(obj, "t_ack", error)}
+        fields["t_done"] = _number(obj, "t_done", error) if "t_done" in obj else fields["t_ack"]
+        return fields
+    if kind == KIND_CLOCK:
+        return {"offset_s": _number(obj, "offset_s", error), "error_s": _number(obj, "error_s", error, 0.0)}
+    if kind == KIND_END:
+        _check_stream(obj.get("stream"), error)
+        return {"stream": obj["stream"], "seq": _integer(obj, "seq", error, 0, MAX_SEQ - 1)}
+    raise error("message kind %r has no fields to check" % (kind,))
+
+
+def encode_message(kind, **fields):
+    """A protocol-2 control message (not FRAME: see :func:`frame_payload` with ``version=2``), checked as the peer
+    will check it."""
+    _validate_fields(kind, fields, ConfigError)
+    return _encode(fields, kind, b"", VERSION_2)
+
+
+def parse_fields(kind, meta_bytes):
+    """Decode and check a protocol-2 control message's JSON; returns its fields as a dict."""
+    return _validate_fields(kind, _json_object(meta_bytes), ProtocolError)
 
 
 def unpack_latents(payload, meta):
@@ -340,7 +511,8 @@ def recv_exactly(sock, n, what="frame", at_boundary=False, deadline=None):
 
 def read_frame(sock, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES, on_header=None, frame_timeout_s=None,
                check_meta=None):
-    """Read one frame; returns ``(FrameMeta, payload bytearray)``. Each part is validated before the next is read.
+    """Read one protocol-1 frame; returns ``(FrameMeta, payload bytearray)``. Each part is validated before the
+    next is read.
 
     ``on_header`` (no arguments) is called as soon as the 8 fixed-header bytes arrived, so that a receive
     timer started there does not count the idle wait for the frame. ``frame_timeout_s``: once a frame has
@@ -352,7 +524,29 @@ def read_frame(sock, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES, on_header=None
     if on_header is not None:
         on_header()
     flags, meta_len = parse_fixed_header(header)
-    meta = parse_meta(recv_exactly(sock, meta_len, "metadata", deadline=deadline), flags, max_payload_bytes)
+    return read_body(sock, VERSION, flags, meta_len, max_payload_bytes, deadline, check_meta)
+
+
+def read_header(sock, versions=VERSIONS):
+    """Wait for the next message and check its 8 header bytes; returns ``(version, flags_or_kind, meta_len)``.
+
+    A close before the first byte is :class:`ConnectionClosed`; the socket's own timeout bounds the wait.
+    """
+    return parse_header(recv_exactly(sock, FIXED_HEADER.size, "frame header", at_boundary=True), versions)
+
+
+def read_body(sock, version, byte, meta_len, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES, deadline=None,
+              check_meta=None):
+    """The rest of a message whose header :func:`read_header` checked.
+
+    A frame (protocol 1, or protocol 2's FRAME) gives ``(FrameMeta, payload)``, ``check_meta`` as in
+    :func:`read_frame`; any other protocol-2 message ``(fields dict, b"")``. ``deadline`` (``time.monotonic()``)
+    bounds the whole read.
+    """
+    meta_bytes = recv_exactly(sock, meta_len, "metadata", deadline=deadline)
+    if version == VERSION_2 and byte != KIND_FRAME:
+        return parse_fields(byte, meta_bytes), b""
+    meta = parse_meta(meta_bytes, byte if version == VERSION else 0, max_payload_bytes)
     if check_meta is not None:
         check_meta(meta)
     payload = recv_exactly(sock, meta.payload_len, "payload", deadline=deadline)

@@ -10,7 +10,6 @@ Python 3.6 compatible: this runs on the Nano, whose TensorRT bindings exist for 
 """
 
 import glob
-import hashlib
 import io
 import json
 import os
@@ -18,20 +17,12 @@ import re
 import tempfile
 import time
 
-from latentlink.edge.backends.base import read_model_info
+from latentlink.edge.backends.base import file_sha256 as sha256_of, read_model_info
 from latentlink.edge.backends import trt_api
 from latentlink.edge.errors import BackendError, ConfigError
 
 PRECISIONS = ("fp16", "fp32")
 DEFAULT_WORKSPACE_MB = 256  # 1 GB builds get "Killed" on the 4 GB Nano; 256 MB works
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def gpu_name(device=0):

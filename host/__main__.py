@@ -47,6 +47,9 @@ def get_args_parser():
                         help="edges served at once; more are refused (default: %(default)s)")
     parser.add_argument("--idle-timeout", type=positive_float, default=60.0,
                         help="close a connection silent this many seconds between frames (default: %(default)s)")
+    parser.add_argument("--window", type=positive_int, default=8,
+                        help="the most frames a protocol-2 edge may have sent and not yet acknowledged (an edge may "
+                             "ask for fewer; default: %(default)s)")
     parser.add_argument("--accept-pickle", action="store_true",
                         help="accept frames of pickled arrays (edge --serializer pickle, the seed pipeline's format); "
                              "off by default: pickle is the riskiest thing a host can parse")
@@ -75,7 +78,7 @@ def _main(argv):
                     max_frames=args.max_frames, max_streams=args.max_streams,
                     max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
                     idle_timeout_s=args.idle_timeout, max_connections=args.max_connections,
-                    accept_pickle=args.accept_pickle)
+                    accept_pickle=args.accept_pickle, window=args.window)
         if args.accept_pickle:
             logging.getLogger("latentlink.host").warning(
                 "--accept-pickle: frames of pickled numpy arrays are accepted from any peer; they are parsed "
@@ -96,9 +99,9 @@ def _main(argv):
     if not args.quiet:
         print(format_table(summary, "host ({}, {})".format(profile.name, decoder.name)))
         for name, stream in summary["streams"].items():
-            print("stream {!r}: {frames} frames decoded, {gaps} missing (dropped by the edge), {failed} failed to "
-                  "decode, {connections} connection(s){}".format(name, "" if stream["ended"] else
-                                                                 ", no end-of-stream", **stream))
+            print("stream {!r}: {frames} frames decoded, {failed} failed to decode, {gaps} never received (dropped "
+                  "or lost by the edge), {duplicates} resent duplicates, {connections} connection(s){}".format(
+                      name, "" if stream["ended"] else ", no end-of-stream", **stream))
         if args.report:
             print("report: {}".format(args.report))
     return 0

@@ -4,9 +4,20 @@ One thread per connection, at most ``max_connections`` at once. A connection is 
 malformed or malicious frame, a peer that stalls or trickles, or latents that do not fit the decoder close that one
 connection with a log line that says why; the server and the other streams go on. A frame's metadata is checked
 (size limits, and the decoder's shape) before its payload is read, and receive buffers grow only with the bytes that
-actually arrive (``edge.protocol``).
+actually arrive (``latentlink.edge.protocol``).
+
+Protocol 2 edges (see the protocol module) open with a HELLO, which the host checks against its decoder before any
+frame: the model's identity, the latent shape, packing, tiles and coder, and that the stream name is not live from
+another session; it answers ACCEPT (with the window it grants) or REFUSE with the reason. It acknowledges each
+frame after decoding and writing it, so a slow host slows the edges' windows instead of growing queues. It
+remembers what each session's frames became (:class:`Session`; with ``out_dir``, also in a journal beside the
+PNGs), so a frame resent after a reconnect, even to a restarted host, is never decoded or written twice. A
+reconnect of the same session takes over its stream name at once, dropping the stale connection and its backlog.
+Protocol 1 edges are served as before, without acknowledgements.
 """
 
+import collections
+import io
 import logging
 import os
 import socket
@@ -15,12 +26,19 @@ import time
 
 import cv2
 
+from latentlink.edge.entropy import check_available
 from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, ProtocolError
 from latentlink.edge.preprocess import to_image
 from latentlink.edge.profiler import HOST_STAGES, FrameTimer, summarize
-from latentlink.edge.protocol import FIXED_HEADER, FLAG_END_OF_STREAM, decode_latents, read_frame
+from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END,
+                                      KIND_FRAME, KIND_HELLO, KIND_NAMES, KIND_REFUSE, MAX_WINDOW,
+                                      PERMANENT_REFUSALS, VERSION, VERSION_2, decode_latents, encode_message,
+                                      read_body, read_header)
 
 log = logging.getLogger("latentlink.host")
+REMEMBERED_FRAMES = 4 * MAX_WINDOW  # outcomes a session keeps for deduplication: far more than can be in flight
+REMEMBERED_SESSIONS = 1024  # sessions kept after their connection ended (for reconnects), oldest forgotten first
+JOURNAL_DIR = ".latentlink"  # under out_dir: <stream>.delivered, "session seq outcome" lines (kept apart from PNGs)
 
 
 class StreamStats(object):
@@ -31,7 +49,9 @@ class StreamStats(object):
         self.frames = 0
         self.gaps = 0  # sequence numbers never received: frames the edge dropped or lost in sending
         self.failed = 0  # frames received but not decoded (latents that do not fit, decoder errors)
+        self.duplicates = 0  # protocol 2: resent frames this host had already handled (not decoded again)
         self.connections = 0
+        self.sessions = 0  # protocol 2: edge runs (an edge restart is a new session; a reconnect is not)
         self.ended = False  # the edge said end-of-stream
         self.last_seq = -1  # edges number frames from 0, so frames missing at the start count as gaps
 
@@ -49,8 +69,77 @@ class StreamStats(object):
         self.failed += 1
 
     def as_dict(self):
-        return {"frames": self.frames, "gaps": self.gaps, "failed": self.failed, "connections": self.connections,
-                "ended": self.ended, "last_seq": self.last_seq}
+        return {"frames": self.frames, "gaps": self.gaps, "failed": self.failed, "duplicates": self.duplicates,
+                "connections": self.connections, "sessions": self.sessions, "ended": self.ended,
+                "last_seq": self.last_seq}
+
+
+class Session(object):
+    """What the host knows of one protocol-2 edge session: the outcome of each frame it handled (the last
+    :data:`REMEMBERED_FRAMES`), which connection carries it now, and its clock offset.
+
+    ``journal``: a file (under out_dir) where each outcome is appended, read back when a restarted host meets the
+    session again, so that frames an earlier host process decoded and wrote are not decoded or written twice.
+    ``lock`` serialises the frames of one session across connections (a stale connection finishing a frame while
+    its replacement receives the same frame again).
+    """
+
+    def __init__(self, stream, session_id, journal=None):
+        self.stream, self.id = stream, session_id
+        self.outcomes = collections.OrderedDict()  # seq -> "decoded" | "failed"
+        self.lock = threading.Lock()
+        self.connection = None  # the _Connection carrying it now
+        self.first_seq = None  # the first sequence number this host process saw (gaps count from it)
+        self.received = 0  # distinct frames handled (decoded or failed), this host process or a journaled earlier one
+        self.offset_s = 0.0  # the host's clock minus the edge's, as the edge estimated it (CLOCK)
+        self.journal = journal
+        if journal is not None:
+            if os.path.isfile(journal):
+                self._read_journal()
+            else:
+                try:
+                    os.makedirs(os.path.dirname(journal), exist_ok=True)
+                except OSError as exc:
+                    log.error("cannot create %s (%s)", os.path.dirname(journal), exc)
+
+    def _read_journal(self):
+        with io.open(self.journal, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                words = line.split()
+                if len(words) == 3 and words[0] == self.id and words[1].isdigit() and words[2] in ("decoded",
+                                                                                                    "failed"):
+                    self._remember(int(words[1]), words[2])
+        if self.outcomes:
+            log.info("stream %r session %s: %d frames already handled by an earlier host process (from %s)",
+                     self.stream, self.id, len(self.outcomes), self.journal)
+
+    def _remember(self, seq, outcome):
+        self.outcomes[seq] = outcome
+        self.received += 1
+        if self.first_seq is None or seq < self.first_seq:
+            self.first_seq = seq
+        while len(self.outcomes) > REMEMBERED_FRAMES:
+            self.outcomes.popitem(last=False)
+
+    def remember(self, seq, outcome):
+        """Frame ``seq`` was handled: ``outcome`` is "decoded" or "failed"."""
+        self._remember(seq, outcome)
+        if self.journal is not None:
+            try:
+                with io.open(self.journal, "a", encoding="utf-8") as f:
+                    f.write(u"{} {} {}\n".format(self.id, seq, outcome))
+            except OSError as exc:
+                log.error("cannot append to %s (%s): frames resent after a host restart may be written twice",
+                          self.journal, exc)
+
+
+class _Connection(object):
+    """One protocol-2 connection: its socket, peer and session; ``evicted`` once a reconnect replaced it."""
+
+    def __init__(self, sock, where):
+        self.sock, self.where = sock, where
+        self.session = None
+        self.evicted = False
 
 
 class Host(object):
@@ -61,13 +150,14 @@ class Host(object):
     end-of-stream. ``idle_timeout_s``: close a connection silent this long between frames; ``frame_timeout_s``:
     a frame, once started, must arrive whole within this time. ``max_frame_bytes``: the largest payload accepted;
     ``max_connections``: edges served at once (more are refused), which with ``max_frame_bytes`` bounds memory.
+    ``window``: the most frames a protocol-2 edge may have in flight (it may ask for fewer).
     ``accept_pickle``: accept the seed pipeline's pickled arrays (off by default: a pickle is a program, and the
     parser for it is the largest attack surface the host has; see the README's threat model).
     """
 
     def __init__(self, decoder, budget_ms=33.0, out_dir=None, display=False, max_frames=None, max_streams=None,
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
-                 accept_pickle=False):
+                 accept_pickle=False, window=8):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
@@ -75,6 +165,8 @@ class Host(object):
         self.max_frame_bytes, self.max_connections = max_frame_bytes, max_connections
         self.idle_timeout_s, self.frame_timeout_s = idle_timeout_s, frame_timeout_s
         self.accept_pickle = accept_pickle
+        self.window = window
+        self._sessions = collections.OrderedDict()  # (stream, session id) -> Session, least recently used first
         self.streams = {}
         self.records = []
         self.protocol_errors = 0
@@ -121,8 +213,11 @@ class Host(object):
                 if len(self._threads) >= self.max_connections:
                     log.warning("%s:%s refused: already serving %d connections (--max-connections)", peer[0],
                                 peer[1], self.max_connections)
-                    conn.close()
+                    _refuse_and_close(conn, "busy", "the host serves {} connections already (--max-connections); "
+                                      "retrying".format(self.max_connections), permanent=False)
                     continue
+                with self._lock:  # registered here, so that a stop from now on shuts it down too
+                    self._conns.add(conn)
                 thread = threading.Thread(target=self._serve_connection, args=(conn, peer), daemon=True,
                                           name="latentlink-conn-{}:{}".format(*peer[:2]))
                 self._threads.append(thread)
@@ -147,67 +242,90 @@ class Host(object):
                 pass
         for thread in self._threads:
             thread.join(timeout=5)
+        with self._decode_lock:  # a decode still running ends before the caller closes the decoder
+            pass
         if self.display:
             cv2.destroyAllWindows()
 
     # One connection.
     def _serve_connection(self, conn, peer):
         where = "{}:{}".format(*peer[:2])
-        names = []  # the stream this connection carries, once its first frame named it
-        with self._lock:
-            self._conns.add(conn)
+        me = _Connection(conn, where)
+        names = []  # the stream this connection carries, once known
         try:
-            self._receive_frames(conn, where, names)
+            conn.settimeout(self.idle_timeout_s)
+            version, byte, meta_len = read_header(conn)
+            if version == VERSION:
+                log.info("%s: a protocol-1 edge: no handshake and no acknowledgements (upgrade the edge for "
+                         "acknowledged delivery and exact accounting)", where)
+                self._receive_frames_v1(conn, where, names, me, (byte, meta_len))
+            else:
+                self._serve_v2(me, names, byte, meta_len)
         except ConnectionClosed:
-            if not self._stop.is_set():
+            if not self._stop.is_set() and not me.evicted:
                 log.warning("%s: connection closed without end-of-stream%s", where,
                             " (stream {!r})".format(names[0]) if names else "")
         except socket.timeout:
             log.warning("%s: no frame for %.0f s; closing the connection (--idle-timeout)", where,
                         self.idle_timeout_s)
         except ProtocolError as exc:
-            if self._stop.is_set():
-                log.info("%s: closed mid-frame as the host stops", where)
+            if self._stop.is_set() or me.evicted:
+                log.info("%s: closed mid-frame as the %s", where, "host stops" if self._stop.is_set() else
+                         "edge reconnected")
             else:
                 with self._lock:
                     self.protocol_errors += 1
                 log.error("%s: bad frame: %s; closing this connection (other streams are unaffected)", where, exc)
         except OSError as exc:
-            if not self._stop.is_set():
+            if not self._stop.is_set() and not me.evicted:
                 log.warning("%s: connection error: %s", where, exc)
         except Exception:  # a bug must cost one connection, never the server
             log.exception("%s: unexpected error; closing this connection", where)
         finally:
-            # Free the stream name before closing: an edge that sees the close may reconnect at once.
+            # Free the stream name before closing: an edge that sees the close may reconnect at once. Only if it is
+            # still ours: a reconnect of the same session may have taken it over already.
             with self._lock:
                 self._conns.discard(conn)
-                if names:
-                    self._live.pop(names[0], None)
+                if names and self._live.get(names[0]) is me:
+                    del self._live[names[0]]
+                if me.session is not None and me.session.connection is me:
+                    me.session.connection = None
             conn.close()
 
-    def _receive_frames(self, conn, where, names):
-        """Serve frames until end-of-stream. Raises on anything that ends the connection early."""
+    def _receive_frames_v1(self, conn, where, names, me, first):
+        """Serve protocol-1 frames until end-of-stream; ``first`` is the (flags, meta_len) of the header already read.
+        Raises on anything that ends the connection early."""
         while not self._stop.is_set():
-            conn.settimeout(self.idle_timeout_s)
-            started = []
-            meta, payload = read_frame(conn, self.max_frame_bytes, on_header=lambda: started.append(
-                time.perf_counter()), frame_timeout_s=self.frame_timeout_s,
-                check_meta=lambda m: self._check_meta(m, where, names))
+            if first is None:
+                conn.settimeout(self.idle_timeout_s)
+                version, flags, meta_len = read_header(conn, versions=(VERSION,))
+            else:
+                (flags, meta_len), first = first, None
+            started = time.perf_counter()
+            meta, payload = read_body(conn, VERSION, flags, meta_len, self.max_frame_bytes,
+                                      time.monotonic() + self.frame_timeout_s,
+                                      check_meta=lambda m: self._check_meta(m, where, names, me))
             timer = FrameTimer(meta.seq)
-            timer.add("receive", (time.perf_counter() - started[0]) * 1000.0)
+            timer.add("receive", (time.perf_counter() - started) * 1000.0)
             if meta.flags & FLAG_END_OF_STREAM:
-                self._end_stream(meta, where)
+                self._end_stream(meta.stream, meta.seq, where)
                 return
-            self._handle_frame(where, meta, payload, timer)
+            stats = self.streams[meta.stream]
+            outcome, _ = self._handle_frame(where, meta, payload, timer, 0.0)
+            with self._lock:
+                if outcome == "failed":
+                    stats.fail(meta.seq)
+                else:
+                    stats.account(meta.seq)
 
-    def _check_meta(self, meta, where, names):
+    def _check_meta(self, meta, where, names, me, session=None):
         """Refuse a frame from its metadata alone, before its payload is read or anything allocated for it."""
-        if not names:
+        if not names:  # protocol 1: the first frame names the stream
             with self._lock:
                 if meta.stream in self._live:
                     raise ProtocolError("stream {!r} is already connected from {}; give each edge its own --name"
-                                        .format(meta.stream, self._live[meta.stream]))
-                self._live[meta.stream] = where
+                                        .format(meta.stream, self._live[meta.stream].where))
+                self._live[meta.stream] = me
                 stats = self.streams.setdefault(meta.stream, StreamStats(meta.stream))
                 stats.connections += 1
             names.append(meta.stream)
@@ -220,36 +338,200 @@ class Host(object):
                                 "seed pipeline's pickled arrays, or send with --serializer framed)")
         if not meta.flags & FLAG_END_OF_STREAM and tuple(meta.shape) != tuple(self.decoder.input_shape):
             with self._lock:
-                self.streams[meta.stream].fail(meta.seq)
+                if session is None:
+                    self.streams[meta.stream].fail(meta.seq)
+                else:
+                    self.streams[meta.stream].failed += 1
             raise ProtocolError("latents of shape {} do not fit the decoder's input {}: run the host with the "
                                 "edge's profile or decoder".format(list(meta.shape), list(self.decoder.input_shape)))
 
-    def _end_stream(self, meta, where):
+    def _end_stream(self, stream, seq, where, session=None):
+        """The edge said end-of-stream after ``seq`` frames (numbered 0 .. seq - 1)."""
         with self._lock:
-            stats = self.streams[meta.stream]
-            stats.gaps += max(0, meta.seq - stats.last_seq - 1)  # frames dropped at the very end
+            stats = self.streams[stream]
+            if session is None:
+                stats.gaps += max(0, seq - stats.last_seq - 1)  # frames dropped at the very end
+            elif session.first_seq is not None:
+                # Numbers this host process never saw, from the first it saw: an earlier host's frames are not gaps.
+                stats.gaps += max(0, seq - session.first_seq - session.received)
+            stats.last_seq = max(stats.last_seq, seq - 1)
             stats.ended = True
             self.streams_ended += 1
             if self.max_streams and self.streams_ended >= self.max_streams:
                 self._stop.set()
-        log.info("%s: stream %r ended", where, meta.stream)
+        log.info("%s: stream %r ended", where, stream)
 
-    def _handle_frame(self, where, meta, payload, timer):
+    # Protocol 2.
+    def _serve_v2(self, me, names, kind, meta_len):
+        conn, where = me.sock, me.where
+        if kind != KIND_HELLO:
+            raise ProtocolError("a protocol-2 connection must open with HELLO, not {}".format(KIND_NAMES[kind]))
+        t_recv = time.time()
+        hello, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=time.monotonic() + self.frame_timeout_s)
+        refusal = self._check_hello(hello)
+        if refusal is None:
+            refusal, evicted = self._take_stream(me, hello)
+        if refusal is not None:
+            reason, message = refusal
+            log.warning("%s: refused stream %r: %s", where, hello["stream"], message)
+            conn.sendall(encode_message(KIND_REFUSE, reason=reason, message=message,
+                                        permanent=reason in PERMANENT_REFUSALS))
+            return
+        session = me.session
+        names.append(hello["stream"])
+        if evicted is not None:
+            log.info("%s: stream %r reconnected (session %s); dropping the stale connection from %s and its "
+                     "backlog", where, hello["stream"], session.id, evicted.where)
+            _shutdown(evicted.sock)
+        else:
+            log.info("%s: stream %r connected (session %s, %s delivery)", where, hello["stream"], session.id,
+                     hello["delivery"])
+        with session.lock:
+            acked = [[seq, session.outcomes[seq]] for seq in hello["unacked"] if seq in session.outcomes]
+        conn.sendall(encode_message(KIND_ACCEPT, version=VERSION_2, window=min(self.window, hello["window"]),
+                                    max_frame_bytes=self.max_frame_bytes, acked=acked, t_recv=t_recv,
+                                    t_send=time.time()))
+        while not self._stop.is_set():
+            conn.settimeout(self.idle_timeout_s)
+            version, kind, meta_len = read_header(conn, versions=(VERSION_2,))
+            started, t_recv = time.perf_counter(), time.time()
+            deadline = time.monotonic() + self.frame_timeout_s
+            if kind == KIND_FRAME:
+                meta, payload = read_body(conn, VERSION_2, kind, meta_len, self.max_frame_bytes, deadline,
+                                          check_meta=lambda m: self._check_v2_meta(m, hello, where, names, me))
+                timer = FrameTimer(meta.seq)
+                timer.add("receive", (time.perf_counter() - started) * 1000.0)
+                outcome, reason, duplicate, t_done = self._handle_v2_frame(me, meta, payload, timer)
+                fields = dict(seq=meta.seq, outcome=outcome, duplicate=duplicate, t_recv=t_recv, t_done=t_done)
+                if reason:
+                    fields["reason"] = reason[:1000]
+                conn.sendall(encode_message(KIND_ACK, t_ack=time.time(), **fields))
+            elif kind == KIND_CLOCK:
+                fields, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=deadline)
+                session.offset_s = fields["offset_s"]
+            elif kind == KIND_END:
+                fields, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=deadline)
+                if fields["stream"] != hello["stream"]:
+                    raise ProtocolError("END names stream {!r} on a connection of stream {!r}".format(
+                        fields["stream"], hello["stream"]))
+                self._end_stream(hello["stream"], fields["seq"], where, session)
+                conn.sendall(encode_message(KIND_ACK, seq=fields["seq"], outcome="end", t_recv=t_recv,
+                                            t_ack=time.time()))
+                return
+            else:
+                raise ProtocolError("an edge may not send {} after HELLO".format(KIND_NAMES[kind]))
+
+    def _check_hello(self, hello):
+        """None if this host can decode what the HELLO describes, else ``(reason, message)``."""
+        info = self.decoder.info
+        if VERSION_2 not in hello["versions"]:
+            return "version", "the edge speaks protocol {} and this host 1 and 2: upgrade the edge".format(
+                hello["versions"])
+        if hello["model_id"] and info.model_id and hello["model_id"] != info.model_id:
+            return "model_mismatch", ("the edge's encoder comes from checkpoint {}... and this host's decoder from {}..."
+                                      " (another training run: its images would be noise); give both the same "
+                                      "profile or export".format(hello["model_id"][:12], info.model_id[:12]))
+        if tuple(hello["shape"]) != tuple(self.decoder.input_shape):
+            return "shape_mismatch", ("the edge sends latents of shape {} and this host's decoder takes {}: run the "
+                                      "host with the edge's profile (or --decoder)".format(
+                                          hello["shape"], list(self.decoder.input_shape)))
+        if tuple(hello["tiles"]) != tuple(info.tiles):
+            return "shape_mismatch", "the edge cuts frames into {} tiles and this host's decoder joins {}".format(
+                "x".join(map(str, hello["tiles"])), "x".join(map(str, info.tiles)))
+        if hello["packing"] == "pickle":
+            if not self.accept_pickle:
+                return "pickle_refused", ("pickle frames are refused by this host (start it with --accept-pickle, "
+                                          "or send with --serializer framed)")
+        elif hello["packing"] != info.packing:
+            return "packing_mismatch", "the edge packs latents as {} and this host's decoder expects {}".format(
+                hello["packing"], info.packing)
+        try:
+            check_available(hello["entropy"])
+        except ConfigError as exc:
+            return "entropy_unavailable", "this host cannot decode --entropy {}: {}".format(hello["entropy"], exc)
+        return None
+
+    def _take_stream(self, me, hello):
+        """Make ``me`` the live connection of the HELLO's stream; returns ``(refusal or None, evicted or None)``."""
+        stream, session_id = hello["stream"], hello["session"]
+        with self._lock:
+            live = self._live.get(stream)
+            evicted = None
+            if live is not None:
+                same = live.session is not None and live.session.id == session_id
+                if not same and not _peer_gone(live.sock):
+                    return ("name_in_use", "stream {!r} is live from {} (another edge with the same --name?): give "
+                            "each edge its own --name".format(stream, live.where)), None
+                evicted = live
+                evicted.evicted = True
+            key = (stream, session_id)
+            session = self._sessions.pop(key, None)
+            if session is None:
+                journal = os.path.join(self.out_dir, JOURNAL_DIR, stream + ".delivered") if self.out_dir else None
+                session = Session(stream, session_id, journal)
+            self._sessions[key] = session  # most recently used last
+            while len(self._sessions) > REMEMBERED_SESSIONS:
+                self._sessions.popitem(last=False)
+            stats = self.streams.setdefault(stream, StreamStats(stream))
+            stats.connections += 1
+            if session.connection is None and evicted is None and not session.received:
+                stats.sessions += 1
+            stats.ended = False
+            session.connection = me
+            me.session = session
+            self._live[stream] = me
+        return None, evicted
+
+    def _check_v2_meta(self, meta, hello, where, names, me):
+        if meta.stream != hello["stream"]:
+            raise ProtocolError("a frame of stream {!r} on a connection of stream {!r}".format(
+                meta.stream, hello["stream"]))
+        if meta.packing != hello["packing"] or meta.entropy != hello["entropy"]:
+            raise ProtocolError("a frame packed {} / {} on a connection that said {} / {} in its HELLO".format(
+                meta.packing, meta.entropy, hello["packing"], hello["entropy"]))
+        self._check_meta(meta, where, names, me, me.session)
+
+    def _handle_v2_frame(self, me, meta, payload, timer):
+        """Decode a frame once per session; returns ``(outcome, reason, duplicate, t_done)``."""
+        session = me.session
+        with session.lock:
+            if me.evicted:
+                raise ConnectionClosed("replaced by a reconnect of the same session")
+            known = session.outcomes.get(meta.seq)
+            if known is not None:
+                with self._lock:
+                    self.streams[meta.stream].duplicates += 1
+                return known, "", True, time.time()
+            outcome, reason = self._handle_frame(me.where, meta, payload, timer, session.offset_s)
+            t_done = time.time()
+            session.remember(meta.seq, outcome)
+        with self._lock:
+            stats = self.streams[meta.stream]
+            stats.last_seq = max(stats.last_seq, meta.seq)
+            if outcome == "failed":
+                stats.failed += 1
+        return outcome, reason, False, t_done
+
+    def _handle_frame(self, where, meta, payload, timer, offset_s):
+        """Decode, write and record one frame; returns ``(outcome, reason)``: "decoded" or "failed".
+
+        ``offset_s``: the host's clock minus the edge's (protocol 2's CLOCK), for the frame's latency.
+        """
         stats = self.streams[meta.stream]
         with timer.stage("deserialize"):
             latents = decode_latents(meta, payload)  # decompressed first if entropy-coded (bounded, edge/entropy.py)
         try:
             with self._decode_lock:
+                if self._stop.is_set():  # not acknowledged: the edge resends it (reliable) or counts it lost
+                    raise ConnectionClosed("the host is stopping")
                 output, timings = self.decoder.infer(latents.astype("float32", copy=False))
                 timer.add_backend_timings("decode", None, timings)
                 with timer.stage("write"):
                     # Inside the lock: output is the backend's buffer. A tiled model's tiles are joined here.
                     image = to_image(output, self.decoder.info.tiles)
         except BackendError as exc:
-            with self._lock:
-                stats.fail(meta.seq)
             log.error("%s: frame %d of %r failed to decode: %s", where, meta.seq, meta.stream, exc)
-            return
+            return "failed", "decode failed: {}".format(exc)
         with timer.stage("write"):
             if self.out_dir:
                 self._write(meta, image)
@@ -258,15 +540,15 @@ class Host(object):
         now = time.perf_counter()
         record = timer.record()
         record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len,
-                      latency_ms=round((time.time() - meta.t_capture) * 1000.0, 3))
+                      latency_ms=round(((time.time() - offset_s) - meta.t_capture) * 1000.0, 3))
         with self._lock:
-            stats.account(meta.seq)
             stats.frames += 1
             self.records.append(record)
             self._first_frame_at = self._first_frame_at or now
             self._last_frame_at = now
             if self.max_frames and len(self.records) >= self.max_frames:
                 self._stop.set()
+        return "decoded", ""
 
     def _write(self, meta, image):
         folder = os.path.join(self.out_dir, meta.stream)  # stream names are safe folder names (edge.protocol)
@@ -307,6 +589,35 @@ class Host(object):
             "failed": failed, "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
             "streams": streams, "notes": notes})
         return summary, records
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _peer_gone(sock):
+    """True when the peer of ``sock`` has closed its side (TCP CLOSE_WAIT or CLOSE): a dead edge's connection the
+    host has not noticed yet, because its thread is still busy with the backlog. False where the OS does not say."""
+    if not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        state = bytearray(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+    except OSError:
+        return True  # the socket is already closed
+    return state in (7, 8)  # TCP_CLOSE, TCP_CLOSE_WAIT (linux/tcp_states.h)
+
+
+def _refuse_and_close(sock, reason, message, permanent):
+    """Answer a connection with REFUSE without reading it (a protocol-1 edge never reads it), then close it."""
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(encode_message(KIND_REFUSE, reason=reason, message=message, permanent=permanent))
+    except OSError:
+        pass
+    sock.close()
 
 
 def check_display():

@@ -12,7 +12,8 @@ import pytest
 
 from latentlink.edge.backends import open_backend
 from latentlink.edge.profile import load_profile
-from latentlink.edge.protocol import FIXED_HEADER, MAGIC, VERSION, encode_end_of_stream, encode_frame
+from latentlink.edge.protocol import (FIXED_HEADER, KIND_REFUSE, MAGIC, VERSION, VERSION_2, encode_end_of_stream,
+                                      encode_frame, read_body, read_header)
 from latentlink.host.server import Host
 
 
@@ -245,7 +246,11 @@ def test_connections_beyond_the_limit_are_refused(tiny_profile):
     try:
         held = [connect(server), connect(server)]
         wait_until(lambda: sum(t.is_alive() for t in server._threads) == 2)
-        assert closed_by_peer(connect(server))
+        extra = connect(server)
+        version, kind, meta_len = read_header(extra, versions=(VERSION_2,))  # a protocol-2 REFUSE, then the close
+        fields, _ = read_body(extra, version, kind, meta_len)
+        assert kind == KIND_REFUSE and fields["reason"] == "busy" and not fields["permanent"]
+        assert closed_by_peer(extra)
         for sock in held:
             sock.close()
     finally:

@@ -82,7 +82,7 @@ def test_frame_timer_real_clock_and_exception_still_recorded():
 # --- summarize ------------------------------------------------------------------------------------------------------
 
 def test_summarize_known_numbers():
-    # capture: 1..5 ms; encode: 10, 20, 30, 40, missing (-> 0); totals: 11, 22, 33, 44, 5
+    # capture: 1..5 ms; encode: 10, 20, 30, 40, missing (not counted); totals: 11, 22, 33, 44, 5
     records = [rec(i, capture=float(i + 1), encode=10.0 * (i + 1)) for i in range(4)] + [rec(4, capture=5.0)]
     for r, b in zip(records, [100, 200, 300]):
         r["bytes"] = b
@@ -97,14 +97,17 @@ def test_summarize_known_numbers():
     assert s["bytes_per_frame"] == 200.0
     assert s["dropped"] == 1
     cap = s["stages"]["capture"]
-    assert list(cap) == STAT_KEYS
-    assert cap == {"min_ms": 1.0, "median_ms": 3.0, "mean_ms": 3.0, "p95_ms": 4.8, "p99_ms": 4.96, "max_ms": 5.0}
-    enc = s["stages"]["encode"]  # 0, 10, 20, 30, 40
-    assert enc == {"min_ms": 0.0, "median_ms": 20.0, "mean_ms": 20.0, "p95_ms": 38.0, "p99_ms": 39.6, "max_ms": 40.0}
+    assert list(cap) == STAT_KEYS + ["frames"]
+    assert cap == {"min_ms": 1.0, "median_ms": 3.0, "mean_ms": 3.0, "p95_ms": 4.8, "p99_ms": 4.96, "max_ms": 5.0,
+                   "frames": 5}
+    enc = s["stages"]["encode"]  # 10, 20, 30, 40: the fifth frame never ran it
+    assert enc == {"min_ms": 10.0, "median_ms": 25.0, "mean_ms": 25.0, "p95_ms": 38.5, "p99_ms": 39.7, "max_ms": 40.0,
+                   "frames": 4}
     tot = s["stages"]["total"]  # 5, 11, 22, 33, 44
-    assert tot == {"min_ms": 5.0, "median_ms": 22.0, "mean_ms": 23.0, "p95_ms": 41.8, "p99_ms": 43.56, "max_ms": 44.0}
+    assert tot == {"min_ms": 5.0, "median_ms": 22.0, "mean_ms": 23.0, "p95_ms": 41.8, "p99_ms": 43.56, "max_ms": 44.0,
+                   "frames": 5}
     for stats in s["stages"].values():
-        assert all(type(v) is float for v in stats.values())
+        assert all(type(v) is float for k, v in stats.items() if k != "frames")
 
 
 def test_summarize_rounds_to_3_decimals_and_merges_extra_last():
@@ -130,7 +133,7 @@ def test_summarize_empty_and_zero_wall_give_zeros_without_warnings():
     assert s["fps"] == 0.0 and s["t200_s"] == 0.0 and s["bytes_per_frame"] == 0.0
     assert list(s["stages"]) == list(EDGE_STAGES) + ["total"]
     for stats in s["stages"].values():
-        assert stats == dict.fromkeys(STAT_KEYS, 0.0)
+        assert stats == dict(dict.fromkeys(STAT_KEYS, 0.0), frames=0)
     assert s2["frames"] == 1 and s2["fps"] == 0.0 and s2["t200_s"] == 0.0
     json.dumps(s, allow_nan=False)
 
@@ -206,7 +209,7 @@ def test_format_table_rows_budget_and_notes():
     text = format_table(s, title="host 'cam0'")
     lines = text.splitlines()
     assert lines[0] == "host 'cam0'"
-    assert lines[1].split()[:2] == ["stage", "median"]
+    assert lines[1].split()[:3] == ["stage", "frames", "median"]
     rows = [line.split()[0] for line in lines[2:2 + len(HOST_STAGES) + 2]]
     assert rows == list(HOST_STAGES) + ["total", "budget"]
     assert "33.00" in lines[2 + len(HOST_STAGES) + 1] and "100.0%" in lines[2 + len(HOST_STAGES) + 1]
@@ -281,7 +284,7 @@ def test_cuda_event_times_sit_beside_the_wall_clock_not_in_the_total():
     assert "CUDA med" in table[0]
     encode = next(line for line in table if line.startswith("encode"))
     capture = next(line for line in table if line.startswith("capture"))
-    assert encode.split()[1:5] == ["11.50", "12.85", "13.00", "9.50"] and capture.split()[4] == "-"
+    assert encode.split()[2:6] == ["11.50", "12.85", "13.00", "9.50"] and capture.split()[5] == "-"
 
 
 def test_host_decode_adds_copy_and_cuda_time_to_one_stage():

@@ -348,7 +348,7 @@ def test_edge_streams_through_an_engine_with_cuda_columns(monkeypatch, onnx_dir,
             summary, records = run_edge(source, encoder, profile, address, "jetson", frames=5, drop="block")
         thread.join(20)
         host_summary, _ = host.summary()
-    assert summary["sent"] == 5 and host_summary["frames"] == 5
+    assert summary["outcomes"]["decoded"] == 5 and host_summary["frames"] == 5
     assert set(summary["gpu_stages"]) == {"encode", "gpu_to_cpu"}
     assert all(set(r["gpu_stages"]) == {"encode", "gpu_to_cpu"} for r in records)
     assert "CUDA med" in format_table(summary) and "page-locked" in summary["notes"]["gpu_to_cpu"]

@@ -46,6 +46,11 @@ class ModelInfo(object):
             self.frame_shape = (1, self.input_shape[1], self.input_shape[2] * rows, self.input_shape[3] * cols)
         self.path = path
         self.data = data
+        # The identity of the encoder/decoder pair: both halves of one checkpoint carry its SHA-256, so an edge and
+        # a host can tell a decoder from another training run (same shapes, pink noise) before any frame is sent.
+        # None for exports that did not record their checkpoint: identity then goes unchecked.
+        model_id = data.get("checkpoint_sha256")
+        self.model_id = str(model_id) if model_id else None
 
     def shape_for(self, role):
         """The input shape the ``role`` ("encoder" or "decoder") expects."""
@@ -136,6 +141,17 @@ class Backend(object):
 
     def _close(self):
         pass
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes (a checkpoint's identity, as ``export onnx`` records it in model.json)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def elapsed_ms(start):

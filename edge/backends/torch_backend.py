@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from ..errors import BackendError, ConfigError
-from .base import Backend, ModelInfo, elapsed_ms
+from .base import Backend, ModelInfo, elapsed_ms, file_sha256
 
 PRECISIONS = ("fp32", "fp16")
 WARMUP_RUNS = 3  # cuDNN picks its kernels on the first runs; none of that belongs in a frame's time
@@ -76,7 +76,8 @@ class TorchBackend(Backend):
             latents = model.encoder(image)
         self.info = ModelInfo({"model": model.name, "input_shape": list(image.shape),
                                "latent_shape": list(latents.shape), "packing": model.packing,
-                               "bits_per_pixel": model.bits_per_pixel}, self.path)
+                               "bits_per_pixel": model.bits_per_pixel,
+                               "checkpoint_sha256": file_sha256(self.path)}, self.path)
         self._module = getattr(model, self.role).to(device=self.device, dtype=dtype).eval()
         shape, out_shape = (image.shape, latents.shape) if self.role == "encoder" else (latents.shape, image.shape)
         pin = self.on_cuda  # page-locked host buffers: the copies can be asynchronous DMA
