@@ -57,8 +57,8 @@ def main():
                         work + "/edge.json", "--quiet"], env=env, cwd=ROOT, check=True)
         host.wait(timeout=300)
         edge, hostr = json.load(open(work + "/edge.json")), json.load(open(work + "/host.json"))
-        print("edge: {captured} captured, {sent} sent, {dropped} dropped, {bytes_per_frame:,.0f} bytes/frame".format(
-            **edge))
+        print("edge: {} captured, {}, {:,.0f} bytes/frame".format(edge["captured"], ", ".join(
+            "{} {}".format(n, name) for name, n in edge["outcomes"].items()), edge["bytes_per_frame"]))
         print("host: {frames} decoded, {dropped} gaps, {failed} failed, {protocol_errors} protocol errors".format(
             **hostr))
         profile = load_profile("nano-504")

@@ -23,14 +23,17 @@ def test_interpreter_is_the_nano_one():
     assert out.startswith("(3, 6)") and "1.19" in out
 
 
-@pytest.mark.parametrize("serializer, entropy", [("framed", "none"), ("pickle", "none"), ("framed", "zstd"),
-                                                 ("framed", "lz4")])
-def test_python36_edge_streams_to_this_host(tmp_path, tiny_profile, video_file, serializer, entropy):
-    """Also the entropy coders across versions: zstandard 0.20 / lz4 3.1 on the edge, the newest here."""
+@pytest.mark.parametrize("serializer, entropy, protocol", [
+    ("framed", "none", "2"), ("pickle", "none", "2"), ("framed", "zstd", "2"), ("framed", "lz4", "2"),
+    ("framed", "none", "1"), ("framed", "zlib", "1")])
+def test_python36_edge_streams_to_this_host(tmp_path, tiny_profile, video_file, serializer, entropy, protocol):
+    """Protocol 2 (acknowledged, every frame accounted for) and protocol 1 (an old edge: the host still serves it).
+    Also the entropy coders across versions: zstandard 0.20 / lz4 3.1 on the edge, the newest here."""
     host, address = start_host(tmp_path, tiny_profile, *(["--accept-pickle"] if serializer == "pickle" else []))
     edge = subprocess.run([PY36, "-m", "latentlink.edge", "--source", "file://" + video_file, "--connect", address,
                            "--name", "nano", "--profile", tiny_profile, "--drop", "block", "--serializer",
-                           serializer, "--entropy", entropy, "--report", str(tmp_path / "edge.json")],
+                           serializer, "--entropy", entropy, "--protocol", protocol,
+                           "--report", str(tmp_path / "edge.json")],
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                           timeout=120)
     host_out, _ = host.communicate(timeout=60)
@@ -40,6 +43,11 @@ def test_python36_edge_streams_to_this_host(tmp_path, tiny_profile, video_file, 
     assert report["streams"]["nano"]["ended"]
     edge_report = json.loads((tmp_path / "edge.json").read_text())
     assert ("entropy" in edge_report["stages"]) == (entropy != "none")
+    if protocol == "2":  # acknowledged: the edge knows each frame was decoded, and how long it took
+        assert edge_report["outcomes"] == {"decoded": 24, "failed": 0, "refused": 0, "dropped": 0, "lost": 0}
+        assert edge_report["end_acknowledged"] and edge_report["latency"]["frames"] == 24
+    else:  # no acknowledgements: written to the socket is all the edge can know
+        assert edge_report["outcomes"]["sent"] == 24 and "latency" not in edge_report
 
 
 PY36_ENGINE_SCRIPT = """
@@ -88,3 +96,4 @@ def test_python36_engine_build_and_tensorrt_edge_against_fakes(tmp_path, tiny_pr
     assert edge_report["meta"]["backend"] == "tensorrt" and set(edge_report["gpu_stages"]) == {"encode", "gpu_to_cpu"}
     report = json.loads((tmp_path / "host.json").read_text())
     assert report["frames"] == 6 and report["failed"] == 0 and report["streams"]["nano"]["ended"]
+    assert edge_report["outcomes"]["decoded"] == 6
