@@ -61,7 +61,18 @@ def setup_logging(verbose=False):
 
 
 def peak_rss_mb():
-    """This process's peak resident memory in MiB (None where the OS does not say)."""
+    """This process's peak resident memory in MiB (None where the OS does not say).
+
+    Linux's VmHWM first: getrusage's ru_maxrss survives exec, so a host started from a large parent (pytest, a
+    notebook) would report the parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows

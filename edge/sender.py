@@ -36,8 +36,8 @@ import time
 
 from .errors import ConfigError, ConnectionClosed, HostRefused, LatentlinkError, ProtocolError
 from .protocol import (DELIVERIES, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END, KIND_HELLO, KIND_NAMES, KIND_REFUSE,
-                       PERMANENT_REFUSALS, VERSION, VERSION_2, encode_end_of_stream, encode_message, read_body,
-                       read_header)
+                       MAX_WINDOW, PERMANENT_REFUSALS, VERSION, VERSION_2, encode_end_of_stream, encode_message,
+                       read_body, read_header)
 
 log = logging.getLogger("latentlink.edge")
 
@@ -267,6 +267,8 @@ class Sender(object):
             raise ConfigError("bad queue size {!r}: at least 1 frame must fit in the queue".format(queue_size))
         if window < 1:
             raise ConfigError("bad window {!r}: at least 1 frame must be allowed in flight".format(window))
+        if window > MAX_WINDOW:  # the HELLO could not say it (--window takes any positive number)
+            raise ConfigError("bad window {!r}: at most {} frames may be in flight".format(window, MAX_WINDOW))
         if protocol not in (VERSION, VERSION_2):
             raise ConfigError("unknown protocol {!r} (this edge speaks 1 and 2)".format(protocol))
         if protocol == VERSION and delivery == "reliable":
@@ -290,6 +292,10 @@ class Sender(object):
         self.session = os.urandom(8).hex()  # a new stream each run; the same across this run's reconnects
         self.hello = dict(hello or {}, versions=[VERSION_2], stream=stream, session=self.session,
                           delivery=delivery, window=window, software=SOFTWARE)
+        if protocol == VERSION_2:
+            # Checked now: a HELLO the protocol refuses (a missing shape, say) would otherwise fail at the first
+            # connection, in the sender's thread, which would end with every frame lost and a traceback.
+            encode_message(KIND_HELLO, t_send=0.0, **self.hello)
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.reconnects = self.connection_losses = self.resent = self.duplicates = 0
         self.refusal = None
@@ -596,7 +602,8 @@ class Sender(object):
                 return
             self._link = None
             self._down_since = time.monotonic()
-            self.connection_losses += 1
+            if not self.end_acknowledged:  # the host closes once it acknowledged END: that is no loss
+                self.connection_losses += 1
             if self.delivery == "reliable":
                 items = [(seq, data, timer) for seq, (data, timer, _) in self._in_flight.items()]
                 self._resend = collections.deque(sorted(list(self._resend) + items, key=lambda item: item[0]))

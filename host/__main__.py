@@ -54,6 +54,9 @@ def get_args_parser():
                         help="accept frames of pickled arrays (edge --serializer pickle, the seed pipeline's format); "
                              "off by default: pickle is the riskiest thing a host can parse")
     parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
+    parser.add_argument("--decode-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="for testing and benchmarks only: sleep this long after each decode, simulating a "
+                             "slower decoder (default: %(default)s, off)")
     add_backend_options(parser)
     add_run_options(parser)
     return parser
@@ -70,6 +73,8 @@ def _main(argv):
         if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
             raise ConfigError("--display needs a screen, and DISPLAY is not set; save frames with --out DIR instead")
         check_display()
+    if args.decode_delay < 0:
+        raise ConfigError("bad --decode-delay {}: seconds >= 0".format(args.decode_delay))
     profile = load_profile(args.profile)
     decoder_path = profile.model.decoder if args.decoder == "default" else args.decoder
     listen = parse_address(args.listen)
@@ -78,7 +83,7 @@ def _main(argv):
                     max_frames=args.max_frames, max_streams=args.max_streams,
                     max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
                     idle_timeout_s=args.idle_timeout, max_connections=args.max_connections,
-                    accept_pickle=args.accept_pickle, window=args.window)
+                    accept_pickle=args.accept_pickle, window=args.window, decode_delay_s=args.decode_delay)
         if args.accept_pickle:
             logging.getLogger("latentlink.host").warning(
                 "--accept-pickle: frames of pickled numpy arrays are accepted from any peer; they are parsed "

@@ -101,6 +101,10 @@ class Session(object):
                     os.makedirs(os.path.dirname(journal), exist_ok=True)
                 except OSError as exc:
                     log.error("cannot create %s (%s)", os.path.dirname(journal), exc)
+            if self.first_seq is None:
+                # No journal line of this session: no earlier host process (with this out_dir) handled any of its
+                # frames, so those numbered before the first this one sees were dropped by the edge: gaps from 0.
+                self.first_seq = 0
 
     def _read_journal(self):
         with io.open(self.journal, encoding="utf-8", errors="replace") as f:
@@ -153,11 +157,13 @@ class Host(object):
     ``window``: the most frames a protocol-2 edge may have in flight (it may ask for fewer).
     ``accept_pickle``: accept the seed pipeline's pickled arrays (off by default: a pickle is a program, and the
     parser for it is the largest attack surface the host has; see the README's threat model).
+    ``decode_delay_s``: for tests and benchmarks only: sleep this long after each decode, inside the decode lock
+    (simulates a slower decoder, so that frames are in flight when a fault is injected; 0: off).
     """
 
     def __init__(self, decoder, budget_ms=33.0, out_dir=None, display=False, max_frames=None, max_streams=None,
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
-                 accept_pickle=False, window=8):
+                 accept_pickle=False, window=8, decode_delay_s=0.0):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
@@ -166,6 +172,7 @@ class Host(object):
         self.idle_timeout_s, self.frame_timeout_s = idle_timeout_s, frame_timeout_s
         self.accept_pickle = accept_pickle
         self.window = window
+        self.decode_delay_s = decode_delay_s  # tests and benchmarks: a slower decoder
         self._sessions = collections.OrderedDict()  # (stream, session id) -> Session, least recently used first
         self.streams = {}
         self.records = []
@@ -466,7 +473,8 @@ class Host(object):
                 evicted.evicted = True
             key = (stream, session_id)
             session = self._sessions.pop(key, None)
-            if session is None:
+            new_session = session is None
+            if new_session:
                 journal = os.path.join(self.out_dir, JOURNAL_DIR, stream + ".delivered") if self.out_dir else None
                 session = Session(stream, session_id, journal)
             self._sessions[key] = session  # most recently used last
@@ -474,7 +482,7 @@ class Host(object):
                 self._sessions.popitem(last=False)
             stats = self.streams.setdefault(stream, StreamStats(stream))
             stats.connections += 1
-            if session.connection is None and evicted is None and not session.received:
+            if new_session:
                 stats.sessions += 1
             stats.ended = False
             session.connection = me
@@ -526,6 +534,10 @@ class Host(object):
                     raise ConnectionClosed("the host is stopping")
                 output, timings = self.decoder.infer(latents.astype("float32", copy=False))
                 timer.add_backend_timings("decode", None, timings)
+                if self.decode_delay_s:  # tests and benchmarks: simulates a slower decoder (counted as decode time)
+                    slept = time.perf_counter()
+                    time.sleep(self.decode_delay_s)
+                    timer.add("decode", (time.perf_counter() - slept) * 1000.0)
                 with timer.stage("write"):
                     # Inside the lock: output is the backend's buffer. A tiled model's tiles are joined here.
                     image = to_image(output, self.decoder.info.tiles)
