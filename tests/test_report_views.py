@@ -298,3 +298,18 @@ def test_report_tables_and_csv_on_python36_without_matplotlib(tmp_path):
     done = run(edge_path, "--plot", str(tmp_path / "x.png"))
     assert done.returncode == 2 and "over budget" in done.stdout
     assert "error: --plot needs matplotlib" in done.stderr and not os.path.exists(str(tmp_path / "x.png"))
+
+
+def test_the_readme_shows_the_figure_with_the_command_that_made_it():
+    import struct
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    command = ("python -m latentlink report /tmp/demo/edge.json /tmp/demo/host.json --plot docs/report-demo.png "
+               "--csv /tmp/demo/frames.csv")
+    assert "python -m latentlink demo --out /tmp/demo\n" + command + "\n" in readme
+    assert "](docs/report-demo.png)" in readme
+    with open(os.path.join(ROOT, "docs", "report-demo.png"), "rb") as f:
+        png = f.read()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) < 200 * 1024
+    assert struct.unpack(">II", png[16:24]) == (12 * 80, 14 * 80)  # the joined figure: 12 x 14 inches at 80 dpi
