@@ -51,7 +51,11 @@ def decoded_images(profile, latents):
 
 
 def assert_host_wrote(tmp_path, host, profile, latents):
-    host_out, _ = host.communicate(timeout=60)
+    try:
+        host_out, _ = host.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # the stream never ended: the host did not take what the snippet sent
+        host.kill()
+        raise AssertionError("the host did not end the stream:\n" + host.communicate()[0])
     assert host.returncode == 0, host_out
     import json
 
