@@ -14,7 +14,7 @@ import pytest
 
 from latentlink.edge.backends import open_backend
 from latentlink.edge.profile import load_profile
-from latentlink.edge.profiler import FrameTimer
+from latentlink.edge.profiler import FrameTimer, load_report
 from latentlink.edge.protocol import encode_end_of_stream, encode_frame, raw_pickle_message
 from latentlink.edge.sender import Sender
 from latentlink.host.raw_pickle import stream_name
@@ -282,7 +282,6 @@ def test_an_edge_with_pickle_raw_streams_to_a_host_with_accept_pickle_raw(tmp_pa
 
 def test_a_python36_edge_with_pickle_raw_streams_to_this_host(tmp_path, tiny_profile, video_file):
     """The Nano's interpreter: Python 3.6 + numpy 1.19 pickles (protocol 3, numpy.core names) to numpy 2 here."""
-    import json
     import subprocess
 
     from .conftest import ROOT
@@ -297,8 +296,8 @@ def test_a_python36_edge_with_pickle_raw_streams_to_this_host(tmp_path, tiny_pro
                           capture_output=True, text=True, timeout=120)
     host.communicate(timeout=60)
     assert edge.returncode == 0, edge.stderr
-    report = json.loads((tmp_path / "edge.json").read_text())
+    report = load_report(str(tmp_path / "edge.json"))
     assert report["outcomes"]["sent"] == 24 and report["serializer"] == "pickle-raw"
-    host_report = json.loads((tmp_path / "host.json").read_text())
+    host_report = load_report(str(tmp_path / "host.json"))
     assert host_report["frames"] == 24 and host_report["streams"]["nano"]["ended"]
     assert_host_saved_what_the_model_decodes(tmp_path, "nano", video_file, tiny_profile)

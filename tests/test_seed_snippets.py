@@ -19,6 +19,7 @@ import pytest
 from latentlink.edge.backends import open_backend
 from latentlink.edge.preprocess import Preprocessor, to_image
 from latentlink.edge.profile import load_profile
+from latentlink.edge.profiler import load_report
 from latentlink.edge.sources import open_source
 
 from .conftest import ROOT, run_cli
@@ -57,9 +58,7 @@ def assert_host_wrote(tmp_path, host, profile, latents):
         host.kill()
         raise AssertionError("the host did not end the stream:\n" + host.communicate()[0])
     assert host.returncode == 0, host_out
-    import json
-
-    report = json.loads((tmp_path / "host.json").read_text())
+    report = load_report(str(tmp_path / "host.json"))
     (stream, stats), = report["streams"].items()
     assert re.match(r"raw-127\.0\.0\.1-\d+\Z", stream), stream
     assert stats["frames"] == len(latents) and stats["ended"] and stats["gaps"] == 0
@@ -126,9 +125,7 @@ def test_the_readme_receiver_reads_what_an_edge_sends_with_pickle_raw(tmp_path, 
     namespace["server"].close()
     assert edge.returncode == 0, edge.stderr
     assert not errors and not thread.is_alive(), errors
-    import json
-
-    report = json.loads((tmp_path / "edge.json").read_text())
+    report = load_report(str(tmp_path / "edge.json"))
     assert report["outcomes"] == {"decoded": 0, "failed": 0, "refused": 0, "dropped": 0, "lost": 0, "sent": 24}
     assert report["serializer"] == "pickle-raw" and report["protocol"] == 1 and "latency" not in report
     received = namespace["received"]
