@@ -320,7 +320,8 @@ def _timeline(ax, report, rows, colours, prefix=""):
     over = report.get("over_budget")
     ax.set_title("%s\n(a) stage times per frame: %s%s" % (
         report_title(report) or role_of(report), _outcome_text(report, rows),
-        "; %s of %s over budget" % (over, report.get("frames")) if over is not None else ""), fontsize=9, loc="left", pad=12)
+        "; %s of %s over budget" % (over, report.get("frames")) if over is not None else ""),
+        fontsize=9, loc="left", pad=12)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("ms", fontsize=8)
     _legend(ax)

@@ -141,7 +141,8 @@ def test_a_bad_length_later_in_the_stream_closes_the_connection(host, caplog, le
         sock.sendall(message(latents(0)) + struct.pack(">Q", length))
         assert closed_by_peer(sock)
     wait_until(lambda: host.protocol_errors == 1)
-    assert "raw pickle 1 of stream %r: length %d is not 1 to --max-frame-bytes" % (stream_of(sock), length) in caplog.text
+    expected = "raw pickle 1 of stream %r: length %d is not 1 to --max-frame-bytes" % (stream_of(sock), length)
+    assert expected in caplog.text
     assert host.streams[stream_of(sock)].frames == 1 and not host.streams[stream_of(sock)].ended
 
 
