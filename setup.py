@@ -13,7 +13,7 @@ NOT_JETSON = 'platform_machine != "aarch64"'
 
 EXTRAS = {
     "edge": ["opencv-python-headless; " + NOT_JETSON, "onnxruntime; " + NOT_JETSON],
-    "host": ["opencv-python-headless", "onnxruntime", "scikit-image", "tqdm"],
+    "host": ["opencv-python-headless", "onnxruntime", "scikit-image", "tqdm", "matplotlib"],  # matplotlib: report --plot
     # torch: install the CPU build first (pip install torch==2.13.0), or pip pulls several GB of CUDA packages.
     "export": ["torch>=2.1", "onnx", "onnxruntime", "opencv-python-headless", "pytorch-msssim", "scikit-image",
                "matplotlib", "tqdm"],

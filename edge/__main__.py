@@ -9,7 +9,7 @@ from .cli import (add_backend_options, add_run_options, backend_options, peak_rs
                   setup_logging)
 from .entropy import CODERS, check_available
 from .errors import ConfigError
-from .pipeline import default_stream_name, run_edge
+from .pipeline import check_raw, default_stream_name, run_edge
 from .profile import load_profile
 from .profiler import format_table, write_report
 from .protocol import SERIALIZERS
@@ -48,7 +48,10 @@ def get_args_parser():
                         help="stop after N frames (default: until the source ends)")
     parser.add_argument("--loop", action="store_true", help="restart file sources at their end")
     parser.add_argument("--serializer", choices=SERIALIZERS, default=None,
-                        help="framed (packed latents, default) or pickle (for receivers of the seed pipeline)")
+                        help="framed (packed latents, default); pickle (pickled arrays in latentlink frames, for "
+                             "a host with --accept-pickle); pickle-raw (an 8-byte big-endian length and "
+                             "pickle.dumps(latents) per frame and nothing else, as the seed pipeline's plain-socket "
+                             "receivers expect: no handshake or acknowledgements, frames counted as sent)")
     parser.add_argument("--entropy", choices=CODERS, default=None,
                         help="lossless coding of the packed latents before sending, on the CPU: zlib (always "
                              "there), lz4 (pip install lz4), zstd (pip install zstandard); default: the profile's "
@@ -100,6 +103,7 @@ def _main(argv):
     if delivery == "reliable" and args.drop not in (None, "block"):
         raise ConfigError("--delivery reliable never drops frames, so it cannot take --drop {}: leave --drop out, "
                           "or use --delivery live".format(args.drop))
+    check_raw(args.serializer or profile.transport.serializer, entropy, delivery)  # before camera and model open
     if args.spool and delivery != "reliable":
         raise ConfigError("--spool holds frames for --delivery reliable only: add --delivery reliable")
     if args.wait_for_host is not None and args.wait_for_host < 0:

@@ -18,7 +18,7 @@ from .entropy import check_available, compress
 from .errors import ConfigError
 from .preprocess import Preprocessor
 from .profiler import EDGE_STAGES, FrameTimer, summarize
-from .protocol import SERIALIZERS, check_coding, frame_payload, pack_latents
+from .protocol import SERIALIZERS, VERSION, check_coding, frame_payload, pack_latents, raw_pickle_message
 from .sender import OUTCOMES, Sender
 
 log = logging.getLogger("latentlink.edge")
@@ -41,8 +41,14 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     serializer = serializer or transport.serializer
     if serializer not in SERIALIZERS:
         raise ConfigError("unknown serializer {!r} (available: {})".format(serializer, ", ".join(SERIALIZERS)))
-    packing = "pickle" if serializer == "pickle" else encoder.info.packing
+    packing = "pickle" if serializer in ("pickle", "pickle-raw") else encoder.info.packing
     entropy = entropy or transport.entropy
+    delivery = delivery or transport.delivery
+    # pickle-raw: an 8-byte length and a pickle per frame, for the seed pipeline's plain sockets: no latentlink
+    # framing, handshake or acknowledgements, so the sender works as for a protocol-1 host, without end-of-stream.
+    raw = serializer == "pickle-raw"
+    check_raw(serializer, entropy, delivery)
+    protocol = VERSION if raw else protocol
     check_coding(packing, entropy)  # refused here, not at the first frame
     check_available(entropy)  # a missing library too
     stages = EDGE_STAGES if entropy != "none" else tuple(s for s in EDGE_STAGES if s != "entropy")
@@ -55,7 +61,6 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     # With patch processing (edge/tiles.py) preprocessing also cuts the frame into the encoder's batch of tiles.
     preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit, encoder.info.tiles)
     timers = []  # every frame processed, whatever became of it
-    delivery = delivery or transport.delivery
     info = encoder.info
     hello = {"model_id": info.model_id, "shape": [int(d) for d in info.latent_shape],
              "dtype": info.latent_dtype, "packing": packing, "entropy": entropy,
@@ -66,7 +71,10 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                     wait_for_host_s=transport.wait_for_host_s if wait_for_host_s is None else wait_for_host_s,
                     spool=spool, send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes,
                     connect_timeout_s=transport.connect_timeout_s, send_timeout_s=transport.send_timeout_s,
-                    max_backoff_s=transport.max_backoff_s)
+                    max_backoff_s=transport.max_backoff_s, end_of_stream=not raw)
+    if raw:
+        log.info("--serializer pickle-raw: each frame goes as an 8-byte big-endian length and pickle.dumps(latents), "
+                 "nothing else; frames are counted as sent once written, and closing the connection ends the stream")
     seq = 0
     started = last_status = time.perf_counter()
     try:
@@ -88,7 +96,10 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                 with timer.stage("entropy"):
                     payload = compress(payload, entropy)
             with timer.stage("serialize"):
-                data = frame_payload(stream, seq, t_capture, latents, packing, payload, entropy, version=protocol)
+                if raw:
+                    data = raw_pickle_message(payload)
+                else:
+                    data = frame_payload(stream, seq, t_capture, latents, packing, payload, entropy, version=protocol)
             timer.extra["bytes"] = len(data)
             timers.append(timer)
             sender.submit(data, timer)
@@ -117,7 +128,8 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                                 sender.clock.offset_s * 1000.0, sender.clock.error_s * 1000.0))
     summary = summarize(records, stages, profile.budget_ms, wall_s, dropped=sender.counts["dropped"], extra={
         "captured": seq, "outcomes": dict((k, sender.counts[k]) for k in OUTCOMES if k != "sent" or protocol == 1),
-        "protocol": protocol, "delivery": delivery, "window": sender.window, "session": sender.session,
+        "protocol": protocol, "serializer": serializer, "delivery": delivery, "window": sender.window,
+        "session": sender.session,
         "reconnects": sender.reconnects, "connection_losses": sender.connection_losses, "resent": sender.resent,
         "duplicates": sender.duplicates, "end_acknowledged": sender.end_acknowledged,
         "refused": {"reason": sender.refusal[0], "message": sender.refusal[1]} if sender.refusal else None,
@@ -126,6 +138,16 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                                              round(sender.clock.error_s * 1000.0, 3)},
         "notes": notes})
     return summary, records
+
+
+def check_raw(serializer, entropy, delivery):
+    """Raise ConfigError where ``--serializer pickle-raw`` meets what it cannot do (entropy, reliable delivery)."""
+    if serializer == "pickle-raw" and entropy != "none":
+        raise ConfigError("--serializer pickle-raw cannot be entropy-coded (entropy {!r}): its receivers read plain "
+                          "pickles; use --entropy none".format(entropy))
+    if serializer == "pickle-raw" and delivery == "reliable":
+        raise ConfigError("--serializer pickle-raw has no acknowledgements, which --delivery reliable needs: use "
+                          "--delivery live, or --serializer framed with a latentlink host")
 
 
 def default_stream_name():

@@ -290,16 +290,21 @@ def format_table(summary, title=""):
     return "\n".join(lines)
 
 
-def format_report(report):
-    """The table of a loaded report, titled from ``meta``: ``role 'stream' (profile, backend)``."""
+def report_title(report):
+    """A loaded report's title from its ``meta``: ``role 'stream' (profile, backend, source)``; "" without meta."""
     meta = report.get("meta") or {}
     words = [str(meta["role"])] if meta.get("role") else []
     if meta.get("stream"):
         words.append("'%s'" % meta["stream"])
-    details = [str(meta[k]) for k in ("profile", "backend") if meta.get(k)]
+    details = [str(meta[k]) for k in ("profile", "backend", "source") if meta.get(k)]
     if details:
         words.append("(%s)" % ", ".join(details))
-    return format_table(report, title=" ".join(words))
+    return " ".join(words)
+
+
+def format_report(report):
+    """The table of a loaded report, titled by :func:`report_title`."""
+    return format_table(report, title=report_title(report))
 
 
 def _emit(text, stream):
@@ -315,25 +320,49 @@ def _emit(text, stream):
 
 
 def main(argv=None):
-    """``latentlink report FILE.json [FILE.json ...]``: print the table of each report; 2 on a bad file."""
+    """``latentlink report FILE.json [FILE.json ...] [--plot OUT.png] [--csv OUT.csv]``: print the table of each
+    report, and draw or flatten them (:mod:`latentlink.report_views`); 2 on a bad file or option."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) > 1 and argv[0] == "report":  # accept the sub-command word as well
         argv = argv[1:]
     parser = argparse.ArgumentParser(
         prog="latentlink report", description="Print the per-stage timing table of latentlink reports.",
-        epilog="example: latentlink report runs/edge.json runs/host.json")
+        epilog="examples:\n  latentlink report runs/edge.json runs/host.json\n"
+               "  latentlink report runs/edge.json runs/host.json --plot runs/report.png --csv runs/frames.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", metavar="FILE.json",
                         help="a report written by `latentlink edge --report` or `latentlink host --report`")
+    parser.add_argument("--plot", metavar="OUT.png",
+                        help="also draw one report, or an edge and a host report of one stream joined by seq: "
+                             "per-frame stage times against the budget, per-stage distributions, latency and "
+                             "outcomes (needs matplotlib: a host-side option)")
+    parser.add_argument("--csv", metavar="OUT.csv",
+                        help="also write the per-frame records as CSV, one row per frame (edge_* and host_* "
+                             "columns when an edge and a host report are given)")
     args = parser.parse_args(argv)
     status = 0
+    reports = []
     for i, path in enumerate(args.files):
         try:
-            table = format_report(load_report(path))
+            report = load_report(path)
+            table = format_report(report)
         except LatentlinkError as e:
             _emit("error: %s" % e, sys.stderr)
             status = 2
             continue
+        reports.append(report)
         _emit(("\n" if i else "") + table, sys.stdout)
+    if (args.plot or args.csv) and status:
+        _emit("error: nothing drawn or written (--plot, --csv): a report above could not be read", sys.stderr)
+    elif args.plot or args.csv:
+        try:  # host-side and imported only here: the Nano prints its tables without it (and without matplotlib)
+            from latentlink.report_views import write_views
+
+            for kind, path in write_views(reports, args.files, plot=args.plot, csv_path=args.csv):
+                _emit("%s: %s" % (kind, path), sys.stdout)  # each file as soon as it is written
+        except LatentlinkError as e:
+            _emit("error: %s" % e, sys.stderr)
+            return 2
     return status
 
 

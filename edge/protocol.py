@@ -49,7 +49,10 @@ FIXED_HEADER = struct.Struct(">4sBBH")  # magic, version (uint8), flags or kind 
 FLAG_END_OF_STREAM = 0x01
 _KNOWN_FLAGS = FLAG_END_OF_STREAM
 PACKINGS = ("bits", "uint8", "float16", "float32", "pickle")
-SERIALIZERS = ("framed", "pickle")  # framed: the model's packing; pickle: the seed pipeline's pickled arrays
+# framed: the model's packing; pickle: the seed pipeline's pickled arrays in latentlink frames; pickle-raw: no
+# latentlink framing at all, what the seed pipeline's plain sockets carry (see raw_pickle_message)
+SERIALIZERS = ("framed", "pickle", "pickle-raw")
+RAW_LENGTH = struct.Struct(">Q")  # pickle-raw: the length of each pickle, 8 bytes big-endian
 DTYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "int64")
 MAX_META_BYTES = 4096
 MAX_DIMS = 6
@@ -250,6 +253,15 @@ def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none
     if version == VERSION_2:
         return _encode(meta, KIND_FRAME, payload, VERSION_2)
     return _encode(meta, 0, payload)
+
+
+def raw_pickle_message(payload):
+    """``--serializer pickle-raw``: an 8-byte big-endian length, then ``payload`` (``pack_latents(a, "pickle")``).
+
+    Exactly what the seed pipeline's plain-socket clients send and expect: no magic, no metadata, no handshake, no
+    acknowledgements, no end-of-stream message (closing the connection ends the stream).
+    """
+    return RAW_LENGTH.pack(len(payload)) + payload
 
 
 def encode_end_of_stream(stream, seq, t_capture=0.0):

@@ -254,11 +254,15 @@ class Sender(object):
     first), ``connection_losses``, ``resent`` (reliable: frames sent again), ``duplicates`` (frames the host had
     already decoded). :attr:`refusal` is ``(reason, message)`` once the host refused for good; :attr:`gave_up` a
     message once ``wait_for_host_s`` ran out.
+
+    ``end_of_stream=False`` (protocol 1 only): send no end-of-stream frame at close, for receivers that know no
+    latentlink framing (``--serializer pickle-raw``): closing the connection ends their stream.
     """
 
     def __init__(self, address, stream, hello=None, queue_size=4, drop="oldest", window=4, delivery="live",
                  protocol=VERSION_2, wait_for_host_s=0.0, spool=None, send_buffer_bytes=1 << 20,
-                 connect_timeout_s=5.0, send_timeout_s=10.0, max_backoff_s=5.0, end_timeout_s=10.0):
+                 connect_timeout_s=5.0, send_timeout_s=10.0, max_backoff_s=5.0, end_timeout_s=10.0,
+                 end_of_stream=True):
         if drop not in DROP_POLICIES:
             raise ConfigError("unknown drop policy {!r} (available: {})".format(drop, ", ".join(DROP_POLICIES)))
         if delivery not in DELIVERIES:
@@ -287,6 +291,7 @@ class Sender(object):
         self.window = window
         self.wait_for_host_s = wait_for_host_s
         self.max_backoff_s, self.end_timeout_s = max_backoff_s, end_timeout_s
+        self.end_of_stream = end_of_stream
         self.link_options = dict(send_buffer_bytes=send_buffer_bytes, connect_timeout_s=connect_timeout_s,
                                  send_timeout_s=send_timeout_s)
         self.session = os.urandom(8).hex()  # a new stream each run; the same across this run's reconnects
@@ -621,8 +626,8 @@ class Sender(object):
         """Say END and wait (at most ``end_timeout_s``) for the host to acknowledge it."""
         with self._cond:
             link = self._link
-        if link is None:
-            return
+        if link is None or (self.protocol == VERSION and not self.end_of_stream):
+            return  # without an end-of-stream frame, closing the connection ends the stream
         try:
             if self.protocol == VERSION:
                 link.send(encode_end_of_stream(self.stream, self.last_seq + 1))

@@ -13,6 +13,7 @@ from latentlink.edge.profile import load_profile
 from latentlink.edge.profiler import format_table, write_report
 from latentlink.edge.sender import parse_address
 
+from .raw_pickle import check_stream_name
 from .server import Host, check_display
 
 EXAMPLES = """examples:
@@ -53,6 +54,14 @@ def get_args_parser():
     parser.add_argument("--accept-pickle", action="store_true",
                         help="accept frames of pickled arrays (edge --serializer pickle, the seed pipeline's format); "
                              "off by default: pickle is the riskiest thing a host can parse")
+    parser.add_argument("--accept-pickle-raw", action="store_true",
+                        help="accept plain-socket clients that send an 8-byte big-endian length and pickle.dumps("
+                             "latents) per frame, as the seed pipeline's users do (no latentlink framing): each "
+                             "pickle is parsed without an unpickler against the decoder's latent shape, as float32, "
+                             "float16 or uint8; off by default (such a connection is refused)")
+    parser.add_argument("--raw-stream-name", type=raw_stream_name, metavar="NAME",
+                        help="with --accept-pickle-raw: the stream name of those clients' frames (folder under "
+                             "--out; default raw-<peer ip>-<peer port>); one such client at a time then")
     parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
     parser.add_argument("--decode-delay", type=float, default=0.0, metavar="SECONDS",
                         help="for testing and benchmarks only: sleep this long after each decode, simulating a "
@@ -62,6 +71,16 @@ def get_args_parser():
     return parser
 
 
+def raw_stream_name(text):
+    """argparse type for --raw-stream-name: a stream name (it becomes a folder under --out)."""
+    import argparse
+
+    try:
+        return check_stream_name(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 def main(argv=None):
     return run_main(_main, argv)
 
@@ -69,6 +88,8 @@ def main(argv=None):
 def _main(argv):
     args = get_args_parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.raw_stream_name and not args.accept_pickle_raw:
+        raise ConfigError("--raw-stream-name names the frames of --accept-pickle-raw clients: add --accept-pickle-raw")
     if args.display:
         if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
             raise ConfigError("--display needs a screen, and DISPLAY is not set; save frames with --out DIR instead")
@@ -84,11 +105,19 @@ def _main(argv):
                     max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
                     idle_timeout_s=args.idle_timeout, max_connections=args.max_connections,
                     accept_pickle=args.accept_pickle, window=args.window, decode_delay_s=args.decode_delay)
+        host.accept_pickle_raw, host.raw_stream_name = args.accept_pickle_raw, args.raw_stream_name
         if args.accept_pickle:
             logging.getLogger("latentlink.host").warning(
                 "--accept-pickle: frames of pickled numpy arrays are accepted from any peer; they are parsed "
                 "without an unpickler (numeric numpy arrays only, pickle protocols 2-5); without the flag they are "
                 "refused")
+        if args.accept_pickle_raw:
+            logging.getLogger("latentlink.host").warning(
+                "--accept-pickle-raw: connections of 8-byte lengths and pickles (no latentlink framing) are "
+                "accepted from any peer as stream %s; each pickle is parsed without an unpickler (a float32, float16 "
+                "or uint8 array of the decoder's shape %s, pickle protocols 2-5)",
+                repr(args.raw_stream_name) if args.raw_stream_name else "raw-<ip>-<port>",
+                list(decoder.input_shape))
         bound = host.bind(*listen)
         if args.ready_file:
             with open(args.ready_file + ".tmp", "w") as f:

@@ -31,9 +31,11 @@ from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, 
 from latentlink.edge.preprocess import to_image
 from latentlink.edge.profiler import HOST_STAGES, FrameTimer, summarize
 from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END,
-                                      KIND_FRAME, KIND_HELLO, KIND_NAMES, KIND_REFUSE, MAX_WINDOW,
+                                      KIND_FRAME, KIND_HELLO, KIND_NAMES, KIND_REFUSE, MAGIC, MAX_WINDOW,
                                       PERMANENT_REFUSALS, VERSION, VERSION_2, decode_latents, encode_message,
-                                      read_body, read_header)
+                                      parse_header, read_body, read_header, recv_exactly)
+
+from .raw_pickle import serve_raw_pickles
 
 log = logging.getLogger("latentlink.host")
 REMEMBERED_FRAMES = 4 * MAX_WINDOW  # outcomes a session keeps for deduplication: far more than can be in flight
@@ -161,6 +163,9 @@ class Host(object):
     (simulates a slower decoder, so that frames are in flight when a fault is injected; 0: off).
     """
 
+    accept_pickle_raw = False  # plain clients' length-prefixed pickles (host/raw_pickle.py): --accept-pickle-raw
+    raw_stream_name = None  # their stream's name (default raw-<ip>-<port>): --raw-stream-name
+
     def __init__(self, decoder, budget_ms=33.0, out_dir=None, display=False, max_frames=None, max_streams=None,
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
                  accept_pickle=False, window=8, decode_delay_s=0.0):
@@ -261,7 +266,10 @@ class Host(object):
         names = []  # the stream this connection carries, once known
         try:
             conn.settimeout(self.idle_timeout_s)
-            version, byte, meta_len = read_header(conn)
+            header = recv_exactly(conn, FIXED_HEADER.size, "frame header", at_boundary=True)
+            if bytes(header[:4]) != MAGIC:  # not latentlink: maybe a plain client's pickles (--accept-pickle-raw)
+                return serve_raw_pickles(self, me, names, header)
+            version, byte, meta_len = parse_header(header)
             if version == VERSION:
                 log.info("%s: a protocol-1 edge: no handshake and no acknowledgements (upgrade the edge for "
                          "acknowledged delivery and exact accounting)", where)
@@ -552,7 +560,8 @@ class Host(object):
         now = time.perf_counter()
         record = timer.record()
         record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len,
-                      latency_ms=round(((time.time() - offset_s) - meta.t_capture) * 1000.0, 3))
+                      latency_ms=None if meta.t_capture is None else  # raw pickles carry no capture time
+                      round(((time.time() - offset_s) - meta.t_capture) * 1000.0, 3))
         with self._lock:
             stats.frames += 1
             self.records.append(record)
