@@ -407,8 +407,7 @@ class Sender(object):
         except Exception:  # a bug: count what is left, never leave submit() waiting
             log.exception("the sender failed")
         finally:
-            with self._cond:
-                self._done = True
+            with self._cond:  # one locked block: whoever sees ``stopped`` sees the final counts
                 outcome = "refused" if self.refusal else "lost"
                 if self._unconfirmed or self._in_flight or self._resend or self._waiting or self._spool:
                     left = len(self._unconfirmed) + len(self._in_flight) + len(self._resend) + len(self._waiting) + (
@@ -431,6 +430,7 @@ class Sender(object):
                 self._resend.clear()
                 self._waiting.clear()
                 link, self._link = self._link, None
+                self._done = True
                 self._cond.notify_all()
             if link is not None:
                 link.close()
