@@ -1,8 +1,13 @@
 """The host: accept edges, read frames, decode latents to images, store or show them, time every stage.
 
-One thread per connection, at most ``max_connections`` at once. A connection is independent of the others: a
-malformed or malicious frame, a peer that stalls or trickles, or latents that do not fit the decoder close that one
-connection with a log line that says why; the server and the other streams go on. A frame's metadata is checked
+One thread per connection, at most ``max_connections`` at once and ``max_connections_per_peer`` from one IP
+address; more are refused (REFUSE busy) at once. A connection is independent of the others: a malformed or malicious
+frame, a peer that stalls or trickles, or latents that do not fit the decoder close that one connection with a log
+line that says why; the server and the other streams go on. Every wait has a total deadline, however the peer
+splits its bytes: the first message within ``handshake_timeout_s`` of connecting (protocol 2's whole HELLO), the next
+message's first byte within ``idle_timeout_s`` of the last message, and every message whole within
+``frame_timeout_s`` of its first byte; a peer that does not read what the host sends is cut off after
+``frame_timeout_s`` too. So no peer holds a connection slot for long without delivering frames. A frame's metadata is checked
 (size limits, and the decoder's shape) before its payload is read, and receive buffers grow only with the bytes that
 actually arrive (``latentlink.edge.protocol``).
 
@@ -32,8 +37,8 @@ from latentlink.edge.preprocess import to_image
 from latentlink.edge.profiler import HOST_STAGES, FrameTimer, summarize
 from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END,
                                       KIND_FRAME, KIND_HELLO, KIND_NAMES, KIND_REFUSE, MAX_WINDOW,
-                                      PERMANENT_REFUSALS, VERSION, VERSION_2, decode_latents, encode_message,
-                                      read_body, read_header)
+                                      PERMANENT_REFUSALS, VERSION, VERSION_2, VERSIONS, decode_latents,
+                                      encode_message, read_body, wait_header)
 
 log = logging.getLogger("latentlink.host")
 REMEMBERED_FRAMES = 4 * MAX_WINDOW  # outcomes a session keeps for deduplication: far more than can be in flight
@@ -134,12 +139,14 @@ class Session(object):
 
 
 class _Connection(object):
-    """One protocol-2 connection: its socket, peer and session; ``evicted`` once a reconnect replaced it."""
+    """One connection: its socket, peer and (protocol 2) session; ``evicted`` once a reconnect replaced it;
+    ``greeted`` once its first message began (from then on, silence is idleness, not a missing handshake)."""
 
     def __init__(self, sock, where):
         self.sock, self.where = sock, where
         self.session = None
         self.evicted = False
+        self.greeted = False
 
 
 class Host(object):
@@ -147,9 +154,13 @@ class Host(object):
 
     ``out_dir``: save frames as ``out_dir/<stream>/<seq:06d>.png``. ``display``: show them (OpenCV window).
     ``max_frames``: stop after this many decoded frames; ``max_streams``: stop after this many streams said
-    end-of-stream. ``idle_timeout_s``: close a connection silent this long between frames; ``frame_timeout_s``:
-    a frame, once started, must arrive whole within this time. ``max_frame_bytes``: the largest payload accepted;
-    ``max_connections``: edges served at once (more are refused), which with ``max_frame_bytes`` bounds memory.
+    end-of-stream. Seconds: ``handshake_timeout_s``: a connection's first message must start within this time of
+    connecting, and protocol 2's HELLO arrive whole; ``idle_timeout_s``: close a connection silent this long between
+    messages (a total: one recv waits for the first byte); ``frame_timeout_s``: a message, once its first byte
+    arrived, must arrive whole within this time (and the host's own messages be taken by the peer within it).
+    ``max_frame_bytes``: the largest payload accepted; ``max_connections``: edges served at once, and
+    ``max_connections_per_peer``: from one IP address (more are refused), which with ``max_frame_bytes`` bounds
+    memory.
     ``window``: the most frames a protocol-2 edge may have in flight (it may ask for fewer).
     ``accept_pickle``: accept the seed pipeline's pickled arrays (off by default: a pickle is a program, and the
     parser for it is the largest attack surface the host has; see the README's threat model).
@@ -157,13 +168,15 @@ class Host(object):
 
     def __init__(self, decoder, budget_ms=33.0, out_dir=None, display=False, max_frames=None, max_streams=None,
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
-                 accept_pickle=False, window=8):
+                 accept_pickle=False, window=8, handshake_timeout_s=5.0, max_connections_per_peer=4):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
         self.max_frames, self.max_streams = max_frames, max_streams
         self.max_frame_bytes, self.max_connections = max_frame_bytes, max_connections
+        self.max_connections_per_peer = max_connections_per_peer
         self.idle_timeout_s, self.frame_timeout_s = idle_timeout_s, frame_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
         self.accept_pickle = accept_pickle
         self.window = window
         self._sessions = collections.OrderedDict()  # (stream, session id) -> Session, least recently used first
@@ -171,12 +184,16 @@ class Host(object):
         self.records = []
         self.protocol_errors = 0
         self.write_errors = 0
+        self.refused_connections = 0  # over --max-connections or --max-connections-per-peer
+        self.timeouts = 0  # connections closed for silence: no first message in time, or idle between messages
         self.streams_ended = 0
         self.address = None
         self._lock = threading.Lock()  # guards the counters above, the streams dict and the live names
         self._decode_lock = threading.Lock()  # one decode at a time: ONNX Runtime already uses every core
         self._stop = threading.Event()
         self._conns = set()
+        self._active = 0  # connections being served (slots taken)
+        self._per_peer = {}  # IP address -> connections being served from it (absent: none)
         self._live = {}  # stream name -> peer address, for the connections open now
         self._threads = []
         self._latest = {}  # stream -> last image, for --display
@@ -210,14 +227,11 @@ class Host(object):
                     self._show()
                     continue
                 self._threads = [t for t in self._threads if t.is_alive()]
-                if len(self._threads) >= self.max_connections:
-                    log.warning("%s:%s refused: already serving %d connections (--max-connections)", peer[0],
-                                peer[1], self.max_connections)
-                    _refuse_and_close(conn, "busy", "the host serves {} connections already (--max-connections); "
-                                      "retrying".format(self.max_connections), permanent=False)
+                refusal = self._admit(conn, peer[0])
+                if refusal is not None:
+                    log.warning("%s:%s refused: %s", peer[0], peer[1], refusal)
+                    _refuse_and_close(conn, "busy", refusal + "; retrying", permanent=False)
                     continue
-                with self._lock:  # registered here, so that a stop from now on shuts it down too
-                    self._conns.add(conn)
                 thread = threading.Thread(target=self._serve_connection, args=(conn, peer), daemon=True,
                                           name="latentlink-conn-{}:{}".format(*peer[:2]))
                 self._threads.append(thread)
@@ -229,6 +243,32 @@ class Host(object):
 
     def stop(self):
         self._stop.set()
+
+    def _admit(self, conn, ip):
+        """Take a connection slot for ``conn`` from address ``ip``; returns None, or why not (the limits)."""
+        with self._lock:
+            if self._active >= self.max_connections:
+                why = "the host serves {} connections already (--max-connections)".format(self.max_connections)
+            elif self._per_peer.get(ip, 0) >= self.max_connections_per_peer:
+                why = "the host serves {} connections from {} already (--max-connections-per-peer)".format(
+                    self.max_connections_per_peer, ip)
+            else:
+                self._active += 1
+                self._per_peer[ip] = self._per_peer.get(ip, 0) + 1
+                self._conns.add(conn)  # registered here, so that a stop from now on shuts it down too
+                return None
+            self.refused_connections += 1
+            return why
+
+    def _release(self, conn, ip):
+        """Under the lock: give back the slot :meth:`_admit` took (before the close, so that a peer that sees the
+        close and connects again finds it free)."""
+        self._conns.discard(conn)
+        self._active -= 1
+        if self._per_peer[ip] > 1:
+            self._per_peer[ip] -= 1
+        else:
+            del self._per_peer[ip]  # the dict holds only peers connected now
 
     def _shutdown(self):
         self._stop.set()
@@ -253,21 +293,30 @@ class Host(object):
         me = _Connection(conn, where)
         names = []  # the stream this connection carries, once known
         try:
-            conn.settimeout(self.idle_timeout_s)
-            version, byte, meta_len = read_header(conn)
+            # From the connection's start, not per byte: a protocol-2 edge sends HELLO at once, a protocol-1 edge
+            # connects when it has a frame to send.
+            greet_by = time.monotonic() + self.handshake_timeout_s
+            version, byte, meta_len, deadline = wait_header(conn, VERSIONS, greet_by, self.frame_timeout_s)
+            me.greeted = True
             if version == VERSION:
                 log.info("%s: a protocol-1 edge: no handshake and no acknowledgements (upgrade the edge for "
                          "acknowledged delivery and exact accounting)", where)
-                self._receive_frames_v1(conn, where, names, me, (byte, meta_len))
+                self._receive_frames_v1(conn, where, names, me, (byte, meta_len, deadline))
             else:
-                self._serve_v2(me, names, byte, meta_len)
+                self._serve_v2(me, names, byte, meta_len, min(deadline, greet_by))
         except ConnectionClosed:
             if not self._stop.is_set() and not me.evicted:
                 log.warning("%s: connection closed without end-of-stream%s", where,
                             " (stream {!r})".format(names[0]) if names else "")
         except socket.timeout:
-            log.warning("%s: no frame for %.0f s; closing the connection (--idle-timeout)", where,
-                        self.idle_timeout_s)
+            with self._lock:
+                self.timeouts += 1
+            if me.greeted:
+                log.warning("%s: no message for %.0f s; closing the connection (--idle-timeout)", where,
+                            self.idle_timeout_s)
+            else:
+                log.warning("%s: said nothing within %.0f s of connecting; closing the connection "
+                            "(--handshake-timeout)", where, self.handshake_timeout_s)
         except ProtocolError as exc:
             if self._stop.is_set() or me.evicted:
                 log.info("%s: closed mid-frame as the %s", where, "host stops" if self._stop.is_set() else
@@ -285,7 +334,7 @@ class Host(object):
             # Free the stream name before closing: an edge that sees the close may reconnect at once. Only if it is
             # still ours: a reconnect of the same session may have taken it over already.
             with self._lock:
-                self._conns.discard(conn)
+                self._release(conn, peer[0])
                 if names and self._live.get(names[0]) is me:
                     del self._live[names[0]]
                 if me.session is not None and me.session.connection is me:
@@ -293,17 +342,16 @@ class Host(object):
             conn.close()
 
     def _receive_frames_v1(self, conn, where, names, me, first):
-        """Serve protocol-1 frames until end-of-stream; ``first`` is the (flags, meta_len) of the header already read.
-        Raises on anything that ends the connection early."""
+        """Serve protocol-1 frames until end-of-stream; ``first`` is the (flags, meta_len, deadline) of the header
+        already read. Raises on anything that ends the connection early."""
         while not self._stop.is_set():
             if first is None:
-                conn.settimeout(self.idle_timeout_s)
-                version, flags, meta_len = read_header(conn, versions=(VERSION,))
+                _, flags, meta_len, deadline = wait_header(conn, (VERSION,), time.monotonic() + self.idle_timeout_s,
+                                                           self.frame_timeout_s)
             else:
-                (flags, meta_len), first = first, None
+                (flags, meta_len, deadline), first = first, None
             started = time.perf_counter()
-            meta, payload = read_body(conn, VERSION, flags, meta_len, self.max_frame_bytes,
-                                      time.monotonic() + self.frame_timeout_s,
+            meta, payload = read_body(conn, VERSION, flags, meta_len, self.max_frame_bytes, deadline,
                                       check_meta=lambda m: self._check_meta(m, where, names, me))
             timer = FrameTimer(meta.seq)
             timer.add("receive", (time.perf_counter() - started) * 1000.0)
@@ -362,20 +410,22 @@ class Host(object):
         log.info("%s: stream %r ended", where, stream)
 
     # Protocol 2.
-    def _serve_v2(self, me, names, kind, meta_len):
+    def _serve_v2(self, me, names, kind, meta_len, hello_deadline):
+        """Serve a protocol-2 connection whose first header (``kind``, ``meta_len``) was read; its HELLO must arrive
+        whole by ``hello_deadline`` (``time.monotonic()``)."""
         conn, where = me.sock, me.where
         if kind != KIND_HELLO:
             raise ProtocolError("a protocol-2 connection must open with HELLO, not {}".format(KIND_NAMES[kind]))
         t_recv = time.time()
-        hello, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=time.monotonic() + self.frame_timeout_s)
+        hello, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=hello_deadline)
         refusal = self._check_hello(hello)
         if refusal is None:
             refusal, evicted = self._take_stream(me, hello)
         if refusal is not None:
             reason, message = refusal
             log.warning("%s: refused stream %r: %s", where, hello["stream"], message)
-            conn.sendall(encode_message(KIND_REFUSE, reason=reason, message=message,
-                                        permanent=reason in PERMANENT_REFUSALS))
+            self._send(conn, encode_message(KIND_REFUSE, reason=reason, message=message,
+                                            permanent=reason in PERMANENT_REFUSALS))
             return
         session = me.session
         names.append(hello["stream"])
@@ -388,14 +438,13 @@ class Host(object):
                      hello["delivery"])
         with session.lock:
             acked = [[seq, session.outcomes[seq]] for seq in hello["unacked"] if seq in session.outcomes]
-        conn.sendall(encode_message(KIND_ACCEPT, version=VERSION_2, window=min(self.window, hello["window"]),
-                                    max_frame_bytes=self.max_frame_bytes, acked=acked, t_recv=t_recv,
-                                    t_send=time.time()))
+        self._send(conn, encode_message(KIND_ACCEPT, version=VERSION_2, window=min(self.window, hello["window"]),
+                                        max_frame_bytes=self.max_frame_bytes, acked=acked, t_recv=t_recv,
+                                        t_send=time.time()))
         while not self._stop.is_set():
-            conn.settimeout(self.idle_timeout_s)
-            version, kind, meta_len = read_header(conn, versions=(VERSION_2,))
+            _, kind, meta_len, deadline = wait_header(conn, (VERSION_2,), time.monotonic() + self.idle_timeout_s,
+                                                      self.frame_timeout_s)
             started, t_recv = time.perf_counter(), time.time()
-            deadline = time.monotonic() + self.frame_timeout_s
             if kind == KIND_FRAME:
                 meta, payload = read_body(conn, VERSION_2, kind, meta_len, self.max_frame_bytes, deadline,
                                           check_meta=lambda m: self._check_v2_meta(m, hello, where, names, me))
@@ -405,7 +454,7 @@ class Host(object):
                 fields = dict(seq=meta.seq, outcome=outcome, duplicate=duplicate, t_recv=t_recv, t_done=t_done)
                 if reason:
                     fields["reason"] = reason[:1000]
-                conn.sendall(encode_message(KIND_ACK, t_ack=time.time(), **fields))
+                self._send(conn, encode_message(KIND_ACK, t_ack=time.time(), **fields))
             elif kind == KIND_CLOCK:
                 fields, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=deadline)
                 session.offset_s = fields["offset_s"]
@@ -415,11 +464,21 @@ class Host(object):
                     raise ProtocolError("END names stream {!r} on a connection of stream {!r}".format(
                         fields["stream"], hello["stream"]))
                 self._end_stream(hello["stream"], fields["seq"], where, session)
-                conn.sendall(encode_message(KIND_ACK, seq=fields["seq"], outcome="end", t_recv=t_recv,
-                                            t_ack=time.time()))
+                self._send(conn, encode_message(KIND_ACK, seq=fields["seq"], outcome="end", t_recv=t_recv,
+                                                t_ack=time.time()))
                 return
             else:
                 raise ProtocolError("an edge may not send {} after HELLO".format(KIND_NAMES[kind]))
+
+    def _send(self, conn, data):
+        """Send one message; a peer that takes none of it for ``frame_timeout_s`` (it stopped reading, and its
+        buffers are full) is a ProtocolError: it would otherwise hold this thread and its slot for ever."""
+        conn.settimeout(self.frame_timeout_s)
+        try:
+            conn.sendall(data)
+        except socket.timeout:
+            raise ProtocolError("the edge does not read the host's messages (none taken for {:.0f} s)".format(
+                self.frame_timeout_s))
 
     def _check_hello(self, hello):
         """None if this host can decode what the HELLO describes, else ``(reason, message)``."""
@@ -587,7 +646,8 @@ class Host(object):
                  "conversion to an image only (no --out)"}
         summary = summarize(records, HOST_STAGES, self.budget_ms, per_frame_wall, dropped=gaps, extra={
             "failed": failed, "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
-            "streams": streams, "notes": notes})
+            "refused_connections": self.refused_connections, "timeouts": self.timeouts, "streams": streams,
+            "notes": notes})
         return summary, records
 
 
