@@ -38,12 +38,16 @@ from latentlink.edge.profiler import HOST_STAGES, FrameTimer, summarize
 from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END,
                                       KIND_FRAME, KIND_HELLO, KIND_NAMES, KIND_REFUSE, MAX_WINDOW,
                                       PERMANENT_REFUSALS, VERSION, VERSION_2, VERSIONS, decode_latents,
-                                      encode_message, read_body, wait_header)
+                                      encode_message, latency_ms, read_body, wait_header)
 
 log = logging.getLogger("latentlink.host")
 REMEMBERED_FRAMES = 4 * MAX_WINDOW  # outcomes a session keeps for deduplication: far more than can be in flight
 REMEMBERED_SESSIONS = 1024  # sessions kept after their connection ended (for reconnects), oldest forgotten first
 JOURNAL_DIR = ".latentlink"  # under out_dir: <stream>.delivered, "session seq outcome" lines (kept apart from PNGs)
+# The most sequence numbers one jump (or an end-of-stream) may count as never received: 2**24 frames, 6.5 days at
+# 30 fps. A larger jump is no edge's drops but a restart or a peer's bad numbers: it is logged and counted in
+# seq_jumps instead, so that no absurd "dropped" reaches a report.
+MAX_SEQ_JUMP = 2 ** 24
 
 
 class StreamStats(object):
@@ -59,11 +63,24 @@ class StreamStats(object):
         self.sessions = 0  # protocol 2: edge runs (an edge restart is a new session; a reconnect is not)
         self.ended = False  # the edge said end-of-stream
         self.last_seq = -1  # edges number frames from 0, so frames missing at the start count as gaps
+        self.seq_jumps = 0  # jumps over more than MAX_SEQ_JUMP sequence numbers: not counted as gaps
+        self.untimed = 0  # frames decoded whose capture time gave no plausible latency (protocol.latency_ms)
+
+    def add_gaps(self, n, what):
+        """Count ``n`` sequence numbers never received, unless ``n`` is beyond MAX_SEQ_JUMP (``what`` says where
+        the jump is, for the log line)."""
+        if n > MAX_SEQ_JUMP:
+            self.seq_jumps += 1
+            log.warning("stream %r: %s skips %d sequence numbers, more than the %d an edge could have dropped in "
+                        "6.5 days at 30 fps: counted as a jump, not as frames never received (an edge restart, or "
+                        "a peer's bad numbers)", self.name, what, n, MAX_SEQ_JUMP)
+        elif n > 0:
+            self.gaps += n
 
     def account(self, seq):
         """Note that frame ``seq`` arrived (decoded or not); count the sequence numbers skipped before it."""
         if seq > self.last_seq + 1:
-            self.gaps += seq - self.last_seq - 1
+            self.add_gaps(seq - self.last_seq - 1, "frame {} after frame {}".format(seq, self.last_seq))
         elif seq <= self.last_seq:
             log.info("stream %r restarted its sequence at %d (an edge restarted?)", self.name, seq)
         self.last_seq = seq
@@ -76,7 +93,7 @@ class StreamStats(object):
     def as_dict(self):
         return {"frames": self.frames, "gaps": self.gaps, "failed": self.failed, "duplicates": self.duplicates,
                 "connections": self.connections, "sessions": self.sessions, "ended": self.ended,
-                "last_seq": self.last_seq}
+                "last_seq": self.last_seq, "seq_jumps": self.seq_jumps, "untimed": self.untimed}
 
 
 class Session(object):
@@ -95,6 +112,7 @@ class Session(object):
         self.lock = threading.Lock()
         self.connection = None  # the _Connection carrying it now
         self.first_seq = None  # the first sequence number this host process saw (gaps count from it)
+        self.max_seq = -1  # the highest sequence number handled (an END may not say fewer frames were sent)
         self.received = 0  # distinct frames handled (decoded or failed), this host process or a journaled earlier one
         self.offset_s = 0.0  # the host's clock minus the edge's, as the edge estimated it (CLOCK)
         self.journal = journal
@@ -123,6 +141,7 @@ class Session(object):
         self.received += 1
         if self.first_seq is None or seq < self.first_seq:
             self.first_seq = seq
+        self.max_seq = max(self.max_seq, seq)
         while len(self.outcomes) > REMEMBERED_FRAMES:
             self.outcomes.popitem(last=False)
 
@@ -344,6 +363,7 @@ class Host(object):
     def _receive_frames_v1(self, conn, where, names, me, first):
         """Serve protocol-1 frames until end-of-stream; ``first`` is the (flags, meta_len, deadline) of the header
         already read. Raises on anything that ends the connection early."""
+        highest = -1  # the highest sequence number on this connection: its end-of-stream may not say fewer
         while not self._stop.is_set():
             if first is None:
                 _, flags, meta_len, deadline = wait_header(conn, (VERSION,), time.monotonic() + self.idle_timeout_s,
@@ -356,8 +376,12 @@ class Host(object):
             timer = FrameTimer(meta.seq)
             timer.add("receive", (time.perf_counter() - started) * 1000.0)
             if meta.flags & FLAG_END_OF_STREAM:
+                if meta.seq <= highest:
+                    raise ProtocolError("end-of-stream says {} frames were sent (numbered 0 to {}), but frame {} "
+                                        "arrived on this connection".format(meta.seq, meta.seq - 1, highest))
                 self._end_stream(meta.stream, meta.seq, where)
                 return
+            highest = max(highest, meta.seq)
             stats = self.streams[meta.stream]
             outcome, _ = self._handle_frame(where, meta, payload, timer, 0.0)
             with self._lock:
@@ -398,10 +422,10 @@ class Host(object):
         with self._lock:
             stats = self.streams[stream]
             if session is None:
-                stats.gaps += max(0, seq - stats.last_seq - 1)  # frames dropped at the very end
+                stats.add_gaps(seq - stats.last_seq - 1, "end-of-stream {}".format(seq))  # dropped at the very end
             elif session.first_seq is not None:
                 # Numbers this host process never saw, from the first it saw: an earlier host's frames are not gaps.
-                stats.gaps += max(0, seq - session.first_seq - session.received)
+                stats.add_gaps(seq - session.first_seq - session.received, "END {}".format(seq))
             stats.last_seq = max(stats.last_seq, seq - 1)
             stats.ended = True
             self.streams_ended += 1
@@ -463,6 +487,9 @@ class Host(object):
                 if fields["stream"] != hello["stream"]:
                     raise ProtocolError("END names stream {!r} on a connection of stream {!r}".format(
                         fields["stream"], hello["stream"]))
+                if fields["seq"] <= session.max_seq:
+                    raise ProtocolError("END says {} frames were sent (numbered 0 to {}), but this session's frame "
+                                        "{} arrived".format(fields["seq"], fields["seq"] - 1, session.max_seq))
                 self._end_stream(hello["stream"], fields["seq"], where, session)
                 self._send(conn, encode_message(KIND_ACK, seq=fields["seq"], outcome="end", t_recv=t_recv,
                                                 t_ack=time.time()))
@@ -598,9 +625,18 @@ class Host(object):
                 self._latest[meta.stream] = image
         now = time.perf_counter()
         record = timer.record()
-        record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len,
-                      latency_ms=round(((time.time() - offset_s) - meta.t_capture) * 1000.0, 3))
+        record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
+        latency = latency_ms(time.time() - offset_s, meta.t_capture)  # the host's clock read on the edge's
+        if latency is not None:
+            record["latency_ms"] = latency
         with self._lock:
+            if latency is None:
+                if not stats.untimed:  # one line per stream, not one per frame
+                    log.warning("%s: stream %r: frame %d was captured at %r (UNIX seconds, edge clock), more than "
+                                "a day ago or in the future on this host's clock: decoded, but no latency is "
+                                "recorded for such frames (is the edge's clock set?)", where, meta.stream, meta.seq,
+                                meta.t_capture)
+                stats.untimed += 1
             stats.frames += 1
             self.records.append(record)
             self._first_frame_at = self._first_frame_at or now
