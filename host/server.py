@@ -22,9 +22,7 @@ Protocol 1 edges are served as before, without acknowledgements.
 """
 
 import collections
-import io
 import logging
-import os
 import socket
 import threading
 import time
@@ -39,6 +37,8 @@ from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACC
                                       KIND_FRAME, KIND_HELLO, KIND_NAMES, KIND_REFUSE, MAX_WINDOW,
                                       PERMANENT_REFUSALS, VERSION, VERSION_2, VERSIONS, decode_latents,
                                       encode_message, latency_ms, read_body, wait_header)
+
+from .out_dir import OutDir
 
 log = logging.getLogger("latentlink.host")
 REMEMBERED_FRAMES = 4 * MAX_WINDOW  # outcomes a session keeps for deduplication: far more than can be in flight
@@ -100,13 +100,14 @@ class Session(object):
     """What the host knows of one protocol-2 edge session: the outcome of each frame it handled (the last
     :data:`REMEMBERED_FRAMES`), which connection carries it now, and its clock offset.
 
-    ``journal``: a file (under out_dir) where each outcome is appended, read back when a restarted host meets the
-    session again, so that frames an earlier host process decoded and wrote are not decoded or written twice.
+    ``out``: the host's :class:`OutDir`, where each outcome is appended to ``.latentlink/<stream>.delivered`` (the
+    journal), read back when a restarted host meets the session again, so that frames an earlier host process
+    decoded and wrote are not decoded or written twice.
     ``lock`` serialises the frames of one session across connections (a stale connection finishing a frame while
     its replacement receives the same frame again).
     """
 
-    def __init__(self, stream, session_id, journal=None):
+    def __init__(self, stream, session_id, out=None):
         self.stream, self.id = stream, session_id
         self.outcomes = collections.OrderedDict()  # seq -> "decoded" | "failed"
         self.lock = threading.Lock()
@@ -115,26 +116,28 @@ class Session(object):
         self.max_seq = -1  # the highest sequence number handled (an END may not say fewer frames were sent)
         self.received = 0  # distinct frames handled (decoded or failed), this host process or a journaled earlier one
         self.offset_s = 0.0  # the host's clock minus the edge's, as the edge estimated it (CLOCK)
-        self.journal = journal
-        if journal is not None:
-            if os.path.isfile(journal):
-                self._read_journal()
-            else:
-                try:
-                    os.makedirs(os.path.dirname(journal), exist_ok=True)
-                except OSError as exc:
-                    log.error("cannot create %s (%s)", os.path.dirname(journal), exc)
+        self.out, self.journal = out, stream + ".delivered"
+        if out is not None:
+            self._read_journal()
 
     def _read_journal(self):
-        with io.open(self.journal, encoding="utf-8", errors="replace") as f:
+        where = self.out.where(JOURNAL_DIR, self.journal)
+        try:
+            f = self.out.open_text(JOURNAL_DIR, self.journal)
+        except OSError as exc:
+            log.error("cannot read %s (%s): frames resent after a host restart may be written twice", where, exc)
+            return
+        if f is None:
+            return
+        with f:
             for line in f:
                 words = line.split()
-                if len(words) == 3 and words[0] == self.id and words[1].isdigit() and words[2] in ("decoded",
-                                                                                                    "failed"):
+                if (len(words) == 3 and words[0] == self.id and words[1].isdigit() and len(words[1]) <= 16
+                        and words[2] in ("decoded", "failed")):  # 16 digits: below 2**53, like every seq
                     self._remember(int(words[1]), words[2])
         if self.outcomes:
             log.info("stream %r session %s: %d frames already handled by an earlier host process (from %s)",
-                     self.stream, self.id, len(self.outcomes), self.journal)
+                     self.stream, self.id, len(self.outcomes), where)
 
     def _remember(self, seq, outcome):
         self.outcomes[seq] = outcome
@@ -148,13 +151,12 @@ class Session(object):
     def remember(self, seq, outcome):
         """Frame ``seq`` was handled: ``outcome`` is "decoded" or "failed"."""
         self._remember(seq, outcome)
-        if self.journal is not None:
+        if self.out is not None:
             try:
-                with io.open(self.journal, "a", encoding="utf-8") as f:
-                    f.write(u"{} {} {}\n".format(self.id, seq, outcome))
+                self.out.append(JOURNAL_DIR, self.journal, u"{} {} {}\n".format(self.id, seq, outcome))
             except OSError as exc:
                 log.error("cannot append to %s (%s): frames resent after a host restart may be written twice",
-                          self.journal, exc)
+                          self.out.where(JOURNAL_DIR, self.journal), exc)
 
 
 class _Connection(object):
@@ -191,6 +193,7 @@ class Host(object):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
+        self.out = OutDir(out_dir) if out_dir else None  # symlinks inside it are refused, never followed
         self.max_frames, self.max_streams = max_frames, max_streams
         self.max_frame_bytes, self.max_connections = max_frame_bytes, max_connections
         self.max_connections_per_peer = max_connections_per_peer
@@ -553,8 +556,7 @@ class Host(object):
             key = (stream, session_id)
             session = self._sessions.pop(key, None)
             if session is None:
-                journal = os.path.join(self.out_dir, JOURNAL_DIR, stream + ".delivered") if self.out_dir else None
-                session = Session(stream, session_id, journal)
+                session = Session(stream, session_id, self.out)
             self._sessions[key] = session  # most recently used last
             while len(self._sessions) > REMEMBERED_SESSIONS:
                 self._sessions.popitem(last=False)
@@ -619,10 +621,12 @@ class Host(object):
             log.error("%s: frame %d of %r failed to decode: %s", where, meta.seq, meta.stream, exc)
             return "failed", "decode failed: {}".format(exc)
         with timer.stage("write"):
-            if self.out_dir:
-                self._write(meta, image)
             if self.display:
                 self._latest[meta.stream] = image
+            if self.out is not None:
+                error = self._write(meta, image)
+                if error is not None:
+                    return "failed", error
         now = time.perf_counter()
         record = timer.record()
         record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
@@ -646,19 +650,20 @@ class Host(object):
         return "decoded", ""
 
     def _write(self, meta, image):
-        folder = os.path.join(self.out_dir, meta.stream)  # stream names are safe folder names (edge.protocol)
-        path = os.path.join(folder, "{:06d}.png".format(meta.seq))
+        """Save ``image`` as out/<stream>/<seq:06d>.png (stream names are single path components, edge.protocol);
+        returns None, or why it could not (a write error: the frame then counts as failed)."""
+        name = "{:06d}.png".format(meta.seq)
         try:
-            os.makedirs(folder, exist_ok=True)
-            written = cv2.imwrite(path, image)
+            encoded, png = cv2.imencode(".png", image)
+            if not encoded:
+                raise OSError("cv2.imencode could not make a PNG of a {} image".format(image.shape))
+            self.out.write(meta.stream, name, png.tobytes())
         except (OSError, cv2.error) as exc:
-            written, reason = False, str(exc)
-        else:
-            reason = "cv2.imwrite failed (disk full? permissions?)"
-        if not written:
             with self._lock:
                 self.write_errors += 1
-            log.error("cannot write %s: %s", path, reason)
+            log.error("cannot write %s: %s", self.out.where(meta.stream, name), exc)
+            return "write error: {}".format(exc)
+        return None
 
     def _show(self):
         if not self.display or not self._latest:
