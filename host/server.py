@@ -507,7 +507,7 @@ class Host(object):
         try:
             conn.sendall(data)
         except socket.timeout:
-            raise ProtocolError("the edge does not read the host's messages (none taken for {:.0f} s)".format(
+            raise ProtocolError("the edge does not read the host's messages (none taken for {:g} s)".format(
                 self.frame_timeout_s))
 
     def _check_hello(self, hello):
