@@ -15,7 +15,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from latentlink.edge.errors import ConfigError, ConnectionClosed, ProtocolError
 from latentlink.edge.protocol import (
     DEFAULT_MAX_PAYLOAD_BYTES, DTYPES, FIXED_HEADER, FLAG_END_OF_STREAM, MAGIC, MAX_ELEMENTS, MAX_META_BYTES,
-    KIND_CLOCK, KIND_END, MAX_AHEAD_S, MAX_CLOCK_OFFSET_S, MAX_LATENCY_S, MAX_SEQ, PACKINGS, VERSION, VERSION_2,
+    KIND_CLOCK, KIND_END, MAX_AHEAD_S, MAX_CLOCK_OFFSET_S, MAX_LATENCY_S, MAX_SEQ, PACKINGS, VERSION,
     FrameMeta, decode_latents, encode_end_of_stream, encode_frame, encode_message, latency_ms, pack_latents,
     parse_fields, parse_fixed_header, parse_meta, payload_size, read_frame, recv_exactly, unpack_latents,
     wait_header)
