@@ -228,16 +228,17 @@ class Trickler(object):
 # --- deadlines and connection slots, against a live host ---------------------------------------------------------
 
 def test_trickled_headers_are_cut_off_and_free_their_slots_for_a_legit_edge(tmp_path, tiny_profile):
-    # The finding: a header byte every 8 s restarted the idle timer, so 31 tricklers held every slot for minutes.
-    # Here both slots go to tricklers, a byte every 0.25 s (a whole message would take minutes at that pace): one
-    # trickles its HELLO, one sends a frame of stream "cam" (taking the name) and then trickles the next header.
+    # The finding: a header byte every 8 s restarted the idle timer, so 31 tricklers held every slot for minutes
+    # (the deadline began after the 8-byte header). Here both slots go to tricklers, a byte a second: one trickles
+    # its HELLO, one sends a frame of stream "cam" (taking the name) and then trickles the next header. Both must be
+    # cut off within the header (2 s from its first byte), not after it.
     host, address = start_host(tmp_path, tiny_profile, "--max-connections", "2", "--frame-timeout", "2",
                                "--handshake-timeout", "3", "--idle-timeout", "60", "--max-streams", "1",
                                "--out", str(tmp_path / "frames"))
     tricklers = legit = None
     try:
-        tricklers = [Trickler(address, Edge(address, "slow").hello()),
-                     Trickler(address, encode_frame("cam", 1, time.time(), latent(1), "bits"),
+        tricklers = [Trickler(address, Edge(address, "slow").hello(), every_s=1.0),
+                     Trickler(address, encode_frame("cam", 1, time.time(), latent(1), "bits"), every_s=1.0,
                               burst=encode_frame("cam", 0, time.time(), latent(0), "bits"))]
         # The legit edge connects after both (the listen queue is first come, first served), is refused as busy
         # until a trickler is cut off, and takes the name "cam" once the squatter is gone.
@@ -258,6 +259,7 @@ def test_trickled_headers_are_cut_off_and_free_their_slots_for_a_legit_edge(tmp_
     assert any(reason == "busy" for reason, _ in legit.refusals), legit.refusals  # the slots were all taken
     assert "the host serves 2 connections already (--max-connections)" in out
     assert out.count("not complete in time") == 2, out[-3000:]  # both cut off mid-message, not when idle
+    assert out.count("of 8 bytes of its frame header arrived") == 2, out[-3000:]  # ... and within the header
     assert report["protocol_errors"] == 2 and report["refused_connections"] >= 1
     assert all(t.sent < len(t.data) for t in tricklers)  # neither got its message through
     assert report["streams"]["cam"]["frames"] == 1 + 6 and report["streams"]["cam"]["ended"]
