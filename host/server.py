@@ -662,7 +662,7 @@ class Host(object):
             with self._lock:
                 self.write_errors += 1
             log.error("cannot write %s: %s", self.out.where(meta.stream, name), exc)
-            return "write error: {}".format(exc)
+            return "write error on the host (its log names the file and why)"  # no host paths to the peer
         return None
 
     def _show(self):
