@@ -10,6 +10,7 @@ Runs on Python 3.6 with numpy 1.19 (Jetson Nano) as well as on current Python an
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -189,17 +190,58 @@ def _jsonable(obj):
     raise TypeError("%r (%s) cannot be written to a report" % (obj, type(obj).__name__))
 
 
+# The largest integer magnitude a report may hold: JSON readers that parse numbers as doubles (JavaScript, jq)
+# lose exactness above it, so a larger count is a bug or a peer's lie, never a measurement.
+MAX_JSON_INT = 2 ** 53
+
+
+def check_report_values(value, where="report"):
+    """Raise ValueError unless ``value`` is plain, strict JSON: dicts with string keys, lists, strings, booleans,
+    None, finite floats and integers within +-2**53 (numpy scalars and arrays count as their Python values).
+
+    ``json.dumps`` alone would write NaN and Infinity, which are not JSON (``json.loads`` elsewhere, ``jq`` and
+    browsers refuse the whole file); the message names where in the report the bad value is.
+    """
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError("%s has a key %r that is not a string" % (where, key))
+            check_report_values(item, "%s.%s" % (where, key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_report_values(item, "%s[%d]" % (where, i))
+    elif isinstance(value, bool) or value is None or isinstance(value, str):
+        pass
+    elif isinstance(value, int):
+        if not -MAX_JSON_INT <= value <= MAX_JSON_INT:
+            raise ValueError("%s is %d, beyond the integers JSON readers hold exactly (+-2**53): a bug, or a "
+                             "number from the network that was not checked" % (where, value))
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("%s is %r, which JSON cannot hold (a report may only hold finite numbers)"
+                             % (where, value))
+    else:
+        raise ValueError("%s is %r (%s), which cannot be written to a report" % (where, value, type(value).__name__))
+
+
 def write_report(path, summary, records, meta=None):
-    """Write ``{**summary, kind, version, meta, records}`` as JSON to ``path`` atomically, creating parent dirs."""
+    """Write ``{**summary, kind, version, meta, records}`` as JSON to ``path`` atomically, creating parent dirs.
+
+    Checked with :func:`check_report_values` first: a NaN, an infinity or an integer beyond 2**53 raises
+    ValueError (naming where it is) and nothing is written, rather than a file no strict JSON reader accepts.
+    """
     report = dict(summary)
     report.update(kind=REPORT_KIND, version=REPORT_VERSION, meta=dict(meta or {}), records=list(records))
+    check_report_values(report)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, default=_jsonable)
+            json.dump(report, f, indent=1, default=_jsonable, allow_nan=False)
             f.write("\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)

@@ -21,7 +21,7 @@ the frame is decoded (and written). A host that speaks 2 also serves protocol-1 
 
 Everything here runs on Python 3.6 + numpy 1.19 (the Jetson Nano) as well as on current Python and numpy 2.
 The pure functions (encode/parse/pack/unpack) are separate from those that touch a socket
-(:func:`recv_exactly`, :func:`read_frame`, :func:`read_header`, :func:`read_body`). Bytes from the network only ever
+(:func:`recv_exactly`, :func:`read_frame`, :func:`read_header`, :func:`wait_header`, :func:`read_body`). Bytes from the network only ever
 raise :class:`ProtocolError` or :class:`ConnectionClosed`; the sending side raises :class:`ConfigError` for bad
 arguments.
 """
@@ -58,7 +58,18 @@ MAX_META_BYTES = 4096
 MAX_DIMS = 6
 MAX_DIM = 2 ** 20
 MAX_ELEMENTS = 2 ** 27
-MAX_SEQ = 2 ** 63
+# Sequence numbers are below 2**53: every JSON reader (JavaScript, jq, Python's float) holds such an integer exactly,
+# and reports quote them. At 30 fps 2**53 frames take 9.5 million years, so no edge ever needs more.
+MAX_SEQ = 2 ** 53
+# The latencies that count (capture to decoded, seconds, on one clock): at most a day (a frame a reliable edge spooled
+# through a host outage may be hours old), and at most a second "in the future" (the clock offset's error is
+# milliseconds). Outside the window (an edge without network time, a wrong offset, a lie) the frame is decoded all
+# the same; only its latency is not recorded, so that no absurd figure reaches a report.
+MAX_LATENCY_S = 86400.0
+MAX_AHEAD_S = 1.0
+# The largest clock offset (host clock minus edge clock, seconds) CLOCK may carry: 317 years. A Jetson without a
+# battery or network time starts in 1970, 56 years off; anything beyond this is not a clock.
+MAX_CLOCK_OFFSET_S = 1e10
 DEFAULT_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024
 _RECV_CHUNK = 1 << 20  # bytes per recv: memory follows the bytes that arrive, not the size a peer announces
 _META_KEYS = ("stream", "seq", "t_capture", "dtype", "shape", "packing", "payload_len")
@@ -79,6 +90,16 @@ def _is_int(value):
 def _check_stream(stream, error):
     if not isinstance(stream, str) or not _STREAM_RE.match(stream) or stream.strip(".") == "":
         raise error("bad stream name %r (use 1 to 64 characters from A-Z a-z 0-9 . _ -, not only dots)" % (stream,))
+
+
+def latency_ms(t_done, t_capture):
+    """Milliseconds from ``t_capture`` to ``t_done`` (UNIX seconds, both on the same clock), rounded to the
+    microsecond; None unless it is a plausible latency: finite, at most MAX_LATENCY_S (a day) and at least
+    -MAX_AHEAD_S (a second) - see those constants."""
+    latency_s = t_done - t_capture  # inf when the two are huge and of opposite signs: refused below
+    if not math.isfinite(latency_s) or not -MAX_AHEAD_S <= latency_s <= MAX_LATENCY_S:
+        return None
+    return round(latency_s * 1000.0, 3)
 
 
 def payload_size(packing, shape):
@@ -122,7 +143,7 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
     _check_stream(obj["stream"], error)
     seq = obj["seq"]
     if not _is_int(seq) or not 0 <= seq < MAX_SEQ:
-        raise error("bad seq %r (expected an integer 0 <= seq < 2**63)" % (seq,))
+        raise error("bad seq %r (expected an integer 0 <= seq < 2**53)" % (seq,))
     t_capture = obj["t_capture"]
     if not isinstance(t_capture, numbers.Real) or isinstance(t_capture, bool):
         raise error("bad t_capture %r (expected UNIX seconds as a number)" % (t_capture,))
@@ -439,7 +460,11 @@ def _validate_fields(kind, obj, error):
         fields["t_done"] = _number(obj, "t_done", error) if "t_done" in obj else fields["t_ack"]
         return fields
     if kind == KIND_CLOCK:
-        return {"offset_s": _number(obj, "offset_s", error), "error_s": _number(obj, "error_s", error, 0.0)}
+        offset_s = _number(obj, "offset_s", error)
+        if abs(offset_s) > MAX_CLOCK_OFFSET_S:
+            raise error("CLOCK offset_s %r is out of range (at most %g seconds either way)" % (offset_s,
+                                                                                              MAX_CLOCK_OFFSET_S))
+        return {"offset_s": offset_s, "error_s": _number(obj, "error_s", error, 0.0)}
     if kind == KIND_END:
         _check_stream(obj.get("stream"), error)
         return {"stream": obj["stream"], "seq": _integer(obj, "seq", error, 0, MAX_SEQ - 1)}
@@ -490,20 +515,21 @@ def decode_latents(meta, payload):
 
 
 # --- socket I/O ----------------------------------------------------------------------------------------------
-def recv_exactly(sock, n, what="frame", at_boundary=False, deadline=None):
+def recv_exactly(sock, n, what="frame", at_boundary=False, deadline=None, got=b""):
     """Read exactly ``n`` bytes (bounded by the caller); the buffer grows only as bytes actually arrive.
 
     A close before any byte arrived is :class:`ConnectionClosed` when ``at_boundary`` (between frames), a close
     midway is :class:`ProtocolError`. ``deadline`` (a ``time.monotonic()`` value) bounds the whole read, so a peer
     that trickles bytes cannot hold the connection: missing it is a :class:`ProtocolError`. Without a deadline,
-    socket.timeout propagates unchanged.
+    socket.timeout propagates unchanged. ``got``: the first bytes of the ``n``, already received.
     """
-    buf = bytearray()
+    buf = bytearray(got)
     while len(buf) < n:
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ProtocolError("frame not complete in time: %d of %d bytes of %s arrived" % (len(buf), n, what))
+                raise ProtocolError("message not complete in time: %d of %d bytes of its %s arrived (a message must "
+                                    "arrive whole within the frame timeout of its first byte)" % (len(buf), n, what))
             sock.settimeout(remaining)
         try:
             chunk = sock.recv(min(n - len(buf), _RECV_CHUNK))
@@ -528,23 +554,56 @@ def read_frame(sock, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES, on_header=None
 
     ``on_header`` (no arguments) is called as soon as the 8 fixed-header bytes arrived, so that a receive
     timer started there does not count the idle wait for the frame. ``frame_timeout_s``: once a frame has
-    started, all of it must arrive within this many seconds. ``check_meta(meta)`` may refuse a frame (by raising)
-    after its metadata and before its payload is read: the receiver's own limits, such as its model's shape.
+    started (its first byte arrived), all of it must arrive within this many seconds. ``check_meta(meta)`` may
+    refuse a frame (by raising) after its metadata and before its payload is read: the receiver's own limits, such
+    as its model's shape.
     """
-    header = recv_exactly(sock, FIXED_HEADER.size, "frame header", at_boundary=True)
-    deadline = None if frame_timeout_s is None else time.monotonic() + frame_timeout_s
+    _, flags, meta_len, deadline = wait_header(sock, (VERSION,), frame_timeout_s=frame_timeout_s)
     if on_header is not None:
         on_header()
-    flags, meta_len = parse_fixed_header(header)
     return read_body(sock, VERSION, flags, meta_len, max_payload_bytes, deadline, check_meta)
 
 
 def read_header(sock, versions=VERSIONS):
     """Wait for the next message and check its 8 header bytes; returns ``(version, flags_or_kind, meta_len)``.
 
-    A close before the first byte is :class:`ConnectionClosed`; the socket's own timeout bounds the wait.
+    A close before the first byte is :class:`ConnectionClosed`; the socket's own timeout bounds each wait (for a
+    peer that may trickle bytes, use :func:`wait_header`).
     """
     return parse_header(recv_exactly(sock, FIXED_HEADER.size, "frame header", at_boundary=True), versions)
+
+
+def wait_header(sock, versions=VERSIONS, wait_until=None, frame_timeout_s=None):
+    """Wait for the next message and check its 8 header bytes; returns ``(version, flags_or_kind, meta_len,
+    deadline)``.
+
+    ``wait_until`` (a ``time.monotonic()`` value; None: the socket's own timeout) bounds the wait for the first
+    byte as a total: nothing by then is ``socket.timeout``, and since the wait is one ``recv``, no byte can extend
+    it. ``frame_timeout_s`` (seconds; None: no limit): from that first byte, the whole message must arrive within
+    it, header included, so a peer cannot trickle one byte at a time; ``deadline`` is that instant (or None), for
+    :func:`read_body`. A close before the first byte is :class:`ConnectionClosed`.
+    """
+    header, deadline = wait_header_bytes(sock, wait_until, frame_timeout_s)
+    version, byte, meta_len = parse_header(header, versions)
+    return version, byte, meta_len, deadline
+
+
+def wait_header_bytes(sock, wait_until=None, frame_timeout_s=None):
+    """:func:`wait_header` without the check: ``(the 8 header bytes, deadline)``, for a receiver that also takes
+    connections that are not latentlink (a plain client's length-prefixed pickles)."""
+    if wait_until is not None:
+        remaining = wait_until - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("no message arrived in time")
+        sock.settimeout(remaining)
+    try:
+        first = sock.recv(FIXED_HEADER.size)
+    except ConnectionResetError:
+        first = b""
+    if not first:
+        raise ConnectionClosed("peer closed the connection")
+    deadline = None if frame_timeout_s is None else time.monotonic() + frame_timeout_s
+    return recv_exactly(sock, FIXED_HEADER.size, "frame header", deadline=deadline, got=first), deadline
 
 
 def read_body(sock, version, byte, meta_len, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES, deadline=None,

@@ -28,6 +28,7 @@ reader thread only reads.
 import collections
 import errno
 import logging
+import math
 import os
 import socket
 import struct
@@ -36,8 +37,8 @@ import time
 
 from .errors import ConfigError, ConnectionClosed, HostRefused, LatentlinkError, ProtocolError
 from .protocol import (DELIVERIES, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END, KIND_HELLO, KIND_NAMES, KIND_REFUSE,
-                       MAX_WINDOW, PERMANENT_REFUSALS, VERSION, VERSION_2, encode_end_of_stream, encode_message,
-                       read_body, read_header)
+                       MAX_CLOCK_OFFSET_S, MAX_WINDOW, PERMANENT_REFUSALS, VERSION, VERSION_2,
+                       encode_end_of_stream, encode_message, latency_ms, read_body, read_header)
 
 log = logging.getLogger("latentlink.edge")
 
@@ -73,7 +74,9 @@ class ClockOffset(object):
 
     Each exchange gives t1 (edge sends), t2 (host receives), t3 (host answers), t4 (edge receives); its offset is
     ((t2 - t1) + (t3 - t4)) / 2, wrong by at most half its round trip (t4 - t1) - (t3 - t2). The estimate is the
-    exchange with the smallest round trip so far; ``error_s`` is that bound (None before any exchange).
+    exchange with the smallest round trip so far; ``error_s`` is that bound (None before any exchange). An exchange
+    whose offset is not finite or over :data:`MAX_CLOCK_OFFSET_S` (times from a broken or hostile host) is ignored:
+    it is no clock, and the offset goes into CLOCK messages and the report.
     """
 
     def __init__(self):
@@ -83,9 +86,12 @@ class ClockOffset(object):
     def add(self, t1, t2, t3, t4):
         """Add one exchange; returns True when it improved the estimate."""
         round_trip = max(0.0, (t4 - t1) - (t3 - t2))
+        offset_s = ((t2 - t1) + (t3 - t4)) / 2.0
+        if not (math.isfinite(offset_s) and math.isfinite(round_trip) and abs(offset_s) <= MAX_CLOCK_OFFSET_S):
+            return False
         if self.error_s is not None and round_trip / 2.0 >= self.error_s:
             return False
-        self.offset_s, self.error_s = ((t2 - t1) + (t3 - t4)) / 2.0, round_trip / 2.0
+        self.offset_s, self.error_s = offset_s, round_trip / 2.0
         return True
 
 
@@ -656,7 +662,9 @@ class Sender(object):
         timer.extra["outcome"] = outcome
         if ack is not None and outcome == "decoded" and "t_capture" in timer.extra:
             t_done_here = ack["t_done"] - self.clock.offset_s  # the host's clock read on ours
-            timer.extra["latency_ms"] = round((t_done_here - timer.extra["t_capture"]) * 1000.0, 3)
+            latency = latency_ms(t_done_here, timer.extra["t_capture"])
+            if latency is not None:  # else a host's time that is no clock: the frame has no latency
+                timer.extra["latency_ms"] = latency
         if ack is not None and outcome == "failed" and ack.get("reason"):
             timer.extra["reason"] = ack["reason"]
 

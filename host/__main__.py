@@ -46,8 +46,18 @@ def get_args_parser():
                              "(default: the profile's transport.max_frame_bytes)")
     parser.add_argument("--max-connections", type=positive_int, default=32,
                         help="edges served at once; more are refused (default: %(default)s)")
+    parser.add_argument("--max-connections-per-peer", type=positive_int, default=4,
+                        help="connections served at once from one IP address; more are refused (default: "
+                             "%(default)s; raise it for more edges behind one NAT address)")
     parser.add_argument("--idle-timeout", type=positive_float, default=60.0,
-                        help="close a connection silent this many seconds between frames (default: %(default)s)")
+                        help="close a connection silent this many seconds between frames, in all (default: "
+                             "%(default)s)")
+    parser.add_argument("--handshake-timeout", type=positive_float, default=5.0,
+                        help="a new connection must start its first message within this many seconds, and a "
+                             "protocol-2 edge's HELLO arrive whole (default: %(default)s)")
+    parser.add_argument("--frame-timeout", type=positive_float, default=10.0,
+                        help="a message, once its first byte arrived, must arrive whole within this many seconds "
+                             "(default: %(default)s)")
     parser.add_argument("--window", type=positive_int, default=8,
                         help="the most frames a protocol-2 edge may have sent and not yet acknowledged (an edge may "
                              "ask for fewer; default: %(default)s)")
@@ -103,8 +113,10 @@ def _main(argv):
         host = Host(decoder, budget_ms=profile.budget_ms, out_dir=args.out, display=args.display,
                     max_frames=args.max_frames, max_streams=args.max_streams,
                     max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
-                    idle_timeout_s=args.idle_timeout, max_connections=args.max_connections,
-                    accept_pickle=args.accept_pickle, window=args.window, decode_delay_s=args.decode_delay)
+                    idle_timeout_s=args.idle_timeout, frame_timeout_s=args.frame_timeout,
+                    handshake_timeout_s=args.handshake_timeout, max_connections=args.max_connections,
+                    max_connections_per_peer=args.max_connections_per_peer, accept_pickle=args.accept_pickle,
+                    window=args.window, decode_delay_s=args.decode_delay)
         host.accept_pickle_raw, host.raw_stream_name = args.accept_pickle_raw, args.raw_stream_name
         if args.accept_pickle:
             logging.getLogger("latentlink.host").warning(

@@ -28,7 +28,7 @@ import time
 
 from latentlink.edge.errors import ConfigError, ConnectionClosed, ProtocolError
 from latentlink.edge.profiler import FrameTimer
-from latentlink.edge.protocol import RAW_LENGTH, FrameMeta, _check_stream, recv_exactly
+from latentlink.edge.protocol import RAW_LENGTH, FrameMeta, _check_stream, recv_exactly, wait_header_bytes
 from latentlink.edge.safe_pickle import loads_ndarray
 
 log = logging.getLogger("latentlink.host")
@@ -86,9 +86,8 @@ def serve_raw_pickles(host, me, names, header):
     seq = 0
     while not host._stop.is_set():
         if header is None:
-            conn.settimeout(host.idle_timeout_s)
-            try:
-                header = recv_exactly(conn, RAW_LENGTH.size, "length prefix", at_boundary=True)
+            try:  # the idle wait is a total, and a started prefix must arrive whole in time (no trickling)
+                header, _ = wait_header_bytes(conn, time.monotonic() + host.idle_timeout_s, host.frame_timeout_s)
             except ConnectionClosed:
                 if not host._stop.is_set():
                     host._end_stream(stream, seq, where)  # a plain client ends its stream by closing

@@ -1,8 +1,13 @@
 """The host: accept edges, read frames, decode latents to images, store or show them, time every stage.
 
-One thread per connection, at most ``max_connections`` at once. A connection is independent of the others: a
-malformed or malicious frame, a peer that stalls or trickles, or latents that do not fit the decoder close that one
-connection with a log line that says why; the server and the other streams go on. A frame's metadata is checked
+One thread per connection, at most ``max_connections`` at once and ``max_connections_per_peer`` from one IP
+address; more are refused (REFUSE busy) at once. A connection is independent of the others: a malformed or malicious
+frame, a peer that stalls or trickles, or latents that do not fit the decoder close that one connection with a log
+line that says why; the server and the other streams go on. Every wait has a total deadline, however the peer
+splits its bytes: the first message within ``handshake_timeout_s`` of connecting (protocol 2's whole HELLO), the next
+message's first byte within ``idle_timeout_s`` of the last message, and every message whole within
+``frame_timeout_s`` of its first byte; a peer that does not read what the host sends is cut off after
+``frame_timeout_s`` too. So no peer holds a connection slot for long without delivering frames. A frame's metadata is checked
 (size limits, and the decoder's shape) before its payload is read, and receive buffers grow only with the bytes that
 actually arrive (``latentlink.edge.protocol``).
 
@@ -17,9 +22,7 @@ Protocol 1 edges are served as before, without acknowledgements.
 """
 
 import collections
-import io
 import logging
-import os
 import socket
 import threading
 import time
@@ -32,15 +35,21 @@ from latentlink.edge.preprocess import to_image
 from latentlink.edge.profiler import HOST_STAGES, FrameTimer, summarize
 from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END,
                                       KIND_FRAME, KIND_HELLO, KIND_NAMES, KIND_REFUSE, MAGIC, MAX_WINDOW,
-                                      PERMANENT_REFUSALS, VERSION, VERSION_2, decode_latents, encode_message,
-                                      parse_header, read_body, read_header, recv_exactly)
+                                      PERMANENT_REFUSALS, VERSION, VERSION_2, VERSIONS, decode_latents,
+                                      encode_message, latency_ms, parse_header, read_body, wait_header,
+                                      wait_header_bytes)
 
+from .out_dir import OutDir
 from .raw_pickle import serve_raw_pickles
 
 log = logging.getLogger("latentlink.host")
 REMEMBERED_FRAMES = 4 * MAX_WINDOW  # outcomes a session keeps for deduplication: far more than can be in flight
 REMEMBERED_SESSIONS = 1024  # sessions kept after their connection ended (for reconnects), oldest forgotten first
 JOURNAL_DIR = ".latentlink"  # under out_dir: <stream>.delivered, "session seq outcome" lines (kept apart from PNGs)
+# The most sequence numbers one jump (or an end-of-stream) may count as never received: 2**24 frames, 6.5 days at
+# 30 fps. A larger jump is no edge's drops but a restart or a peer's bad numbers: it is logged and counted in
+# seq_jumps instead, so that no absurd "dropped" reaches a report.
+MAX_SEQ_JUMP = 2 ** 24
 
 
 class StreamStats(object):
@@ -56,11 +65,24 @@ class StreamStats(object):
         self.sessions = 0  # protocol 2: edge runs (an edge restart is a new session; a reconnect is not)
         self.ended = False  # the edge said end-of-stream
         self.last_seq = -1  # edges number frames from 0, so frames missing at the start count as gaps
+        self.seq_jumps = 0  # jumps over more than MAX_SEQ_JUMP sequence numbers: not counted as gaps
+        self.untimed = 0  # frames decoded whose capture time gave no plausible latency (protocol.latency_ms)
+
+    def add_gaps(self, n, what):
+        """Count ``n`` sequence numbers never received, unless ``n`` is beyond MAX_SEQ_JUMP (``what`` says where
+        the jump is, for the log line)."""
+        if n > MAX_SEQ_JUMP:
+            self.seq_jumps += 1
+            log.warning("stream %r: %s skips %d sequence numbers, more than the %d an edge could have dropped in "
+                        "6.5 days at 30 fps: counted as a jump, not as frames never received (an edge restart, or "
+                        "a peer's bad numbers)", self.name, what, n, MAX_SEQ_JUMP)
+        elif n > 0:
+            self.gaps += n
 
     def account(self, seq):
         """Note that frame ``seq`` arrived (decoded or not); count the sequence numbers skipped before it."""
         if seq > self.last_seq + 1:
-            self.gaps += seq - self.last_seq - 1
+            self.add_gaps(seq - self.last_seq - 1, "frame {} after frame {}".format(seq, self.last_seq))
         elif seq <= self.last_seq:
             log.info("stream %r restarted its sequence at %d (an edge restarted?)", self.name, seq)
         self.last_seq = seq
@@ -73,79 +95,85 @@ class StreamStats(object):
     def as_dict(self):
         return {"frames": self.frames, "gaps": self.gaps, "failed": self.failed, "duplicates": self.duplicates,
                 "connections": self.connections, "sessions": self.sessions, "ended": self.ended,
-                "last_seq": self.last_seq}
+                "last_seq": self.last_seq, "seq_jumps": self.seq_jumps, "untimed": self.untimed}
 
 
 class Session(object):
     """What the host knows of one protocol-2 edge session: the outcome of each frame it handled (the last
     :data:`REMEMBERED_FRAMES`), which connection carries it now, and its clock offset.
 
-    ``journal``: a file (under out_dir) where each outcome is appended, read back when a restarted host meets the
-    session again, so that frames an earlier host process decoded and wrote are not decoded or written twice.
+    ``out``: the host's :class:`OutDir`, where each outcome is appended to ``.latentlink/<stream>.delivered`` (the
+    journal), read back when a restarted host meets the session again, so that frames an earlier host process
+    decoded and wrote are not decoded or written twice.
     ``lock`` serialises the frames of one session across connections (a stale connection finishing a frame while
     its replacement receives the same frame again).
     """
 
-    def __init__(self, stream, session_id, journal=None):
+    def __init__(self, stream, session_id, out=None):
         self.stream, self.id = stream, session_id
         self.outcomes = collections.OrderedDict()  # seq -> "decoded" | "failed"
         self.lock = threading.Lock()
         self.connection = None  # the _Connection carrying it now
         self.first_seq = None  # the first sequence number this host process saw (gaps count from it)
+        self.max_seq = -1  # the highest sequence number handled (an END may not say fewer frames were sent)
         self.received = 0  # distinct frames handled (decoded or failed), this host process or a journaled earlier one
         self.offset_s = 0.0  # the host's clock minus the edge's, as the edge estimated it (CLOCK)
-        self.journal = journal
-        if journal is not None:
-            if os.path.isfile(journal):
-                self._read_journal()
-            else:
-                try:
-                    os.makedirs(os.path.dirname(journal), exist_ok=True)
-                except OSError as exc:
-                    log.error("cannot create %s (%s)", os.path.dirname(journal), exc)
+        self.out, self.journal = out, stream + ".delivered"
+        if out is not None:
+            self._read_journal()
             if self.first_seq is None:
                 # No journal line of this session: no earlier host process (with this out_dir) handled any of its
                 # frames, so those numbered before the first this one sees were dropped by the edge: gaps from 0.
                 self.first_seq = 0
 
     def _read_journal(self):
-        with io.open(self.journal, encoding="utf-8", errors="replace") as f:
+        where = self.out.where(JOURNAL_DIR, self.journal)
+        try:
+            f = self.out.open_text(JOURNAL_DIR, self.journal)
+        except OSError as exc:
+            log.error("cannot read %s (%s): frames resent after a host restart may be written twice", where, exc)
+            return
+        if f is None:
+            return
+        with f:
             for line in f:
                 words = line.split()
-                if len(words) == 3 and words[0] == self.id and words[1].isdigit() and words[2] in ("decoded",
-                                                                                                    "failed"):
+                if (len(words) == 3 and words[0] == self.id and words[1].isdigit() and len(words[1]) <= 16
+                        and words[2] in ("decoded", "failed")):  # 16 digits: below 2**53, like every seq
                     self._remember(int(words[1]), words[2])
         if self.outcomes:
             log.info("stream %r session %s: %d frames already handled by an earlier host process (from %s)",
-                     self.stream, self.id, len(self.outcomes), self.journal)
+                     self.stream, self.id, len(self.outcomes), where)
 
     def _remember(self, seq, outcome):
         self.outcomes[seq] = outcome
         self.received += 1
         if self.first_seq is None or seq < self.first_seq:
             self.first_seq = seq
+        self.max_seq = max(self.max_seq, seq)
         while len(self.outcomes) > REMEMBERED_FRAMES:
             self.outcomes.popitem(last=False)
 
     def remember(self, seq, outcome):
         """Frame ``seq`` was handled: ``outcome`` is "decoded" or "failed"."""
         self._remember(seq, outcome)
-        if self.journal is not None:
+        if self.out is not None:
             try:
-                with io.open(self.journal, "a", encoding="utf-8") as f:
-                    f.write(u"{} {} {}\n".format(self.id, seq, outcome))
+                self.out.append(JOURNAL_DIR, self.journal, u"{} {} {}\n".format(self.id, seq, outcome))
             except OSError as exc:
                 log.error("cannot append to %s (%s): frames resent after a host restart may be written twice",
-                          self.journal, exc)
+                          self.out.where(JOURNAL_DIR, self.journal), exc)
 
 
 class _Connection(object):
-    """One protocol-2 connection: its socket, peer and session; ``evicted`` once a reconnect replaced it."""
+    """One connection: its socket, peer and (protocol 2) session; ``evicted`` once a reconnect replaced it;
+    ``greeted`` once its first message began (from then on, silence is idleness, not a missing handshake)."""
 
     def __init__(self, sock, where):
         self.sock, self.where = sock, where
         self.session = None
         self.evicted = False
+        self.greeted = False
 
 
 class Host(object):
@@ -153,9 +181,13 @@ class Host(object):
 
     ``out_dir``: save frames as ``out_dir/<stream>/<seq:06d>.png``. ``display``: show them (OpenCV window).
     ``max_frames``: stop after this many decoded frames; ``max_streams``: stop after this many streams said
-    end-of-stream. ``idle_timeout_s``: close a connection silent this long between frames; ``frame_timeout_s``:
-    a frame, once started, must arrive whole within this time. ``max_frame_bytes``: the largest payload accepted;
-    ``max_connections``: edges served at once (more are refused), which with ``max_frame_bytes`` bounds memory.
+    end-of-stream. Seconds: ``handshake_timeout_s``: a connection's first message must start within this time of
+    connecting, and protocol 2's HELLO arrive whole; ``idle_timeout_s``: close a connection silent this long between
+    messages (a total: one recv waits for the first byte); ``frame_timeout_s``: a message, once its first byte
+    arrived, must arrive whole within this time (and the host's own messages be taken by the peer within it).
+    ``max_frame_bytes``: the largest payload accepted; ``max_connections``: edges served at once, and
+    ``max_connections_per_peer``: from one IP address (more are refused), which with ``max_frame_bytes`` bounds
+    memory.
     ``window``: the most frames a protocol-2 edge may have in flight (it may ask for fewer).
     ``accept_pickle``: accept the seed pipeline's pickled arrays (off by default: a pickle is a program, and the
     parser for it is the largest attack surface the host has; see the README's threat model).
@@ -168,13 +200,17 @@ class Host(object):
 
     def __init__(self, decoder, budget_ms=33.0, out_dir=None, display=False, max_frames=None, max_streams=None,
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
-                 accept_pickle=False, window=8, decode_delay_s=0.0):
+                 accept_pickle=False, window=8, handshake_timeout_s=5.0, max_connections_per_peer=4,
+                 decode_delay_s=0.0):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
+        self.out = OutDir(out_dir) if out_dir else None  # symlinks inside it are refused, never followed
         self.max_frames, self.max_streams = max_frames, max_streams
         self.max_frame_bytes, self.max_connections = max_frame_bytes, max_connections
+        self.max_connections_per_peer = max_connections_per_peer
         self.idle_timeout_s, self.frame_timeout_s = idle_timeout_s, frame_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
         self.accept_pickle = accept_pickle
         self.window = window
         self.decode_delay_s = decode_delay_s  # tests and benchmarks: a slower decoder
@@ -183,12 +219,16 @@ class Host(object):
         self.records = []
         self.protocol_errors = 0
         self.write_errors = 0
+        self.refused_connections = 0  # over --max-connections or --max-connections-per-peer
+        self.timeouts = 0  # connections closed for silence: no first message in time, or idle between messages
         self.streams_ended = 0
         self.address = None
         self._lock = threading.Lock()  # guards the counters above, the streams dict and the live names
         self._decode_lock = threading.Lock()  # one decode at a time: ONNX Runtime already uses every core
         self._stop = threading.Event()
         self._conns = set()
+        self._active = 0  # connections being served (slots taken)
+        self._per_peer = {}  # IP address -> connections being served from it (absent: none)
         self._live = {}  # stream name -> peer address, for the connections open now
         self._threads = []
         self._latest = {}  # stream -> last image, for --display
@@ -222,14 +262,11 @@ class Host(object):
                     self._show()
                     continue
                 self._threads = [t for t in self._threads if t.is_alive()]
-                if len(self._threads) >= self.max_connections:
-                    log.warning("%s:%s refused: already serving %d connections (--max-connections)", peer[0],
-                                peer[1], self.max_connections)
-                    _refuse_and_close(conn, "busy", "the host serves {} connections already (--max-connections); "
-                                      "retrying".format(self.max_connections), permanent=False)
+                refusal = self._admit(conn, peer[0])
+                if refusal is not None:
+                    log.warning("%s:%s refused: %s", peer[0], peer[1], refusal)
+                    _refuse_and_close(conn, "busy", refusal + "; retrying", permanent=False)
                     continue
-                with self._lock:  # registered here, so that a stop from now on shuts it down too
-                    self._conns.add(conn)
                 thread = threading.Thread(target=self._serve_connection, args=(conn, peer), daemon=True,
                                           name="latentlink-conn-{}:{}".format(*peer[:2]))
                 self._threads.append(thread)
@@ -241,6 +278,32 @@ class Host(object):
 
     def stop(self):
         self._stop.set()
+
+    def _admit(self, conn, ip):
+        """Take a connection slot for ``conn`` from address ``ip``; returns None, or why not (the limits)."""
+        with self._lock:
+            if self._active >= self.max_connections:
+                why = "the host serves {} connections already (--max-connections)".format(self.max_connections)
+            elif self._per_peer.get(ip, 0) >= self.max_connections_per_peer:
+                why = "the host serves {} connections from {} already (--max-connections-per-peer)".format(
+                    self.max_connections_per_peer, ip)
+            else:
+                self._active += 1
+                self._per_peer[ip] = self._per_peer.get(ip, 0) + 1
+                self._conns.add(conn)  # registered here, so that a stop from now on shuts it down too
+                return None
+            self.refused_connections += 1
+            return why
+
+    def _release(self, conn, ip):
+        """Under the lock: give back the slot :meth:`_admit` took (before the close, so that a peer that sees the
+        close and connects again finds it free)."""
+        self._conns.discard(conn)
+        self._active -= 1
+        if self._per_peer[ip] > 1:
+            self._per_peer[ip] -= 1
+        else:
+            del self._per_peer[ip]  # the dict holds only peers connected now
 
     def _shutdown(self):
         self._stop.set()
@@ -265,24 +328,33 @@ class Host(object):
         me = _Connection(conn, where)
         names = []  # the stream this connection carries, once known
         try:
-            conn.settimeout(self.idle_timeout_s)
-            header = recv_exactly(conn, FIXED_HEADER.size, "frame header", at_boundary=True)
+            # From the connection's start, not per byte: a protocol-2 edge sends HELLO at once, a protocol-1 edge
+            # connects when it has a frame to send.
+            greet_by = time.monotonic() + self.handshake_timeout_s
+            header, deadline = wait_header_bytes(conn, greet_by, self.frame_timeout_s)
+            me.greeted = True
             if bytes(header[:4]) != MAGIC:  # not latentlink: maybe a plain client's pickles (--accept-pickle-raw)
                 return serve_raw_pickles(self, me, names, header)
-            version, byte, meta_len = parse_header(header)
+            version, byte, meta_len = parse_header(header, VERSIONS)
             if version == VERSION:
                 log.info("%s: a protocol-1 edge: no handshake and no acknowledgements (upgrade the edge for "
                          "acknowledged delivery and exact accounting)", where)
-                self._receive_frames_v1(conn, where, names, me, (byte, meta_len))
+                self._receive_frames_v1(conn, where, names, me, (byte, meta_len, deadline))
             else:
-                self._serve_v2(me, names, byte, meta_len)
+                self._serve_v2(me, names, byte, meta_len, min(deadline, greet_by))
         except ConnectionClosed:
             if not self._stop.is_set() and not me.evicted:
                 log.warning("%s: connection closed without end-of-stream%s", where,
                             " (stream {!r})".format(names[0]) if names else "")
         except socket.timeout:
-            log.warning("%s: no frame for %.0f s; closing the connection (--idle-timeout)", where,
-                        self.idle_timeout_s)
+            with self._lock:
+                self.timeouts += 1
+            if me.greeted:
+                log.warning("%s: no message for %.0f s; closing the connection (--idle-timeout)", where,
+                            self.idle_timeout_s)
+            else:
+                log.warning("%s: said nothing within %.0f s of connecting; closing the connection "
+                            "(--handshake-timeout)", where, self.handshake_timeout_s)
         except ProtocolError as exc:
             if self._stop.is_set() or me.evicted:
                 log.info("%s: closed mid-frame as the %s", where, "host stops" if self._stop.is_set() else
@@ -300,7 +372,7 @@ class Host(object):
             # Free the stream name before closing: an edge that sees the close may reconnect at once. Only if it is
             # still ours: a reconnect of the same session may have taken it over already.
             with self._lock:
-                self._conns.discard(conn)
+                self._release(conn, peer[0])
                 if names and self._live.get(names[0]) is me:
                     del self._live[names[0]]
                 if me.session is not None and me.session.connection is me:
@@ -308,23 +380,27 @@ class Host(object):
             conn.close()
 
     def _receive_frames_v1(self, conn, where, names, me, first):
-        """Serve protocol-1 frames until end-of-stream; ``first`` is the (flags, meta_len) of the header already read.
-        Raises on anything that ends the connection early."""
+        """Serve protocol-1 frames until end-of-stream; ``first`` is the (flags, meta_len, deadline) of the header
+        already read. Raises on anything that ends the connection early."""
+        highest = -1  # the highest sequence number on this connection: its end-of-stream may not say fewer
         while not self._stop.is_set():
             if first is None:
-                conn.settimeout(self.idle_timeout_s)
-                version, flags, meta_len = read_header(conn, versions=(VERSION,))
+                _, flags, meta_len, deadline = wait_header(conn, (VERSION,), time.monotonic() + self.idle_timeout_s,
+                                                           self.frame_timeout_s)
             else:
-                (flags, meta_len), first = first, None
+                (flags, meta_len, deadline), first = first, None
             started = time.perf_counter()
-            meta, payload = read_body(conn, VERSION, flags, meta_len, self.max_frame_bytes,
-                                      time.monotonic() + self.frame_timeout_s,
+            meta, payload = read_body(conn, VERSION, flags, meta_len, self.max_frame_bytes, deadline,
                                       check_meta=lambda m: self._check_meta(m, where, names, me))
             timer = FrameTimer(meta.seq)
             timer.add("receive", (time.perf_counter() - started) * 1000.0)
             if meta.flags & FLAG_END_OF_STREAM:
+                if meta.seq <= highest:
+                    raise ProtocolError("end-of-stream says {} frames were sent (numbered 0 to {}), but frame {} "
+                                        "arrived on this connection".format(meta.seq, meta.seq - 1, highest))
                 self._end_stream(meta.stream, meta.seq, where)
                 return
+            highest = max(highest, meta.seq)
             stats = self.streams[meta.stream]
             outcome, _ = self._handle_frame(where, meta, payload, timer, 0.0)
             with self._lock:
@@ -365,10 +441,10 @@ class Host(object):
         with self._lock:
             stats = self.streams[stream]
             if session is None:
-                stats.gaps += max(0, seq - stats.last_seq - 1)  # frames dropped at the very end
+                stats.add_gaps(seq - stats.last_seq - 1, "end-of-stream {}".format(seq))  # dropped at the very end
             elif session.first_seq is not None:
                 # Numbers this host process never saw, from the first it saw: an earlier host's frames are not gaps.
-                stats.gaps += max(0, seq - session.first_seq - session.received)
+                stats.add_gaps(seq - session.first_seq - session.received, "END {}".format(seq))
             stats.last_seq = max(stats.last_seq, seq - 1)
             stats.ended = True
             self.streams_ended += 1
@@ -377,20 +453,22 @@ class Host(object):
         log.info("%s: stream %r ended", where, stream)
 
     # Protocol 2.
-    def _serve_v2(self, me, names, kind, meta_len):
+    def _serve_v2(self, me, names, kind, meta_len, hello_deadline):
+        """Serve a protocol-2 connection whose first header (``kind``, ``meta_len``) was read; its HELLO must arrive
+        whole by ``hello_deadline`` (``time.monotonic()``)."""
         conn, where = me.sock, me.where
         if kind != KIND_HELLO:
             raise ProtocolError("a protocol-2 connection must open with HELLO, not {}".format(KIND_NAMES[kind]))
         t_recv = time.time()
-        hello, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=time.monotonic() + self.frame_timeout_s)
+        hello, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=hello_deadline)
         refusal = self._check_hello(hello)
         if refusal is None:
             refusal, evicted = self._take_stream(me, hello)
         if refusal is not None:
             reason, message = refusal
             log.warning("%s: refused stream %r: %s", where, hello["stream"], message)
-            conn.sendall(encode_message(KIND_REFUSE, reason=reason, message=message,
-                                        permanent=reason in PERMANENT_REFUSALS))
+            self._send(conn, encode_message(KIND_REFUSE, reason=reason, message=message,
+                                            permanent=reason in PERMANENT_REFUSALS))
             return
         session = me.session
         names.append(hello["stream"])
@@ -403,14 +481,13 @@ class Host(object):
                      hello["delivery"])
         with session.lock:
             acked = [[seq, session.outcomes[seq]] for seq in hello["unacked"] if seq in session.outcomes]
-        conn.sendall(encode_message(KIND_ACCEPT, version=VERSION_2, window=min(self.window, hello["window"]),
-                                    max_frame_bytes=self.max_frame_bytes, acked=acked, t_recv=t_recv,
-                                    t_send=time.time()))
+        self._send(conn, encode_message(KIND_ACCEPT, version=VERSION_2, window=min(self.window, hello["window"]),
+                                        max_frame_bytes=self.max_frame_bytes, acked=acked, t_recv=t_recv,
+                                        t_send=time.time()))
         while not self._stop.is_set():
-            conn.settimeout(self.idle_timeout_s)
-            version, kind, meta_len = read_header(conn, versions=(VERSION_2,))
+            _, kind, meta_len, deadline = wait_header(conn, (VERSION_2,), time.monotonic() + self.idle_timeout_s,
+                                                      self.frame_timeout_s)
             started, t_recv = time.perf_counter(), time.time()
-            deadline = time.monotonic() + self.frame_timeout_s
             if kind == KIND_FRAME:
                 meta, payload = read_body(conn, VERSION_2, kind, meta_len, self.max_frame_bytes, deadline,
                                           check_meta=lambda m: self._check_v2_meta(m, hello, where, names, me))
@@ -420,7 +497,7 @@ class Host(object):
                 fields = dict(seq=meta.seq, outcome=outcome, duplicate=duplicate, t_recv=t_recv, t_done=t_done)
                 if reason:
                     fields["reason"] = reason[:1000]
-                conn.sendall(encode_message(KIND_ACK, t_ack=time.time(), **fields))
+                self._send(conn, encode_message(KIND_ACK, t_ack=time.time(), **fields))
             elif kind == KIND_CLOCK:
                 fields, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=deadline)
                 session.offset_s = fields["offset_s"]
@@ -429,12 +506,25 @@ class Host(object):
                 if fields["stream"] != hello["stream"]:
                     raise ProtocolError("END names stream {!r} on a connection of stream {!r}".format(
                         fields["stream"], hello["stream"]))
+                if fields["seq"] <= session.max_seq:
+                    raise ProtocolError("END says {} frames were sent (numbered 0 to {}), but this session's frame "
+                                        "{} arrived".format(fields["seq"], fields["seq"] - 1, session.max_seq))
                 self._end_stream(hello["stream"], fields["seq"], where, session)
-                conn.sendall(encode_message(KIND_ACK, seq=fields["seq"], outcome="end", t_recv=t_recv,
-                                            t_ack=time.time()))
+                self._send(conn, encode_message(KIND_ACK, seq=fields["seq"], outcome="end", t_recv=t_recv,
+                                                t_ack=time.time()))
                 return
             else:
                 raise ProtocolError("an edge may not send {} after HELLO".format(KIND_NAMES[kind]))
+
+    def _send(self, conn, data):
+        """Send one message; a peer that takes none of it for ``frame_timeout_s`` (it stopped reading, and its
+        buffers are full) is a ProtocolError: it would otherwise hold this thread and its slot for ever."""
+        conn.settimeout(self.frame_timeout_s)
+        try:
+            conn.sendall(data)
+        except socket.timeout:
+            raise ProtocolError("the edge does not read the host's messages (none taken for {:g} s)".format(
+                self.frame_timeout_s))
 
     def _check_hello(self, hello):
         """None if this host can decode what the HELLO describes, else ``(reason, message)``."""
@@ -483,8 +573,7 @@ class Host(object):
             session = self._sessions.pop(key, None)
             new_session = session is None
             if new_session:
-                journal = os.path.join(self.out_dir, JOURNAL_DIR, stream + ".delivered") if self.out_dir else None
-                session = Session(stream, session_id, journal)
+                session = Session(stream, session_id, self.out)
             self._sessions[key] = session  # most recently used last
             while len(self._sessions) > REMEMBERED_SESSIONS:
                 self._sessions.popitem(last=False)
@@ -553,16 +642,26 @@ class Host(object):
             log.error("%s: frame %d of %r failed to decode: %s", where, meta.seq, meta.stream, exc)
             return "failed", "decode failed: {}".format(exc)
         with timer.stage("write"):
-            if self.out_dir:
-                self._write(meta, image)
             if self.display:
                 self._latest[meta.stream] = image
+            if self.out is not None:
+                error = self._write(meta, image)
+                if error is not None:
+                    return "failed", error
         now = time.perf_counter()
         record = timer.record()
-        record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len,
-                      latency_ms=None if meta.t_capture is None else  # raw pickles carry no capture time
-                      round(((time.time() - offset_s) - meta.t_capture) * 1000.0, 3))
+        record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
+        # The host's clock read on the edge's; raw pickles carry no capture time.
+        latency = None if meta.t_capture is None else latency_ms(time.time() - offset_s, meta.t_capture)
+        record["latency_ms"] = latency  # null: no capture time, or one too far from this host's clock
         with self._lock:
+            if latency is None and meta.t_capture is not None:
+                if not stats.untimed:  # one line per stream, not one per frame
+                    log.warning("%s: stream %r: frame %d was captured at %r (UNIX seconds, edge clock), more than "
+                                "a day ago or in the future on this host's clock: decoded, but no latency is "
+                                "recorded for such frames (is the edge's clock set?)", where, meta.stream, meta.seq,
+                                meta.t_capture)
+                stats.untimed += 1
             stats.frames += 1
             self.records.append(record)
             self._first_frame_at = self._first_frame_at or now
@@ -572,19 +671,20 @@ class Host(object):
         return "decoded", ""
 
     def _write(self, meta, image):
-        folder = os.path.join(self.out_dir, meta.stream)  # stream names are safe folder names (edge.protocol)
-        path = os.path.join(folder, "{:06d}.png".format(meta.seq))
+        """Save ``image`` as out/<stream>/<seq:06d>.png (stream names are single path components, edge.protocol);
+        returns None, or why it could not (a write error: the frame then counts as failed)."""
+        name = "{:06d}.png".format(meta.seq)
         try:
-            os.makedirs(folder, exist_ok=True)
-            written = cv2.imwrite(path, image)
+            encoded, png = cv2.imencode(".png", image)
+            if not encoded:
+                raise OSError("cv2.imencode could not make a PNG of a {} image".format(image.shape))
+            self.out.write(meta.stream, name, png.tobytes())
         except (OSError, cv2.error) as exc:
-            written, reason = False, str(exc)
-        else:
-            reason = "cv2.imwrite failed (disk full? permissions?)"
-        if not written:
             with self._lock:
                 self.write_errors += 1
-            log.error("cannot write %s: %s", path, reason)
+            log.error("cannot write %s: %s", self.out.where(meta.stream, name), exc)
+            return "write error on the host (its log names the file and why)"  # no host paths to the peer
+        return None
 
     def _show(self):
         if not self.display or not self._latest:
@@ -608,7 +708,8 @@ class Host(object):
                  "conversion to an image only (no --out)"}
         summary = summarize(records, HOST_STAGES, self.budget_ms, per_frame_wall, dropped=gaps, extra={
             "failed": failed, "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
-            "streams": streams, "notes": notes})
+            "refused_connections": self.refused_connections, "timeouts": self.timeouts, "streams": streams,
+            "notes": notes})
         return summary, records
 
 

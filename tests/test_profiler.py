@@ -179,6 +179,44 @@ def test_write_and_load_report_round_trip(tmp_path):
     assert load_report(path)["meta"] == {} and load_report(path)["records"] == []
 
 
+@pytest.mark.parametrize("where, bad, fragment", [
+    ("records[0].latency_ms", float("nan"), "is nan, which JSON cannot hold"),
+    ("records[0].latency_ms", float("-inf"), "is -inf, which JSON cannot hold"),
+    ("dropped", 2 ** 63 - 1, "is 9223372036854775807, beyond the integers JSON readers hold exactly"),
+    ("streams.cam.gaps", np.int64(-2 ** 60), "is -1152921504606846976, beyond"),
+    ("meta.backend", object(), "cannot be written to a report"),
+])
+def test_a_report_with_a_value_json_cannot_hold_is_refused_and_nothing_is_written(tmp_path, where, bad, fragment):
+    records = [rec(0, decode=1.0)]
+    summary = dict(summarize(records, HOST_STAGES, 33.0, 1.0), streams={"cam": {"gaps": 0}})
+    meta = {"backend": "onnxruntime"}
+    top, _, rest = where.partition(".")
+    if top == "records[0]":
+        records[0][rest] = bad
+    elif top == "streams":
+        summary["streams"]["cam"]["gaps"] = bad
+    elif top == "meta":
+        meta["backend"] = bad
+    else:
+        summary[top] = bad
+    path = tmp_path / "report.json"
+    with pytest.raises(ValueError) as info:
+        write_report(str(path), summary, records, meta)
+    assert str(info.value).startswith("report.%s is " % where) and fragment in str(info.value)
+    assert os.listdir(str(tmp_path)) == []  # not even a temporary file
+
+
+def test_every_report_written_is_strict_json(tmp_path):
+    def refuse(name):
+        raise ValueError(name)
+
+    records = [dict(rec(0, decode=1.0), latency_ms=12.5), rec(1, decode=np.float32(2.0))]
+    summary = summarize(records, HOST_STAGES, 33.0, 1.0, dropped=np.int64(3), extra={"failed": 2 ** 53})
+    write_report(str(tmp_path / "r.json"), summary, records, {"role": "host"})
+    report = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert report["dropped"] == 3 and report["failed"] == 2 ** 53 and report["latency"]["frames"] == 1
+
+
 def test_load_report_errors(tmp_path):
     missing = tmp_path / "nope.json"
     with pytest.raises(ConfigError) as e:

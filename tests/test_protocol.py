@@ -5,6 +5,7 @@ import pickle
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from latentlink.edge.errors import ConfigError, ConnectionClosed, ProtocolError
 from latentlink.edge.protocol import (
     DEFAULT_MAX_PAYLOAD_BYTES, DTYPES, FIXED_HEADER, FLAG_END_OF_STREAM, MAGIC, MAX_ELEMENTS, MAX_META_BYTES,
-    PACKINGS, VERSION, FrameMeta, decode_latents, encode_end_of_stream, encode_frame, pack_latents,
-    parse_fixed_header, parse_meta, payload_size, read_frame, recv_exactly, unpack_latents)
+    KIND_CLOCK, KIND_END, MAX_AHEAD_S, MAX_CLOCK_OFFSET_S, MAX_LATENCY_S, MAX_SEQ, PACKINGS, VERSION,
+    FrameMeta, decode_latents, encode_end_of_stream, encode_frame, encode_message, latency_ms, pack_latents,
+    parse_fields, parse_fixed_header, parse_meta, payload_size, read_frame, recv_exactly, unpack_latents,
+    wait_header)
 from latentlink.edge.safe_pickle import loads_ndarray
 
 # No example database: keeps the working tree clean; no deadline: the Jetson-era interpreter is slow.
@@ -140,7 +143,7 @@ def elements_for(packing, dtype):
 def test_round_trip(packing, dtype):
     @settings(max_examples=12, **FAST)
     @given(a=arrays(dtype, array_shapes(min_dims=1, max_dims=4, max_side=6), elements=elements_for(packing, dtype)),
-           seq=st.integers(0, 2 ** 63 - 1), t_capture=st.floats(allow_nan=False, allow_infinity=False))
+           seq=st.integers(0, 2 ** 53 - 1), t_capture=st.floats(allow_nan=False, allow_infinity=False))
     def run(a, seq, t_capture):
         # pure functions
         payload = pack_latents(a, packing)
@@ -201,7 +204,7 @@ def test_sender_refuses_bad_arguments():
         assert repr(stream) in str(info.value)
     with pytest.raises(ConfigError):
         encode_end_of_stream("a/b", 0)
-    for seq, t in [(True, 0.0), (-1, 0.0), (2 ** 63, 0.0), (1.0, 0.0), (0, float("nan")), (0, "now"), (0, True)]:
+    for seq, t in [(True, 0.0), (-1, 0.0), (2 ** 63, 0.0), (2 ** 53, 0.0), (1.0, 0.0), (0, float("nan")), (0, "now"), (0, True)]:
         with pytest.raises(ConfigError):
             encode_frame("cam0", seq, t, a, "bits")
     for bad in [np.zeros((2, 2), bool), np.zeros(3, np.uint32), np.float32(1.0), np.zeros((0, 3), np.float32),
@@ -235,6 +238,8 @@ MALFORMED = [
     ("seq bool", raw_frame(good_meta(seq=True), payload=bytes(24))),
     ("seq negative", raw_frame(good_meta(seq=-1), payload=bytes(24))),
     ("seq 2**63", raw_frame(good_meta(seq=2 ** 63), payload=bytes(24))),
+    ("seq 2**63 - 1", raw_frame(good_meta(seq=2 ** 63 - 1), payload=bytes(24))),
+    ("seq 2**53", raw_frame(good_meta(seq=2 ** 53), payload=bytes(24))),
     ("seq float", raw_frame(good_meta(seq=3.0), payload=bytes(24))),
     ("seq string", raw_frame(good_meta(seq="3"), payload=bytes(24))),
     ("stream empty", raw_frame(good_meta(stream=""), payload=bytes(24))),
@@ -424,6 +429,108 @@ def test_on_header_and_timeouts():
         reader.close()
     meta, _ = read_from_bytes(frame, on_header=lambda: calls.append(2))
     assert calls == [1, 2] and meta.shape == (4,)
+
+
+# --- limits: deadlines and numbers ----------------------------------------------------------------------------
+
+def trickle(sock, data, every_s):
+    """Send ``data`` one byte every ``every_s`` seconds from a thread (stops quietly once the reader closes)."""
+    def run():
+        for i in range(len(data)):
+            try:
+                sock.sendall(data[i:i + 1])
+            except OSError:
+                return
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_wait_header_bounds_the_wait_for_the_first_byte_as_a_total():
+    writer, reader = socket.socketpair()
+    try:
+        with pytest.raises(socket.timeout):  # the deadline has passed: no recv at all
+            wait_header(reader, wait_until=time.monotonic() - 1)
+        started = time.monotonic()
+        with pytest.raises(socket.timeout):
+            wait_header(reader, wait_until=started + 0.2, frame_timeout_s=5)
+        assert time.monotonic() - started < 5  # the wait, not the frame timeout
+        frame = encode_frame("cam0", 0, 0.0, np.zeros(4, np.float32), "float32")
+        writer.sendall(frame)
+        version, flags, meta_len, deadline = wait_header(reader, wait_until=time.monotonic() + 5, frame_timeout_s=3)
+        assert (version, flags) == (VERSION, 0) and deadline - time.monotonic() <= 3
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_header_trickled_a_byte_at_a_time_is_cut_off_at_the_deadline():
+    # One byte every 0.1 s: each recv is quick, the whole 8-byte header takes 0.8 s, the deadline is 0.3 s after the
+    # first byte.
+    writer, reader = socket.socketpair()
+    try:
+        trickle(writer, encode_frame("cam0", 0, 0.0, np.zeros(4, np.float32), "float32"), 0.1)
+        with pytest.raises(ProtocolError) as info:
+            wait_header(reader, wait_until=time.monotonic() + 5, frame_timeout_s=0.3)
+        assert "of its frame header arrived" in str(info.value) and "within the frame timeout" in str(info.value)
+    finally:
+        reader.close()
+        writer.close()
+    writer, reader = socket.socketpair()
+    try:  # read_frame: the same deadline covers header, metadata and payload
+        trickle(writer, encode_frame("cam0", 0, 0.0, np.zeros(4, np.float32), "float32"), 0.02)
+        with pytest.raises(ProtocolError, match="not complete in time"):
+            read_frame(reader, frame_timeout_s=0.3)
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_wait_header_sees_a_close_before_the_first_byte_as_a_close():
+    writer, reader = socket.socketpair()
+    writer.close()
+    try:
+        with pytest.raises(ConnectionClosed):
+            wait_header(reader, wait_until=time.monotonic() + 5, frame_timeout_s=1)
+        with pytest.raises(ProtocolError, match="after 3 of 8 bytes"):  # a close midway is a truncated message
+            wait_header(TrickleSocket(MAGIC[:3], 8), frame_timeout_s=1)
+    finally:
+        reader.close()
+
+
+def test_sequence_numbers_stay_exact_in_json():
+    assert MAX_SEQ == 2 ** 53  # every JSON reader holds integers below it exactly
+    assert float(MAX_SEQ - 1) == MAX_SEQ - 1 and float(MAX_SEQ + 1) != MAX_SEQ + 1
+    assert parse_meta(json.dumps(good_meta(seq=MAX_SEQ - 1)).encode(), 0).seq == MAX_SEQ - 1
+    with pytest.raises(ProtocolError, match=r"bad seq 9007199254740992 \(expected an integer 0 <= seq < 2\*\*53\)"):
+        parse_meta(json.dumps(good_meta(seq=MAX_SEQ)).encode(), 0)
+    for kind, fields in [(KIND_END, {"stream": "cam0", "seq": MAX_SEQ}),
+                         (KIND_END, {"stream": "cam0", "seq": 2 ** 63 - 1})]:
+        with pytest.raises(ProtocolError, match="seq .* is not an integer from 0 to 9007199254740991"):
+            parse_fields(kind, json.dumps(fields).encode())
+    assert parse_fields(KIND_END, json.dumps({"stream": "cam0", "seq": MAX_SEQ - 1}).encode())["seq"] == MAX_SEQ - 1
+
+
+def test_latency_is_recorded_only_when_plausible():
+    now = 1700000000.0
+    assert latency_ms(now, now - 0.0125) == 12.5
+    assert latency_ms(now, now - MAX_LATENCY_S) == MAX_LATENCY_S * 1000  # a frame spooled through a day's outage
+    assert latency_ms(now, now + MAX_AHEAD_S / 2) == -MAX_AHEAD_S / 2 * 1000  # within the clock offset's error
+    for t_capture in [now - MAX_LATENCY_S - 1, now + MAX_AHEAD_S + 1, 0.0, 1e308, -1e308, -now]:
+        assert latency_ms(now, t_capture) is None, t_capture
+    assert latency_ms(-1e308, 1e308) is None  # the difference overflows to -inf
+
+
+def test_a_clock_offset_beyond_any_clock_is_refused():
+    ok = encode_message(KIND_CLOCK, offset_s=-1.77e9, error_s=0.001)  # a Jetson booted in 1970, 56 years behind
+    assert parse_fields(KIND_CLOCK, ok[FIXED_HEADER.size:])["offset_s"] == -1.77e9
+    for offset in [MAX_CLOCK_OFFSET_S * 2, -1e308]:
+        with pytest.raises(ConfigError):
+            encode_message(KIND_CLOCK, offset_s=offset, error_s=0.0)
+        with pytest.raises(ProtocolError, match="CLOCK offset_s .* is out of range"):
+            parse_fields(KIND_CLOCK, json.dumps({"offset_s": offset, "error_s": 0.0}).encode())
 
 
 # --- fuzzing -------------------------------------------------------------------------------------------------
