@@ -1,6 +1,7 @@
 """``latentlink host`` / ``python -m latentlink.host``: receive latents from edges, decode them, store or show the images."""
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ from latentlink.edge.cli import (add_backend_options, add_run_options, backend_o
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.profile import load_profile
 from latentlink.edge.profiler import format_table, write_report
+from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
 from .server import Host, check_display
@@ -20,8 +22,14 @@ EXAMPLES = """examples:
   latentlink host --profile nano-1008 --display
   latentlink host --listen 127.0.0.1:0 --ready-file port.txt --max-frames 100
   latentlink host --decoder runs/lossy-cae.pt --device cuda --precision fp16   (decode on a GPU)
+  latentlink host --listen 0.0.0.0:5760 --tls keys/ --out frames/      (keys/: latentlink keys init keys/)
+  latentlink host --listen 0.0.0.0:5760 --token-file token.txt          (token.txt: latentlink keys token)
 
-decoded frames are saved as OUT/<stream>/<seq:06d>.png (seq: the edge's sequence number, from 0)"""
+decoded frames are saved as OUT/<stream>/<seq:06d>.png (seq: the edge's sequence number, from 0)
+
+credentials: without --tls or --token-file anyone who can reach the host can stream into it (fine on loopback; the
+host warns when it listens elsewhere). --tls: edges need a certificate from the same CA, and stream only under the
+name it carries. --token-file: edges must prove they have the token (not encrypted: prefer --tls across networks)."""
 
 
 def get_args_parser():
@@ -53,6 +61,13 @@ def get_args_parser():
     parser.add_argument("--accept-pickle", action="store_true",
                         help="accept frames of pickled arrays (edge --serializer pickle, the seed pipeline's format); "
                              "off by default: pickle is the riskiest thing a host can parse")
+    parser.add_argument("--tls", metavar="DIR",
+                        help="TLS with the credentials of `latentlink keys init DIR`: DIR/host.pem and host.key, and "
+                             "edges need a certificate signed by DIR/ca.pem, whose name is the only stream name "
+                             "they may use")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="edges must prove they have the token in FILE (HMAC challenge; the token never crosses "
+                             "the wire): for small setups without certificates; traffic is not encrypted")
     parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
     add_backend_options(parser)
     add_run_options(parser)
@@ -73,18 +88,20 @@ def _main(argv):
     profile = load_profile(args.profile)
     decoder_path = profile.model.decoder if args.decoder == "default" else args.decoder
     listen = parse_address(args.listen)
+    credentials = Credentials.for_host(args.tls, args.token_file)  # missing files fail before the model loads
     with open_backend(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
         host = Host(decoder, budget_ms=profile.budget_ms, out_dir=args.out, display=args.display,
                     max_frames=args.max_frames, max_streams=args.max_streams,
                     max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
                     idle_timeout_s=args.idle_timeout, max_connections=args.max_connections,
-                    accept_pickle=args.accept_pickle, window=args.window)
+                    accept_pickle=args.accept_pickle, window=args.window, credentials=credentials)
         if args.accept_pickle:
             logging.getLogger("latentlink.host").warning(
                 "--accept-pickle: frames of pickled numpy arrays are accepted from any peer; they are parsed "
                 "without an unpickler (numeric numpy arrays only, pickle protocols 2-5); without the flag they are "
                 "refused")
         bound = host.bind(*listen)
+        log_credentials(args, bound, credentials)
         if args.ready_file:
             with open(args.ready_file + ".tmp", "w") as f:
                 f.write("{}:{}\n".format(*bound))
@@ -105,6 +122,27 @@ def _main(argv):
         if args.report:
             print("report: {}".format(args.report))
     return 0
+
+
+def log_credentials(args, bound, credentials):
+    """Say who may stream into this host; warn when anyone on the network may."""
+    log = logging.getLogger("latentlink.host")
+    if credentials.tls is not None:
+        log.info("TLS: edges need a certificate signed by %s, and stream only under the name it carries",
+                 credentials.ca)
+    if credentials.token is not None:
+        log.info("token: edges must prove they have the token in %s", args.token_file)
+    if not credentials and not _is_loopback(bound[0]):
+        log.warning("listening on %s:%d without --tls or --token-file: anyone who can reach %s:%d can stream into "
+                    "this host%s; use --tls DIR (latentlink keys init) or --token-file", bound[0], bound[1],
+                    bound[0], bound[1], " and write files under --out" if args.out else "")
+
+
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 if __name__ == "__main__":

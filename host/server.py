@@ -14,6 +14,11 @@ remembers what each session's frames became (:class:`Session`; with ``out_dir``,
 PNGs), so a frame resent after a reconnect, even to a restarted host, is never decoded or written twice. A
 reconnect of the same session takes over its stream name at once, dropping the stale connection and its backlog.
 Protocol 1 edges are served as before, without acknowledgements.
+
+With credentials (``latentlink.edge.security``) the host serves only edges that have them: under TLS each accepted
+connection does its TLS handshake in its own thread, within a deadline, and an edge may stream only under the name
+its certificate carries; with a token the HELLO is answered with a CHALLENGE, and only an edge whose AUTH proves it
+has the token is accepted. Refusals say why, to the edge (REFUSE ``unauthorized``) and in the log.
 """
 
 import collections
@@ -27,18 +32,26 @@ import time
 import cv2
 
 from latentlink.edge.entropy import check_available
-from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, ProtocolError
+from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, LatentlinkError, ProtocolError
 from latentlink.edge.preprocess import to_image
 from latentlink.edge.profiler import HOST_STAGES, FrameTimer, summarize
-from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END,
-                                      KIND_FRAME, KIND_HELLO, KIND_NAMES, KIND_REFUSE, MAX_WINDOW,
-                                      PERMANENT_REFUSALS, VERSION, VERSION_2, decode_latents, encode_message,
-                                      read_body, read_header)
+from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_AUTH,
+                                      KIND_CHALLENGE, KIND_CLOCK, KIND_END, KIND_FRAME, KIND_HELLO, KIND_NAMES,
+                                      KIND_REFUSE, MAGIC, MAX_WINDOW, PERMANENT_REFUSALS, VERSION, VERSION_2,
+                                      check_stream_name, decode_latents, encode_message, read_body, read_header)
+from latentlink.edge.security import (HANDSHAKE_TIMEOUT_S, Credentials, edge_proof, explain_server_tls_error,
+                                      handshake, host_proof, linger_close, new_nonce, peer_name, proof_matches)
 
 log = logging.getLogger("latentlink.host")
 REMEMBERED_FRAMES = 4 * MAX_WINDOW  # outcomes a session keeps for deduplication: far more than can be in flight
 REMEMBERED_SESSIONS = 1024  # sessions kept after their connection ended (for reconnects), oldest forgotten first
 JOURNAL_DIR = ".latentlink"  # under out_dir: <stream>.delivered, "session seq outcome" lines (kept apart from PNGs)
+BUSY_REFUSERS = 8  # under TLS, connections over --max-connections answered "busy" at once (each needs a handshake)
+TLS_RECORD = b"\x16"  # the first byte of a TLS ClientHello (a handshake record)
+
+
+class Unauthorized(LatentlinkError):
+    """An edge without the credentials this host requires: its connection is closed, with a log line saying why."""
 
 
 class StreamStats(object):
@@ -134,11 +147,13 @@ class Session(object):
 
 
 class _Connection(object):
-    """One protocol-2 connection: its socket, peer and session; ``evicted`` once a reconnect replaced it."""
+    """One connection: its socket (the TLS one, once the handshake is done), peer and (protocol 2) session;
+    ``identity`` the name in its TLS certificate; ``evicted`` once a reconnect replaced it."""
 
     def __init__(self, sock, where):
         self.sock, self.where = sock, where
         self.session = None
+        self.identity = None
         self.evicted = False
 
 
@@ -153,11 +168,14 @@ class Host(object):
     ``window``: the most frames a protocol-2 edge may have in flight (it may ask for fewer).
     ``accept_pickle``: accept the seed pipeline's pickled arrays (off by default: a pickle is a program, and the
     parser for it is the largest attack surface the host has; see the README's threat model).
+    ``credentials``: a :class:`~latentlink.edge.security.Credentials` with a TLS context, a token, or both, that
+    edges must match (None: any edge is served, as before). ``handshake_timeout_s``: a TLS handshake must be done
+    within this many seconds of the connection.
     """
 
     def __init__(self, decoder, budget_ms=33.0, out_dir=None, display=False, max_frames=None, max_streams=None,
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
-                 accept_pickle=False, window=8):
+                 accept_pickle=False, window=8, credentials=None, handshake_timeout_s=HANDSHAKE_TIMEOUT_S):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
@@ -166,6 +184,8 @@ class Host(object):
         self.idle_timeout_s, self.frame_timeout_s = idle_timeout_s, frame_timeout_s
         self.accept_pickle = accept_pickle
         self.window = window
+        self.credentials = credentials or Credentials()
+        self.handshake_timeout_s = handshake_timeout_s
         self._sessions = collections.OrderedDict()  # (stream, session id) -> Session, least recently used first
         self.streams = {}
         self.records = []
@@ -179,6 +199,7 @@ class Host(object):
         self._conns = set()
         self._live = {}  # stream name -> peer address, for the connections open now
         self._threads = []
+        self._refusers = []  # TLS: threads answering "busy" (handshake, then REFUSE)
         self._latest = {}  # stream -> last image, for --display
         self._first_frame_at = self._last_frame_at = None
 
@@ -213,8 +234,7 @@ class Host(object):
                 if len(self._threads) >= self.max_connections:
                     log.warning("%s:%s refused: already serving %d connections (--max-connections)", peer[0],
                                 peer[1], self.max_connections)
-                    _refuse_and_close(conn, "busy", "the host serves {} connections already (--max-connections); "
-                                      "retrying".format(self.max_connections), permanent=False)
+                    self._refuse_busy(conn)
                     continue
                 with self._lock:  # registered here, so that a stop from now on shuts it down too
                     self._conns.add(conn)
@@ -230,16 +250,38 @@ class Host(object):
     def stop(self):
         self._stop.set()
 
+    def _refuse_busy(self, conn):
+        """Answer "busy" (retried by the edge). Under TLS the answer needs a handshake first, so it is given from a
+        thread (at most :data:`BUSY_REFUSERS` at once; beyond that the connection is just closed)."""
+        message = "the host serves {} connections already (--max-connections); retrying".format(self.max_connections)
+        if self.credentials.tls is None:
+            _refuse_and_close(conn, "busy", message, permanent=False)
+            return
+        self._refusers = [t for t in self._refusers if t.is_alive()]
+        if len(self._refusers) >= BUSY_REFUSERS:
+            conn.close()
+            return
+
+        def refuse():
+            tls = self.credentials.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            try:
+                handshake(tls, self.handshake_timeout_s)
+            except (OSError, ValueError):
+                tls.close()
+                return
+            _refuse_and_close(tls, "busy", message, permanent=False, linger=True)
+
+        thread = threading.Thread(target=refuse, daemon=True, name="latentlink-busy")
+        self._refusers.append(thread)
+        thread.start()
+
     def _shutdown(self):
         self._stop.set()
         self._server.close()
         with self._lock:
             conns = list(self._conns)
         for conn in conns:  # wakes the connection threads blocked in recv
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(conn)
         for thread in self._threads:
             thread.join(timeout=5)
         with self._decode_lock:  # a decode still running ends before the caller closes the decoder
@@ -253,14 +295,37 @@ class Host(object):
         me = _Connection(conn, where)
         names = []  # the stream this connection carries, once known
         try:
-            conn.settimeout(self.idle_timeout_s)
-            version, byte, meta_len = read_header(conn)
+            if self.credentials.tls is not None:
+                if not self._start_tls(me):
+                    return
+            else:
+                conn.settimeout(self.idle_timeout_s)
+                if conn.recv(1, socket.MSG_PEEK) == TLS_RECORD:
+                    log.warning("%s: a TLS handshake (an edge started with --tls?), and this host runs without "
+                                "--tls: closing. Start the host with --tls DIR, or the edge without", where)
+                    return
+            conn = me.sock
+            try:
+                version, byte, meta_len = read_header(conn)
+            except ConnectionClosed:
+                if me.identity is None:
+                    raise
+                # An edge on Python 3.6 checks the host's name only after the handshake, then hangs up: say so.
+                log.warning("%s: the edge with the certificate for %r closed the connection right after the TLS "
+                            "handshake: did it reject this host's certificate? (it must name the address the edge "
+                            "connects to: `latentlink keys host DIR --host-name ADDRESS`)", where, me.identity)
+                return
             if version == VERSION:
+                if self.credentials.token is not None:
+                    raise Unauthorized("a protocol-1 edge cannot prove it has the token this host requires "
+                                       "(--token-file): start the edge with --token-file FILE (protocol 2)")
                 log.info("%s: a protocol-1 edge: no handshake and no acknowledgements (upgrade the edge for "
                          "acknowledged delivery and exact accounting)", where)
                 self._receive_frames_v1(conn, where, names, me, (byte, meta_len))
             else:
                 self._serve_v2(me, names, byte, meta_len)
+        except Unauthorized as exc:
+            log.warning("%s: refused: %s; closing", where, exc)
         except ConnectionClosed:
             if not self._stop.is_set() and not me.evicted:
                 log.warning("%s: connection closed without end-of-stream%s", where,
@@ -285,12 +350,69 @@ class Host(object):
             # Free the stream name before closing: an edge that sees the close may reconnect at once. Only if it is
             # still ours: a reconnect of the same session may have taken it over already.
             with self._lock:
-                self._conns.discard(conn)
+                self._conns.discard(me.sock)
                 if names and self._live.get(names[0]) is me:
                     del self._live[names[0]]
                 if me.session is not None and me.session.connection is me:
                     me.session.connection = None
-            conn.close()
+            me.sock.close()
+
+    def _start_tls(self, me):
+        """The TLS handshake of ``me`` (within ``handshake_timeout_s`` in all); True once ``me.sock`` is the TLS
+        socket and ``me.identity`` its certificate's name, False when the connection was refused (and closed)."""
+        conn, where = me.sock, me.where
+        deadline = time.monotonic() + self.handshake_timeout_s
+        conn.settimeout(self.handshake_timeout_s)
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+        except socket.timeout:
+            log.warning("%s: no TLS handshake within %.0f s; closing", where, self.handshake_timeout_s)
+            return False
+        if not first:
+            log.info("%s: closed before sending anything", where)
+            return False
+        if first == MAGIC[:1]:  # latentlink in plain text: tell a protocol-2 edge what it lacks
+            self._refuse_plain(me)
+            return False
+        tls = self.credentials.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        with self._lock:  # stop() shuts down the socket in use
+            self._conns.discard(conn)
+            self._conns.add(tls)
+        me.sock = tls
+        try:
+            handshake(tls, self.handshake_timeout_s, deadline)
+        except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
+            if not self._stop.is_set():
+                log.warning("%s: TLS handshake failed: %s; closing", where,
+                            explain_server_tls_error(exc, self.credentials.ca))
+            with self._lock:
+                self._conns.discard(tls)
+            linger_close(tls)  # so that the edge reads our alert, not a reset
+            return False
+        me.identity = peer_name(tls)
+        try:
+            check_stream_name(me.identity)
+        except ConfigError:  # signed by the CA, yet no certificate of `latentlink keys edge`
+            log.warning("%s: refused: its certificate names no stream (common name %r): edges need a certificate "
+                        "of `latentlink keys edge DIR NAME`; closing", where, me.identity)
+            return False
+        log.debug("%s: TLS, certificate for %r", where, me.identity)
+        return True
+
+    def _refuse_plain(self, me):
+        """A plain-text latentlink edge on a TLS host: REFUSE a protocol-2 HELLO (in plain text, so it can read
+        why); a protocol-1 edge reads nothing, so only the log says it."""
+        conn, where = me.sock, me.where
+        version, kind, meta_len = read_header(conn)
+        message = ("this host requires TLS: start the edge with --tls DIR (its certificate from `latentlink keys edge "
+                   "DIR NAME`)")
+        if version == VERSION_2 and kind == KIND_HELLO:
+            hello, _ = read_body(conn, version, kind, meta_len, deadline=time.monotonic() + self.frame_timeout_s)
+            log.warning("%s: refused stream %r (unauthorized): an edge without TLS; %s", where, hello["stream"],
+                        message)
+            conn.sendall(encode_message(KIND_REFUSE, reason="unauthorized", message=message, permanent=True))
+        else:
+            log.warning("%s: refused: a protocol-%d edge without TLS; %s; closing", where, version, message)
 
     def _receive_frames_v1(self, conn, where, names, me, first):
         """Serve protocol-1 frames until end-of-stream; ``first`` is the (flags, meta_len) of the header already read.
@@ -321,6 +443,10 @@ class Host(object):
     def _check_meta(self, meta, where, names, me, session=None):
         """Refuse a frame from its metadata alone, before its payload is read or anything allocated for it."""
         if not names:  # protocol 1: the first frame names the stream
+            if self.credentials.tls is not None and meta.stream != me.identity:
+                raise Unauthorized("a protocol-1 edge with the certificate for {!r} sent a frame of stream {!r}: an "
+                                   "edge may stream only under its certificate's name (its --name)".format(
+                                       me.identity, meta.stream))
             with self._lock:
                 if meta.stream in self._live:
                     raise ProtocolError("stream {!r} is already connected from {}; give each edge its own --name"
@@ -368,12 +494,15 @@ class Host(object):
             raise ProtocolError("a protocol-2 connection must open with HELLO, not {}".format(KIND_NAMES[kind]))
         t_recv = time.time()
         hello, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=time.monotonic() + self.frame_timeout_s)
-        refusal = self._check_hello(hello)
+        # Credentials first: an edge that has none learns nothing of this host's model, nor takes a name.
+        refusal = self._authenticate(me, hello)
+        if refusal is None:
+            refusal = self._check_hello(hello)
         if refusal is None:
             refusal, evicted = self._take_stream(me, hello)
         if refusal is not None:
             reason, message = refusal
-            log.warning("%s: refused stream %r: %s", where, hello["stream"], message)
+            log.warning("%s: refused stream %r (%s): %s", where, hello["stream"], reason, message)
             conn.sendall(encode_message(KIND_REFUSE, reason=reason, message=message,
                                         permanent=reason in PERMANENT_REFUSALS))
             return
@@ -420,6 +549,39 @@ class Host(object):
                 return
             else:
                 raise ProtocolError("an edge may not send {} after HELLO".format(KIND_NAMES[kind]))
+
+    def _authenticate(self, me, hello):
+        """None if the edge has the credentials this host requires for the HELLO's stream, else ``(reason,
+        message)``. With a token this is the CHALLENGE / AUTH exchange (edge/security.py)."""
+        token, conn = self.credentials.token, me.sock
+        if token is None and hello["nonce"] is not None:
+            return "unauthorized", ("the edge has a token (--token-file) and this host has none: start the host with "
+                                    "the same --token-file, or the edge without")
+        if token is not None:
+            if hello["nonce"] is None:
+                return "unauthorized", ("this host requires a token: start the edge with --token-file FILE (a copy "
+                                        "of the host's)")
+            nonce = new_nonce()
+            conn.sendall(encode_message(KIND_CHALLENGE, nonce=nonce, proof=host_proof(token, hello["nonce"], nonce)))
+            conn.settimeout(self.frame_timeout_s)
+            try:
+                version, kind, meta_len = read_header(conn, versions=(VERSION_2,))
+            except ConnectionClosed:  # what an edge with another token does: it checks this host's proof first
+                raise Unauthorized("stream {!r}: the edge closed the connection on our CHALLENGE: it does not "
+                                   "accept this host's token proof, so its --token-file holds another token than "
+                                   "this host's".format(hello["stream"]))
+            if kind != KIND_AUTH:
+                raise ProtocolError("the edge answered CHALLENGE with {}, not AUTH".format(KIND_NAMES[kind]))
+            auth, _ = read_body(conn, version, kind, meta_len, deadline=time.monotonic() + self.frame_timeout_s)
+            if not proof_matches(edge_proof(token, nonce, hello["nonce"], hello["stream"], hello["session"]),
+                                 auth["proof"]):
+                return "unauthorized", ("the edge's token is wrong (its proof does not match this host's "
+                                        "--token-file): give the edge the host's token")
+        if self.credentials.tls is not None and hello["stream"] != me.identity:
+            return "unauthorized", ("the certificate is for {0!r}, not {1!r}: an edge may stream only under its "
+                                    "certificate's name. Start it with --name {0}, or issue a certificate for {1} "
+                                    "(`latentlink keys edge DIR {1}`)".format(me.identity, hello["stream"]))
+        return None
 
     def _check_hello(self, hello):
         """None if this host can decode what the HELLO describes, else ``(reason, message)``."""
@@ -592,8 +754,11 @@ class Host(object):
 
 
 def _shutdown(sock):
+    """Shut ``sock`` down from another thread than its own. The TCP socket's shutdown, also for a TLS socket: the
+    thread using it then reads end-of-stream, and its SSL object is left alone (``SSLSocket.shutdown`` would take it
+    away mid-call)."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
@@ -610,14 +775,18 @@ def _peer_gone(sock):
     return state in (7, 8)  # TCP_CLOSE, TCP_CLOSE_WAIT (linux/tcp_states.h)
 
 
-def _refuse_and_close(sock, reason, message, permanent):
-    """Answer a connection with REFUSE without reading it (a protocol-1 edge never reads it), then close it."""
+def _refuse_and_close(sock, reason, message, permanent, linger=False):
+    """Answer a connection with REFUSE without reading it (a protocol-1 edge never reads it), then close it;
+    ``linger``: wait (up to a second) for the edge to read it first."""
     try:
         sock.settimeout(1.0)
         sock.sendall(encode_message(KIND_REFUSE, reason=reason, message=message, permanent=permanent))
     except OSError:
         pass
-    sock.close()
+    if linger:
+        linger_close(sock)
+    else:
+        sock.close()
 
 
 def check_display():
