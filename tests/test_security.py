@@ -502,3 +502,40 @@ def test_host_warns_when_anyone_on_the_network_can_stream_into_it(caplog):
         caplog.clear()
         log_credentials(args, ("0.0.0.0", 5760), Credentials(token=b"t" * 32))
         assert "anyone" not in caplog.text and "token: edges must prove" in caplog.text
+
+
+@pytest.mark.parametrize("answer", ["accept", "bad-proof"])
+def test_an_edge_with_a_token_refuses_a_host_that_does_not_prove_it_has_it(answer):
+    """An impostor host: it answers ACCEPT without a CHALLENGE, or a CHALLENGE whose proof is not the token's."""
+    from latentlink.edge.errors import HostRefused
+    from latentlink.edge.sender import Link
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    heard = []
+
+    def impostor():
+        conn, _ = listener.accept()
+        version, kind, meta_len = read_header(conn)
+        heard.append(read_body(conn, version, kind, meta_len)[0])
+        if answer == "accept":
+            conn.sendall(encode_message(KIND_ACCEPT, version=2, window=4, max_frame_bytes=1 << 20, acked=[],
+                                        t_recv=time.time(), t_send=time.time()))
+        else:
+            conn.sendall(encode_message(KIND_CHALLENGE, nonce=new_nonce(), proof="0" * 64))
+        conn.settimeout(5)
+        heard.append(conn.recv(1))  # what the edge sends next: nothing, it hangs up
+        conn.close()
+
+    thread = threading.Thread(target=impostor, daemon=True)
+    thread.start()
+    hello = {k: v for k, v in hello_fields("cam0", None).items() if k not in ("nonce", "t_send")}
+    with pytest.raises(HostRefused) as refused:
+        Link(listener.getsockname(), VERSION_2, hello, None, None, credentials=Credentials(token=b"t" * 32))
+    thread.join(10)
+    listener.close()
+    assert refused.value.reason == "host_not_authenticated" and refused.value.permanent
+    assert ("without proving it knows the token" if answer == "accept" else "its CHALLENGE proof is wrong") in str(
+        refused.value)
+    assert heard[0]["nonce"] is not None and heard[1] == b""  # no AUTH for an impostor's nonce
