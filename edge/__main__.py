@@ -13,7 +13,8 @@ from .pipeline import check_raw, default_stream_name, run_edge
 from .profile import load_profile
 from .profiler import format_table, write_report
 from .protocol import SERIALIZERS
-from .protocol import DELIVERIES
+from .protocol import DELIVERIES, PERMANENT_REFUSALS
+from .security import Credentials
 from .sender import DROP_POLICIES, Spool, parse_address
 from .sources import open_source
 
@@ -24,12 +25,16 @@ EXAMPLES = """examples:
   latentlink edge --source csi://0 --encoder engines/encoder.<sha>.trt8.2.1.8.NVIDIA-Tegra-X1.fp16.engine --mapped
   latentlink edge --source csi://0 --encoder runs/lossy-cae.pt --device cuda --precision fp16
   latentlink edge --source csi://0 --delivery reliable --spool /var/spool/latentlink --spool-bytes 200000000
+  latentlink edge --source csi://0 --connect 192.168.1.20:5760 --name cam0 --tls keys/
+        (keys/ca.pem and keys/edges/cam0.pem + cam0.key, from `latentlink keys init` / `latentlink keys edge`)
+  latentlink edge --source csi://0 --connect 192.168.1.20:5760 --token-file token.txt
 
 sources: csi://N (Jetson CSI camera), v4l2:///dev/videoN (USB camera), file://clip.mp4 (video),
          file://photos/ (images in name order), file://img.png, rtsp://..., synthetic:// (test pattern)
 
-exit status: 0 when every frame was decoded or dropped by the --drop policy; 1 when the host refused the stream, or
-frames were lost under --drop block or --delivery reliable (the counts are printed); 2 for bad options."""
+exit status: 0 when every frame was decoded or dropped by the --drop policy; 1 when the host refused the stream (or
+its credentials: TLS certificate, token), or frames were lost under --drop block or --delivery reliable (the counts
+are printed); 2 for bad options."""
 
 
 def get_args_parser():
@@ -78,6 +83,13 @@ def get_args_parser():
     parser.add_argument("--protocol", type=int, choices=(1, 2), default=2,
                         help="2 (default): handshake, acknowledgements, exact accounting; 1: for hosts older than "
                              "protocol 2 (frames are only counted as sent)")
+    parser.add_argument("--tls", metavar="DIR",
+                        help="TLS: verify the host against DIR/ca.pem (and the address in --connect), and present "
+                             "DIR/edges/NAME.pem and NAME.key, NAME being --name (`latentlink keys edge DIR NAME`)")
+    parser.add_argument("--tls-ca", metavar="FILE", help="with --tls: the CA certificate, if not DIR/ca.pem")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="prove to the host that this edge has the token in FILE, and make the host prove it too "
+                             "(the host's --token-file; protocol 2)")
     parser.add_argument("--send-buffer", type=positive_int, default=None, metavar="BYTES",
                         help="socket send buffer (SO_SNDBUF); default from the profile")
     add_backend_options(parser)
@@ -109,6 +121,10 @@ def _main(argv):
     if args.wait_for_host is not None and args.wait_for_host < 0:
         raise ConfigError("bad --wait-for-host {}: seconds >= 0 (0: wait forever)".format(args.wait_for_host))
     spool = Spool(args.spool, args.spool_bytes) if args.spool else None
+    if args.token_file and args.protocol == 1:
+        raise ConfigError("--token-file is proved in protocol 2's handshake, which protocol 1 does not have: drop "
+                          "--protocol 1, or use --tls DIR")
+    credentials = Credentials.for_edge(args.tls, stream, args.tls_ca, args.token_file)
     with open_source(args.source, capture.width, capture.height, capture.fps, loop=args.loop) as source, \
             open_backend(encoder_path, "encoder", **backend_options(args, profile)) as encoder:
         logging.getLogger("latentlink.edge").info(
@@ -118,7 +134,7 @@ def _main(argv):
                                     serializer=args.serializer, drop=args.drop, queue_size=args.queue_size,
                                     send_buffer_bytes=args.send_buffer, entropy=entropy, window=args.window,
                                     delivery=delivery, wait_for_host_s=args.wait_for_host, spool=spool,
-                                    protocol=args.protocol)
+                                    protocol=args.protocol, credentials=credentials)
     meta = {"role": "edge", "peak_rss_mb": peak_rss_mb(),
             "stream": stream, "profile": profile.name, "backend": encoder.name,
             "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing, "entropy": entropy,
@@ -136,9 +152,14 @@ def _main(argv):
 def exit_status(summary, drop):
     """1 when the host refused the stream or frames were lost where none may be (``block``, ``reliable``)."""
     outcomes = summary["outcomes"]
-    if summary.get("refused"):
-        print("error: the host refused the stream: {} ({} frames refused)".format(
-            summary["refused"]["message"], outcomes["refused"]), file=sys.stderr)
+    refused = summary.get("refused")
+    if refused:
+        if refused["reason"] in PERMANENT_REFUSALS:
+            print("error: the host refused the stream ({}): {} ({} frames refused)".format(
+                refused["reason"], refused["message"], outcomes["refused"]), file=sys.stderr)
+        else:  # this edge's own decision (TLS, token, no answer)
+            print("error: stopped ({}): {} ({} frames not sent)".format(refused["reason"], refused["message"],
+                                                                        outcomes["refused"]), file=sys.stderr)
         return 1
     if outcomes["lost"] and (drop == "block" or summary["delivery"] == "reliable"):
         print("error: {} of {} frames were lost{}".format(

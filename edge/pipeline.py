@@ -26,14 +26,15 @@ log = logging.getLogger("latentlink.edge")
 
 def run_edge(source, encoder, profile, address, stream, frames=None, serializer=None, drop=None, queue_size=None,
              send_buffer_bytes=None, status_every_s=10.0, entropy=None, window=None, delivery=None,
-             wait_for_host_s=None, spool=None, protocol=2):
+             wait_for_host_s=None, spool=None, protocol=2, credentials=None):
     """Stream ``source`` through ``encoder`` to the host at ``address``; returns ``(summary, records)``.
 
     ``frames``: stop after this many captured frames (None: until the source ends or Ctrl-C). ``serializer``,
     ``drop``, ``queue_size``, ``send_buffer_bytes``, ``entropy`` (a coder of :mod:`latentlink.edge.entropy`),
     ``window``, ``delivery`` and ``wait_for_host_s`` override the profile's transport settings; ``spool`` is a
     :class:`~latentlink.edge.sender.Spool` for reliable delivery; ``protocol`` 1 talks to hosts older than
-    protocol 2. A status line is logged every ``status_every_s`` seconds (frames captured, decoded, in flight,
+    protocol 2. ``credentials``: a :class:`~latentlink.edge.security.Credentials` (TLS, token) for the host.
+    A status line is logged every ``status_every_s`` seconds (frames captured, decoded, in flight,
     dropped, fps): a long run shows it is alive. The loop stops early when the host refused the stream or could
     not be reached within ``wait_for_host_s``; the summary's ``refused`` and ``gave_up`` say so.
     """
@@ -71,7 +72,7 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                     wait_for_host_s=transport.wait_for_host_s if wait_for_host_s is None else wait_for_host_s,
                     spool=spool, send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes,
                     connect_timeout_s=transport.connect_timeout_s, send_timeout_s=transport.send_timeout_s,
-                    max_backoff_s=transport.max_backoff_s, end_of_stream=not raw)
+                    max_backoff_s=transport.max_backoff_s, end_of_stream=not raw, credentials=credentials)
     if raw:
         log.info("--serializer pickle-raw: each frame goes as an 8-byte big-endian length and pickle.dumps(latents), "
                  "nothing else; frames are counted as sent once written, and closing the connection ends the stream")

@@ -15,7 +15,8 @@ seed pipeline's receivers, which know no entropy coding, and its size is not imp
 ``END_OF_STREAM`` (packing ``none``, no payload) ends a stream.
 
 **Protocol 2** (``version`` 2; the byte is the message ``kind``): see the "protocol 2" section below and the README.
-The edge opens with HELLO; the host answers ACCEPT or REFUSE; then the edge sends FRAME messages (protocol 1's
+The edge opens with HELLO; the host answers ACCEPT or REFUSE (a host with a token first sends CHALLENGE, and the edge
+proves it has the token with AUTH: :mod:`latentlink.edge.security`); then the edge sends FRAME messages (protocol 1's
 metadata and payload exactly), CLOCK now and then, and END; the host answers each FRAME and the END with an ACK once
 the frame is decoded (and written). A host that speaks 2 also serves protocol-1 edges, without acknowledgements.
 
@@ -100,6 +101,10 @@ def latency_ms(t_done, t_capture):
     if not math.isfinite(latency_s) or not -MAX_AHEAD_S <= latency_s <= MAX_LATENCY_S:
         return None
     return round(latency_s * 1000.0, 3)
+def check_stream_name(stream, error=ConfigError):
+    """Raise ``error`` unless ``stream`` is a valid stream name (the host makes it a folder; a TLS certificate of
+    ``latentlink keys`` carries it)."""
+    _check_stream(stream, error)
 
 
 def payload_size(packing, shape):
@@ -345,23 +350,29 @@ def parse_meta(meta_bytes, flags, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES):
 
 
 # --- protocol 2: handshake, acknowledgements, clock --------------------------------------------------------------
-# Message kinds (the header's byte in protocol 2). Edge -> host: HELLO, FRAME, CLOCK, END. Host -> edge: ACCEPT,
-# REFUSE, ACK. A connection is: HELLO, then ACCEPT or REFUSE (then close), then any number of FRAME and CLOCK, then
-# END; the host ACKs each FRAME once it is decoded (and written) and the END once every frame before it was.
+# Message kinds (the header's byte in protocol 2). Edge -> host: HELLO, AUTH, FRAME, CLOCK, END. Host -> edge:
+# CHALLENGE, ACCEPT, REFUSE, ACK. A connection is: HELLO, then (a host with a token) CHALLENGE and the edge's AUTH,
+# then ACCEPT or REFUSE (then close), then any number of FRAME and CLOCK, then END; the host ACKs each FRAME once it
+# is decoded (and written) and the END once every frame before it was. CHALLENGE and AUTH: edge/security.py.
 KIND_HELLO, KIND_ACCEPT, KIND_REFUSE, KIND_FRAME, KIND_END, KIND_ACK, KIND_CLOCK = 1, 2, 3, 4, 5, 6, 7
+KIND_CHALLENGE, KIND_AUTH = 8, 9
 KIND_NAMES = {KIND_HELLO: "HELLO", KIND_ACCEPT: "ACCEPT", KIND_REFUSE: "REFUSE", KIND_FRAME: "FRAME",
-              KIND_END: "END", KIND_ACK: "ACK", KIND_CLOCK: "CLOCK"}
+              KIND_END: "END", KIND_ACK: "ACK", KIND_CLOCK: "CLOCK", KIND_CHALLENGE: "CHALLENGE", KIND_AUTH: "AUTH"}
 DELIVERIES = ("live", "reliable")  # live: frames lost with a connection stay lost; reliable: resent until acked
 # What the host says of a frame in an ACK. "decoded" includes a frame it had already decoded (a resent duplicate:
 # the ACK then says "duplicate": true and nothing is decoded or written again); "end" acknowledges END.
 ACK_OUTCOMES = ("decoded", "failed", "end")
 # Reasons a host refuses a HELLO. Permanent ones stop the edge at once (nothing it can retry would change them);
 # the others ("busy", "shutting_down") are retried with backoff.
+# "unauthorized": the edge lacks the credentials the host requires (a token, a certificate for the stream's name), or
+# has credentials the host does not use (a token).
 PERMANENT_REFUSALS = ("version", "bad_hello", "model_mismatch", "shape_mismatch", "packing_mismatch",
-                      "pickle_refused", "entropy_unavailable", "name_in_use")
+                      "pickle_refused", "entropy_unavailable", "name_in_use", "unauthorized")
 TRANSIENT_REFUSALS = ("busy", "shutting_down")
 MAX_WINDOW = 1024  # frames in flight; also bounds the lists a HELLO or ACCEPT may carry
 _SESSION_RE = re.compile(r"[0-9a-f]{8,64}\Z")
+_NONCE_RE = re.compile(r"[0-9a-f]{32,64}\Z")  # 16 to 32 random bytes, as hex
+_PROOF_RE = re.compile(r"[0-9a-f]{64}\Z")  # an HMAC-SHA256, as hex
 
 
 def _number(obj, key, error, minimum=None):
@@ -391,6 +402,21 @@ def _text(obj, key, error, choices=None, limit=1024):
     if choices is not None and value not in choices:
         raise error("%s %r is not one of %s" % (key, value, ", ".join(choices)))
     return value
+
+
+def _hex(obj, key, error, pattern, what):
+    value = obj.get(key)
+    if not isinstance(value, str) or not pattern.match(value):
+        raise error("%s %r is not %s" % (key, value, what))
+    return value
+
+
+def _nonce(obj, key, error):
+    return _hex(obj, key, error, _NONCE_RE, "32 to 64 lowercase hex digits")
+
+
+def _proof(obj, key, error):
+    return _hex(obj, key, error, _PROOF_RE, "64 lowercase hex digits (an HMAC-SHA256)")
 
 
 def _seq_list(obj, key, error):
@@ -430,7 +456,9 @@ def _validate_fields(kind, obj, error):
                 "tiles": [int(t) for t in tiles], "delivery": _text(obj, "delivery", error, DELIVERIES),
                 "window": _integer(obj, "window", error, 1, MAX_WINDOW), "unacked": _seq_list(obj, "unacked", error),
                 "t_send": _number(obj, "t_send", error), "software": _text(obj, "software", error, limit=64)
-                if "software" in obj else ""}
+                if "software" in obj else "",
+                # An edge with a token sends its nonce (the host then answers CHALLENGE); others none.
+                "nonce": _nonce(obj, "nonce", error) if obj.get("nonce") is not None else None}
     if kind == KIND_ACCEPT:
         acked = obj.get("acked", [])
         if not isinstance(acked, list) or len(acked) > 4 * MAX_WINDOW:
@@ -459,6 +487,10 @@ def _validate_fields(kind, obj, error):
                   "t_recv": _number(obj, "t_recv", error), "t_ack": _number(obj, "t_ack", error)}
         fields["t_done"] = _number(obj, "t_done", error) if "t_done" in obj else fields["t_ack"]
         return fields
+    if kind == KIND_CHALLENGE:  # the host's nonce, and its proof that it knows the token (edge/security.py)
+        return {"nonce": _nonce(obj, "nonce", error), "proof": _proof(obj, "proof", error)}
+    if kind == KIND_AUTH:  # the edge's proof that it knows the token
+        return {"proof": _proof(obj, "proof", error)}
     if kind == KIND_CLOCK:
         offset_s = _number(obj, "offset_s", error)
         if abs(offset_s) > MAX_CLOCK_OFFSET_S:

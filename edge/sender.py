@@ -31,14 +31,17 @@ import logging
 import math
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
 
 from .errors import ConfigError, ConnectionClosed, HostRefused, LatentlinkError, ProtocolError
-from .protocol import (DELIVERIES, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END, KIND_HELLO, KIND_NAMES, KIND_REFUSE,
-                       MAX_CLOCK_OFFSET_S, MAX_WINDOW, PERMANENT_REFUSALS, VERSION, VERSION_2,
-                       encode_end_of_stream, encode_message, latency_ms, read_body, read_header)
+from .protocol import (DELIVERIES, KIND_ACCEPT, KIND_ACK, KIND_AUTH, KIND_CHALLENGE, KIND_CLOCK, KIND_END, KIND_HELLO,
+                       KIND_NAMES, KIND_REFUSE, MAX_CLOCK_OFFSET_S, MAX_WINDOW, PERMANENT_REFUSALS, VERSION,
+                       VERSION_2, encode_end_of_stream, encode_message, latency_ms, read_body, read_header)
+from .security import (Credentials, TLSSocket, connect_tls, edge_proof, explain_client_tls_error, host_proof,
+                       new_nonce, proof_matches, rejected_by_host)
 
 log = logging.getLogger("latentlink.edge")
 
@@ -96,55 +99,84 @@ class ClockOffset(object):
 
 
 class Link(object):
-    """One TCP connection to the host; ``protocol`` 2 does the handshake in the constructor.
+    """One TCP connection to the host, in TLS when ``credentials`` have a TLS context; ``protocol`` 2 does the
+    handshake (and, with a token, the challenge: :mod:`latentlink.edge.security`) in the constructor.
 
-    Raises :class:`HostRefused` (the host said REFUSE), :class:`NoAnswer` or ``OSError``. After :meth:`start`,
-    ``on_ack(link, fields, t4)`` is called from the link's reader thread for every ACK and ``on_close(link, why)``
-    once when the connection ends. (Started apart, so that the owner can register the link before a close is
-    reported: a host that closes right after its ACCEPT must not leave a dead link nobody hears of.)
+    Raises :class:`HostRefused` (the host said REFUSE, or a permanent TLS or token failure), :class:`NoAnswer` or
+    ``OSError``. After :meth:`start`, ``on_ack(link, fields, t4)`` is called from the link's reader thread for every
+    ACK and ``on_close(link, why)`` once when the connection ends; :attr:`failure` is then a :class:`HostRefused` if
+    it ended for a reason no retry can change (protocol 1 learns of a rejected certificate only there). (Started
+    apart, so that the owner can register the link before a close is reported: a host that closes right after its
+    ACCEPT must not leave a dead link nobody hears of.)
     """
 
     def __init__(self, address, protocol, hello, on_ack, on_close, send_buffer_bytes=1 << 20, connect_timeout_s=5.0,
-                 send_timeout_s=10.0):
+                 send_timeout_s=10.0, credentials=None):
         self.address, self.protocol = address, protocol
+        self.where = "{}:{}".format(*address)
         self.on_ack, self.on_close = on_ack, on_close
+        self.credentials = credentials or Credentials()
         self.accept = None  # the host's ACCEPT fields (protocol 2)
         self.handshake = None  # (t1, t2, t3, t4) of the HELLO/ACCEPT exchange, for the clock offset
-        self.sock = socket.create_connection(address, timeout=connect_timeout_s)
+        self.failure = None
+        sock = self.sock = socket.create_connection(address, timeout=connect_timeout_s)
         try:
             # Latents are small and latency-bound: do not let Nagle hold back the tail of a frame.
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
-            _keepalive(self.sock)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+            _keepalive(sock)
+            if self.credentials.tls is not None:
+                try:
+                    tls = connect_tls(sock, self.credentials.tls, address[0], connect_timeout_s)
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; 3.6's CertificateError not
+                    raise self._tls_failure(exc)
+                # The reader and sender threads share it: TLSSocket serialises their calls into OpenSSL.
+                sock = self.sock = TLSSocket(tls, send_timeout_s)
+                sock.settimeout(connect_timeout_s)
             if protocol == VERSION_2:
                 self._handshake(hello, connect_timeout_s)
             # Blocking from now on: the reader waits as long as the host decodes; sends time out on their own.
-            self.sock.settimeout(None)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send_timeout_s))
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send_timeout_s))
         except BaseException:
-            self.sock.close()
+            sock.close()
             raise
         self._closed = False
         self._reader = threading.Thread(target=self._read_acks, name="latentlink-acks", daemon=True)
+
+    def _tls_failure(self, exc):
+        """The exception a failed TLS connection raises: permanent (:class:`HostRefused`) or retried
+        (:class:`NoAnswer`); see :func:`~latentlink.edge.security.explain_client_tls_error`."""
+        message, permanent = explain_client_tls_error(exc, self.where, self.credentials.ca)
+        return HostRefused("tls", message) if permanent else NoAnswer(message)
 
     def start(self):
         """Start reading acknowledgements."""
         self._reader.start()
 
     def _handshake(self, hello, timeout_s):
+        token, where = self.credentials.token, self.where
+        if token is not None:  # the host answers a nonce with CHALLENGE
+            hello = dict(hello, nonce=new_nonce())
         t1 = time.time()
         self.sock.sendall(encode_message(KIND_HELLO, t_send=t1, **hello))
-        where = "{}:{}".format(*self.address)
-        try:
-            version, kind, meta_len = read_header(self.sock, versions=(VERSION_2,))
-            fields, _ = read_body(self.sock, version, kind, meta_len, deadline=time.monotonic() + timeout_s)
-        except ConnectionClosed:
-            raise NoAnswer("the host at {} closed the connection without answering our protocol-2 HELLO".format(where))
-        except socket.timeout:
-            raise NoAnswer("the host at {} did not answer our HELLO within {:.0f} s".format(where, timeout_s))
-        except ProtocolError as exc:
-            raise HostRefused("not_latentlink", "{} answered something that is not a latentlink host ({}): is "
-                              "--connect pointing at the right service?".format(where, exc))
+        kind, fields = self._answer(timeout_s, "HELLO")
+        if kind == KIND_CHALLENGE:
+            if token is None:
+                raise HostRefused("unauthorized", "the host at {} requires a token: start this edge with --token-file "
+                                  "FILE (a copy of the host's)".format(where))
+            # The host proves it knows the token before this edge answers its nonce: an impostor learns nothing.
+            if not proof_matches(host_proof(token, hello["nonce"], fields["nonce"]), fields["proof"]):
+                raise HostRefused("host_not_authenticated", "the host at {} does not know this edge's token (its "
+                                  "CHALLENGE proof is wrong): its --token-file holds another token, or something "
+                                  "else answers at that address".format(where))
+            self.sock.sendall(encode_message(KIND_AUTH, proof=edge_proof(token, fields["nonce"], hello["nonce"],
+                                                                         hello["stream"], hello["session"])))
+            kind, fields = self._answer(timeout_s, "AUTH")
+        elif token is not None and kind == KIND_ACCEPT:
+            raise HostRefused("host_not_authenticated", "the host at {} accepted this edge without proving it knows "
+                              "the token: it runs without --token-file (anyone could pose as it). Give the host the "
+                              "same --token-file, or drop --token-file from this edge".format(where))
         t4 = time.time()
         if kind == KIND_REFUSE:
             raise HostRefused(fields["reason"], fields["message"], fields["permanent"])
@@ -153,6 +185,23 @@ class Link(object):
                 where, KIND_NAMES[kind]))
         self.accept = fields
         self.handshake = (t1, fields["t_recv"], fields["t_send"], t4)
+
+    def _answer(self, timeout_s, what):
+        """The host's next handshake message, ``(kind, fields)``, within ``timeout_s``."""
+        try:
+            version, kind, meta_len = read_header(self.sock, versions=(VERSION_2,))
+            fields, _ = read_body(self.sock, version, kind, meta_len, deadline=time.monotonic() + timeout_s)
+        except ConnectionClosed:
+            raise NoAnswer("the host at {} closed the connection without answering our protocol-2 {}".format(
+                self.where, what))
+        except socket.timeout:
+            raise NoAnswer("the host at {} did not answer our {} within {:.0f} s".format(self.where, what, timeout_s))
+        except ProtocolError as exc:
+            raise HostRefused("not_latentlink", "{} answered something that is not a latentlink host ({}): is "
+                              "--connect pointing at the right service?".format(self.where, exc))
+        except ssl.SSLError as exc:  # TLS 1.3: the host's verdict on our certificate arrives with its first answer
+            raise self._tls_failure(exc)
+        return kind, fields
 
     def send(self, data):
         self.sock.sendall(data)
@@ -168,6 +217,11 @@ class Link(object):
                 self.on_ack(self, fields, time.time())
         except ConnectionClosed:
             pass
+        except ssl.SSLError as exc:
+            rejected = rejected_by_host(exc, self.where)
+            if rejected is not None and not self._closed:
+                self.failure = HostRefused("tls", rejected)  # protocol 1 hears of a rejected certificate only here
+            why = str(exc) if not self._closed else "closed"
         except (ProtocolError, OSError) as exc:
             why = str(exc) if not self._closed else "closed"
         except Exception as exc:  # a bug in a callback must still end the link cleanly
@@ -268,7 +322,7 @@ class Sender(object):
     def __init__(self, address, stream, hello=None, queue_size=4, drop="oldest", window=4, delivery="live",
                  protocol=VERSION_2, wait_for_host_s=0.0, spool=None, send_buffer_bytes=1 << 20,
                  connect_timeout_s=5.0, send_timeout_s=10.0, max_backoff_s=5.0, end_timeout_s=10.0,
-                 end_of_stream=True):
+                 end_of_stream=True, credentials=None):
         if drop not in DROP_POLICIES:
             raise ConfigError("unknown drop policy {!r} (available: {})".format(drop, ", ".join(DROP_POLICIES)))
         if delivery not in DELIVERIES:
@@ -292,6 +346,10 @@ class Sender(object):
                               "the spool out")
         if wait_for_host_s < 0:
             raise ConfigError("bad --wait-for-host {!r}: seconds >= 0 (0: wait forever)".format(wait_for_host_s))
+        credentials = credentials or Credentials()
+        if protocol == VERSION and credentials.token is not None:
+            raise ConfigError("--token-file is proved in protocol 2's handshake, which protocol 1 does not have: drop "
+                              "--protocol 1 (the host must speak protocol 2), or use --tls DIR")
         self.address, self.stream = address, stream
         self.queue_size, self.drop, self.delivery, self.protocol = queue_size, drop, delivery, protocol
         self.window = window
@@ -299,7 +357,7 @@ class Sender(object):
         self.max_backoff_s, self.end_timeout_s = max_backoff_s, end_timeout_s
         self.end_of_stream = end_of_stream
         self.link_options = dict(send_buffer_bytes=send_buffer_bytes, connect_timeout_s=connect_timeout_s,
-                                 send_timeout_s=send_timeout_s)
+                                 send_timeout_s=send_timeout_s, credentials=credentials)
         self.session = os.urandom(8).hex()  # a new stream each run; the same across this run's reconnects
         self.hello = dict(hello or {}, versions=[VERSION_2], stream=stream, session=self.session,
                           delivery=delivery, window=window, software=SOFTWARE)
@@ -446,7 +504,7 @@ class Sender(object):
         no_answers = 0
         while True:
             with self._cond:
-                if self._aborting:
+                if self._aborting or self.refusal:
                     return
                 if self._closing and self._link is None and not self._pending():
                     return  # nothing left to deliver, and no connection to say END on: nothing was ever sent
@@ -462,10 +520,15 @@ class Sender(object):
                 except NoAnswer as exc:
                     no_answers += 1
                     if no_answers >= NO_ANSWER_LIMIT:
-                        self._refused(HostRefused("no_answer", "{} ({} times in a row). An older latentlink host "
-                                                  "(protocol 1) closes on a protocol-2 HELLO: upgrade the host, or "
-                                                  "start this edge with --protocol 1; or is --connect pointing at "
-                                                  "another service?".format(exc, no_answers)))
+                        if self.link_options["credentials"].tls is not None:
+                            hint = ("A host without --tls closes on a TLS handshake: start the host with --tls DIR, "
+                                    "or drop --tls from this edge; or is --connect pointing at another service?")
+                        else:
+                            hint = ("An older latentlink host (protocol 1) closes on a protocol-2 HELLO: upgrade the "
+                                    "host, or start this edge with --protocol 1; or is --connect pointing at another "
+                                    "service?")
+                        self._refused(HostRefused("no_answer", "{} ({} times in a row). {}".format(
+                            exc, no_answers, hint)))
                         return
                     log.warning("%s; retrying", exc)
                 except (OSError, socket.timeout) as exc:
@@ -608,6 +671,8 @@ class Sender(object):
 
     def _on_close(self, link, why):
         """``link`` ended (its reader saw the close, or a send failed): settle what was in flight on it."""
+        if link.failure is not None:  # the host rejected this edge's certificate: reconnecting cannot help
+            self._refused(link.failure)
         with self._cond:
             if self._link is not link:
                 return
@@ -625,7 +690,7 @@ class Sender(object):
             self._cond.notify_all()
             closing = self._closing and not self._pending()
         link.close()
-        if not closing and not self._aborting:
+        if not closing and not self._aborting and not self.refusal:
             log.warning("the connection to %s:%d ended (%s); reconnecting", self.address[0], self.address[1], why)
 
     def _end_stream(self):
@@ -653,8 +718,14 @@ class Sender(object):
 
     def _refused(self, exc):
         with self._cond:
+            if self.refusal is not None:
+                return
             self.refusal = (exc.reason, exc.message)
-        log.error("the host refused stream %r: %s", self.stream, exc.message)
+            self._cond.notify_all()
+        if exc.reason in PERMANENT_REFUSALS:
+            log.error("the host refused stream %r (%s): %s", self.stream, exc.reason, exc.message)
+        else:  # this edge's own decision: TLS, token, or no answer
+            log.error("stopping stream %r (%s): %s", self.stream, exc.reason, exc.message)
 
     def _finish(self, timer, outcome, ack=None):
         """Under the lock: ``timer``'s frame ends in bucket ``outcome``; a decoded frame gets its latency."""

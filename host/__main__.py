@@ -1,6 +1,7 @@
 """``latentlink host`` / ``python -m latentlink.host``: receive latents from edges, decode them, store or show the images."""
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ from latentlink.edge.cli import (add_backend_options, add_run_options, backend_o
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.profile import load_profile
 from latentlink.edge.profiler import format_table, write_report
+from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
 from .raw_pickle import check_stream_name
@@ -21,8 +23,14 @@ EXAMPLES = """examples:
   latentlink host --profile nano-1008 --display
   latentlink host --listen 127.0.0.1:0 --ready-file port.txt --max-frames 100
   latentlink host --decoder runs/lossy-cae.pt --device cuda --precision fp16   (decode on a GPU)
+  latentlink host --listen 0.0.0.0:5760 --tls keys/ --out frames/      (keys/: latentlink keys init keys/)
+  latentlink host --listen 0.0.0.0:5760 --token-file token.txt          (token.txt: latentlink keys token)
 
-decoded frames are saved as OUT/<stream>/<seq:06d>.png (seq: the edge's sequence number, from 0)"""
+decoded frames are saved as OUT/<stream>/<seq:06d>.png (seq: the edge's sequence number, from 0)
+
+credentials: without --tls or --token-file anyone who can reach the host can stream into it (fine on loopback; the
+host warns when it listens elsewhere). --tls: edges need a certificate from the same CA, and stream only under the
+name it carries. --token-file: edges must prove they have the token (not encrypted: prefer --tls across networks)."""
 
 
 def get_args_parser():
@@ -72,6 +80,13 @@ def get_args_parser():
     parser.add_argument("--raw-stream-name", type=raw_stream_name, metavar="NAME",
                         help="with --accept-pickle-raw: the stream name of those clients' frames (folder under "
                              "--out; default raw-<peer ip>-<peer port>); one such client at a time then")
+    parser.add_argument("--tls", metavar="DIR",
+                        help="TLS with the credentials of `latentlink keys init DIR`: DIR/host.pem and host.key, and "
+                             "edges need a certificate signed by DIR/ca.pem, whose name is the only stream name "
+                             "they may use")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="edges must prove they have the token in FILE (HMAC challenge; the token never crosses "
+                             "the wire): for small setups without certificates; traffic is not encrypted")
     parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
     parser.add_argument("--decode-delay", type=float, default=0.0, metavar="SECONDS",
                         help="for testing and benchmarks only: sleep this long after each decode, simulating a "
@@ -109,6 +124,7 @@ def _main(argv):
     profile = load_profile(args.profile)
     decoder_path = profile.model.decoder if args.decoder == "default" else args.decoder
     listen = parse_address(args.listen)
+    credentials = Credentials.for_host(args.tls, args.token_file)  # missing files fail before the model loads
     with open_backend(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
         host = Host(decoder, budget_ms=profile.budget_ms, out_dir=args.out, display=args.display,
                     max_frames=args.max_frames, max_streams=args.max_streams,
@@ -116,7 +132,7 @@ def _main(argv):
                     idle_timeout_s=args.idle_timeout, frame_timeout_s=args.frame_timeout,
                     handshake_timeout_s=args.handshake_timeout, max_connections=args.max_connections,
                     max_connections_per_peer=args.max_connections_per_peer, accept_pickle=args.accept_pickle,
-                    window=args.window, decode_delay_s=args.decode_delay)
+                    window=args.window, decode_delay_s=args.decode_delay, credentials=credentials)
         host.accept_pickle_raw, host.raw_stream_name = args.accept_pickle_raw, args.raw_stream_name
         if args.accept_pickle:
             logging.getLogger("latentlink.host").warning(
@@ -131,6 +147,7 @@ def _main(argv):
                 repr(args.raw_stream_name) if args.raw_stream_name else "raw-<ip>-<port>",
                 list(decoder.input_shape))
         bound = host.bind(*listen)
+        log_credentials(args, bound, credentials)
         if args.ready_file:
             with open(args.ready_file + ".tmp", "w") as f:
                 f.write("{}:{}\n".format(*bound))
@@ -151,6 +168,27 @@ def _main(argv):
         if args.report:
             print("report: {}".format(args.report))
     return 0
+
+
+def log_credentials(args, bound, credentials):
+    """Say who may stream into this host; warn when anyone on the network may."""
+    log = logging.getLogger("latentlink.host")
+    if credentials.tls is not None:
+        log.info("TLS: edges need a certificate signed by %s, and stream only under the name it carries",
+                 credentials.ca)
+    if credentials.token is not None:
+        log.info("token: edges must prove they have the token in %s", args.token_file)
+    if not credentials and not _is_loopback(bound[0]):
+        log.warning("listening on %s:%d without --tls or --token-file: anyone who can reach %s:%d can stream into "
+                    "this host%s; use --tls DIR (latentlink keys init) or --token-file", bound[0], bound[1],
+                    bound[0], bound[1], " and write files under --out" if args.out else "")
+
+
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 if __name__ == "__main__":

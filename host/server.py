@@ -19,6 +19,11 @@ remembers what each session's frames became (:class:`Session`; with ``out_dir``,
 PNGs), so a frame resent after a reconnect, even to a restarted host, is never decoded or written twice. A
 reconnect of the same session takes over its stream name at once, dropping the stale connection and its backlog.
 Protocol 1 edges are served as before, without acknowledgements.
+
+With credentials (``latentlink.edge.security``) the host serves only edges that have them: under TLS each accepted
+connection does its TLS handshake in its own thread, within a deadline, and an edge may stream only under the name
+its certificate carries; with a token the HELLO is answered with a CHALLENGE, and only an edge whose AUTH proves it
+has the token is accepted. Refusals say why, to the edge (REFUSE ``unauthorized``) and in the log.
 """
 
 import collections
@@ -30,14 +35,16 @@ import time
 import cv2
 
 from latentlink.edge.entropy import check_available
-from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, ProtocolError
+from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, LatentlinkError, ProtocolError
 from latentlink.edge.preprocess import to_image
 from latentlink.edge.profiler import HOST_STAGES, FrameTimer, summarize
-from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END,
-                                      KIND_FRAME, KIND_HELLO, KIND_NAMES, KIND_REFUSE, MAGIC, MAX_WINDOW,
-                                      PERMANENT_REFUSALS, VERSION, VERSION_2, VERSIONS, decode_latents,
-                                      encode_message, latency_ms, parse_header, read_body, wait_header,
-                                      wait_header_bytes)
+from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_AUTH,
+                                      KIND_CHALLENGE, KIND_CLOCK, KIND_END, KIND_FRAME, KIND_HELLO, KIND_NAMES,
+                                      KIND_REFUSE, MAGIC, MAX_WINDOW, PERMANENT_REFUSALS, VERSION, VERSION_2, VERSIONS,
+                                      check_stream_name, decode_latents, encode_message, latency_ms, parse_header,
+                                      read_body, read_header, wait_header, wait_header_bytes)
+from latentlink.edge.security import (Credentials, edge_proof, explain_server_tls_error, handshake, host_proof,
+                                      linger_close, new_nonce, peer_name, proof_matches)
 
 from .out_dir import OutDir
 from .raw_pickle import serve_raw_pickles
@@ -50,6 +57,12 @@ JOURNAL_DIR = ".latentlink"  # under out_dir: <stream>.delivered, "session seq o
 # 30 fps. A larger jump is no edge's drops but a restart or a peer's bad numbers: it is logged and counted in
 # seq_jumps instead, so that no absurd "dropped" reaches a report.
 MAX_SEQ_JUMP = 2 ** 24
+BUSY_REFUSERS = 8  # under TLS, connections over --max-connections answered "busy" at once (each needs a handshake)
+TLS_RECORD = b"\x16"  # the first byte of a TLS ClientHello (a handshake record)
+
+
+class Unauthorized(LatentlinkError):
+    """An edge without the credentials this host requires: its connection is closed, with a log line saying why."""
 
 
 class StreamStats(object):
@@ -166,12 +179,14 @@ class Session(object):
 
 
 class _Connection(object):
-    """One connection: its socket, peer and (protocol 2) session; ``evicted`` once a reconnect replaced it;
-    ``greeted`` once its first message began (from then on, silence is idleness, not a missing handshake)."""
+    """One connection: its socket (the TLS one, once the handshake is done), peer and (protocol 2) session;
+    ``identity`` the name in its TLS certificate; ``evicted`` once a reconnect replaced it; ``greeted`` once its
+    first message began (from then on, silence is idleness, not a missing handshake)."""
 
     def __init__(self, sock, where):
         self.sock, self.where = sock, where
         self.session = None
+        self.identity = None
         self.evicted = False
         self.greeted = False
 
@@ -193,6 +208,8 @@ class Host(object):
     parser for it is the largest attack surface the host has; see the README's threat model).
     ``decode_delay_s``: for tests and benchmarks only: sleep this long after each decode, inside the decode lock
     (simulates a slower decoder, so that frames are in flight when a fault is injected; 0: off).
+    ``credentials``: a :class:`~latentlink.edge.security.Credentials` with a TLS context, a token, or both, that
+    edges must match (None: any edge is served, as before).
     """
 
     accept_pickle_raw = False  # plain clients' length-prefixed pickles (host/raw_pickle.py): --accept-pickle-raw
@@ -201,7 +218,7 @@ class Host(object):
     def __init__(self, decoder, budget_ms=33.0, out_dir=None, display=False, max_frames=None, max_streams=None,
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
                  accept_pickle=False, window=8, handshake_timeout_s=5.0, max_connections_per_peer=4,
-                 decode_delay_s=0.0):
+                 decode_delay_s=0.0, credentials=None):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
@@ -214,6 +231,7 @@ class Host(object):
         self.accept_pickle = accept_pickle
         self.window = window
         self.decode_delay_s = decode_delay_s  # tests and benchmarks: a slower decoder
+        self.credentials = credentials or Credentials()
         self._sessions = collections.OrderedDict()  # (stream, session id) -> Session, least recently used first
         self.streams = {}
         self.records = []
@@ -231,6 +249,7 @@ class Host(object):
         self._per_peer = {}  # IP address -> connections being served from it (absent: none)
         self._live = {}  # stream name -> peer address, for the connections open now
         self._threads = []
+        self._refusers = []  # TLS: threads answering "busy" (handshake, then REFUSE)
         self._latest = {}  # stream -> last image, for --display
         self._first_frame_at = self._last_frame_at = None
 
@@ -265,7 +284,7 @@ class Host(object):
                 refusal = self._admit(conn, peer[0])
                 if refusal is not None:
                     log.warning("%s:%s refused: %s", peer[0], peer[1], refusal)
-                    _refuse_and_close(conn, "busy", refusal + "; retrying", permanent=False)
+                    self._refuse_busy(conn, refusal + "; retrying")
                     continue
                 thread = threading.Thread(target=self._serve_connection, args=(conn, peer), daemon=True,
                                           name="latentlink-conn-{}:{}".format(*peer[:2]))
@@ -305,16 +324,37 @@ class Host(object):
         else:
             del self._per_peer[ip]  # the dict holds only peers connected now
 
+    def _refuse_busy(self, conn, message):
+        """Answer "busy" (retried by the edge). Under TLS the answer needs a handshake first, so it is given from a
+        thread (at most :data:`BUSY_REFUSERS` at once; beyond that the connection is just closed)."""
+        if self.credentials.tls is None:
+            _refuse_and_close(conn, "busy", message, permanent=False)
+            return
+        self._refusers = [t for t in self._refusers if t.is_alive()]
+        if len(self._refusers) >= BUSY_REFUSERS:
+            conn.close()
+            return
+
+        def refuse():
+            tls = self.credentials.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            try:
+                handshake(tls, self.handshake_timeout_s)
+            except (OSError, ValueError):
+                tls.close()
+                return
+            _refuse_and_close(tls, "busy", message, permanent=False, linger=True)
+
+        thread = threading.Thread(target=refuse, daemon=True, name="latentlink-busy")
+        self._refusers.append(thread)
+        thread.start()
+
     def _shutdown(self):
         self._stop.set()
         self._server.close()
         with self._lock:
             conns = list(self._conns)
         for conn in conns:  # wakes the connection threads blocked in recv
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(conn)
         for thread in self._threads:
             thread.join(timeout=5)
         with self._decode_lock:  # a decode still running ends before the caller closes the decoder
@@ -329,19 +369,46 @@ class Host(object):
         names = []  # the stream this connection carries, once known
         try:
             # From the connection's start, not per byte: a protocol-2 edge sends HELLO at once, a protocol-1 edge
-            # connects when it has a frame to send.
+            # connects when it has a frame to send. Under TLS the handshake counts in the same time.
             greet_by = time.monotonic() + self.handshake_timeout_s
-            header, deadline = wait_header_bytes(conn, greet_by, self.frame_timeout_s)
+            if self.credentials.tls is not None:
+                if not self._start_tls(me):
+                    return
+            else:
+                conn.settimeout(self.handshake_timeout_s)
+                if conn.recv(1, socket.MSG_PEEK) == TLS_RECORD:
+                    log.warning("%s: a TLS handshake (an edge started with --tls?), and this host runs without "
+                                "--tls: closing. Start the host with --tls DIR, or the edge without", where)
+                    return
+            conn = me.sock
+            try:
+                header, deadline = wait_header_bytes(conn, greet_by, self.frame_timeout_s)
+            except ConnectionClosed:
+                if me.identity is None:
+                    raise
+                # An edge on Python 3.6 checks the host's name only after the handshake, then hangs up: say so.
+                log.warning("%s: the edge with the certificate for %r closed the connection right after the TLS "
+                            "handshake: did it reject this host's certificate? (it must name the address the edge "
+                            "connects to: `latentlink keys host DIR --host-name ADDRESS`)", where, me.identity)
+                return
             me.greeted = True
             if bytes(header[:4]) != MAGIC:  # not latentlink: maybe a plain client's pickles (--accept-pickle-raw)
+                if me.identity is not None:
+                    raise Unauthorized("length-prefixed pickles carry no stream name to match the certificate's "
+                                       "{!r}: --accept-pickle-raw is for hosts without --tls".format(me.identity))
                 return serve_raw_pickles(self, me, names, header)
             version, byte, meta_len = parse_header(header, VERSIONS)
             if version == VERSION:
+                if self.credentials.token is not None:
+                    raise Unauthorized("a protocol-1 edge cannot prove it has the token this host requires "
+                                       "(--token-file): start the edge with --token-file FILE (protocol 2)")
                 log.info("%s: a protocol-1 edge: no handshake and no acknowledgements (upgrade the edge for "
                          "acknowledged delivery and exact accounting)", where)
                 self._receive_frames_v1(conn, where, names, me, (byte, meta_len, deadline))
             else:
                 self._serve_v2(me, names, byte, meta_len, min(deadline, greet_by))
+        except Unauthorized as exc:
+            log.warning("%s: refused: %s; closing", where, exc)
         except ConnectionClosed:
             if not self._stop.is_set() and not me.evicted:
                 log.warning("%s: connection closed without end-of-stream%s", where,
@@ -373,11 +440,69 @@ class Host(object):
             # still ours: a reconnect of the same session may have taken it over already.
             with self._lock:
                 self._release(conn, peer[0])
+                self._conns.discard(me.sock)
                 if names and self._live.get(names[0]) is me:
                     del self._live[names[0]]
                 if me.session is not None and me.session.connection is me:
                     me.session.connection = None
-            conn.close()
+            me.sock.close()
+
+    def _start_tls(self, me):
+        """The TLS handshake of ``me`` (within ``handshake_timeout_s`` in all); True once ``me.sock`` is the TLS
+        socket and ``me.identity`` its certificate's name, False when the connection was refused (and closed)."""
+        conn, where = me.sock, me.where
+        deadline = time.monotonic() + self.handshake_timeout_s
+        conn.settimeout(self.handshake_timeout_s)
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+        except socket.timeout:
+            log.warning("%s: no TLS handshake within %.0f s; closing", where, self.handshake_timeout_s)
+            return False
+        if not first:
+            log.info("%s: closed before sending anything", where)
+            return False
+        if first == MAGIC[:1]:  # latentlink in plain text: tell a protocol-2 edge what it lacks
+            self._refuse_plain(me)
+            return False
+        tls = self.credentials.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        with self._lock:  # stop() shuts down the socket in use
+            self._conns.discard(conn)
+            self._conns.add(tls)
+        me.sock = tls
+        try:
+            handshake(tls, self.handshake_timeout_s, deadline)
+        except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
+            if not self._stop.is_set():
+                log.warning("%s: TLS handshake failed: %s; closing", where,
+                            explain_server_tls_error(exc, self.credentials.ca))
+            with self._lock:
+                self._conns.discard(tls)
+            linger_close(tls)  # so that the edge reads our alert, not a reset
+            return False
+        me.identity = peer_name(tls)
+        try:
+            check_stream_name(me.identity)
+        except ConfigError:  # signed by the CA, yet no certificate of `latentlink keys edge`
+            log.warning("%s: refused: its certificate names no stream (common name %r): edges need a certificate "
+                        "of `latentlink keys edge DIR NAME`; closing", where, me.identity)
+            return False
+        log.debug("%s: TLS, certificate for %r", where, me.identity)
+        return True
+
+    def _refuse_plain(self, me):
+        """A plain-text latentlink edge on a TLS host: REFUSE a protocol-2 HELLO (in plain text, so it can read
+        why); a protocol-1 edge reads nothing, so only the log says it."""
+        conn, where = me.sock, me.where
+        version, kind, meta_len = read_header(conn)
+        message = ("this host requires TLS: start the edge with --tls DIR (its certificate from `latentlink keys edge "
+                   "DIR NAME`)")
+        if version == VERSION_2 and kind == KIND_HELLO:
+            hello, _ = read_body(conn, version, kind, meta_len, deadline=time.monotonic() + self.frame_timeout_s)
+            log.warning("%s: refused stream %r (unauthorized): an edge without TLS; %s", where, hello["stream"],
+                        message)
+            conn.sendall(encode_message(KIND_REFUSE, reason="unauthorized", message=message, permanent=True))
+        else:
+            log.warning("%s: refused: a protocol-%d edge without TLS; %s; closing", where, version, message)
 
     def _receive_frames_v1(self, conn, where, names, me, first):
         """Serve protocol-1 frames until end-of-stream; ``first`` is the (flags, meta_len, deadline) of the header
@@ -412,6 +537,10 @@ class Host(object):
     def _check_meta(self, meta, where, names, me, session=None):
         """Refuse a frame from its metadata alone, before its payload is read or anything allocated for it."""
         if not names:  # protocol 1: the first frame names the stream
+            if self.credentials.tls is not None and meta.stream != me.identity:
+                raise Unauthorized("a protocol-1 edge with the certificate for {!r} sent a frame of stream {!r}: an "
+                                   "edge may stream only under its certificate's name (its --name)".format(
+                                       me.identity, meta.stream))
             with self._lock:
                 if meta.stream in self._live:
                     raise ProtocolError("stream {!r} is already connected from {}; give each edge its own --name"
@@ -461,12 +590,15 @@ class Host(object):
             raise ProtocolError("a protocol-2 connection must open with HELLO, not {}".format(KIND_NAMES[kind]))
         t_recv = time.time()
         hello, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=hello_deadline)
-        refusal = self._check_hello(hello)
+        # Credentials first: an edge that has none learns nothing of this host's model, nor takes a name.
+        refusal = self._authenticate(me, hello)
+        if refusal is None:
+            refusal = self._check_hello(hello)
         if refusal is None:
             refusal, evicted = self._take_stream(me, hello)
         if refusal is not None:
             reason, message = refusal
-            log.warning("%s: refused stream %r: %s", where, hello["stream"], message)
+            log.warning("%s: refused stream %r (%s): %s", where, hello["stream"], reason, message)
             self._send(conn, encode_message(KIND_REFUSE, reason=reason, message=message,
                                             permanent=reason in PERMANENT_REFUSALS))
             return
@@ -525,6 +657,39 @@ class Host(object):
         except socket.timeout:
             raise ProtocolError("the edge does not read the host's messages (none taken for {:g} s)".format(
                 self.frame_timeout_s))
+
+    def _authenticate(self, me, hello):
+        """None if the edge has the credentials this host requires for the HELLO's stream, else ``(reason,
+        message)``. With a token this is the CHALLENGE / AUTH exchange (edge/security.py)."""
+        token, conn = self.credentials.token, me.sock
+        if token is None and hello["nonce"] is not None:
+            return "unauthorized", ("the edge has a token (--token-file) and this host has none: start the host with "
+                                    "the same --token-file, or the edge without")
+        if token is not None:
+            if hello["nonce"] is None:
+                return "unauthorized", ("this host requires a token: start the edge with --token-file FILE (a copy "
+                                        "of the host's)")
+            nonce = new_nonce()
+            conn.sendall(encode_message(KIND_CHALLENGE, nonce=nonce, proof=host_proof(token, hello["nonce"], nonce)))
+            conn.settimeout(self.frame_timeout_s)
+            try:
+                version, kind, meta_len = read_header(conn, versions=(VERSION_2,))
+            except ConnectionClosed:  # what an edge with another token does: it checks this host's proof first
+                raise Unauthorized("stream {!r}: the edge closed the connection on our CHALLENGE: it does not "
+                                   "accept this host's token proof, so its --token-file holds another token than "
+                                   "this host's".format(hello["stream"]))
+            if kind != KIND_AUTH:
+                raise ProtocolError("the edge answered CHALLENGE with {}, not AUTH".format(KIND_NAMES[kind]))
+            auth, _ = read_body(conn, version, kind, meta_len, deadline=time.monotonic() + self.frame_timeout_s)
+            if not proof_matches(edge_proof(token, nonce, hello["nonce"], hello["stream"], hello["session"]),
+                                 auth["proof"]):
+                return "unauthorized", ("the edge's token is wrong (its proof does not match this host's "
+                                        "--token-file): give the edge the host's token")
+        if self.credentials.tls is not None and hello["stream"] != me.identity:
+            return "unauthorized", ("the certificate is for {0!r}, not {1!r}: an edge may stream only under its "
+                                    "certificate's name. Start it with --name {0}, or issue a certificate for {1} "
+                                    "(`latentlink keys edge DIR {1}`)".format(me.identity, hello["stream"]))
+        return None
 
     def _check_hello(self, hello):
         """None if this host can decode what the HELLO describes, else ``(reason, message)``."""
@@ -714,8 +879,11 @@ class Host(object):
 
 
 def _shutdown(sock):
+    """Shut ``sock`` down from another thread than its own. The TCP socket's shutdown, also for a TLS socket: the
+    thread using it then reads end-of-stream, and its SSL object is left alone (``SSLSocket.shutdown`` would take it
+    away mid-call)."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
@@ -732,14 +900,18 @@ def _peer_gone(sock):
     return state in (7, 8)  # TCP_CLOSE, TCP_CLOSE_WAIT (linux/tcp_states.h)
 
 
-def _refuse_and_close(sock, reason, message, permanent):
-    """Answer a connection with REFUSE without reading it (a protocol-1 edge never reads it), then close it."""
+def _refuse_and_close(sock, reason, message, permanent, linger=False):
+    """Answer a connection with REFUSE without reading it (a protocol-1 edge never reads it), then close it;
+    ``linger``: wait (up to a second) for the edge to read it first."""
     try:
         sock.settimeout(1.0)
         sock.sendall(encode_message(KIND_REFUSE, reason=reason, message=message, permanent=permanent))
     except OSError:
         pass
-    sock.close()
+    if linger:
+        linger_close(sock)
+    else:
+        sock.close()
 
 
 def check_display():

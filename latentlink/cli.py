@@ -16,6 +16,7 @@ COMMANDS = [
     ("export", "latentlink.export.__main__", "ONNX export, TensorRT 8.2 check, engine build, backend comparison"),
     ("eval", "latentlink.export.evaluate", "a model against JPEG, WebP and JPEG 2000: PSNR, MS-SSIM, bpp, RD plot"),
     ("report", "latentlink.edge.profiler", "print the per-stage table of an edge or host report; --plot, --csv"),
+    ("keys", "latentlink.keys", "credentials for --tls (a CA, host and edge certificates) or --token-file"),
 ]
 
 USAGE = """usage: latentlink <command> [options]     (latentlink <command> --help for each)

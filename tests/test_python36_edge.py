@@ -97,3 +97,63 @@ def test_python36_engine_build_and_tensorrt_edge_against_fakes(tmp_path, tiny_pr
     report = json.loads((tmp_path / "host.json").read_text())
     assert report["frames"] == 6 and report["failed"] == 0 and report["streams"]["nano"]["ended"]
     assert edge_report["outcomes"]["decoded"] == 6
+
+
+def run_py36_edge(address, profile, source, report, *args):
+    return subprocess.run([PY36, "-m", "latentlink.edge", "--source", source, "--connect", address, "--name", "nano",
+                           "--profile", profile, "--drop", "block", "--report", report] + list(args),
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("mode", ["tls", "token"])
+def test_python36_edge_with_credentials_streams_to_this_host(tmp_path, tiny_profile, video_file, mode):
+    """TLS through Python 3.6's ssl module (its own name check, the two threads sharing one TLS connection through
+    TLSSocket) and the token handshake, against this host; the keys made on this side by `latentlink keys`."""
+    pytest.importorskip("cryptography")
+    from latentlink import keys
+
+    folder, token = str(tmp_path / "keys"), str(tmp_path / "token.txt")
+    keys.init(folder, ["127.0.0.1"])
+    keys.issue_edge(folder, "nano")
+    keys.write_token(token)
+    options = ["--tls", folder] if mode == "tls" else ["--token-file", token]
+    host, address = start_host(tmp_path, tiny_profile, *options)
+    edge = run_py36_edge(address, tiny_profile, "file://" + video_file, str(tmp_path / "edge.json"), *options)
+    host_out, _ = host.communicate(timeout=60)
+    assert edge.returncode == 0, edge.stderr
+    report = json.loads((tmp_path / "host.json").read_text())
+    assert report["frames"] == 24 and report["failed"] == 0 and report["streams"]["nano"]["ended"]
+    edge_report = json.loads((tmp_path / "edge.json").read_text())
+    assert edge_report["outcomes"] == {"decoded": 24, "failed": 0, "refused": 0, "dropped": 0, "lost": 0}
+
+
+def test_python36_edge_refuses_a_host_certificate_for_another_name_and_a_wrong_token(tmp_path, tiny_profile):
+    """Python 3.6 checks the host's name after the handshake (ssl.CertificateError, not 3.7's verify error): the edge
+    still stops at once with a message that names the address; the host's log says the edge hung up on it."""
+    pytest.importorskip("cryptography")
+    from latentlink import keys
+
+    folder, token, wrong = str(tmp_path / "keys"), str(tmp_path / "token.txt"), str(tmp_path / "wrong.txt")
+    keys.init(folder, ["example.invalid"])
+    keys.issue_edge(folder, "nano")
+    keys.write_token(token)
+    keys.write_token(wrong)
+    host, address = start_host(tmp_path, tiny_profile, "--tls", folder, "--token-file", token)
+    edge = run_py36_edge(address, tiny_profile, "synthetic://", str(tmp_path / "edge.json"), "--frames", "2",
+                         "--tls", folder, "--token-file", token)
+    assert edge.returncode == 1
+    assert "error: stopped (tls): the host's certificate is not valid for '127.0.0.1'" in edge.stderr
+    host.terminate()
+    assert "closed the connection right after the TLS handshake" in host.communicate(timeout=60)[0]
+
+    keys.issue_host(folder, ["127.0.0.1"])  # now the name is right, and the token wrong
+    (tmp_path / "second").mkdir()
+    host, address = start_host(tmp_path / "second", tiny_profile, "--tls", folder, "--token-file", token)
+    edge = run_py36_edge(address, tiny_profile, "synthetic://", str(tmp_path / "edge.json"), "--frames", "2",
+                         "--tls", folder, "--token-file", wrong)
+    assert edge.returncode == 1
+    assert "error: stopped (host_not_authenticated): the host at {} does not know this edge's token".format(
+        address) in edge.stderr
+    host.terminate()
+    assert "its --token-file holds another token than this host's" in host.communicate(timeout=60)[0]

@@ -72,7 +72,7 @@ def test_edge_and_host_commands_take_a_checkpoint(tiny_profile, tmp_path):
     result = {}
     host = threading.Thread(target=lambda: result.update(host=host_main([
         "--profile", tiny_profile, "--decoder", ckpt, "--listen", "127.0.0.1:0", "--ready-file", str(ready),
-        "--max-frames", "3", "--out", str(tmp_path / "frames"), "--report", str(tmp_path / "host.json"), "--quiet"])))
+        "--max-streams", "1", "--out", str(tmp_path / "frames"), "--report", str(tmp_path / "host.json"), "--quiet"])))
     host.start()
     for _ in range(200):
         if ready.exists():
