@@ -53,7 +53,7 @@ def stream(profile, photos_dir, out_dir):
         thread = threading.Thread(target=host.serve, daemon=True)
         thread.start()
         try:
-            edge_summary, _ = run_edge(source, encoder, profile, address, "zoo")
+            edge_summary = run_edge(source, encoder, profile, address, "zoo")
             thread.join(30)
         finally:
             host.stop()
