@@ -349,7 +349,7 @@ def test_edge_streams_through_an_engine_with_cuda_columns(monkeypatch, onnx_dir,
             summary = run_edge(source, encoder, profile, address, "jetson", frames=5, drop="block",
                                on_record=records.append)
         thread.join(20)
-        host_summary, _ = host.summary()
+        host_summary = host.summary()
     assert summary["outcomes"]["decoded"] == 5 and host_summary["frames"] == 5
     assert set(summary["gpu_stages"]) == {"encode", "gpu_to_cpu"}
     assert len(records) == 5 and all(set(r["gpu_stages"]) == {"encode", "gpu_to_cpu"} for r in records)

@@ -57,7 +57,7 @@ def stream(profile, photos_dir, out_dir):
             thread.join(30)
         finally:
             host.stop()
-        return edge_summary, host.summary()[0]
+        return edge_summary, host.summary()
 
 
 def photos(photos_dir, size):
