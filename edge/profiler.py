@@ -45,7 +45,7 @@ HISTOGRAM_LOW_MS = 0.001  # 1 us: the resolution of the records (3 decimals of a
 HISTOGRAM_HIGH_MS = 1e8  # about 28 hours; longer times share the last bucket (where the exact max bounds them)
 HISTOGRAM_RATIO = 1.02
 _LOG_RATIO = math.log(HISTOGRAM_RATIO)
-HISTOGRAM_BUCKETS = 2 + int(math.ceil(math.log(HISTOGRAM_HIGH_MS / HISTOGRAM_LOW_MS) / _LOG_RATIO))  # 1281
+HISTOGRAM_BUCKETS = 2 + int(math.ceil(math.log(HISTOGRAM_HIGH_MS / HISTOGRAM_LOW_MS) / _LOG_RATIO))  # 1,282
 
 _STAT_KEYS = ("min_ms", "median_ms", "mean_ms", "p95_ms", "p99_ms", "max_ms")
 _SUMMARY_KEYS = ("frames", "budget_ms", "over_budget", "fps", "t200_s", "bytes_per_frame", "dropped", "stages")
@@ -228,6 +228,8 @@ def _bucket(ms):
     """The histogram bucket of ``ms`` (see :class:`Distribution`)."""
     if ms < HISTOGRAM_LOW_MS:
         return 0
+    if not ms < HISTOGRAM_HIGH_MS:  # also inf and NaN, which math.log cannot place: a time must never crash a run
+        return HISTOGRAM_BUCKETS - 1
     return min(1 + int(math.log(ms / HISTOGRAM_LOW_MS) / _LOG_RATIO), HISTOGRAM_BUCKETS - 1)
 
 
@@ -341,13 +343,14 @@ class ReportWriter(object):
 
     The file is one JSON document once :meth:`finish` wrote the summary, laid out one line per part::
 
-        {"kind": "latentlink-report", "version": 1, "started": {"stages": [...], "budget_ms": 33.0, "meta": {...}}, "records": [
+        {"kind": "latentlink-report", "version": 1, "started": {"stages": [...], "budget_ms": 33.0, ...}, "records": [
         {"seq": 0, "stages": {...}, ...}
         ,{"seq": 1, "stages": {...}, ...}
         ], "frames": 2, "budget_ms": 33.0, ..., "meta": {...}}
 
-    ``started`` is what was known when the run began (the stages it times, the budget, ``meta``): what
-    :func:`load_report` needs to summarize the records of a report that never got its summary line. ``add`` may be
+    ``stages``: the stage names the run times; ``budget_ms``: its frame budget (ms); ``meta``: what describes the
+    run at its start (role, stream, profile, backend...). They make ``started``, what was known when the run began:
+    what :func:`load_report` needs to summarize the records of a report that never got its summary line. ``add`` may be
     called from any thread. A write that fails (disk full) is logged once and ends the report there; the run goes
     on (:attr:`error` holds the exception).
     """

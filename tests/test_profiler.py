@@ -389,6 +389,16 @@ def test_summary_of_a_long_run_is_bounded_and_matches_the_records():
     _assert_within_the_bound(s["latency"], [r["latency_ms"] for r in records])
 
 
+def test_odd_times_never_break_a_distribution():
+    from latentlink.edge.profiler import EXACT_VALUES, Distribution
+
+    d = Distribution()
+    for v in [1.0] * EXACT_VALUES + [float("inf"), 1e12, -5.0, 0.0, float("nan")]:
+        d.add(v)
+    stats = d.stats()
+    assert stats["min_ms"] == -5.0 and abs(stats["median_ms"] - 1.0) <= 0.01 and d.count == EXACT_VALUES + 5
+
+
 def test_frame_timer_says_while_a_stage_is_open():
     t = FrameTimer(0)
     assert not t.timing
