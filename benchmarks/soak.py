@@ -144,9 +144,15 @@ def soak(profile_path, frames, at, work, with_report):
         source.sample(frames)  # everything acknowledged: the host decoded the last frame
     finally:
         host.send_signal(signal.SIGINT)  # the host writes its summary and exits
-        if host.wait(timeout=120) != 0:
+        try:
+            code = host.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            host.kill()
+            host.wait()
+            code = "none: still running 120 s after SIGINT, killed"
+        if code != 0:
             with open(os.path.join(work, "host.log")) as f:
-                raise SystemExit("the host exited with code {}:\n{}".format(host.returncode, f.read()))
+                raise SystemExit("the host exited with code {}; its log:\n{}".format(code, f.read()[-20000:]))
     result = {"frames": frames, "report": with_report, "samples": source.samples, "fps": frames / wall_s,
               "outcomes": summary["outcomes"]}
     if with_report:
