@@ -9,9 +9,9 @@ from .cli import (add_backend_options, add_run_options, backend_options, peak_rs
                   setup_logging)
 from .entropy import CODERS, check_available
 from .errors import ConfigError
-from .pipeline import check_raw, default_stream_name, run_edge
+from .pipeline import check_raw, default_stream_name, edge_stages, run_edge
 from .profile import load_profile
-from .profiler import format_table, write_report
+from .profiler import ReportWriter, format_table
 from .protocol import SERIALIZERS
 from .protocol import DELIVERIES, PERMANENT_REFUSALS
 from .security import Credentials
@@ -125,22 +125,31 @@ def _main(argv):
         raise ConfigError("--token-file is proved in protocol 2's handshake, which protocol 1 does not have: drop "
                           "--protocol 1, or use --tls DIR")
     credentials = Credentials.for_edge(args.tls, stream, args.tls_ca, args.token_file)
-    with open_source(args.source, capture.width, capture.height, capture.fps, loop=args.loop) as source, \
-            open_backend(encoder_path, "encoder", **backend_options(args, profile)) as encoder:
-        logging.getLogger("latentlink.edge").info(
-            "stream %r: %s -> %s (%s, %s packing, entropy %s) -> %s:%d", stream, source.description, encoder_path,
-            encoder.name, encoder.info.packing, entropy, address[0], address[1])
-        summary, records = run_edge(source, encoder, profile, address, stream, frames=args.frames,
-                                    serializer=args.serializer, drop=args.drop, queue_size=args.queue_size,
-                                    send_buffer_bytes=args.send_buffer, entropy=entropy, window=args.window,
-                                    delivery=delivery, wait_for_host_s=args.wait_for_host, spool=spool,
-                                    protocol=args.protocol, credentials=credentials)
-    meta = {"role": "edge", "peak_rss_mb": peak_rss_mb(),
-            "stream": stream, "profile": profile.name, "backend": encoder.name,
-            "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing, "entropy": entropy,
-            "input_shape": list(encoder.info.input_shape), "latent_shape": list(encoder.info.latent_shape)}
-    if args.report:
-        write_report(args.report, summary, records, meta)
+    report = None
+    try:
+        with open_source(args.source, capture.width, capture.height, capture.fps, loop=args.loop) as source, \
+                open_backend(encoder_path, "encoder", **backend_options(args, profile)) as encoder:
+            logging.getLogger("latentlink.edge").info(
+                "stream %r: %s -> %s (%s, %s packing, entropy %s) -> %s:%d", stream, source.description,
+                encoder_path, encoder.name, encoder.info.packing, entropy, address[0], address[1])
+            meta = {"role": "edge", "stream": stream, "profile": profile.name, "backend": encoder.name,
+                    "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing,
+                    "entropy": entropy, "input_shape": list(encoder.info.input_shape),
+                    "latent_shape": list(encoder.info.latent_shape)}
+            if args.report:  # each frame's record is written as its outcome arrives, not kept until the end
+                report = ReportWriter(args.report, edge_stages(entropy), profile.budget_ms, meta)
+            summary = run_edge(source, encoder, profile, address, stream, frames=args.frames,
+                               serializer=args.serializer, drop=args.drop, queue_size=args.queue_size,
+                               send_buffer_bytes=args.send_buffer, entropy=entropy, window=args.window,
+                               delivery=delivery, wait_for_host_s=args.wait_for_host, spool=spool,
+                               protocol=args.protocol, credentials=credentials,
+                               on_record=report.add if report else None)
+        meta["peak_rss_mb"] = peak_rss_mb()
+        if report is not None:
+            report.finish(summary, meta)
+    finally:
+        if report is not None:
+            report.close()  # a run that failed leaves an unfinished report, readable up to its last record
     if not args.quiet:
         title = "edge {!r} ({}, {}, {})".format(stream, profile.name, encoder.name, source.uri)
         print(format_table(summary, title))

@@ -50,7 +50,8 @@ def add_run_options(parser):
     """Options every long-running command shares: CPU threads, the report file, output verbosity."""
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for ONNX Runtime or PyTorch (0: one per "
                         "core)")
-    parser.add_argument("--report", help="write per-frame records and the summary to this JSON file")
+    parser.add_argument("--report", help="write each frame's record to this JSON file as the frame completes, and the "
+                        "summary at the end (latentlink report FILE prints it)")
     parser.add_argument("--quiet", action="store_true", help="do not print the per-stage table")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 

@@ -8,8 +8,13 @@ thread, so a slow network or host costs queue space (and, by policy, dropped fra
 Every frame processed keeps its stage timings, whatever became of it: the report of an edge whose host never
 answered still shows what capture, preprocessing and encoding cost. Each record says its ``outcome`` (see
 :data:`latentlink.edge.sender.OUTCOMES`) and, once the host decoded it, ``latency_ms``: capture to decoded.
+
+A frame is counted in the summary (and handed to ``on_record``, e.g. a report writer) as soon as its outcome is
+known, then forgotten: the only frames held are those the sender has not settled yet (at most window + queue,
+plus the spool's), so an edge that runs for days does not grow.
 """
 
+import collections
 import logging
 import socket
 import time
@@ -17,7 +22,7 @@ import time
 from .entropy import check_available, compress
 from .errors import ConfigError
 from .preprocess import Preprocessor
-from .profiler import EDGE_STAGES, FrameTimer, summarize
+from .profiler import EDGE_STAGES, FrameStats, FrameTimer
 from .protocol import SERIALIZERS, VERSION, check_coding, frame_payload, pack_latents, raw_pickle_message
 from .sender import OUTCOMES, Sender
 
@@ -26,8 +31,8 @@ log = logging.getLogger("latentlink.edge")
 
 def run_edge(source, encoder, profile, address, stream, frames=None, serializer=None, drop=None, queue_size=None,
              send_buffer_bytes=None, status_every_s=10.0, entropy=None, window=None, delivery=None,
-             wait_for_host_s=None, spool=None, protocol=2, credentials=None):
-    """Stream ``source`` through ``encoder`` to the host at ``address``; returns ``(summary, records)``.
+             wait_for_host_s=None, spool=None, protocol=2, credentials=None, on_record=None):
+    """Stream ``source`` through ``encoder`` to the host at ``address``; returns the summary (a dict).
 
     ``frames``: stop after this many captured frames (None: until the source ends or Ctrl-C). ``serializer``,
     ``drop``, ``queue_size``, ``send_buffer_bytes``, ``entropy`` (a coder of :mod:`latentlink.edge.entropy`),
@@ -37,6 +42,8 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     A status line is logged every ``status_every_s`` seconds (frames captured, decoded, in flight,
     dropped, fps): a long run shows it is alive. The loop stops early when the host refused the stream or could
     not be reached within ``wait_for_host_s``; the summary's ``refused`` and ``gave_up`` say so.
+    ``on_record(record)`` is called in this thread with each frame's record (a dict) once its outcome is known
+    (:meth:`latentlink.edge.profiler.ReportWriter.add` writes them to a report); nothing per frame is kept.
     """
     transport = profile.transport
     serializer = serializer or transport.serializer
@@ -52,7 +59,7 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     protocol = VERSION if raw else protocol
     check_coding(packing, entropy)  # refused here, not at the first frame
     check_available(entropy)  # a missing library too
-    stages = EDGE_STAGES if entropy != "none" else tuple(s for s in EDGE_STAGES if s != "entropy")
+    stages = edge_stages(entropy)
     frame_hw = tuple(encoder.info.frame_shape[2:])
     if frame_hw != (profile.input.height, profile.input.width):
         raise ConfigError("the encoder takes {}x{} frames{} but profile {!r} says {}x{}: use the profile it was "
@@ -61,7 +68,9 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                               profile.input.width, profile.input.height))
     # With patch processing (edge/tiles.py) preprocessing also cuts the frame into the encoder's batch of tiles.
     preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit, encoder.info.tiles)
-    timers = []  # every frame processed, whatever became of it
+    stats = FrameStats(stages, profile.budget_ms)
+    settled = collections.deque()  # timers of frames the sender settled, not yet counted (appended by its threads)
+    delivery = delivery or transport.delivery
     info = encoder.info
     hello = {"model_id": info.model_id, "shape": [int(d) for d in info.latent_shape],
              "dtype": info.latent_dtype, "packing": packing, "entropy": entropy,
@@ -72,7 +81,8 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                     wait_for_host_s=transport.wait_for_host_s if wait_for_host_s is None else wait_for_host_s,
                     spool=spool, send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes,
                     connect_timeout_s=transport.connect_timeout_s, send_timeout_s=transport.send_timeout_s,
-                    max_backoff_s=transport.max_backoff_s, end_of_stream=not raw, credentials=credentials)
+                    max_backoff_s=transport.max_backoff_s, end_of_stream=not raw, credentials=credentials,
+                    on_settled=settled.append)
     if raw:
         log.info("--serializer pickle-raw: each frame goes as an 8-byte big-endian length and pickle.dumps(latents), "
                  "nothing else; frames are counted as sent once written, and closing the connection ends the stream")
@@ -102,9 +112,9 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                 else:
                     data = frame_payload(stream, seq, t_capture, latents, packing, payload, entropy, version=protocol)
             timer.extra["bytes"] = len(data)
-            timers.append(timer)
             sender.submit(data, timer)
             seq += 1
+            _count_settled(settled, stats, on_record)
             now = time.perf_counter()
             if now - last_status >= status_every_s:
                 last_status = now
@@ -117,17 +127,13 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     finally:
         sender.close()
     wall_s = time.perf_counter() - started
-    records = []
-    for timer in timers:
-        timer.extra.pop("t_capture", None)
-        timer.extra.setdefault("outcome", "lost")  # cannot happen once close() returned; never leave one out
-        records.append(timer.record())
+    _count_settled(settled, stats, on_record)  # every frame: close() returned, so the sender settled them all
     notes = {"gpu_to_cpu": encoder.copy_note} if encoder.copy_note else {}
     if sender.clock.error_s is not None:
         notes["latency"] = ("capture to decoded on the host; host clock offset {:+.3f} ms, estimated to within "
                             "{:.3f} ms (NTP-style, from the acknowledgements)".format(
                                 sender.clock.offset_s * 1000.0, sender.clock.error_s * 1000.0))
-    summary = summarize(records, stages, profile.budget_ms, wall_s, dropped=sender.counts["dropped"], extra={
+    return stats.summary(wall_s, dropped=sender.counts["dropped"], extra={
         "captured": seq, "outcomes": dict((k, sender.counts[k]) for k in OUTCOMES if k != "sent" or protocol == 1),
         "protocol": protocol, "serializer": serializer, "delivery": delivery, "window": sender.window,
         "session": sender.session,
@@ -138,7 +144,24 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                                              "error_ms": None if sender.clock.error_s is None else
                                              round(sender.clock.error_s * 1000.0, 3)},
         "notes": notes})
-    return summary, records
+
+
+def edge_stages(entropy):
+    """The stages the edge times: :data:`EDGE_STAGES`, without ``entropy`` when there is no coder (``"none"``)."""
+    return EDGE_STAGES if entropy != "none" else tuple(s for s in EDGE_STAGES if s != "entropy")
+
+
+def _count_settled(settled, stats, on_record):
+    """Count the settled frames in ``stats``, hand their records to ``on_record``, and let them go. A frame whose
+    ``send`` stage is still open (the host's ACK came before the sender's thread closed it) waits for the next
+    call, and the frames after it with it, so that records keep the order they were settled in."""
+    while settled and not settled[0].timing:
+        timer = settled.popleft()
+        timer.extra.pop("t_capture", None)
+        record = timer.record()
+        stats.add(record)
+        if on_record is not None:
+            on_record(record)
 
 
 def check_raw(serializer, entropy, delivery):

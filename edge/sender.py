@@ -317,12 +317,15 @@ class Sender(object):
 
     ``end_of_stream=False`` (protocol 1 only): send no end-of-stream frame at close, for receivers that know no
     latentlink framing (``--serializer pickle-raw``): closing the connection ends their stream.
+    ``on_settled(timer)``, if given, is called once per frame when its outcome is known, under the sender's lock
+    and from whichever thread settled it: it must be quick and must not call the sender (the pipeline appends the
+    timer to a deque). Its ``send`` stage may still be open then (see ``FrameTimer.timing``).
     """
 
     def __init__(self, address, stream, hello=None, queue_size=4, drop="oldest", window=4, delivery="live",
                  protocol=VERSION_2, wait_for_host_s=0.0, spool=None, send_buffer_bytes=1 << 20,
                  connect_timeout_s=5.0, send_timeout_s=10.0, max_backoff_s=5.0, end_timeout_s=10.0,
-                 end_of_stream=True, credentials=None):
+                 end_of_stream=True, credentials=None, on_settled=None):
         if drop not in DROP_POLICIES:
             raise ConfigError("unknown drop policy {!r} (available: {})".format(drop, ", ".join(DROP_POLICIES)))
         if delivery not in DELIVERIES:
@@ -356,6 +359,7 @@ class Sender(object):
         self.wait_for_host_s = wait_for_host_s
         self.max_backoff_s, self.end_timeout_s = max_backoff_s, end_timeout_s
         self.end_of_stream = end_of_stream
+        self.on_settled = on_settled
         self.link_options = dict(send_buffer_bytes=send_buffer_bytes, connect_timeout_s=connect_timeout_s,
                                  send_timeout_s=send_timeout_s, credentials=credentials)
         self.session = os.urandom(8).hex()  # a new stream each run; the same across this run's reconnects
@@ -738,6 +742,8 @@ class Sender(object):
                 timer.extra["latency_ms"] = latency
         if ack is not None and outcome == "failed" and ack.get("reason"):
             timer.extra["reason"] = ack["reason"]
+        if self.on_settled is not None:
+            self.on_settled(timer)
 
     def _sleep(self, seconds):
         """The backoff wait: submit() does not cut it short; close() or abort() does not lengthen it."""

@@ -11,7 +11,7 @@ from latentlink.edge.cli import (add_backend_options, add_run_options, backend_o
                       positive_int, run_main, setup_logging)
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.profile import load_profile
-from latentlink.edge.profiler import format_table, write_report
+from latentlink.edge.profiler import HOST_STAGES, ReportWriter, format_table
 from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
@@ -125,49 +125,64 @@ def _main(argv):
     decoder_path = profile.model.decoder if args.decoder == "default" else args.decoder
     listen = parse_address(args.listen)
     credentials = Credentials.for_host(args.tls, args.token_file)  # missing files fail before the model loads
-    with open_backend(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
-        host = Host(decoder, budget_ms=profile.budget_ms, out_dir=args.out, display=args.display,
-                    max_frames=args.max_frames, max_streams=args.max_streams,
-                    max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
-                    idle_timeout_s=args.idle_timeout, frame_timeout_s=args.frame_timeout,
-                    handshake_timeout_s=args.handshake_timeout, max_connections=args.max_connections,
-                    max_connections_per_peer=args.max_connections_per_peer, accept_pickle=args.accept_pickle,
-                    window=args.window, decode_delay_s=args.decode_delay, credentials=credentials)
-        host.accept_pickle_raw, host.raw_stream_name = args.accept_pickle_raw, args.raw_stream_name
-        if args.accept_pickle:
-            logging.getLogger("latentlink.host").warning(
-                "--accept-pickle: frames of pickled numpy arrays are accepted from any peer; they are parsed "
-                "without an unpickler (numeric numpy arrays only, pickle protocols 2-5); without the flag they are "
-                "refused")
-        if args.accept_pickle_raw:
-            logging.getLogger("latentlink.host").warning(
-                "--accept-pickle-raw: connections of 8-byte lengths and pickles (no latentlink framing) are "
-                "accepted from any peer as stream %s; each pickle is parsed without an unpickler (a float32, float16 "
-                "or uint8 array of the decoder's shape %s, pickle protocols 2-5)",
-                repr(args.raw_stream_name) if args.raw_stream_name else "raw-<ip>-<port>",
-                list(decoder.input_shape))
-        bound = host.bind(*listen)
-        log_credentials(args, bound, credentials)
-        if args.ready_file:
-            with open(args.ready_file + ".tmp", "w") as f:
-                f.write("{}:{}\n".format(*bound))
-            os.replace(args.ready_file + ".tmp", args.ready_file)
-        host.serve()
-        summary, records = host.summary()
-    meta = {"role": "host", "peak_rss_mb": peak_rss_mb(),
-            "stream": ",".join(summary["streams"]) or "-", "profile": profile.name,
-            "backend": decoder.name, "decoder": decoder_path, "out": args.out}
-    if args.report:
-        write_report(args.report, summary, records, meta)
+    report = None
+    try:
+        with open_backend(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
+            meta = {"role": "host", "profile": profile.name, "backend": decoder.name, "decoder": decoder_path,
+                    "out": args.out}
+            if args.report:  # each decoded frame's record is written at once, not kept until the end
+                report = ReportWriter(args.report, HOST_STAGES, profile.budget_ms, meta)
+            summary = serve(args, profile, decoder, listen, report, credentials)
+        meta.update(peak_rss_mb=peak_rss_mb(), stream=",".join(summary["streams"]) or "-")
+        if report is not None:
+            report.finish(summary, meta)
+    finally:
+        if report is not None:
+            report.close()  # a host that failed leaves an unfinished report, readable up to its last record
     if not args.quiet:
         print(format_table(summary, "host ({}, {})".format(profile.name, decoder.name)))
         for name, stream in summary["streams"].items():
             print("stream {!r}: {frames} frames decoded, {failed} failed to decode, {gaps} never received (dropped "
                   "or lost by the edge), {duplicates} resent duplicates, {connections} connection(s){}".format(
                       name, "" if stream["ended"] else ", no end-of-stream", **stream))
+        if "forgotten_streams" in summary:
+            print("{streams} older streams not listed: {frames} frames decoded, {failed} failed to decode, {gaps} "
+                  "never received, {duplicates} resent duplicates".format(**summary["forgotten_streams"]))
         if args.report:
             print("report: {}".format(args.report))
     return 0
+
+
+def serve(args, profile, decoder, listen, report, credentials):
+    """Serve edges until a stop condition; returns the summary."""
+    host = Host(decoder, budget_ms=profile.budget_ms, out_dir=args.out, display=args.display,
+                max_frames=args.max_frames, max_streams=args.max_streams,
+                max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
+                idle_timeout_s=args.idle_timeout, frame_timeout_s=args.frame_timeout,
+                handshake_timeout_s=args.handshake_timeout, max_connections=args.max_connections,
+                max_connections_per_peer=args.max_connections_per_peer, accept_pickle=args.accept_pickle,
+                window=args.window, decode_delay_s=args.decode_delay, credentials=credentials,
+                on_record=report.add if report is not None else None)
+    host.accept_pickle_raw, host.raw_stream_name = args.accept_pickle_raw, args.raw_stream_name
+    if args.accept_pickle:
+        logging.getLogger("latentlink.host").warning(
+            "--accept-pickle: frames of pickled numpy arrays are accepted from any peer; they are parsed "
+            "without an unpickler (numeric numpy arrays only, pickle protocols 2-5); without the flag they are "
+            "refused")
+    if args.accept_pickle_raw:
+        logging.getLogger("latentlink.host").warning(
+            "--accept-pickle-raw: connections of 8-byte lengths and pickles (no latentlink framing) are "
+            "accepted from any peer as stream %s; each pickle is parsed without an unpickler (a float32, float16 "
+            "or uint8 array of the decoder's shape %s, pickle protocols 2-5)",
+            repr(args.raw_stream_name) if args.raw_stream_name else "raw-<ip>-<port>", list(decoder.input_shape))
+    bound = host.bind(*listen)
+    log_credentials(args, bound, credentials)
+    if args.ready_file:
+        with open(args.ready_file + ".tmp", "w") as f:
+            f.write("{}:{}\n".format(*bound))
+        os.replace(args.ready_file + ".tmp", args.ready_file)
+    host.serve()
+    return host.summary()
 
 
 def log_credentials(args, bound, credentials):

@@ -37,7 +37,7 @@ import cv2
 from latentlink.edge.entropy import check_available
 from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, LatentlinkError, ProtocolError
 from latentlink.edge.preprocess import to_image
-from latentlink.edge.profiler import HOST_STAGES, FrameTimer, summarize
+from latentlink.edge.profiler import HOST_STAGES, FrameStats, FrameTimer
 from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_AUTH,
                                       KIND_CHALLENGE, KIND_CLOCK, KIND_END, KIND_FRAME, KIND_HELLO, KIND_NAMES,
                                       KIND_REFUSE, MAGIC, MAX_WINDOW, PERMANENT_REFUSALS, VERSION, VERSION_2, VERSIONS,
@@ -52,6 +52,7 @@ from .raw_pickle import serve_raw_pickles
 log = logging.getLogger("latentlink.host")
 REMEMBERED_FRAMES = 4 * MAX_WINDOW  # outcomes a session keeps for deduplication: far more than can be in flight
 REMEMBERED_SESSIONS = 1024  # sessions kept after their connection ended (for reconnects), oldest forgotten first
+MAX_STREAM_STATS = 10000  # streams whose counts the summary lists one by one; older ones are summed (Host)
 JOURNAL_DIR = ".latentlink"  # under out_dir: <stream>.delivered, "session seq outcome" lines (kept apart from PNGs)
 # The most sequence numbers one jump (or an end-of-stream) may count as never received: 2**24 frames, 6.5 days at
 # 30 fps. A larger jump is no edge's drops but a restart or a peer's bad numbers: it is logged and counted in
@@ -109,6 +110,11 @@ class StreamStats(object):
         return {"frames": self.frames, "gaps": self.gaps, "failed": self.failed, "duplicates": self.duplicates,
                 "connections": self.connections, "sessions": self.sessions, "ended": self.ended,
                 "last_seq": self.last_seq, "seq_jumps": self.seq_jumps, "untimed": self.untimed}
+
+    def absorb(self, other):
+        """Add the counts of ``other`` (a stream being forgotten) to these totals."""
+        for key in ("frames", "gaps", "failed", "duplicates", "connections", "sessions", "seq_jumps", "untimed"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
 
 
 class Session(object):
@@ -210,6 +216,13 @@ class Host(object):
     (simulates a slower decoder, so that frames are in flight when a fault is injected; 0: off).
     ``credentials``: a :class:`~latentlink.edge.security.Credentials` with a TLS context, a token, or both, that
     edges must match (None: any edge is served, as before).
+
+    Memory does not grow with the frames or the streams served: the summary is aggregated as frames are decoded
+    (:class:`~latentlink.edge.profiler.FrameStats`), and each decoded frame's record goes to ``on_record(record)``
+    (called from the connection's thread, e.g. a :class:`~latentlink.edge.profiler.ReportWriter`'s ``add``), never
+    into a list. :attr:`streams` keeps the counts of at most ``max_stream_stats`` streams: when a new stream would
+    pass that, the oldest ended one (or, if none ended, the oldest not connected) is forgotten and its counts added
+    to :attr:`forgotten`, so the summary's totals stay exact.
     """
 
     accept_pickle_raw = False  # plain clients' length-prefixed pickles (host/raw_pickle.py): --accept-pickle-raw
@@ -218,7 +231,7 @@ class Host(object):
     def __init__(self, decoder, budget_ms=33.0, out_dir=None, display=False, max_frames=None, max_streams=None,
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
                  accept_pickle=False, window=8, handshake_timeout_s=5.0, max_connections_per_peer=4,
-                 decode_delay_s=0.0, credentials=None):
+                 decode_delay_s=0.0, credentials=None, on_record=None, max_stream_stats=MAX_STREAM_STATS):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
@@ -233,8 +246,12 @@ class Host(object):
         self.decode_delay_s = decode_delay_s  # tests and benchmarks: a slower decoder
         self.credentials = credentials or Credentials()
         self._sessions = collections.OrderedDict()  # (stream, session id) -> Session, least recently used first
-        self.streams = {}
-        self.records = []
+        self.streams = collections.OrderedDict()  # name -> StreamStats, least recently connected first
+        self.max_stream_stats = max_stream_stats
+        self.forgotten = StreamStats("")  # the summed counts of the streams dropped from self.streams
+        self.forgotten_streams = 0
+        self.on_record = on_record
+        self._frames = FrameStats(HOST_STAGES, budget_ms)  # every decoded frame, aggregated
         self.protocol_errors = 0
         self.write_errors = 0
         self.refused_connections = 0  # over --max-connections or --max-connections-per-peer
@@ -546,7 +563,7 @@ class Host(object):
                     raise ProtocolError("stream {!r} is already connected from {}; give each edge its own --name"
                                         .format(meta.stream, self._live[meta.stream].where))
                 self._live[meta.stream] = me
-                stats = self.streams.setdefault(meta.stream, StreamStats(meta.stream))
+                stats = self._stream_stats(meta.stream)
                 stats.connections += 1
             names.append(meta.stream)
             log.info("%s: stream %r connected", where, meta.stream)
@@ -742,7 +759,7 @@ class Host(object):
             self._sessions[key] = session  # most recently used last
             while len(self._sessions) > REMEMBERED_SESSIONS:
                 self._sessions.popitem(last=False)
-            stats = self.streams.setdefault(stream, StreamStats(stream))
+            stats = self._stream_stats(stream)
             stats.connections += 1
             if new_session:
                 stats.sessions += 1
@@ -751,6 +768,24 @@ class Host(object):
             me.session = session
             self._live[stream] = me
         return None, evicted
+
+    def _stream_stats(self, name):
+        """Under the lock: the StreamStats of stream ``name`` (which is connecting), created if new. At most
+        ``max_stream_stats`` are kept: a new one makes room by forgetting the oldest ended stream, else the oldest
+        not connected; connected streams (at most ``max_connections``) are always kept."""
+        stats = self.streams.get(name)
+        if stats is not None:
+            self.streams.move_to_end(name)
+            return stats
+        if len(self.streams) >= self.max_stream_stats:
+            old = next((s for s in self.streams.values() if s.ended), None) or next(
+                (s for s in self.streams.values() if s.name not in self._live), None)
+            if old is not None:
+                del self.streams[old.name]
+                self.forgotten.absorb(old)
+                self.forgotten_streams += 1
+        stats = self.streams[name] = StreamStats(name)
+        return stats
 
     def _check_v2_meta(self, meta, hello, where, names, me):
         if meta.stream != hello["stream"]:
@@ -828,11 +863,13 @@ class Host(object):
                                 meta.t_capture)
                 stats.untimed += 1
             stats.frames += 1
-            self.records.append(record)
+            self._frames.add(record)
             self._first_frame_at = self._first_frame_at or now
             self._last_frame_at = now
-            if self.max_frames and len(self.records) >= self.max_frames:
+            if self.max_frames and self._frames.frames >= self.max_frames:
                 self._stop.set()
+        if self.on_record is not None:  # outside the lock: a report write must not hold up other connections
+            self.on_record(record)
         return "decoded", ""
 
     def _write(self, meta, image):
@@ -860,22 +897,29 @@ class Host(object):
 
     # Results.
     def summary(self):
-        with self._lock:
-            records = sorted(self.records, key=lambda r: (r["stream"], r["seq"]))
-            wall_s = (self._last_frame_at - self._first_frame_at) if self._first_frame_at else 0.0
-            # fps over the span from the first frame to the last: n frames make n-1 intervals.
-            per_frame_wall = wall_s * len(records) / max(1, len(records) - 1)
-            streams = {name: s.as_dict() for name, s in sorted(self.streams.items())}
-            gaps = sum(s.gaps for s in self.streams.values())
-            failed = sum(s.failed for s in self.streams.values())
+        """The run's summary (a dict, see :func:`~latentlink.edge.profiler.summarize`) with the host's counts:
+        ``failed``, ``protocol_errors``, ``write_errors``, ``streams`` (per stream) and, once streams were forgotten
+        (``max_stream_stats``), ``forgotten_streams``: their number and summed counts."""
         notes = {"receive": "from a frame's first bytes to its last; idle time between frames is not counted",
                  "write": "PNG encoding and saving (plus the conversion to an image)" if self.out_dir else
                  "conversion to an image only (no --out)"}
-        summary = summarize(records, HOST_STAGES, self.budget_ms, per_frame_wall, dropped=gaps, extra={
-            "failed": failed, "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
-            "refused_connections": self.refused_connections, "timeouts": self.timeouts, "streams": streams,
-            "notes": notes})
-        return summary, records
+        with self._lock:
+            frames = self._frames.frames
+            wall_s = (self._last_frame_at - self._first_frame_at) if self._first_frame_at else 0.0
+            # fps over the span from the first frame to the last: n frames make n-1 intervals.
+            per_frame_wall = wall_s * frames / max(1, frames - 1)
+            streams = {name: s.as_dict() for name, s in sorted(self.streams.items())}
+            gaps = self.forgotten.gaps + sum(s.gaps for s in self.streams.values())
+            failed = self.forgotten.failed + sum(s.failed for s in self.streams.values())
+            extra = {"failed": failed, "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
+                     "refused_connections": self.refused_connections, "timeouts": self.timeouts, "streams": streams}
+            if self.forgotten_streams:
+                forgotten = self.forgotten.as_dict()
+                for key in ("ended", "last_seq"):
+                    del forgotten[key]
+                extra["forgotten_streams"] = dict(streams=self.forgotten_streams, **forgotten)
+            extra["notes"] = notes
+            return self._frames.summary(per_frame_wall, dropped=gaps, extra=extra)
 
 
 def _shutdown(sock):

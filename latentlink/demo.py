@@ -79,7 +79,7 @@ def _main(argv):
             if proc is not None and proc.poll() is None:
                 proc.kill()
 
-    edge_summary, host_summary = load_report(edge_report), load_report(host_report)
+    edge_summary, host_summary = load_report(edge_report, records=False), load_report(host_report, records=False)
     print()
     print(format_report(edge_summary))
     print()

@@ -128,3 +128,23 @@ def test_the_pickle_serializer_cannot_be_entropy_coded(tiny_profile, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --serializer pickle cannot be entropy-coded (entropy 'zlib')")
     assert "--entropy none" in err
+
+
+def test_a_host_killed_mid_run_leaves_a_report_readable_to_its_last_frame(tmp_path, tiny_profile, video_file):
+    """Records reach the report as frames are decoded: SIGKILL loses the summary line, never a decoded frame."""
+    from latentlink.edge.profiler import load_report
+
+    host, address = start_host(tmp_path, tiny_profile, "--max-streams", "2")  # still waiting after one stream
+    try:
+        edge = run_cli("latentlink.edge", "--source", "file://" + video_file, "--connect", address, "--name", "cut",
+                       "--profile", tiny_profile, "--drop", "block", "--quiet")
+        assert edge.returncode == 0, edge.stderr
+    finally:
+        host.kill()
+        host.communicate(timeout=60)
+    report = load_report(str(tmp_path / "host.json"))
+    assert report["unfinished"] is True and report["frames"] == 24 and len(report["records"]) == 24
+    assert sorted(r["seq"] for r in report["records"]) == list(range(24))
+    assert report["meta"]["role"] == "host" and report["stages"]["decode"]["frames"] == 24
+    printed = run_cli("latentlink", "report", str(tmp_path / "host.json"))
+    assert printed.returncode == 0 and "note: report: unfinished" in printed.stdout

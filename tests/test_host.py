@@ -20,8 +20,10 @@ from latentlink.host.server import Host
 @pytest.fixture(params=[False], ids=["default"])
 def host(tiny_profile, tmp_path, request):
     decoder = open_backend(load_profile(tiny_profile).model.decoder, "decoder").load()
+    records = []  # what a report writer would get: each decoded frame's record
     server = Host(decoder, out_dir=str(tmp_path / "frames"), idle_timeout_s=5, frame_timeout_s=2,
-                  accept_pickle=request.param)
+                  accept_pickle=request.param, on_record=records.append)
+    server.test_records = records
     server.bind("127.0.0.1", 0)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
@@ -137,7 +139,8 @@ def test_entropy_coded_frames_decode_and_a_corrupt_one_closes_only_its_connectio
     wait_until(lambda: host.streams.get("coded") and host.streams["coded"].ended)
     assert host.streams["coded"].frames == 3 and host.protocol_errors == 1
     assert "bad frame: zlib payload of" in caplog.text and "closing this connection" in caplog.text
-    assert [r["bytes"] for r in host.summary()[1]] == [len(f) for f in frames]  # the compressed frames
+    assert [r["bytes"] for r in host.test_records] == [len(f) for f in frames]  # the compressed frames
+    assert host.summary()["bytes_per_frame"] == round(sum(len(f) for f in frames) / 3.0, 3)
 
 
 def test_oversized_payload_is_refused_before_reading_it(host):
@@ -162,10 +165,10 @@ def test_sequence_gaps_are_reported_apart_from_failures(host):
         sock.sendall(encode_frame("gappy", seq, time.time(), latents(seq), "bits"))
     sock.sendall(encode_end_of_stream("gappy", 10))
     wait_until(lambda: host.streams.get("gappy") and host.streams["gappy"].ended)
-    summary, records = host.summary()
+    summary = host.summary()
     assert summary["streams"]["gappy"]["gaps"] == 5 and summary["streams"]["gappy"]["failed"] == 0
     assert summary["dropped"] == 5 and summary["frames"] == 5
-    assert [r["seq"] for r in records] == [0, 1, 4, 5, 9]
+    assert [r["seq"] for r in host.test_records] == [0, 1, 4, 5, 9]
     assert set(summary["stages"]) == {"receive", "deserialize", "decode", "write", "total"}
 
 
@@ -279,3 +282,24 @@ def test_display_without_gui_support_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cv2, "namedWindow", no_gui)
     with pytest.raises(ConfigError, match="opencv-python-headless"):
         check_display()
+
+
+def test_stream_counts_are_bounded_and_forgotten_streams_still_add_up(host):
+    """Bounded memory per stream name: past max_stream_stats, the oldest ended stream is folded into the totals."""
+    host.max_stream_stats = 3
+    for i in range(5):  # five edges, one after the other: stream i sends frames 0..i with frame 0 missing
+        name = "cam{}".format(i)
+        sock = connect(host)
+        for seq in range(1, i + 2):
+            sock.sendall(encode_frame(name, seq, time.time(), latents(seq), "bits"))
+        sock.sendall(encode_end_of_stream(name, i + 2))
+        wait_until(lambda: host.streams.get(name) and host.streams[name].ended)
+        sock.close()
+    assert list(host.streams) == ["cam2", "cam3", "cam4"]
+    summary = host.summary()
+    assert summary["frames"] == 1 + 2 + 3 + 4 + 5 and summary["dropped"] == 5  # every stream's missing frame 0
+    assert list(summary["streams"]) == ["cam2", "cam3", "cam4"]
+    assert summary["forgotten_streams"] == {"streams": 2, "frames": 1 + 2, "gaps": 2, "failed": 0, "duplicates": 0,
+                                            "connections": 2, "sessions": 0, "seq_jumps": 0, "untimed": 0}
+    assert sum(s["frames"] for s in summary["streams"].values()) + summary["forgotten_streams"]["frames"] == 15
+    assert len(host.test_records) == 15

@@ -167,8 +167,9 @@ def test_write_and_load_report_round_trip(tmp_path):
     path = tmp_path / "sub" / "dir" / "host.json"
     write_report(path, s, records, meta={"role": "host", "stream": "cam0"})
     assert os.listdir(str(path.parent)) == ["host.json"]  # no temp file left behind
-    raw = json.loads(path.read_text())
-    assert list(raw)[:len(TOP_KEYS)] == TOP_KEYS
+    raw = json.loads(path.read_text())  # one JSON document, as before reports were streamed
+    assert list(raw)[:4] == ["kind", "version", "started", "records"]  # the records were written first
+    assert list(raw)[4:4 + len(TOP_KEYS)] == TOP_KEYS and list(raw)[-1] == "meta"
     report = load_report(str(path))
     for key, value in s.items():
         assert report[key] == value  # the summary is at the top level
@@ -345,3 +346,236 @@ def test_the_entropy_stage_prints_between_serialize_and_send_and_old_reports_sti
     write_report(path, summarize(records, old_stages, 33.0, 1.0), records, {"role": "edge"})
     table = format_report(load_report(path))
     assert "serialize" in table and "entropy" not in table
+
+
+# --- bounded aggregates -----------------------------------------------------------------------------------------------
+
+def _exact_stats(values):
+    lo, hi = min(values), max(values)
+    p50, p95, p99 = np.percentile(np.array(values), [50.0, 95.0, 99.0])
+    return {"min_ms": lo, "median_ms": p50, "mean_ms": sum(values) / len(values), "p95_ms": p95, "p99_ms": p99,
+            "max_ms": hi}
+
+
+def _assert_within_the_bound(stats, values):
+    """Percentiles within 1 % (the histogram's bucket width / 2) plus the rounding to 1 us; the rest exact."""
+    exact = _exact_stats(values)
+    for key in ("min_ms", "max_ms", "mean_ms"):
+        assert stats[key] == pytest.approx(round(exact[key], 3), abs=1e-3), key
+    for key in ("median_ms", "p95_ms", "p99_ms"):
+        assert abs(stats[key] - exact[key]) <= 0.01 * abs(exact[key]) + 0.002, (key, stats[key], exact[key])
+
+
+def test_distribution_is_exact_up_to_exact_values_then_a_fixed_histogram_within_one_percent():
+    from latentlink.edge.profiler import EXACT_VALUES, HISTOGRAM_BUCKETS, Distribution
+
+    values = list(np.random.RandomState(0).lognormal(mean=2.0, sigma=1.5, size=20000))  # 0.01 ms to minutes
+    d = Distribution()
+    for v in values[:EXACT_VALUES]:
+        d.add(v)
+    assert d.exact
+    exact = _exact_stats(values[:EXACT_VALUES])
+    assert d.stats() == dict((k, round(float(v), 3)) for k, v in exact.items())  # numpy's own percentiles
+    for v in values[EXACT_VALUES:]:
+        d.add(v)
+    assert not d.exact and d.count == len(values)
+    assert d._values is None and d._buckets.shape == (HISTOGRAM_BUCKETS,)  # the memory it keeps, whatever the count
+    _assert_within_the_bound(d.stats(), values)
+    shuffled = Distribution()  # deterministic: the order of the values does not matter
+    for v in np.random.RandomState(1).permutation(values):
+        shuffled.add(v)
+    assert shuffled.stats() == pytest.approx(d.stats(), abs=1e-3)
+    assert shuffled.stats()["median_ms"] == d.stats()["median_ms"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.one_of(times, st.floats(min_value=-1.0, max_value=0.01)), min_size=1, max_size=200))
+def test_histogram_percentiles_are_within_the_documented_bound(values):
+    from unittest import mock
+
+    from latentlink.edge import profiler
+
+    with mock.patch.object(profiler, "EXACT_VALUES", 0):  # the histogram from the first value
+        d = profiler.Distribution()
+        for v in values:
+            d.add(v)
+    assert not d.exact
+    stats = d.stats()
+    assert stats["min_ms"] <= stats["median_ms"] <= stats["p95_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+    if min(values) >= 0.0:  # negative values share the first bucket with those under 1 us: no relative bound there
+        _assert_within_the_bound(stats, values)
+
+
+def test_summary_of_a_long_run_is_bounded_and_matches_the_records():
+    """5,000 frames: the streamed aggregate and the exact figures agree to the documented bound; counts exact."""
+    from latentlink.edge.profiler import FrameStats
+
+    rng = np.random.RandomState(2)
+    records = [{"seq": i, "stages": {"capture": float(rng.uniform(1, 9)), "encode": float(rng.gamma(4.0, 10.0))},
+                "bytes": 1000 + i % 7, "latency_ms": float(rng.uniform(50, 500))} for i in range(5000)]
+    stats = FrameStats(("capture", "encode"), 33.0)
+    for r in records:
+        stats.add(r)
+    s = stats.summary(wall_s=100.0)
+    assert s == summarize(records, ("capture", "encode"), 33.0, 100.0)  # one code path
+    totals = [r["stages"]["capture"] + r["stages"]["encode"] for r in records]
+    assert s["frames"] == s["stages"]["total"]["frames"] == 5000
+    assert s["over_budget"] == sum(t > 33.0 for t in totals)
+    assert s["bytes_per_frame"] == round(sum(r["bytes"] for r in records) / 5000.0, 3)
+    _assert_within_the_bound(s["stages"]["encode"], [r["stages"]["encode"] for r in records])
+    _assert_within_the_bound(s["stages"]["total"], totals)
+    _assert_within_the_bound(s["latency"], [r["latency_ms"] for r in records])
+
+
+def test_odd_times_never_break_a_distribution():
+    from latentlink.edge.profiler import EXACT_VALUES, Distribution
+
+    d = Distribution()
+    for v in [1.0] * EXACT_VALUES + [float("inf"), 1e12, -5.0, 0.0, float("nan")]:
+        d.add(v)
+    stats = d.stats()
+    assert stats["min_ms"] == -5.0 and abs(stats["median_ms"] - 1.0) <= 0.01 and d.count == EXACT_VALUES + 5
+
+
+def test_frame_timer_says_while_a_stage_is_open():
+    t = FrameTimer(0)
+    assert not t.timing
+    with t.stage("send"):
+        assert t.timing and "send" not in t.stages
+    assert not t.timing and "send" in t.stages
+
+
+# --- reports written as the run goes ----------------------------------------------------------------------------------
+
+def _host_records(n):
+    return [{"seq": i, "stages": {"receive": 1.0, "deserialize": 0.5, "decode": 20.0 + i, "write": 2.0},
+             "stream": "cam0", "bytes": 900, "latency_ms": 50.0 + i} for i in range(n)]
+
+
+def test_report_writer_appends_each_record_as_it_comes_and_ends_one_json_document(tmp_path):
+    from latentlink.edge.profiler import ReportWriter
+
+    path = tmp_path / "run" / "host.json"
+    records = _host_records(3)
+    writer = ReportWriter(str(path), HOST_STAGES, 33.0, meta={"role": "host", "profile": "tiny"})
+    for i, r in enumerate(records):
+        writer.add(r)
+        assert path.read_text().count("\n") == 2 + i  # on disk at once: the header line and a line per record
+    running = load_report(str(path))  # while the run goes on: the records so far, summarized
+    assert running["unfinished"] is True and running["frames"] == 3 and running["fps"] == 0.0
+    assert running["records"] == records and running["meta"] == {"role": "host", "profile": "tiny"}
+    assert "unfinished" in running["notes"]["report"] and "3 complete records" in running["notes"]["report"]
+    assert list(running["stages"]) == list(HOST_STAGES) + ["total"]
+    summary = summarize(records, HOST_STAGES, 33.0, 0.1, extra={"streams": {"cam0": {"frames": 3}}})
+    writer.finish(summary, meta={"role": "host", "profile": "tiny", "peak_rss_mb": 99.0})
+    writer.add(records[0])  # a connection thread finishing late: ignored, the file is complete
+    raw = json.loads(path.read_text())  # one JSON document: json.load reads it like the reports before
+    assert raw["frames"] == 3 and raw["records"] == records and raw["meta"]["peak_rss_mb"] == 99.0
+    assert raw["started"] == {"stages": list(HOST_STAGES), "budget_ms": 33.0,
+                              "meta": {"role": "host", "profile": "tiny"}}
+    report = load_report(str(path))
+    assert "unfinished" not in report and report["records"] == records
+    for key, value in summary.items():
+        assert report[key] == value
+    light = load_report(str(path), records=False)  # what `latentlink report` reads: the records are not parsed
+    assert "records" not in light and light["frames"] == 3
+    assert format_report(light) == format_report(report)
+
+
+def test_a_report_cut_anywhere_reads_up_to_its_last_complete_record(tmp_path):
+    """Every length a killed writer can leave: the records whose line is complete, summarized."""
+    records = _host_records(4)
+    path = tmp_path / "host.json"
+    write_report(str(path), summarize(records, HOST_STAGES, 33.0, 1.0), records, {"role": "host"})
+    data = path.read_bytes()
+    lines = data.splitlines(True)
+    header = len(lines[0])
+    cut = tmp_path / "cut.json"
+    for size in range(header, len(data)):
+        cut.write_bytes(data[:size])
+        report = load_report(str(cut))
+        complete = sum(1 for line in data[header:size].splitlines(True) if line.endswith(b"\n")
+                       and not line.startswith(b"]"))
+        assert report["unfinished"] is True and report["frames"] == complete, size
+        assert report["records"] == records[:complete]
+        assert report["stages"]["decode"]["max_ms"] == (20.0 + complete - 1 if complete else 0.0)
+        assert report["meta"] == {"role": "host"}
+    cut.write_bytes(data[:header - 1])  # not even the header: nothing to read
+    with pytest.raises(ConfigError, match="not JSON"):
+        load_report(str(cut))
+
+
+def test_a_report_whose_writer_is_killed_is_readable(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    path = tmp_path / "edge.json"
+    script = ("import sys, time\n"
+              "from latentlink.edge.profiler import ReportWriter, EDGE_STAGES\n"
+              "w = ReportWriter(sys.argv[1], EDGE_STAGES, 33.0, {'role': 'edge', 'stream': 'cam0'})\n"
+              "for i in range(10 ** 9):\n"
+              "    w.add({'seq': i, 'stages': {'capture': 1.0, 'encode': 30.0}, 'bytes': 100, 'outcome': "
+              "'dropped' if i % 2 else 'decoded'})\n"
+              "    time.sleep(0.001)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() or path.read_text().count("\n") < 50:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    report = load_report(str(path))
+    assert report["unfinished"] and report["frames"] >= 49 and report["frames"] == len(report["records"])
+    assert report["dropped"] == report["frames"] // 2  # the records' outcomes
+    assert [r["seq"] for r in report["records"]] == list(range(report["frames"]))
+    code, out, err = _run([str(path)])
+    assert code == 0 and err == ""
+    assert out.splitlines()[0] == "edge 'cam0'" and "note: report: unfinished" in out
+
+
+def test_reports_written_whole_by_earlier_versions_still_load(tmp_path):
+    s, records = _summary()
+    report = dict(s, kind="latentlink-report", version=1, meta={"role": "host"}, records=records)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")  # what write_report wrote before reports were streamed
+    assert load_report(str(path)) == report
+    assert "records" not in load_report(str(path), records=False)
+    code, out, _ = _run([str(path)])
+    assert code == 0 and "over budget: 2 of 4 frames" in out
+
+
+def test_a_damaged_or_foreign_streamed_report_is_refused(tmp_path):
+    from latentlink.edge.profiler import ReportWriter
+
+    path = tmp_path / "r.json"
+    writer = ReportWriter(str(path), HOST_STAGES, 33.0)
+    for r in _host_records(3):
+        writer.add(r)
+    writer.close()
+    lines = path.read_text().splitlines(True)
+    (tmp_path / "bad.json").write_text(lines[0] + lines[1] + ",{broken\n" + lines[3])
+    with pytest.raises(ConfigError, match="damaged.*line 3"):
+        load_report(str(tmp_path / "bad.json"))
+    (tmp_path / "v9.json").write_text(lines[0].replace('"version": 1', '"version": 9') + lines[1])
+    with pytest.raises(ConfigError, match="version 9"):
+        load_report(str(tmp_path / "v9.json"))
+    with pytest.raises(ConfigError, match="cannot write the report"):
+        ReportWriter(str(path / "under-a-file.json"), HOST_STAGES, 33.0)
+
+
+def test_a_report_that_cannot_be_written_further_does_not_stop_the_run(caplog):
+    from latentlink.edge.profiler import ReportWriter
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    writer = ReportWriter("/dev/full", HOST_STAGES, 33.0)  # every write fails: disk full
+    writer.add(_host_records(1)[0])
+    writer.finish(summarize([], HOST_STAGES, 33.0, 0.0))
+    assert isinstance(writer.error, OSError)
+    assert caplog.text.count("cannot write the report /dev/full") == 1

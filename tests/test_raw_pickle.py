@@ -27,7 +27,10 @@ from .test_host import Exploit, closed_by_peer, connect, latents, wait_until
 @pytest.fixture(params=[True], ids=["accept-pickle-raw"])
 def host(tiny_profile, tmp_path, request):
     decoder = open_backend(load_profile(tiny_profile).model.decoder, "decoder").load()
-    server = Host(decoder, out_dir=str(tmp_path / "frames"), idle_timeout_s=5, frame_timeout_s=2)
+    records = []  # each decoded frame's record, as a report writer would get it
+    server = Host(decoder, out_dir=str(tmp_path / "frames"), idle_timeout_s=5, frame_timeout_s=2,
+                  on_record=records.append)
+    server.records = records
     server.accept_pickle_raw = request.param
     server.bind("127.0.0.1", 0)
     thread = threading.Thread(target=server.serve, daemon=True)
@@ -87,7 +90,7 @@ def test_every_accepted_dtype_layout_and_pickle_protocol_is_decoded(host, tmp_pa
     assert stream.startswith("raw-127.0.0.1-")
     assert stats.frames == 5 and stats.gaps == 0 and stats.failed == 0 and host.protocol_errors == 0
     assert sorted(os.listdir(os.path.join(host.out_dir, stream))) == ["{:06d}.png".format(i) for i in range(5)]
-    summary, records = host.summary()
+    summary, records = host.summary(), host.records
     assert [r["seq"] for r in records] == list(range(5)) and "latency" not in summary
     assert [r["bytes"] for r in records] == [len(message(z, protocol)) for z in frames]
     assert all(r["latency_ms"] is None for r in records)
@@ -177,7 +180,7 @@ def test_latentlink_edges_are_served_beside_plain_clients(host):
     wait_until(lambda: "cam0" in host.streams and host.streams["cam0"].ended and raw_stream in host.streams
                and host.streams[raw_stream].ended)
     assert host.streams["cam0"].frames == 1 and host.streams[raw_stream].frames == 1
-    summary, _ = host.summary()
+    summary = host.summary()
     assert summary["latency"]["frames"] == 1  # the edge's frame has a capture time, the plain client's none
 
 

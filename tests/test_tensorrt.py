@@ -344,11 +344,13 @@ def test_edge_streams_through_an_engine_with_cuda_columns(monkeypatch, onnx_dir,
         address = host.bind("127.0.0.1", 0)
         thread = threading.Thread(target=host.serve, daemon=True)
         thread.start()
+        records = []
         with open_source("synthetic://") as source, open_backend(meta["engine"], "encoder") as encoder:
-            summary, records = run_edge(source, encoder, profile, address, "jetson", frames=5, drop="block")
+            summary = run_edge(source, encoder, profile, address, "jetson", frames=5, drop="block",
+                               on_record=records.append)
         thread.join(20)
-        host_summary, _ = host.summary()
+        host_summary = host.summary()
     assert summary["outcomes"]["decoded"] == 5 and host_summary["frames"] == 5
     assert set(summary["gpu_stages"]) == {"encode", "gpu_to_cpu"}
-    assert all(set(r["gpu_stages"]) == {"encode", "gpu_to_cpu"} for r in records)
+    assert len(records) == 5 and all(set(r["gpu_stages"]) == {"encode", "gpu_to_cpu"} for r in records)
     assert "CUDA med" in format_table(summary) and "page-locked" in summary["notes"]["gpu_to_cpu"]

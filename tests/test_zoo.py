@@ -53,11 +53,11 @@ def stream(profile, photos_dir, out_dir):
         thread = threading.Thread(target=host.serve, daemon=True)
         thread.start()
         try:
-            edge_summary, _ = run_edge(source, encoder, profile, address, "zoo")
+            edge_summary = run_edge(source, encoder, profile, address, "zoo")
             thread.join(30)
         finally:
             host.stop()
-        return edge_summary, host.summary()[0]
+        return edge_summary, host.summary()
 
 
 def photos(photos_dir, size):
