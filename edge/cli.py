@@ -321,7 +321,7 @@ COMMANDS = {"latentlink.demo": ("demo", "host"), "latentlink.edge.__main__": ("e
 PACKAGES = {"torch": "PyTorch", "cv2": "OpenCV", "onnxruntime": "ONNX Runtime", "onnx": "onnx",
             "pytorch_msssim": "pytorch-msssim", "skimage": "scikit-image", "matplotlib": "matplotlib",
             "tqdm": "tqdm", "yaml": "PyYAML", "numpy": "numpy"}
-CPU_TORCH = "pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu"
+CPU_TORCH = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 
 
 def missing_dependency(command, extra, exc):

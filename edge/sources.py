@@ -333,8 +333,9 @@ def _open_path(uri, path, loop):
         names = [n for n in files if _is_image_name(n)]
         videos = [n for n in files if os.path.splitext(n)[1].lower() in VIDEO_EXTENSIONS]
         if videos and not names:
-            raise SourceError("no images in folder {!r}, but {} video(s): a folder source plays images; give a video "
-                              "itself, e.g. --source file://{}".format(path, len(videos), os.path.join(path, videos[0])))
+            raise SourceError("no images in folder {!r}, but {} video(s): a folder source plays images; give a "
+                              "video itself, e.g. --source file://{}".format(path, len(videos),
+                                                                             os.path.join(path, videos[0])))
         if not names:
             raise SourceError("no images in folder {!r} (looked for {}); put images there or point at a video"
                               .format(path, " ".join(IMAGE_EXTENSIONS)))

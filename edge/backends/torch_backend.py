@@ -56,7 +56,7 @@ class TorchBackend(Backend):
             import torch
         except ImportError:
             raise BackendError("PyTorch is not installed, and .pt checkpoints need it: on a PC, its CPU build with "
-                               "`pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu` "
+                               "`pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu` "
                                "(or the [export] extra); on a Jetson, NVIDIA's wheel for JetPack 4.6 (see the "
                                "README)")
         from latentlink.export.models import load_checkpoint
