@@ -105,17 +105,18 @@ def tiles_type(text):
         raise argparse.ArgumentTypeError(str(exc))
 
 
-def check_args(parser, args):
+def check_args(args):
     """What argparse cannot check alone: options that exclude each other, and the paths, before any work."""
     if args.command == "onnx":
         check_input_file("--checkpoint", args.checkpoint, "train one with `latentlink train`")
         check_output_dir("--out", args.out)
         sizes = [name for name in ("--height", "--width") if getattr(args, name[2:]) is not None]
         if args.profile and sizes:
-            parser.error("--profile {} and {} both give the input size; give --profile, or --height and --width"
-                         .format(args.profile, " and ".join(sizes)))
+            raise ConfigError("--profile {} and {} both give the input size; give --profile, or --height and --width"
+                              .format(args.profile, " and ".join(sizes)))
         if not args.profile and len(sizes) != 2:
-            parser.error("the input size is missing: give --profile NAME, or both --height and --width")
+            raise ConfigError("the input size is missing{}: give --profile NAME, or both --height and --width".format(
+                " (only {})".format(sizes[0]) if sizes else ""))
     elif args.command in ("check", "engine"):
         for path in args.onnx:
             check_input_file("export " + args.command, path, "export one with `latentlink export onnx`")
@@ -134,9 +135,8 @@ def main(argv=None):
 
 
 def _main(argv):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
     return {"onnx": _onnx, "check": _check, "engine": _engine, "compare": _compare}[args.command](args)
 
 

@@ -54,7 +54,8 @@ def main(argv=None):
         print("latentlink " + __version__)
         return 0
     if argv[0] not in names:
-        print("latentlink: unknown command {!r} (available: {})".format(argv[0], ", ".join(names)), file=sys.stderr)
+        print("error: unknown command {!r} (available: {}; see `latentlink --help`)".format(argv[0], ", ".join(names)),
+              file=sys.stderr)
         return 2
     module_name = dict((name, module) for name, module, _ in COMMANDS)[argv[0]]
     try:

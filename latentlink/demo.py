@@ -119,7 +119,9 @@ def write_sample_photos(folder):
     except ImportError:
         from latentlink.edge.errors import ConfigError
 
-        raise ConfigError("the demo's photos come from scikit-image: pip install scikit-image, or pass --photos DIR")
+        raise ConfigError("latentlink demo: scikit-image is not installed, and the demo's photos come from it; "
+                          "`latentlink demo` needs the [host] extra: pip install \".[host]\" in the latentlink "
+                          "folder; or pass --photos DIR")
     import cv2
 
     os.makedirs(folder, exist_ok=True)

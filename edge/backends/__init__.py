@@ -55,8 +55,9 @@ def check_role(path, role, option=None):
         return
     where = {"encoder": "the edge (latentlink edge --encoder)", "decoder": "the host (latentlink host --decoder)"}
     sibling = os.path.join(os.path.dirname(path), os.path.basename(path).replace(found, role, 1))
-    raise ConfigError("{}{} is a {}, not {} {}: pass it to {}{}".format(
-        option + " " if option else "", path, found, "an" if role == "encoder" else "a", role, where[found],
+    article = {"encoder": "an", "decoder": "a"}
+    raise ConfigError("{}{} is {} {}, not {} {}: pass it to {}{}".format(
+        option + " " if option else "", path, article[found], found, article[role], role, where[found],
         "; the {} beside it is {}".format(role, sibling) if os.path.isfile(sibling) else ""))
 
 
