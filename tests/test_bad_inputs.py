@@ -7,6 +7,7 @@ real processes below, as a user would start them.
 
 import os
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -175,8 +176,41 @@ def assert_refused(status, out, err, expected, usage_first=False):
     assert lines[0].startswith(("error: ", "latentlink ")), lines[0]
 
 
+class ReachedTheWork(Exception):
+    """A bad input got past every check: the command started its real work (a camera, a server, a training run)."""
+
+
+@pytest.fixture
+def tripwires(monkeypatch):
+    """Where each command's work starts: a row that gets there fails at once, instead of streaming, serving or
+    training until the test times out."""
+    import types
+
+    import latentlink.demo
+    import latentlink.edge.__main__
+    import latentlink.host.__main__
+
+    def reached(*args, **kwargs):
+        raise ReachedTheWork("the bad input was not refused")
+
+    monkeypatch.setattr(latentlink.edge.__main__, "open_source", reached)
+    monkeypatch.setattr(latentlink.host.__main__, "open_backend", reached)
+    monkeypatch.setattr(latentlink.demo, "subprocess", types.SimpleNamespace(
+        Popen=reached, TimeoutExpired=subprocess.TimeoutExpired))
+    pytest.importorskip("torch")
+    import latentlink.export.compare
+    import latentlink.export.evaluate
+    import latentlink.export.onnx_export
+    import latentlink.export.train
+
+    monkeypatch.setattr(latentlink.export.train, "lr_scheduler", reached)  # after every check of train
+    monkeypatch.setattr(latentlink.export.onnx_export, "export_onnx", reached)
+    monkeypatch.setattr(latentlink.export.evaluate, "evaluate", reached)
+    monkeypatch.setattr(latentlink.export.compare, "compare_backends", reached)
+
+
 @pytest.mark.parametrize("line, expected", CASES, ids=[line or "(nothing)" for line, _ in CASES])
-def test_bad_input_is_refused_in_one_line(line, expected, paths, capsys, monkeypatch):
+def test_bad_input_is_refused_in_one_line(line, expected, paths, tripwires, capsys, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", no_such_host)  # 'nohost' fails alike with or without a network
     argv = [word.format(**paths) for word in line.split()]
     status, out, err = run_in_process(argv, capsys)
@@ -195,7 +229,8 @@ def test_every_command_has_rows():
 
 @pytest.mark.parametrize("args, expected", [
     (["latentlink", "train", "--data", "d", "--out", "o.pt", "--steps", "0"], "argument --steps: got 0"),
-    (["latentlink", "edge", "synthetic://", "--threads", "-2"], "argument --threads: got -2"),
+    (["latentlink", "edge", "synthetic://", "--threads", "-2", "--frames", "1", "--wait-for-host", "2"],
+     "argument --threads: got -2"),
     (["latentlink", "export", "onnx", "--checkpoint", CHECKPOINT, "--height", "-8", "--width", "64", "--out", "o"],
      "argument --height: got -8"),
     (["latentlink.host", "--listen", "host:port"], "argument --listen: got 'host:port'"),
@@ -205,7 +240,7 @@ def test_every_command_has_rows():
 ])
 def test_bad_input_in_a_real_process(args, expected):
     """As a user starts them: `python -m latentlink ...` (the console script's code) and `python -m latentlink.host`.
-    (.invalid is a name no DNS resolves, RFC 6761; --wait-for-host bounds the run should it be retried instead.)"""
+    (.invalid is a name no DNS resolves, RFC 6761. --frames and --wait-for-host bound an edge that was not refused.)"""
     result = run_cli(*args, timeout=60)
     assert_refused(result.returncode, result.stdout, result.stderr, expected)
     assert result.returncode == 2
@@ -237,8 +272,6 @@ def test_a_missing_package_names_the_extra_that_brings_it(command, module, extra
 
 
 def _run_code(code):
-    import subprocess
-
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
