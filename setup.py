@@ -14,7 +14,8 @@ NOT_JETSON = 'platform_machine != "aarch64"'
 EXTRAS = {
     "edge": ["opencv-python-headless; " + NOT_JETSON, "onnxruntime; " + NOT_JETSON],
     "host": ["opencv-python-headless", "onnxruntime", "scikit-image", "tqdm", "matplotlib"],  # matplotlib: report --plot
-    # torch: install the CPU build first (pip install torch==2.13.0), or pip pulls several GB of CUDA packages.
+    # torch: install the CPU build first (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu),
+    # or pip pulls several GB of CUDA packages from PyPI (README: Install).
     "export": ["torch>=2.1", "onnx", "onnxruntime", "opencv-python-headless", "pytorch-msssim", "scikit-image",
                "matplotlib", "tqdm"],
     # The optional entropy coders (--entropy lz4 / zstd; zlib is in the stdlib), for edge and host alike.

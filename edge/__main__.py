@@ -1,12 +1,12 @@
 """``latentlink edge`` / ``python -m latentlink.edge``: capture, encode and send frames to a host, profiling every stage."""
 
-import argparse
 import logging
 import sys
 
 from .backends import open_backend
-from .cli import (add_backend_options, add_run_options, backend_options, peak_rss_mb, positive_int, run_main,
-                  setup_logging)
+from .cli import (ArgumentParser, add_backend_options, add_run_options, address, backend_options, check_model_file,
+                  check_output_dir, check_output_file, check_resolvable, non_negative_float, peak_rss_mb, positive_int,
+                  run_main, setup_logging)
 from .entropy import CODERS, check_available
 from .errors import ConfigError
 from .pipeline import check_raw, default_stream_name, edge_stages, run_edge
@@ -19,7 +19,7 @@ from .sender import DROP_POLICIES, Spool, parse_address
 from .sources import open_source
 
 EXAMPLES = """examples:
-  latentlink edge --source csi://0 --connect 192.168.1.20:5760 --profile nano-504
+  latentlink edge csi://0 --connect 192.168.1.20:5760 --profile nano-504        (or --source csi://0)
   latentlink edge --source file://clip.mp4 --connect 127.0.0.1:5760 --frames 200 --report edge.json
   latentlink edge --source v4l2:///dev/video0 --encoder my-model/encoder.onnx --profile my-site.yaml
   latentlink edge --source csi://0 --encoder engines/encoder.<sha>.trt8.2.1.8.NVIDIA-Tegra-X1.fp16.engine --mapped
@@ -38,10 +38,13 @@ are printed); 2 for bad options."""
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(prog="latentlink edge", description=__doc__.split(":", 1)[1].strip(),
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="where frames come from (see below)")
-    parser.add_argument("--connect", default="127.0.0.1:5760", help="host address HOST:PORT (default: %(default)s)")
+    parser = ArgumentParser(prog="latentlink edge", description=__doc__.split(":", 1)[1].strip(), epilog=EXAMPLES)
+    parser.add_argument("input", nargs="?", metavar="INPUT",
+                        help="where frames come from, e.g. csi://0 (see below); the same as --source")
+    parser.add_argument("--source", help="where frames come from, as INPUT (see below)")
+    parser.add_argument("--connect", type=address, default="127.0.0.1:5760",
+                        help="host address HOST:PORT; a bare PORT means 127.0.0.1:PORT, a bare HOST port 5760 "
+                             "(default: %(default)s)")
     parser.add_argument("--profile", default="nano-504",
                         help="profile name or YAML file: model, input size, budget, transport (default: %(default)s)")
     parser.add_argument("--encoder", default="default",
@@ -77,7 +80,7 @@ def get_args_parser():
                         "queue wait in files here (kept only while the edge runs)")
     parser.add_argument("--spool-bytes", type=positive_int, default=100 << 20, metavar="BYTES",
                         help="the most the spool may hold (default: %(default)s)")
-    parser.add_argument("--wait-for-host", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--wait-for-host", type=non_negative_float, default=None, metavar="SECONDS",
                         help="give up when the host has been unreachable this long, counting what was not "
                              "delivered as lost (0: wait forever; default from the profile: forever)")
     parser.add_argument("--protocol", type=int, choices=(1, 2), default=2,
@@ -101,8 +104,28 @@ def main(argv=None):
     return run_main(_main, argv)
 
 
+def check_args(parser, args):
+    """Checks of what argparse cannot check alone: INPUT or --source, the model file, the output paths, and
+    that the host's name resolves (a typo would otherwise be retried forever)."""
+    if args.input and args.source and args.input != args.source:
+        parser.error("two inputs: {} and --source {}; give one (INPUT and --source mean the same)".format(
+            args.input, args.source))
+    args.source = args.source or args.input
+    if not args.source:
+        parser.error("no input: give it first, e.g. `latentlink edge csi://0`, or as --source csi://0")
+    if args.encoder != "default":
+        check_model_file("--encoder", args.encoder, "encoder")
+    if args.report:
+        check_output_file("--report", args.report)
+    if args.spool:
+        check_output_dir("--spool", args.spool)
+    check_resolvable("--connect", args.connect)
+
+
 def _main(argv):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     setup_logging(args.verbose)
     profile = load_profile(args.profile)
     encoder_path = profile.model.encoder if args.encoder == "default" else args.encoder
@@ -118,8 +141,6 @@ def _main(argv):
     check_raw(args.serializer or profile.transport.serializer, entropy, delivery)  # before camera and model open
     if args.spool and delivery != "reliable":
         raise ConfigError("--spool holds frames for --delivery reliable only: add --delivery reliable")
-    if args.wait_for_host is not None and args.wait_for_host < 0:
-        raise ConfigError("bad --wait-for-host {}: seconds >= 0 (0: wait forever)".format(args.wait_for_host))
     spool = Spool(args.spool, args.spool_bytes) if args.spool else None
     if args.token_file and args.protocol == 1:
         raise ConfigError("--token-file is proved in protocol 2's handshake, which protocol 1 does not have: drop "

@@ -42,7 +42,7 @@ def _library(coder, error):
             module = importlib.import_module(name)
         except ImportError as exc:
             raise error("entropy coder %r needs the %s package, which is not installed here (%s): pip install %s "
-                        "(or pip install 'latentlink[entropy]')" % (coder, package, exc, package))
+                        "(or pip install \".[entropy]\" in the latentlink folder)" % (coder, package, exc, package))
         if coder == "zstd" and tuple(int(v) for v in module.__version__.split(".")[:2]) < ZSTANDARD_MIN:
             raise error("entropy coder 'zstd' needs zstandard %d.%d or newer, this is %s: pip install -U zstandard"
                         % (ZSTANDARD_MIN + (module.__version__,)))

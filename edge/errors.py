@@ -14,6 +14,10 @@ class ConfigError(LatentlinkError):
     """A command-line option, profile or model metadata file is invalid."""
 
 
+class UsageError(ConfigError):
+    """The command line does not parse: argparse's message, with the command to ask for help."""
+
+
 class SourceError(LatentlinkError):
     """A frame source (camera, video, image folder) cannot be opened or read."""
 

@@ -683,11 +683,12 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) > 1 and argv[0] == "report":  # accept the sub-command word as well
         argv = argv[1:]
-    parser = argparse.ArgumentParser(
+    from .cli import ArgumentParser, UsageError  # errors on one line, like every command's
+
+    parser = ArgumentParser(
         prog="latentlink report", description="Print the per-stage timing table of latentlink reports.",
         epilog="examples:\n  latentlink report runs/edge.json runs/host.json\n"
-               "  latentlink report runs/edge.json runs/host.json --plot runs/report.png --csv runs/frames.csv",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  latentlink report runs/edge.json runs/host.json --plot runs/report.png --csv runs/frames.csv")
     parser.add_argument("files", nargs="+", metavar="FILE.json",
                         help="a report written by `latentlink edge --report` or `latentlink host --report`")
     parser.add_argument("--plot", metavar="OUT.png",
@@ -697,7 +698,11 @@ def main(argv=None):
     parser.add_argument("--csv", metavar="OUT.csv",
                         help="also write the per-frame records as CSV, one row per frame (edge_* and host_* "
                              "columns when an edge and a host report are given)")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        _emit("error: %s" % e, sys.stderr)
+        return 2
     status = 0
     reports = []
     for i, path in enumerate(args.files):

@@ -15,17 +15,28 @@ return ``None`` when exhausted unless opened with ``loop=True``. File sources ar
 Runs on Python 3.6 + numpy 1.19 + OpenCV 4.1.1 (JetPack) as well as current versions.
 """
 
+import logging
 import numbers
 import os
 import re
 import time
 
-import cv2
-import numpy as np
+# FFmpeg, inside OpenCV, prints its own errors (a refused rtsp:// connection: "[tcp @ 0x...] Connection to
+# tcp://... failed") before OpenCV returns and our one-line message can say what to do. Only fatal ones, unless the
+# user sets the variable (OPENCV_FFMPEG_LOGLEVEL=32 shows everything); OpenCV reads it when it first uses FFmpeg.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "8")
 
-from .errors import SourceError
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .errors import SourceError  # noqa: E402
+
+log = logging.getLogger("latentlink.edge.sources")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Not read from a folder (a folder source plays its images); named in a warning so they are not ignored silently.
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".mts", ".wmv", ".flv",
+                    ".h264", ".h265", ".mjpeg", ".mjpg")
 ACCEPTED_FORMS = "csi://N, v4l2:///dev/videoN, file://PATH, synthetic://, rtsp://..."
 
 _CSI_PIPELINE = (
@@ -88,7 +99,11 @@ class FrameSource(object):
 
 
 class ImageSource(FrameSource):
-    """One image or a folder of images, decoded one per read (a single image is decoded once, at open)."""
+    """One image or a folder of images, decoded one per read (a single image is decoded once, at open).
+
+    In a folder, an image that does not decode is skipped with a warning and counted in ``skipped`` (its paths);
+    a folder none of whose images decode raises SourceError. ``current_path``: the image the last read returned.
+    """
 
     def __init__(self, uri, paths, description, loop=False):
         FrameSource.__init__(self, uri, description)
@@ -96,15 +111,35 @@ class ImageSource(FrameSource):
         self.loop = loop
         self._index = 0
         self._single = _read_image(self.paths[0]) if len(self.paths) == 1 else None
+        self.current_path = None
+        self.skipped = []
 
     def _next_frame(self):
-        if self._index >= len(self.paths):
-            if not self.loop:
-                return None
-            self._index = 0
-        path = self.paths[self._index]
-        self._index += 1
-        return self._single.copy() if self._single is not None else _read_image(path)
+        failures = 0  # in a row: a whole pass of them means no image decodes
+        while True:
+            if self._index >= len(self.paths):
+                if not self.loop:
+                    return None
+                self._index = 0
+            path = self.paths[self._index]
+            self._index += 1
+            if self._single is not None:
+                self.current_path = path
+                return self._single.copy()
+            try:
+                frame = _read_image(path)
+            except SourceError as exc:
+                failures += 1
+                if path not in self.skipped:
+                    self.skipped.append(path)
+                    log.warning("%s: skipping it (%d unreadable of %d images so far)", exc, len(self.skipped),
+                                len(self.paths))
+                if failures >= len(self.paths):
+                    raise SourceError("none of the {} images of {} decodes; replace them with images OpenCV reads "
+                                      "({})".format(len(self.paths), self.description, " ".join(IMAGE_EXTENSIONS)))
+                continue
+            self.current_path = path
+            return frame
 
 
 class VideoFileSource(FrameSource):
@@ -294,11 +329,20 @@ def _open_path(uri, path, loop):
                           .format(uri))
     path = os.path.expanduser(path)
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if _is_image_name(n) and not n.startswith(".")
-                       and os.path.isfile(os.path.join(path, n)))
+        files = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+        names = [n for n in files if _is_image_name(n)]
+        videos = [n for n in files if os.path.splitext(n)[1].lower() in VIDEO_EXTENSIONS]
+        if videos and not names:
+            raise SourceError("no images in folder {!r}, but {} video(s): a folder source plays images; give a "
+                              "video itself, e.g. --source file://{}".format(path, len(videos),
+                                                                             os.path.join(path, videos[0])))
         if not names:
             raise SourceError("no images in folder {!r} (looked for {}); put images there or point at a video"
                               .format(path, " ".join(IMAGE_EXTENSIONS)))
+        if videos:
+            log.warning("folder %s: playing its %d images; its %d video(s) are not played (%s). A video is a source "
+                        "of its own: --source file://%s", path, len(names), len(videos), ", ".join(videos[:3]) +
+                        (", ..." if len(videos) > 3 else ""), os.path.join(path, videos[0]))
         description = "image folder {} ({} images)".format(path, len(names))
         return ImageSource(uri, [os.path.join(path, n) for n in names], description, loop)
     if not os.path.exists(path):

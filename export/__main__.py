@@ -12,7 +12,9 @@ import json
 import math
 import sys
 
-from latentlink.edge.cli import positive_float, positive_int, run_main
+from latentlink.edge.cli import (ArgumentParser, Number, check_input_file, check_model_file, check_output_dir,
+                                 check_output_file, non_negative_float, positive_int, run_main, sentence)
+from latentlink.edge.backends import role_from_name
 from latentlink.edge.errors import BackendError, ConfigError
 from latentlink.edge.profile import load_profile
 from latentlink.edge.tiles import parse_tiles
@@ -31,22 +33,20 @@ regenerate the shipped default models (and nano-1008 likewise):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(prog="latentlink export", description=__doc__.split(":", 1)[1].strip(),
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="latentlink export", description=__doc__.split(":", 1)[1].strip(), epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", metavar="{onnx,check,engine,compare}")
     sub.required = True
 
     def add(name, help_text):
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(name, help=help_text, description=sentence(help_text), epilog=EXAMPLES)
 
-    onnx_parser = add("onnx", "encoder.onnx + decoder.onnx + model.json (opset 13, static shapes)")
+    onnx_parser = add("onnx", "write encoder.onnx + decoder.onnx + model.json (opset 13, static shapes)")
     onnx_parser.add_argument("--checkpoint", required=True, help="a checkpoint written by `latentlink train`")
     onnx_parser.add_argument("--profile", help="take the input size from this profile (name or YAML file)")
-    onnx_parser.add_argument("--height", type=int, help="input height in pixels (instead of --profile)")
-    onnx_parser.add_argument("--width", type=int, help="input width in pixels (instead of --profile)")
+    onnx_parser.add_argument("--height", type=positive_int, help="input height in pixels (instead of --profile)")
+    onnx_parser.add_argument("--width", type=positive_int, help="input width in pixels (instead of --profile)")
     onnx_parser.add_argument("--out", required=True, help="folder for encoder.onnx, decoder.onnx and model.json")
-    onnx_parser.add_argument("--tiles", metavar="RxC",
+    onnx_parser.add_argument("--tiles", metavar="RxC", type=tiles_type,
                              help="patch processing: the frame goes through the models as a batch of R x C equal "
                                   "tiles, e.g. 2x2 (the seed deck's 1008 -> 4 x 504); default: the checkpoint's "
                                   "training setting, else 1x1")
@@ -61,7 +61,7 @@ def get_args_parser():
     engine_parser.add_argument("--out", help="folder for the engines (default: beside each ONNX file)")
     engine_parser.add_argument("--fp32", action="store_true", help="build FP32 instead of FP16")
     engine_parser.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)  # refused with the reason
-    engine_parser.add_argument("--workspace", type=positive_int, default=256, metavar="MB",
+    engine_parser.add_argument("--workspace", type=Number(int, low=16), default=256, metavar="MB",
                                help="builder scratch memory; more than 256 MB gets builds 'Killed' on the Nano "
                                     "(default: %(default)s)")
     engine_parser.add_argument("--force", action="store_true", help="rebuild even if a matching engine exists")
@@ -81,9 +81,11 @@ def get_args_parser():
                                 help="frames for an encoder, any `latentlink edge --source` (default: %(default)s); "
                                      "decoders get random latents")
     compare_parser.add_argument("--count", type=positive_int, default=4, help="inputs (default: %(default)s)")
-    compare_parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default: %(default)s)")
-    compare_parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default: %(default)s)")
-    compare_parser.add_argument("--max-flipped", type=float, default=1e-3,
+    compare_parser.add_argument("--atol", type=non_negative_float, default=1e-5,
+                                help="absolute tolerance (default: %(default)s)")
+    compare_parser.add_argument("--rtol", type=non_negative_float, default=0.0,
+                                help="relative tolerance (default: %(default)s)")
+    compare_parser.add_argument("--max-flipped", type=Number(float, low=0, high=1), default=1e-3,
                                 help="binary latents: the share of bits allowed to flip (default: %(default)s)")
     for side in ("a", "b"):
         compare_parser.add_argument("--{}-device".format(side), default=None,
@@ -95,12 +97,46 @@ def get_args_parser():
     return parser
 
 
+def tiles_type(text):
+    """argparse type: ``RxC``, a grid of tiles (see :func:`latentlink.edge.tiles.parse_tiles`)."""
+    try:
+        return parse_tiles(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def check_args(args):
+    """What argparse cannot check alone: options that exclude each other, and the paths, before any work."""
+    if args.command == "onnx":
+        check_input_file("--checkpoint", args.checkpoint, "train one with `latentlink train`")
+        check_output_dir("--out", args.out)
+        sizes = [name for name in ("--height", "--width") if getattr(args, name[2:]) is not None]
+        if args.profile and sizes:
+            raise ConfigError("--profile {} and {} both give the input size; give --profile, or --height and --width"
+                              .format(args.profile, " and ".join(sizes)))
+        if not args.profile and len(sizes) != 2:
+            raise ConfigError("the input size is missing{}: give --profile NAME, or both --height and --width".format(
+                " (only {})".format(sizes[0]) if sizes else ""))
+    elif args.command in ("check", "engine"):
+        for path in args.onnx:
+            check_input_file("export " + args.command, path, "export one with `latentlink export onnx`")
+        if args.command == "engine":
+            if args.out:
+                check_output_dir("--out", args.out)
+    elif args.command == "compare":
+        check_model_file("A", args.a, args.role or role_from_name(args.a))
+        check_model_file("B", args.b, args.role or role_from_name(args.a))
+        if args.json:
+            check_output_file("--json", args.json)
+
+
 def main(argv=None):
     return run_main(_main, argv)
 
 
 def _main(argv):
     args = get_args_parser().parse_args(argv)
+    check_args(args)
     return {"onnx": _onnx, "check": _check, "engine": _engine, "compare": _compare}[args.command](args)
 
 
@@ -112,12 +148,10 @@ def _onnx(args):
     if args.profile:
         profile = load_profile(args.profile)
         height, width, profile_name = profile.input.height, profile.input.width, profile.name
-    elif args.height and args.width:
-        height, width = args.height, args.width
     else:
-        raise ConfigError("give --profile NAME, or both --height and --width")
+        height, width = args.height, args.width
     model, meta = load_checkpoint(args.checkpoint)
-    tiles = parse_tiles(args.tiles) if args.tiles else tuple(meta.get("tiles", (1, 1)))
+    tiles = args.tiles or tuple(meta.get("tiles", (1, 1)))
     info = export_onnx(model, height, width, args.out, profile=profile_name, checkpoint=args.checkpoint, tiles=tiles)
     parity = info["parity"]
     print("wrote {0}/encoder.onnx, decoder.onnx, model.json: {1[model]} {1[input_shape]} -> {1[latent_shape]} "
@@ -155,6 +189,8 @@ def _engine(args):
 
     onnx_files = args.onnx or [load_profile(args.profile).model.encoder]
     precision = "fp32" if args.fp32 else "fp16"
+    if args.int8:  # refused before anything is built or printed (--trtexec too), with this GPU's reason if known
+        refuse_int8(gpu_name(), _has_fast_int8(trt_api))
     if args.trtexec:
         for path in onnx_files:
             out = os.path.join(args.out or os.path.dirname(os.path.abspath(path)),
@@ -166,8 +202,6 @@ def _engine(args):
     except BackendError as exc:
         raise BackendError("{}\nWithout the bindings, `latentlink export engine ... --trtexec` prints the trtexec "
                            "command that builds the same engine".format(exc))
-    if args.int8:
-        refuse_int8(gpu_name(), trt.Builder(trt.Logger(trt.Logger.ERROR)).platform_has_fast_int8)
     if not args.skip_check:
         try:
             from .onnx_check import check_onnx, format_check
@@ -188,6 +222,15 @@ def _engine(args):
             print("run it: latentlink edge --encoder {} --source csi://0 --connect HOST:5760 --profile {}".format(
                 meta["engine"], meta.get("profile") or args.profile))
     return 0
+
+
+def _has_fast_int8(trt_api):
+    """Whether this GPU has fast INT8, as TensorRT says; True (the general reason applies) without TensorRT."""
+    try:
+        trt = trt_api.import_tensorrt()
+    except BackendError:
+        return True
+    return trt.Builder(trt.Logger(trt.Logger.ERROR)).platform_has_fast_int8
 
 
 def _finite(obj):
@@ -218,6 +261,7 @@ def _compare(args):
         with open(args.json, "w") as f:  # strict JSON: an infinite relative error is written as null
             json.dump(_finite(result), f, indent=1)
             f.write("\n")
+        print("wrote {}".format(args.json))
     return 0 if result["passed"] else 1
 
 

@@ -20,14 +20,15 @@ import cv2
 import numpy as np
 
 from latentlink.edge.backends import open_backend
-from latentlink.edge.cli import run_main
+from latentlink.edge.cli import (ArgumentParser, check_input_dir, check_model_file, check_output_dir,
+                                 check_output_file, progress, run_main)
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.preprocess import Preprocessor, fit_frame, psnr, to_image
 from latentlink.edge.profile import load_profile
 from latentlink.edge.entropy import CODERS, check_available, compress, decompress
 from latentlink.edge.protocol import frame_payload, pack_latents
 
-from .data import list_images
+from .data import list_images, read_bgr, readable_images
 
 # codec -> (file extension, OpenCV quality flag, lowest and highest quality value)
 CODECS = {
@@ -40,6 +41,8 @@ SWEEPS = {"jpeg": (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95), "webp": (5, 10, 2
 METRICS = ("psnr", "psnr_y", "ssim", "ms_ssim")
 COMPRESSAI_KEYS = {"psnr": "psnr-rgb", "psnr_y": "psnr-y", "ssim": "ssim-rgb", "ms_ssim": "ms-ssim-rgb"}
 MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-pixel window
+MS_SSIM_NOTE = ("ms-ssim-rgb left out: MS-SSIM needs frames of at least {} pixels a side (5 scales of an 11-pixel "
+                "window); these are smaller".format(MS_SSIM_MIN_SIDE))
 
 EXAMPLES = """examples:
   latentlink eval --photos data/holdout
@@ -49,16 +52,15 @@ EXAMPLES = """examples:
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(prog="latentlink eval", description=__doc__.split(":", 1)[1].strip(),
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="latentlink eval", description=__doc__.split(":", 1)[1].strip(), epilog=EXAMPLES)
     parser.add_argument("--photos", required=True, help="folder of photos (searched recursively)")
     parser.add_argument("--profile", default="nano-504", help="profile: input size and default model")
-    parser.add_argument("--size", metavar="WxH", help="frame size in pixels instead of the profile's, for a model "
-                        "exported at another size (crae needs multiples of 32, e.g. 512x512)")
+    parser.add_argument("--size", metavar="WxH", type=size_type, help="frame size in pixels instead of the "
+                        "profile's, for a model exported at another size (crae needs multiples of 32, e.g. 512x512)")
     parser.add_argument("--encoder", default="default", help="encoder .onnx, .pt or .engine (default: the profile's)")
     parser.add_argument("--decoder", default="default", help="decoder .onnx, .pt or .engine (default: the profile's)")
-    parser.add_argument("--codecs", default="jpeg,webp", help="codecs to compare with, of {} (default: "
-                        "%(default)s)".format(", ".join(CODECS)))
+    parser.add_argument("--codecs", type=codecs_type, default="jpeg,webp",
+                        help="codecs to compare with, of {} (default: %(default)s)".format(", ".join(CODECS)))
     parser.add_argument("--entropy", choices=CODERS, default="none", metavar="CODER",
                         help="compress the packed latents losslessly as the edge would (--entropy of `latentlink "
                              "edge`): one of {}; the rate counts the compressed frame, the times include coding "
@@ -67,7 +69,42 @@ def get_args_parser():
     parser.add_argument("--json", help="write per-photo results to this JSON file")
     parser.add_argument("--compressai", metavar="DIR", help="write CompressAI-style JSON, one file per method")
     parser.add_argument("--plot", metavar="FILE.png", help="write the rate-distortion plot (PSNR and MS-SSIM)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def size_type(text):
+    """argparse type: ``"512x512"`` -> ``(512, 512)``, width x height in pixels."""
+    try:
+        width, height = (int(n) for n in text.lower().split("x"))
+    except ValueError:
+        width = height = 0
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError("got {!r}; expected WIDTHxHEIGHT in pixels, e.g. 512x512".format(text))
+    return width, height
+
+
+def codecs_type(text):
+    """argparse type: ``"jpeg,webp"`` -> ``["jpeg", "webp"]``, each one of :data:`CODECS`."""
+    codecs = [c for c in text.split(",") if c]
+    unknown = [c for c in codecs if c not in CODECS]
+    if unknown or not codecs:
+        raise argparse.ArgumentTypeError("got {!r}; expected codecs separated by commas, of {}".format(
+            text, ", ".join(CODECS)))
+    return codecs
+
+
+def check_args(args):
+    """The paths, before the models load and the photos are read."""
+    check_input_dir("--photos", args.photos, "give a folder of photos")
+    for option, path, role in (("--encoder", args.encoder, "encoder"), ("--decoder", args.decoder, "decoder")):
+        if path != "default":
+            check_model_file(option, path, role)
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(option, path)
+    if args.compressai:
+        check_output_dir("--compressai", args.compressai)
 
 
 def encode_with_codec(image_bgr, codec, quality):
@@ -119,12 +156,15 @@ def image_metrics(reference, test):
 
 
 def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"), backend_options=None,
-             entropy="none"):
+             entropy="none", skipped=None, quiet=False):
     """Per-photo results: the model's bytes, bpp, ratio, metrics and times (s), and each codec's at the same size.
+
+    ``photos``: a folder, or a list of image paths.
 
     ``entropy``: the coder applied to the packed latents; the model's bytes are the compressed wire frame, its
     encoding time includes the compression (also given alone as ``entropy_encoding_time``) and its decoding time
-    the decompression (``entropy_decoding_time``).
+    the decompression (``entropy_decoding_time``). Files that do not decode are skipped with a warning and
+    appended to the list ``skipped``. A progress bar on stderr where it is a terminal, unless ``quiet``.
     """
     check_available(entropy)
     w, h, fit = profile.input.width, profile.input.height, profile.input.fit
@@ -133,8 +173,9 @@ def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"
     with open_backend(encoder_path, "encoder", **options) as enc, \
             open_backend(decoder_path, "decoder", **options) as dec:
         preprocess = Preprocessor(w, h, fit, enc.info.tiles)  # a tiled model: the frame as a batch of tiles
-        for path in list_images(photos):
-            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        paths = list_images(photos) if isinstance(photos, (str, Path)) else photos
+        bar = progress(paths, quiet=quiet, desc="photos", unit="photo")
+        for path, frame in readable_images(bar, read=read_bgr, skipped=skipped):
             reference = fit_frame(frame, w, h, fit)
             start = time.perf_counter()
             latents, _ = enc.infer(preprocess(frame))
@@ -159,24 +200,32 @@ def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"
                 row[codec] = dict(_rate(size, w, h), quality=quality, **image_metrics(reference, image))
             results.append(row)
     if not results:
-        raise ConfigError("no photos under {} (looked for the image types OpenCV reads)".format(photos))
+        raise ConfigError("none of the {} photos decodes (see the warnings above)".format(len(paths)))
     return results
 
 
-def codec_sweep(photos, profile, codec, qualities=None):
-    """The codec's rate-distortion curve: for each quality, the mean bpp, metrics and times over the photos."""
+def codec_sweep(photos, profile, codec, qualities=None, quiet=False):
+    """The codec's rate-distortion curve: for each quality, the mean bpp, metrics and times over the photos.
+
+    ``photos``: a folder, or a list of image paths. A progress bar on stderr where it is a terminal, unless ``quiet``.
+    """
     w, h, fit = profile.input.width, profile.input.height, profile.input.fit
-    images = [fit_frame(cv2.imread(str(p), cv2.IMREAD_COLOR), w, h, fit) for p in list_images(photos)]
+    paths = list_images(photos) if isinstance(photos, (str, Path)) else photos
+    images = [fit_frame(image, w, h, fit) for _, image in readable_images(paths, read=read_bgr)]
+    qualities = qualities or SWEEPS[codec]
     curve = []
-    for quality in qualities or SWEEPS[codec]:
+    bar = progress(quiet=quiet, total=len(qualities) * len(images), desc=codec + " sweep", unit="image")
+    for quality in qualities:
         rows = []
         for image in images:
+            bar.update()
             size, decoded, encode_s, decode_s = encode_with_codec(image, codec, quality)
             rows.append(dict(_rate(size, w, h), encoding_time=encode_s, decoding_time=decode_s,
                              **image_metrics(image, decoded)))
         point = _mean_rows(rows)
         point["quality"] = quality
         curve.append(point)
+    bar.close()
     return curve
 
 
@@ -192,12 +241,16 @@ def _mean_rows(rows):
 def compressai_json(name, description, points):
     """CompressAI's results shape: ``{"name", "description", "results": {"psnr-rgb": [...], "bpp": [...]...}}``."""
     results = {"bpp": [p["bpp"] for p in points]}
+    document = {"name": name, "description": description, "results": results}
     for key, out in COMPRESSAI_KEYS.items():
+        if any(p[key] is None for p in points):  # a null breaks compressai.utils.plot: the key is left out
+            document["note"] = MS_SSIM_NOTE if key == "ms_ssim" else "{} left out: not measured".format(out)
+            continue
         results[out] = [p[key] for p in points]
     for key in ("encoding_time", "decoding_time"):
         if all(key in p for p in points):
             results[key] = [p[key] for p in points]
-    return {"name": name, "description": description, "results": results}
+    return document
 
 
 def plot_rd(path, model_name, model_point, curves, title):
@@ -261,34 +314,38 @@ def main(argv=None):
 
 def _main(argv):
     args = get_args_parser().parse_args(argv)
+    check_args(args)
     profile = load_profile(args.profile)
     if args.size:
-        try:
-            width, height = (int(n) for n in args.size.lower().split("x"))
-        except ValueError:
-            raise ConfigError(f"--size {args.size!r}: expected WIDTHxHEIGHT in pixels, e.g. 512x512") from None
+        width, height = args.size
         profile.input.width, profile.input.height = width, height
         profile.name = f"{profile.name}@{width}x{height}"
-    codecs = [c for c in args.codecs.split(",") if c]
-    unknown = [c for c in codecs if c not in CODECS]
-    if unknown:
-        raise ConfigError(f"unknown codec {unknown[0]!r} (available: {', '.join(CODECS)})")
+    codecs = args.codecs
     encoder = profile.model.encoder if args.encoder == "default" else args.encoder
     decoder = profile.model.decoder if args.decoder == "default" else args.decoder
-    results = evaluate(args.photos, profile, encoder, decoder, codecs, entropy=args.entropy)
+    paths, skipped = list_images(args.photos), []
+    print(f"{profile.name}: {len(paths)} photos from {args.photos} at {profile.input.width}x{profile.input.height}, "
+          f"against {', '.join(codecs)} ...", flush=True)
+    results = evaluate(paths, profile, encoder, decoder, codecs, entropy=args.entropy, skipped=skipped,
+                       quiet=args.quiet)
     coded = "" if args.entropy == "none" else f" ({args.entropy}-compressed)"
-    print(f"{profile.name}: {profile.input.width}x{profile.input.height}, {len(results)} photos; codecs at the "
-          f"highest quality no larger than the model's wire frame{coded}")
+    print(f"{profile.name}: {profile.input.width}x{profile.input.height}, {len(results)} photos"
+          f"{f' ({len(skipped)} unreadable skipped)' if skipped else ''}; codecs at the highest quality no larger "
+          f"than the model's wire frame{coded}")
     print(format_results(results, codecs, per_image=args.per_image, entropy=args.entropy))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"profile": profile.name, "entropy": args.entropy,
                                                "results": results}, indent=1))
+        print(f"wrote {args.json}")
     if args.compressai or args.plot:
         model_point = _mean_rows([r["model"] for r in results])
         model_name = "latentlink {} ({}{})".format(profile.name, Path(encoder).name,
                                                   "" if args.entropy == "none" else ", " + args.entropy)
-        curves = dict((codec, codec_sweep(args.photos, profile, codec)) for codec in codecs)
+        readable = [p for p in paths if p not in skipped]
+        print(f"rate-distortion curves: {', '.join(codecs)} at {', '.join(str(len(SWEEPS[c])) for c in codecs)} "
+              f"qualities over {len(readable)} photos ...", flush=True)
+        curves = dict((codec, codec_sweep(readable, profile, codec, quiet=args.quiet)) for codec in codecs)
         if args.compressai:
             out = Path(args.compressai)
             out.mkdir(parents=True, exist_ok=True)
@@ -300,11 +357,13 @@ def _main(argv):
                                                    f"{[p['quality'] for p in curve]}", curve)
             for name, document in documents.items():
                 (out / f"{name}.json").write_text(json.dumps(document, indent=1) + "\n")
-            print(f"CompressAI-style results: {', '.join(str(out / (n + '.json')) for n in documents)}")
+            notes = sorted(set(d["note"] for d in documents.values() if "note" in d))
+            print(f"wrote {', '.join(str(out / (n + '.json')) for n in documents)} (CompressAI-style results"
+                  f"{''.join('; ' + note for note in notes)})")
         if args.plot:
             plot_rd(args.plot, model_name, model_point, curves,
                     f"{profile.name}: {len(results)} photos from {args.photos}")
-            print(f"rate-distortion plot: {args.plot}")
+            print(f"wrote {args.plot} (rate-distortion plot)")
     return 0
 
 

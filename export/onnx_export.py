@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import torch
 
+from latentlink.edge.cli import progress
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.tiles import split_tiles, tile_shape
 
@@ -22,12 +23,13 @@ from .onnx_check import check_onnx, format_check
 OPSET = 13
 
 
-def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sample=None, tiles=(1, 1)):
+def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sample=None, tiles=(1, 1), quiet=False):
     """Write ``encoder.onnx``, ``decoder.onnx`` and ``model.json`` for ``height`` x ``width`` frames to ``out_dir``.
 
     ``tiles=(R, C)``: patch processing; the models take the frame as a batch of R*C tiles (see edge/tiles.py),
     and model.json records the grid for the host. ``sample``: an optional float32 (1, 3, H, W) frame for the
     parity check (default: a smooth random image). Returns the model.json contents, parity figures included.
+    A progress bar of the steps on stderr where it is a terminal, unless ``quiet``.
     """
     tile_batch = tile_shape((1, 3, height, width), tiles)
     if tile_batch[2] % model.downscale or tile_batch[3] % model.downscale:
@@ -41,11 +43,27 @@ def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sa
     with torch.no_grad():
         latents = model.encoder(image)
     enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
+    bar = progress(quiet=quiet, total=5, desc="export onnx", unit="step",
+                   bar_format="{desc}: {n}/{total} steps {bar} {elapsed}")
+
+    def step(text):
+        bar.set_description("export onnx: " + text)
+
+    step("encoder")
     _export(model.encoder, image, enc_path, "image", "latents")
+    bar.update()
+    step("decoder")
     _export(model.decoder, latents, dec_path, "latents", "image")
+    bar.update()
     for path in (enc_path, dec_path):
+        step("checking " + path.name)
         constants_to_initializers(path)
         check_graph(path)
+        bar.update()
+    step("parity with PyTorch")
+    parity = parity_check(model, image, enc_path, dec_path)
+    bar.update()
+    bar.close()
     info = {
         "format": "latentlink-model", "version": 1, "model": model.name, "hparams": model.hparams,
         "profile": profile, "input_shape": list(image.shape), "latent_shape": list(latents.shape),
@@ -55,7 +73,7 @@ def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sa
         "encoder": enc_path.name, "decoder": dec_path.name, "opset": OPSET, "torch": torch.__version__,
         "checkpoint": Path(checkpoint).name if checkpoint else None,
         "checkpoint_sha256": sha256_of(checkpoint) if checkpoint else None,
-        "parity": parity_check(model, image, enc_path, dec_path),
+        "parity": parity,
     }
     (out_dir / "model.json").write_text(json.dumps(info, indent=1) + "\n")
     return info

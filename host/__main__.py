@@ -1,14 +1,13 @@
 """``latentlink host`` / ``python -m latentlink.host``: receive latents from edges, decode them, store or show the images."""
 
-import argparse
-import ipaddress
 import logging
 import os
 import sys
 
 from latentlink.edge.backends import open_backend
-from latentlink.edge.cli import (add_backend_options, add_run_options, backend_options, peak_rss_mb, positive_float,
-                      positive_int, run_main, setup_logging)
+from latentlink.edge.cli import (ArgumentParser, add_backend_options, add_run_options, address, backend_options,
+                                 check_model_file, check_output_dir, check_output_file, check_resolvable, is_loopback,
+                                 peak_rss_mb, positive_float, positive_int, run_main, setup_logging)
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.profile import load_profile
 from latentlink.edge.profiler import HOST_STAGES, ReportWriter, format_table
@@ -34,11 +33,11 @@ name it carries. --token-file: edges must prove they have the token (not encrypt
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(prog="latentlink host", description=__doc__.split(":", 1)[1].strip(),
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--listen", default="127.0.0.1:5760",
-                        help="address to listen on, HOST:PORT (default: %(default)s; 0.0.0.0 for every interface, "
-                             "port 0 for any free port)")
+    parser = ArgumentParser(prog="latentlink host", description=__doc__.split(":", 1)[1].strip(), epilog=EXAMPLES)
+    parser.add_argument("--listen", type=address, default="127.0.0.1:5760",
+                        help="address to listen on, HOST:PORT (default: %(default)s, this machine only; 0.0.0.0 for "
+                             "every interface, so that an edge on the network can connect; port 0 for any free "
+                             "port; a bare PORT means 127.0.0.1:PORT)")
     parser.add_argument("--profile", default="nano-504", help="profile name or YAML file (default: %(default)s)")
     parser.add_argument("--decoder", default="default",
                         help="decoder model: .onnx (ONNX Runtime), .pt (PyTorch checkpoint; see --device), .engine "
@@ -110,11 +109,35 @@ def main(argv=None):
     return run_main(_main, argv)
 
 
+def check_args(args):
+    """Checks of what argparse cannot check alone: the model file, the output paths, the address's name."""
+    if args.decoder != "default":
+        check_model_file("--decoder", args.decoder, "decoder")
+    for option, path in (("--report", args.report), ("--ready-file", args.ready_file)):
+        if path:
+            check_output_file(option, path)
+    if args.out:
+        check_output_dir("--out", args.out)
+    check_resolvable("--listen", args.listen)
+
+
+def loopback_note(listen):
+    """Say that a host on a loopback address is out of the network's reach, and how to open it (not for port 0,
+    which scripts and the demo use on one machine)."""
+    host, port = parse_address(listen)
+    if is_loopback(host) and port != 0:
+        logging.getLogger("latentlink.host").info(
+            "listening on %s only: edges on this machine can connect, a Jetson on the network cannot; for that, "
+            "--listen 0.0.0.0:%d (every interface)", host, port)
+
+
 def _main(argv):
     args = get_args_parser().parse_args(argv)
+    check_args(args)
     setup_logging(args.verbose)
     if args.raw_stream_name and not args.accept_pickle_raw:
         raise ConfigError("--raw-stream-name names the frames of --accept-pickle-raw clients: add --accept-pickle-raw")
+    loopback_note(args.listen)
     if args.display:
         if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
             raise ConfigError("--display needs a screen, and DISPLAY is not set; save frames with --out DIR instead")
@@ -193,17 +216,11 @@ def log_credentials(args, bound, credentials):
                  credentials.ca)
     if credentials.token is not None:
         log.info("token: edges must prove they have the token in %s", args.token_file)
-    if not credentials and not _is_loopback(bound[0]):
+    if not credentials and not is_loopback(bound[0]):
         log.warning("listening on %s:%d without --tls or --token-file: anyone who can reach %s:%d can stream into "
                     "this host%s; use --tls DIR (latentlink keys init) or --token-file", bound[0], bound[1],
                     bound[0], bound[1], " and write files under --out" if args.out else "")
 
-
-def _is_loopback(host):
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ their dependencies) are not installed.
 import importlib
 import sys
 
+from latentlink.edge.cli import COMMANDS as EXTRAS, is_missing_package, missing_dependency, sentence
+
 # command -> (module with main(argv), one-line summary)
 COMMANDS = [
     ("demo", "latentlink.demo", "edge and host on loopback, streaming photos through the default model"),
@@ -34,11 +36,18 @@ examples:
 """
 
 
+def usage():
+    return USAGE.format("\n".join("  {:<8} {}".format(name, sentence(text)) for name, _, text in COMMANDS))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     names = [name for name, _, _ in COMMANDS]
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE.format("\n".join("  {:<8} {}".format(name, text) for name, _, text in COMMANDS)))
+    if not argv:  # a command is required: the usage, on stderr, and the status of a usage error
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
+        print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
         from latentlink import __version__
@@ -46,13 +55,15 @@ def main(argv=None):
         print("latentlink " + __version__)
         return 0
     if argv[0] not in names:
-        print("latentlink: unknown command {!r} (available: {})".format(argv[0], ", ".join(names)), file=sys.stderr)
+        print("error: unknown command {!r} (available: {}; see `latentlink --help`)".format(argv[0], ", ".join(names)),
+              file=sys.stderr)
         return 2
     module_name = dict((name, module) for name, module, _ in COMMANDS)[argv[0]]
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        print("latentlink {}: a dependency is missing ({}); install the extra it needs, e.g. "
-              "pip install 'latentlink[host]' or 'latentlink[export]'".format(argv[0], exc), file=sys.stderr)
+    except ImportError as exc:  # ImportErrors once the command runs are told the same way, by edge.cli.run_main
+        if not is_missing_package(exc):
+            raise
+        print("error: " + missing_dependency(argv[0], EXTRAS[module_name][1], exc), file=sys.stderr)
         return 2
     return module.main(argv[1:])

@@ -5,7 +5,6 @@ machines. Afterwards the demo prints both per-stage tables, the bytes each frame
 what the host decoded against what the edge captured.
 """
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -21,14 +20,16 @@ SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(prog="latentlink demo", description=__doc__.split(":", 1)[1].strip(),
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from latentlink.edge.cli import ArgumentParser, positive_float, positive_int
+
+    parser = ArgumentParser(prog="latentlink demo", description=__doc__.split(":", 1)[1].strip(), epilog=EXAMPLES)
     parser.add_argument("--profile", default="nano-504", help="profile to run (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=40, help="frames the edge sends (default: %(default)s)")
+    parser.add_argument("--frames", type=positive_int, default=40, help="frames the edge sends (default: %(default)s)")
     parser.add_argument("--photos", help="folder of photos to stream (default: scikit-image's sample photos, "
                                          "which the default model was not trained on)")
     parser.add_argument("--out", default="latentlink-demo", help="folder for reports and images (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    parser.add_argument("--timeout", type=positive_float, default=300.0, help="give up after this many seconds")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar while the frames stream")
     return parser
 
 
@@ -43,7 +44,12 @@ def _main(argv):
     from latentlink.edge.profile import load_profile
     from latentlink.edge.profiler import format_report, load_report
 
+    from latentlink.edge.cli import check_input_dir, check_output_dir
+
     args = get_args_parser().parse_args(argv)
+    if args.photos:
+        check_input_dir("--photos", args.photos, "give a folder of photos, or leave --photos out for the samples")
+    check_output_dir("--out", args.out)
     profile = load_profile(args.profile)
     out = os.path.abspath(args.out)
     frames_dir, ready = os.path.join(out, "frames"), os.path.join(out, "host.address")
@@ -53,24 +59,31 @@ def _main(argv):
         if os.path.exists(stale):
             os.remove(stale)
     shutil.rmtree(frames_dir, ignore_errors=True)  # frames of an earlier run would count in the PSNR
-    photos = args.photos or write_sample_photos(os.path.join(out, "photos"))
+    photos = args.photos
+    if not photos:
+        photos = write_sample_photos(os.path.join(out, "photos"))
+        print(f"wrote {len(SAMPLE_PHOTOS)} sample photos (scikit-image's) to {photos}")
 
     python = [sys.executable, "-m"]
+    print(f"starting the host ({args.profile}: loading the decoder) ...", flush=True)
     host = subprocess.Popen(python + ["latentlink.host", "--listen", "127.0.0.1:0", "--ready-file", ready, "--profile",
                                       args.profile, "--out", frames_dir, "--report", host_report, "--max-streams",
                                       "1", "--quiet"])
     edge = None
+    started = time.monotonic()
     try:
         address = wait_for_file(ready, host, args.timeout)
-        print(f"host listening on {address}; edge streaming {args.frames} frames of {photos} ...", flush=True)
+        print(f"host listening on {address}; starting the edge: {args.frames} frames of {photos} ...", flush=True)
         # --drop block: every frame reaches the host, so each PSNR below has a frame to compare. A live camera
         # would use the profile's 'oldest' policy and count the frames it drops.
         edge = subprocess.Popen(python + ["latentlink.edge", "--source", "file://" + photos, "--loop", "--frames",
                                           str(args.frames), "--connect", address, "--name", "demo", "--profile",
                                           args.profile, "--drop", "block", "--report", edge_report, "--quiet"])
-        if edge.wait(timeout=args.timeout) != 0:
+        wait_for_frames(edge, os.path.join(frames_dir, "demo"), args.frames, started + args.timeout, args.quiet)
+        if edge.wait(timeout=max(0.1, started + args.timeout - time.monotonic())) != 0:
             raise LatentlinkError(f"the edge exited with code {edge.returncode} (see its messages above)")
-        if host.wait(timeout=args.timeout) != 0:
+        print("edge done; waiting for the host to finish ...", flush=True)
+        if host.wait(timeout=max(0.1, started + args.timeout - time.monotonic())) != 0:
             raise LatentlinkError(f"the host exited with code {host.returncode} (see its messages above)")
     except subprocess.TimeoutExpired:
         raise ConfigError(f"the demo did not finish in {args.timeout:.0f} s (raise --timeout on a slow machine)")
@@ -106,7 +119,9 @@ def write_sample_photos(folder):
     except ImportError:
         from latentlink.edge.errors import ConfigError
 
-        raise ConfigError("the demo's photos come from scikit-image: pip install scikit-image, or pass --photos DIR")
+        raise ConfigError("latentlink demo: scikit-image is not installed, and the demo's photos come from it; "
+                          "`latentlink demo` needs the [host] extra: pip install \".[host]\" in the latentlink "
+                          "folder; or pass --photos DIR")
     import cv2
 
     os.makedirs(folder, exist_ok=True)
@@ -114,6 +129,21 @@ def write_sample_photos(folder):
         rgb = getattr(skimage.data, name)()
         cv2.imwrite(os.path.join(folder, f"{name}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     return folder
+
+
+def wait_for_frames(edge, folder, frames, deadline, quiet=False):
+    """While the edge runs: a progress bar of the frames the host has written to ``folder`` (on stderr, where it
+    is a terminal). Returns when the edge exits or at ``deadline`` (time.monotonic())."""
+    from latentlink.edge.cli import progress
+
+    bar = progress(quiet=quiet, total=frames, desc="frames decoded", unit="frame")
+    done = 0
+    while edge.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = len([n for n in os.listdir(folder) if n.endswith(".png")]) if os.path.isdir(folder) else 0
+        bar.update(now - done)
+        done = now
+    bar.close()
 
 
 def wait_for_file(path, process, timeout):
@@ -143,10 +173,9 @@ def decoded_psnr(photos, frames_dir, profile):
 
     references, names = [], []
     with open_source("file://" + photos) as source:
-        for path in source.paths:
-            frame, _ = source.read()
+        for frame, _ in source:  # the images that decode, as the edge streamed them
             references.append(fit_frame(frame, profile.input.width, profile.input.height, profile.input.fit))
-            names.append(os.path.splitext(os.path.basename(path))[0])
+            names.append(os.path.splitext(os.path.basename(source.current_path))[0])
     per_photo = {}
     for name in sorted(os.listdir(frames_dir)) if os.path.isdir(frames_dir) else []:
         seq = int(os.path.splitext(name)[0])

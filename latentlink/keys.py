@@ -14,7 +14,6 @@ Runs on the host or a workstation (it needs the ``cryptography`` package: ``pip 
 only read the files, with Python's own ``ssl``. ``latentlink keys token FILE`` needs nothing beyond Python.
 """
 
-import argparse
 import datetime
 import ipaddress
 import os
@@ -53,9 +52,10 @@ def _crypto():
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(prog="latentlink keys", description="make the credentials for --tls (a private "
-                                     "CA, the host's and each edge's certificate) or --token-file", epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from latentlink.edge.cli import ArgumentParser, Number  # one-line errors and checked numbers, as every command
+
+    parser = ArgumentParser(prog="latentlink keys", description="make the credentials for --tls (a private CA, the "
+                            "host's and each edge's certificate) or --token-file", epilog=EXAMPLES)
     commands = parser.add_subparsers(dest="command", metavar="{init,host,edge,token}")
     commands.required = True
     init = commands.add_parser("init", help="a new CA and a host certificate signed by it")
@@ -71,7 +71,7 @@ def get_args_parser():
     edge.add_argument("name", help="the edge's stream name (its --name): the only name it may stream as")
     edge.add_argument("--force", action="store_true", help="replace an existing certificate for NAME")
     for sub in (init, host, edge):
-        sub.add_argument("--days", type=int, default=DEFAULT_DAYS,
+        sub.add_argument("--days", type=Number(int, low=1), default=DEFAULT_DAYS,
                          help="days the certificate is valid (default: %(default)s)")
     token = commands.add_parser("token", help="a random token for --token-file (mode 0600)")
     token.add_argument("file", help="where to write it")

@@ -11,11 +11,17 @@ from .conftest import run_cli
 
 
 def test_top_level_help_lists_every_command(capsys):
-    assert main([]) == 0
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for name, _, _ in COMMANDS:
         assert name in out
     assert "latentlink demo" in out
+
+
+def test_no_command_prints_the_usage_and_exits_2(capsys):
+    assert main([]) == 2  # a usage error, as argparse's: not 0, which scripts would take for success
+    captured = capsys.readouterr()
+    assert captured.out == "" and "usage: latentlink <command>" in captured.err
 
 
 def test_unknown_command(capsys):

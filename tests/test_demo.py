@@ -10,6 +10,12 @@ def test_demo_streams_photos_and_reports(tmp_path):
     result = run_cli("latentlink", "demo", "--frames", "4", "--out", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    # A line per stage while it runs (it was silent until the tables), and what it wrote.
+    for line in ("wrote 4 sample photos", "starting the host (nano-504", "host listening on 127.0.0.1:",
+                 "starting the edge: 4 frames", "edge done; waiting for the host", "reports: ", "images: "):
+        assert line in out, line
+    assert out.index("starting the host") < out.index("host listening") < out.index("edge done") < out.index("PSNR")
+    assert "\r" not in result.stderr  # no progress bar where stderr is not a terminal
     assert "edge 'demo'" in out and "host 'demo'" in out and "budget" in out  # both per-stage tables
     assert "bytes per frame" in out and "PSNR" in out
     edge = json.loads((tmp_path / "edge.json").read_text())

@@ -1,5 +1,7 @@
 """Tests of edge.sources with real media written to tmp_path (small frames, few frames) and fake cameras."""
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -309,14 +311,57 @@ def test_undecodable_image(tmp_path):
     bad.write_bytes(b"this is not a png")
     with pytest.raises(SourceError, match="bad.png"):
         open_source(str(bad))
+
+
+
+def test_an_undecodable_image_in_a_folder_is_skipped_with_a_warning_and_counted(tmp_path, caplog):
     folder = tmp_path / "mixed"
     folder.mkdir()
     assert cv2.imwrite(str(folder / "a.png"), flat(8, 8, RED))
     (folder / "b.png").write_bytes(b"garbage")
-    source = open_source(str(folder))
-    check_frame(source.read())
-    with pytest.raises(SourceError, match="b.png"):
-        source.read()
+    assert cv2.imwrite(str(folder / "c.png"), flat(8, 8, BLUE))
+    with caplog.at_level("WARNING", logger="latentlink.edge.sources"):
+        with open_source(str(folder)) as source:
+            frames = [(frame[0, 0].tolist(), source.current_path) for frame, _ in source]
+    assert frames == [(list(RED), str(folder / "a.png")), (list(BLUE), str(folder / "c.png"))]
+    assert source.skipped == [str(folder / "b.png")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "b.png" in warnings[0] and "skipping it (1 unreadable of 3 images" in warnings[0]
+
+
+def test_a_looping_folder_warns_once_per_bad_image_and_fails_when_none_decodes(tmp_path, caplog):
+    folder = tmp_path / "loop"
+    folder.mkdir()
+    assert cv2.imwrite(str(folder / "a.png"), flat(8, 8, RED))
+    (folder / "b.png").write_bytes(b"garbage")
+    with caplog.at_level("WARNING", logger="latentlink.edge.sources"):
+        with open_source(str(folder), loop=True) as source:
+            for _ in range(5):
+                check_frame(source.read())
+    assert len([r for r in caplog.records if "b.png" in r.getMessage()]) == 1
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (broken / name).write_bytes(b"garbage")
+    with open_source(str(broken), loop=True) as source:
+        with pytest.raises(SourceError, match="none of the 2 images"):
+            source.read()
+
+
+def test_videos_in_an_image_folder_are_named_not_ignored(tmp_path, caplog, video_file):
+    import shutil
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    assert cv2.imwrite(str(folder / "a.png"), flat(8, 8, RED))
+    shutil.copy(video_file, str(folder / "clip.avi"))
+    with caplog.at_level("WARNING", logger="latentlink.edge.sources"):
+        open_source("file://" + str(folder)).close()
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "1 video(s) are not played (clip.avi)" in message and "--source file://" in message
+    os.remove(str(folder / "a.png"))
+    with pytest.raises(SourceError, match="no images in folder .*, but 1 video.*give a video itself"):
+        open_source("file://" + str(folder))
 
 
 def test_unopenable_video(tmp_path):

@@ -15,7 +15,8 @@ import os
 from ..errors import BackendError, ConfigError
 from .base import Backend, ModelInfo, read_model_info
 
-__all__ = ["Backend", "ModelInfo", "open_backend", "read_model_info", "role_from_name", "SUFFIXES"]
+__all__ = ["Backend", "ModelInfo", "check_role", "declared_role", "open_backend", "read_model_info", "role_from_name",
+           "SUFFIXES"]
 
 SUFFIXES = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt": "pytorch", ".pth": "pytorch"}
 
@@ -23,6 +24,41 @@ SUFFIXES = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", 
 def role_from_name(path):
     """"decoder" for a file named ``decoder*`` (as ``latentlink export onnx/engine`` name them), else "encoder"."""
     return "decoder" if os.path.basename(path).startswith("decoder") else "encoder"
+
+
+def declared_role(path):
+    """"encoder" or "decoder" as the model's metadata names the file (model.json's ``encoder``/``decoder`` entries;
+    an engine's sidecar, by the ONNX file it was built from), else by its name (``encoder*``, ``decoder*``); None
+    when nothing says (a .pt checkpoint holds both halves)."""
+    if os.path.splitext(path)[1].lower() in (".pt", ".pth"):
+        return None
+    name = os.path.basename(path)
+    try:
+        meta = read_model_info(path).data
+    except ConfigError:
+        meta = {}
+    name = os.path.basename(str(meta.get("onnx") or name))  # an engine: the ONNX file it was built from
+    for role in ("encoder", "decoder"):
+        if meta.get(role) == name:
+            return role
+    for role in ("encoder", "decoder"):
+        if name.startswith(role):
+            return role
+    return None
+
+
+def check_role(path, role, option=None):
+    """ConfigError when ``path`` is the other half of a model pair than ``role``: a decoder given as the edge's
+    encoder fails with a shape error that would send the user re-exporting a model that is fine."""
+    found = declared_role(path)
+    if found is None or found == role:
+        return
+    where = {"encoder": "the edge (latentlink edge --encoder)", "decoder": "the host (latentlink host --decoder)"}
+    sibling = os.path.join(os.path.dirname(path), os.path.basename(path).replace(found, role, 1))
+    article = {"encoder": "an", "decoder": "a"}
+    raise ConfigError("{}{} is {} {}, not {} {}: pass it to {}{}".format(
+        option + " " if option else "", path, article[found], found, article[role], role, where[found],
+        "; the {} beside it is {}".format(role, sibling) if os.path.isfile(sibling) else ""))
 
 
 def open_backend(path, role, threads=0, device=None, precision=None, input_size=None, mapped=False):
@@ -42,6 +78,7 @@ def open_backend(path, role, threads=0, device=None, precision=None, input_size=
     kind = SUFFIXES.get(os.path.splitext(path)[1].lower())
     if kind is None:
         raise BackendError("no backend for {!r}: latentlink runs {} files".format(path, ", ".join(sorted(SUFFIXES))))
+    check_role(path, role)
     if kind == "onnxruntime" and precision not in (None, "fp32"):
         raise ConfigError("--precision {}: {} runs in FP32 with ONNX Runtime; FP16 needs a .pt checkpoint on "
                           "CUDA or a TensorRT engine".format(precision, path))

@@ -55,8 +55,10 @@ class TorchBackend(Backend):
         try:
             import torch
         except ImportError:
-            raise BackendError("PyTorch is not installed: `pip install torch` on a PC; on a Jetson, NVIDIA's wheel "
-                               "for JetPack 4.6 (see the README)")
+            raise BackendError("PyTorch is not installed, and .pt checkpoints need it: on a PC, its CPU build with "
+                               "`pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu` "
+                               "(or the [export] extra); on a Jetson, NVIDIA's wheel for JetPack 4.6 (see the "
+                               "README)")
         from latentlink.export.models import load_checkpoint
 
         if self.on_cuda and not torch.cuda.is_available():

@@ -1,7 +1,6 @@
 """Name -> model class registry and checkpoints that carry their architecture."""
 
 import inspect
-import pickle
 from pathlib import Path
 
 import torch
@@ -75,11 +74,26 @@ def load_checkpoint(path, device="cpu"):
         raise ConfigError(f"checkpoint {str(path)!r} does not exist (train one with `latentlink train`)")
     try:
         ckpt = torch.load(path, map_location=device, **_WEIGHTS_ONLY)
-        name, hparams, state = ckpt["model"], ckpt["hparams"], ckpt["state_dict"]
-    except (KeyError, TypeError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
-        raise ConfigError(f"{str(path)!r} is not a latentlink checkpoint ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load of a foreign file fails every way (KeyError, EOFError...)
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
+        raise ConfigError(f"{str(path)!r} is not a latentlink checkpoint: PyTorch cannot load it ("
+                          f"{type(exc).__name__}: {first}); give a checkpoint written by `latentlink train`") from None
+    missing = [key for key in ("model", "hparams", "state_dict") if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        found = ", ".join(repr(k) for k in list(ckpt)[:6]) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ConfigError(f"{str(path)!r} is a PyTorch file but not a latentlink checkpoint: it has no "
+                          f"{', '.join(repr(k) for k in missing)} (it holds {found or 'nothing'}). latentlink's "
+                          f"checkpoints carry their architecture; train one with `latentlink train`, or start a "
+                          f"new model from matching weights with `latentlink train --init-from` on a latentlink "
+                          f"checkpoint")
+    name, hparams, state = ckpt["model"], ckpt["hparams"], ckpt["state_dict"]
     # Settings added after a checkpoint was written take the value it was trained with, not today's default.
-    hparams = {**getattr(MODELS.get(name), "legacy_hparams", {}), **hparams}
+    hparams = {**getattr(MODELS.get(name), "legacy_hparams", {}), **dict(hparams or {})}
     model = build_model(name, **hparams)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{str(path)!r}: its weights do not fit a {name} model with its own settings ({first}); "
+                          f"the file is damaged or was edited") from None
     return model.to(device).eval(), ckpt.get("meta", {})
