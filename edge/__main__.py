@@ -113,6 +113,10 @@ def check_args(parser, args):
     args.source = args.source or args.input
     if not args.source:
         parser.error("no input: give it first, e.g. `latentlink edge csi://0`, or as --source csi://0")
+    scheme = args.source.partition("://")[0].lower() if "://" in args.source else "file"
+    if args.loop and scheme != "file":
+        parser.error("--loop restarts files, folders and images at their end; {} has no end: leave --loop "
+                     "out".format(args.source))
     if args.encoder != "default":
         check_model_file("--encoder", args.encoder, "encoder")
     if args.report:

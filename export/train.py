@@ -42,7 +42,7 @@ def get_args_parser(parser=None):
     parser.add_argument("--out", required=True,
                         help="checkpoint to write (.pt), at every validation; the best one by validation PSNR "
                              "goes beside it as NAME.best.pt")
-    parser.add_argument("--model", default="lossy-cae", choices=sorted(MODELS), help="architecture")
+    parser.add_argument("--model", choices=sorted(MODELS), help="architecture of a new model (default: lossy-cae)")
     parser.add_argument("--latent-channels", type=positive_int,
                         help="latent channels, for the models that have them (lossy-cae: 8 = 0.5 bpp, the default)")
     parser.add_argument("--hparam", action="append", default=[], metavar="NAME=INT",
@@ -107,9 +107,10 @@ def tiles_type(text):
 
 def check_args(args):
     """Options that exclude each other, then the paths: before the photos are read and the model built."""
-    if args.resume and (args.hparam or args.init_from):
-        raise ConfigError("--resume continues a checkpoint as it is; --hparam and --init-from build a new model "
-                          "(use --init-from CKPT with --hparam to change the architecture)")
+    if args.resume and (args.hparam or args.init_from or args.model or args.latent_channels is not None):
+        raise ConfigError("--resume continues a checkpoint as it is; --model, --latent-channels, --hparam and "
+                          "--init-from build a new model (use --init-from CKPT with them to change the "
+                          "architecture)")
     if args.freeze_encoder and (args.stochastic_fraction or args.bit_usage):
         raise ConfigError("--freeze-encoder keeps the encoder's bits as they are: it needs --stochastic-fraction 0 "
                           "(random bits would train the decoder on bits it never gets) and no --bit-usage "
@@ -244,7 +245,7 @@ def train(args):
         hparams = parse_hparams(args.hparam)
         if args.latent_channels is not None:
             hparams.setdefault("latent_channels", args.latent_channels)
-        model = build_model(args.model, **hparams)
+        model = build_model(args.model or "lossy-cae", **hparams)
         if args.init_from:
             source, source_meta = load_checkpoint(args.init_from)
             copied, fresh = copy_matching_weights(model, source)

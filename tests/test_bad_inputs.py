@@ -46,6 +46,7 @@ CASES = [
     ("edge synthetic:// --report {file}/edge.json", "--report {file}/edge.json: {file} is a file"),
     ("edge synthetic:// --spool {file} --delivery reliable", "--spool {file}: a file of that name is in the way"),
     ("edge synthetic:// --profile nano-999", "no profile 'nano-999'"),
+    ("edge csi://0 --loop", "--loop restarts files, folders and images at their end; csi://0 has no end"),
     # host
     ("host --listen :99999", "argument --listen: got ':99999'; expected HOST:PORT with a port from 0 to 65535"),
     ("host --listen nohost:5760", "--listen nohost:5760: the name 'nohost' does not resolve"),
@@ -76,6 +77,8 @@ CASES = [
     (TRAIN + "--device bogus", "--device 'bogus': expected cpu, cuda or cuda:N"),
     (TRAIN + "--resume {tmp}/missing.pt", "--resume {tmp}/missing.pt: no such file"),
     (TRAIN + "--resume {checkpoint} --hparam decoder_blocks=3", "--resume continues a checkpoint as it is"),
+    (TRAIN + "--resume {checkpoint} --model crae", "--resume continues a checkpoint as it is"),
+    (TRAIN + "--resume {checkpoint} --latent-channels 4", "--resume continues a checkpoint as it is"),
     (TRAIN + "--init-from {foreign}", "is a PyTorch file but not a latentlink checkpoint"),
     ("train --data {tmp}/missing --out {tmp}/model.pt", "--data {tmp}/missing: no such folder"),
     ("train --data {photos} --out {file}/model.pt", "--out {file}/model.pt: {file} is a file"),
