@@ -222,8 +222,11 @@ def test_bad_input_is_refused_in_one_line(line, expected, paths, tripwires, caps
     assert_refused(status, out, err, expected.format(**paths))
 
 
-def test_every_command_has_rows():
+def test_every_command_has_rows_and_an_extra():
     from latentlink.cli import COMMANDS
+    from latentlink.edge.cli import COMMANDS as EXTRAS
+
+    assert set(module for _, module, _ in COMMANDS) == set(EXTRAS)
 
     commands = set(line.split()[0] for line, _ in CASES if line)
     assert commands >= set(name for name, _, _ in COMMANDS)
