@@ -14,7 +14,6 @@ up to its last complete record, by :func:`load_report`. :func:`format_table` pri
 Runs on Python 3.6 with numpy 1.19 (Jetson Nano) as well as on current Python and numpy: stdlib and numpy only.
 """
 
-import argparse
 import io
 import json
 import logging
@@ -465,18 +464,28 @@ def write_report(path, summary, records, meta=None):
     whole = dict(summary)
     whole.update(meta=dict(meta or {}), records=records)
     check_report_values(whole, "report")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        stages = [name for name in summary.get("stages") or {} if name != "total"]
+    stages = [name for name in summary.get("stages") or {} if name != "total"]
+
+    def write(tmp):
         writer = ReportWriter(tmp, stages, summary.get("budget_ms", 0.0), meta)
         for record in records:
             writer.add(record)
         writer.finish(summary, meta)
         if writer.error is not None:
             raise writer.error
+
+    replace_atomically(path, write)
+
+
+def replace_atomically(path, write):
+    """Make ``path`` (creating its folder) by ``write(tmp_path)`` into a temporary file beside it, then rename: a
+    reader sees the old file or the whole new one, never half of one. The temporary file goes if ``write`` fails."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

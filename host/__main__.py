@@ -185,8 +185,8 @@ def serve(args, profile, decoder, listen, report, credentials):
                 handshake_timeout_s=args.handshake_timeout, max_connections=args.max_connections,
                 max_connections_per_peer=args.max_connections_per_peer, accept_pickle=args.accept_pickle,
                 window=args.window, decode_delay_s=args.decode_delay, credentials=credentials,
-                on_record=report.add if report is not None else None)
-    host.accept_pickle_raw, host.raw_stream_name = args.accept_pickle_raw, args.raw_stream_name
+                on_record=report.add if report is not None else None, accept_pickle_raw=args.accept_pickle_raw,
+                raw_stream_name=args.raw_stream_name)
     if args.accept_pickle:
         logging.getLogger("latentlink.host").warning(
             "--accept-pickle: frames of pickled numpy arrays are accepted from any peer; they are parsed "

@@ -212,6 +212,8 @@ class Host(object):
     ``window``: the most frames a protocol-2 edge may have in flight (it may ask for fewer).
     ``accept_pickle``: accept the seed pipeline's pickled arrays (off by default: a pickle is a program, and the
     parser for it is the largest attack surface the host has; see the README's threat model).
+    ``accept_pickle_raw``: serve plain clients' length-prefixed pickles (:mod:`latentlink.host.raw_pickle`; off by
+    default), as stream ``raw_stream_name`` (None: raw-<ip>-<port>).
     ``decode_delay_s``: for tests and benchmarks only: sleep this long after each decode, inside the decode lock
     (simulates a slower decoder, so that frames are in flight when a fault is injected; 0: off).
     ``credentials``: a :class:`~latentlink.edge.security.Credentials` with a TLS context, a token, or both, that
@@ -225,13 +227,12 @@ class Host(object):
     to :attr:`forgotten`, so the summary's totals stay exact.
     """
 
-    accept_pickle_raw = False  # plain clients' length-prefixed pickles (host/raw_pickle.py): --accept-pickle-raw
-    raw_stream_name = None  # their stream's name (default raw-<ip>-<port>): --raw-stream-name
 
     def __init__(self, decoder, budget_ms=33.0, out_dir=None, display=False, max_frames=None, max_streams=None,
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
                  accept_pickle=False, window=8, handshake_timeout_s=5.0, max_connections_per_peer=4,
-                 decode_delay_s=0.0, credentials=None, on_record=None, max_stream_stats=MAX_STREAM_STATS):
+                 decode_delay_s=0.0, credentials=None, on_record=None, max_stream_stats=MAX_STREAM_STATS,
+                 accept_pickle_raw=False, raw_stream_name=None):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
@@ -242,6 +243,7 @@ class Host(object):
         self.idle_timeout_s, self.frame_timeout_s = idle_timeout_s, frame_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
         self.accept_pickle = accept_pickle
+        self.accept_pickle_raw, self.raw_stream_name = accept_pickle_raw, raw_stream_name
         self.window = window
         self.decode_delay_s = decode_delay_s  # tests and benchmarks: a slower decoder
         self.credentials = credentials or Credentials()

@@ -33,11 +33,9 @@ runs on the Nano.
 import csv
 import io
 import math
-import os
-import tempfile
 
 from latentlink.edge.errors import ConfigError
-from latentlink.edge.profiler import EDGE_STAGES, HOST_STAGES, report_title
+from latentlink.edge.profiler import EDGE_STAGES, HOST_STAGES, replace_atomically, report_title
 
 NETWORK = "network + queue"
 # Frames that did not end up decoded, as marked on the timelines: (marker, colour).
@@ -206,23 +204,14 @@ def write_csv(reports, path, names=None):
 
 
 def _write_atomically(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        replace_atomically(path, write)
     except OSError as exc:
         raise ConfigError("cannot write %s (%s)" % (path, exc))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_views(reports, names, plot=None, csv_path=None):

@@ -4,9 +4,11 @@ The tiny model is a randomly initialised Lossy CAE at 64x64: every pipeline mech
 PNG) is exercised without depending on the shipped weights, in well under a second per run.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 
 import cv2
 import numpy as np
@@ -43,6 +45,32 @@ def tiny_profile(tmp_path_factory):
         "input:\n  width: {0}\n  height: {0}\nbudget_ms: 33\n"
         "transport:\n  queue_size: 2\n  max_backoff_s: 0.5\n".format(TINY))
     return str(profile)
+
+
+@contextlib.contextmanager
+def running_host(profile, tmp_path, **options):
+    """A :class:`~latentlink.host.server.Host` with ``profile``'s decoder, serving a free loopback port from a thread,
+    writing under ``tmp_path/frames``, with short timeouts (5 s idle, 2 s per frame) unless ``options`` say
+    otherwise. Its ``test_records`` list gets each decoded frame's record (what a report writer would get)."""
+    from latentlink.edge.backends import open_backend
+    from latentlink.edge.profile import load_profile
+    from latentlink.host.server import Host
+
+    records = []
+    options = dict(dict(out_dir=str(tmp_path / "frames"), idle_timeout_s=5, frame_timeout_s=2,
+                        on_record=records.append), **options)
+    decoder = open_backend(load_profile(profile).model.decoder, "decoder").load()
+    server = Host(decoder, **options)
+    server.test_records = records
+    server.bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(10)
+        decoder.close()
 
 
 @pytest.fixture(scope="session")

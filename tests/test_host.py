@@ -16,21 +16,13 @@ from latentlink.edge.protocol import (FIXED_HEADER, KIND_REFUSE, MAGIC, VERSION,
                                       encode_frame, read_body, read_header)
 from latentlink.host.server import Host
 
+from .conftest import running_host
+
 
 @pytest.fixture(params=[False], ids=["default"])
 def host(tiny_profile, tmp_path, request):
-    decoder = open_backend(load_profile(tiny_profile).model.decoder, "decoder").load()
-    records = []  # what a report writer would get: each decoded frame's record
-    server = Host(decoder, out_dir=str(tmp_path / "frames"), idle_timeout_s=5, frame_timeout_s=2,
-                  accept_pickle=request.param, on_record=records.append)
-    server.test_records = records
-    server.bind("127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    yield server
-    server.stop()
-    thread.join(10)
-    decoder.close()
+    with running_host(tiny_profile, tmp_path, accept_pickle=request.param) as server:
+        yield server
 
 
 def latents(seed):

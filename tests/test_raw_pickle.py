@@ -18,27 +18,15 @@ from latentlink.edge.profiler import FrameTimer, load_report
 from latentlink.edge.protocol import encode_end_of_stream, encode_frame, raw_pickle_message
 from latentlink.edge.sender import Sender
 from latentlink.host.raw_pickle import stream_name
-from latentlink.host.server import Host
 
-from .conftest import run_cli
+from .conftest import run_cli, running_host
 from .test_host import Exploit, closed_by_peer, connect, latents, wait_until
 
 
 @pytest.fixture(params=[True], ids=["accept-pickle-raw"])
 def host(tiny_profile, tmp_path, request):
-    decoder = open_backend(load_profile(tiny_profile).model.decoder, "decoder").load()
-    records = []  # each decoded frame's record, as a report writer would get it
-    server = Host(decoder, out_dir=str(tmp_path / "frames"), idle_timeout_s=5, frame_timeout_s=2,
-                  on_record=records.append)
-    server.records = records
-    server.accept_pickle_raw = request.param
-    server.bind("127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    yield server
-    server.stop()
-    thread.join(10)
-    decoder.close()
+    with running_host(tiny_profile, tmp_path, accept_pickle_raw=request.param) as server:
+        yield server
 
 
 refusing_host = pytest.mark.parametrize("host", [False], ids=["default"], indirect=True)
@@ -90,7 +78,7 @@ def test_every_accepted_dtype_layout_and_pickle_protocol_is_decoded(host, tmp_pa
     assert stream.startswith("raw-127.0.0.1-")
     assert stats.frames == 5 and stats.gaps == 0 and stats.failed == 0 and host.protocol_errors == 0
     assert sorted(os.listdir(os.path.join(host.out_dir, stream))) == ["{:06d}.png".format(i) for i in range(5)]
-    summary, records = host.summary(), host.records
+    summary, records = host.summary(), host.test_records
     assert [r["seq"] for r in records] == list(range(5)) and "latency" not in summary
     assert [r["bytes"] for r in records] == [len(message(z, protocol)) for z in frames]
     assert all(r["latency_ms"] is None for r in records)

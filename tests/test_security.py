@@ -29,7 +29,7 @@ from latentlink.edge.security import (Credentials, TLSSocket, client_context, co
 
 from latentlink import keys
 
-from .conftest import run_cli
+from .conftest import run_cli, running_host
 from .test_end_to_end import start_host
 
 FRAMES = 6
@@ -234,20 +234,9 @@ def replay_handshake(address, token_file):
 # --- the host's TLS, in one process ---------------------------------------------------------------------------------
 @pytest.fixture
 def tls_host(tiny_profile, tmp_path, creds):
-    from latentlink.edge.backends import open_backend
-    from latentlink.edge.profile import load_profile
-    from latentlink.host.server import Host
-
-    decoder = open_backend(load_profile(tiny_profile).model.decoder, "decoder").load()
-    server = Host(decoder, out_dir=str(tmp_path / "frames"), idle_timeout_s=5, frame_timeout_s=2,
-                  credentials=Credentials.for_host(creds.ca), handshake_timeout_s=1.0)
-    server.bind("127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    yield server
-    server.stop()
-    thread.join(10)
-    decoder.close()
+    with running_host(tiny_profile, tmp_path, credentials=Credentials.for_host(creds.ca),
+                      handshake_timeout_s=1.0) as server:
+        yield server
 
 
 def test_an_edge_without_a_certificate_is_refused_by_the_handshake(tls_host, creds, caplog):
