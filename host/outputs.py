@@ -12,11 +12,15 @@ live view (``--view``) are implemented next to it.
 """
 
 import dataclasses
+import logging
 from typing import Optional
 
+import cv2
 import numpy as np
 
 from latentlink.edge.errors import LatentlinkError
+
+log = logging.getLogger("latentlink.host")
 
 
 class OutputError(LatentlinkError):
@@ -60,3 +64,22 @@ class Output:
 
     def close(self):
         """Flush and release; called once, after the last ``write``."""
+
+
+class FolderOutput(Output):
+    """``file://DIR/`` (or a plain ``DIR``): each frame as ``DIR/<stream>/<seq:06d>.png``, written through
+    :class:`~latentlink.host.out_dir.OutDir` (no symlink inside ``DIR`` is ever followed; files appear whole)."""
+
+    def __init__(self, out_dir):
+        self.out = out_dir  # an OutDir, shared with the host's delivery journal
+        self.uri = out_dir.path
+
+    def write(self, frame):
+        name = "{:06d}.png".format(frame.seq)
+        try:
+            encoded, png = cv2.imencode(".png", frame.image)
+            if not encoded:
+                raise OSError("cv2.imencode could not make a PNG of a {} image".format(frame.image.shape))
+            self.out.write(frame.stream, name, png.tobytes())
+        except (OSError, cv2.error) as exc:
+            raise OutputError("cannot write {}: {}".format(self.out.where(frame.stream, name), exc))

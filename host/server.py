@@ -47,6 +47,7 @@ from latentlink.edge.security import (Credentials, edge_proof, explain_server_tl
                                       linger_close, new_nonce, peer_name, proof_matches)
 
 from .out_dir import OutDir
+from .outputs import DecodedFrame, FolderOutput, OutputError
 from .raw_pickle import serve_raw_pickles
 
 log = logging.getLogger("latentlink.host")
@@ -218,6 +219,8 @@ class Host(object):
     (simulates a slower decoder, so that frames are in flight when a fault is injected; 0: off).
     ``credentials``: a :class:`~latentlink.edge.security.Credentials` with a TLS context, a token, or both, that
     edges must match (None: any edge is served, as before).
+    ``outputs``: :class:`~latentlink.host.outputs.Output` objects that take each decoded frame after the PNG folder
+    of ``out_dir`` (an output's :class:`~latentlink.host.outputs.OutputError` makes that frame count as failed).
 
     Memory does not grow with the frames or the streams served: the summary is aggregated as frames are decoded
     (:class:`~latentlink.edge.profiler.FrameStats`), and each decoded frame's record goes to ``on_record(record)``
@@ -232,11 +235,13 @@ class Host(object):
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
                  accept_pickle=False, window=8, handshake_timeout_s=5.0, max_connections_per_peer=4,
                  decode_delay_s=0.0, credentials=None, on_record=None, max_stream_stats=MAX_STREAM_STATS,
-                 accept_pickle_raw=False, raw_stream_name=None):
+                 accept_pickle_raw=False, raw_stream_name=None, outputs=()):
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
         self.out = OutDir(out_dir) if out_dir else None  # symlinks inside it are refused, never followed
+        # Where decoded frames go (host/outputs.py): the PNG folder first, then the caller's outputs.
+        self.outputs = ([FolderOutput(self.out)] if self.out is not None else []) + list(outputs)
         self.max_frames, self.max_streams = max_frames, max_streams
         self.max_frame_bytes, self.max_connections = max_frame_bytes, max_connections
         self.max_connections_per_peer = max_connections_per_peer
@@ -843,18 +848,25 @@ class Host(object):
         except BackendError as exc:
             log.error("%s: frame %d of %r failed to decode: %s", where, meta.seq, meta.stream, exc)
             return "failed", "decode failed: {}".format(exc)
+        latency = None if meta.t_capture is None else latency_ms(time.time() - offset_s, meta.t_capture)
         with timer.stage("write"):
             if self.display:
                 self._latest[meta.stream] = image
-            if self.out is not None:
-                error = self._write(meta, image)
-                if error is not None:
-                    return "failed", error
+            frame = DecodedFrame(stream=meta.stream, seq=meta.seq, image=image, latents=latents,
+                                 t_capture=meta.t_capture, latency_ms=latency, timings=dict(timer.stages),
+                                 bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
+            for output in self.outputs:
+                try:
+                    output.write(frame)
+                except OutputError as exc:
+                    with self._lock:
+                        self.write_errors += 1
+                    log.error("%s", exc)
+                    return "failed", "write error on the host (its log names the output and why)"  # no host paths
         now = time.perf_counter()
         record = timer.record()
         record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
         # The host's clock read on the edge's; raw pickles carry no capture time.
-        latency = None if meta.t_capture is None else latency_ms(time.time() - offset_s, meta.t_capture)
         record["latency_ms"] = latency  # null: no capture time, or one too far from this host's clock
         with self._lock:
             if latency is None and meta.t_capture is not None:
@@ -873,22 +885,6 @@ class Host(object):
         if self.on_record is not None:  # outside the lock: a report write must not hold up other connections
             self.on_record(record)
         return "decoded", ""
-
-    def _write(self, meta, image):
-        """Save ``image`` as out/<stream>/<seq:06d>.png (stream names are single path components, edge.protocol);
-        returns None, or why it could not (a write error: the frame then counts as failed)."""
-        name = "{:06d}.png".format(meta.seq)
-        try:
-            encoded, png = cv2.imencode(".png", image)
-            if not encoded:
-                raise OSError("cv2.imencode could not make a PNG of a {} image".format(image.shape))
-            self.out.write(meta.stream, name, png.tobytes())
-        except (OSError, cv2.error) as exc:
-            with self._lock:
-                self.write_errors += 1
-            log.error("cannot write %s: %s", self.out.where(meta.stream, name), exc)
-            return "write error on the host (its log names the file and why)"  # no host paths to the peer
-        return None
 
     def _show(self):
         if not self.display or not self._latest:
