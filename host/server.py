@@ -257,7 +257,7 @@ class Host(object):
         self.max_stream_stats = max_stream_stats
         self.forgotten = StreamStats("")  # the summed counts of the streams dropped from self.streams
         self.forgotten_streams = 0
-        self.on_record = on_record
+        self._record_listeners = [on_record] if on_record is not None else []
         self._frames = FrameStats(HOST_STAGES, budget_ms)  # every decoded frame, aggregated
         self.protocol_errors = 0
         self.write_errors = 0
@@ -882,8 +882,8 @@ class Host(object):
             self._last_frame_at = now
             if self.max_frames and self._frames.frames >= self.max_frames:
                 self._stop.set()
-        if self.on_record is not None:  # outside the lock: a report write must not hold up other connections
-            self.on_record(record)
+        for listener in self._record_listeners:  # outside the lock: a report write must not hold up others
+            listener(record)
         return "decoded", ""
 
     def _show(self):
@@ -893,7 +893,27 @@ class Host(object):
             cv2.imshow("latentlink: " + name, image)
         cv2.waitKey(1)
 
+    def add_record_listener(self, listener):
+        """Call ``listener(record)`` with each decoded frame's record (a dict: ``seq``, ``stream``, ``bytes``,
+        ``latency_ms``, ``stages`` in ms, ...), like ``on_record``; add listeners before :meth:`serve`."""
+        self._record_listeners.append(listener)
+
     # Results.
+    def snapshot(self):
+        """The host's live state for metrics and progress lines, cheap to call every second: a dict with
+        ``streams`` (name -> {"decoded", "failed", "gaps", "duplicates", "connected"}), ``frames`` (decoded in
+        all), ``failed``, ``protocol_errors``, ``write_errors``, ``refused_connections``, ``timeouts``,
+        ``queue_depth`` and ``queue_capacity`` (frames waiting to be decoded, and the most that may), and
+        ``batches`` (batch size -> batches decoded)."""
+        with self._lock:
+            streams = {name: {"decoded": s.frames, "failed": s.failed, "gaps": s.gaps, "duplicates": s.duplicates,
+                              "connected": name in self._live} for name, s in self.streams.items()}
+            return {"streams": streams, "frames": self._frames.frames,
+                    "failed": self.forgotten.failed + sum(s.failed for s in self.streams.values()),
+                    "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
+                    "refused_connections": self.refused_connections, "timeouts": self.timeouts,
+                    "queue_depth": 0, "queue_capacity": 0, "batches": {}}  # no decode queue yet: one frame at a time
+
     def summary(self):
         """The run's summary (a dict, see :func:`~latentlink.edge.profiler.summarize`) with the host's counts:
         ``failed``, ``protocol_errors``, ``write_errors``, ``streams`` (per stream) and, once streams were forgotten
