@@ -6,6 +6,8 @@ test_python36_edge.py runs the same script on Python 3.6. No timing is asserted:
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -219,3 +221,56 @@ def test_the_edge_imports_no_host_code_for_the_sender():
     code = ("import sys, latentlink; from latentlink import Sender; "
             "assert not [m for m in sys.modules if m.startswith('latentlink.host')], sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+
+
+def api_snippet(name, *replacements):
+    """The code block after ``<!-- api-snippet: NAME -->`` in README.md, each (old, new) replaced exactly once."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        found = re.findall(r"<!-- api-snippet: %s -->\n```python\n(.*?)```" % name, f.read(), flags=re.S)
+    assert len(found) == 1, "README.md has %d '%s' snippets" % (len(found), name)
+    code = found[0]
+    for old, new in replacements:
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    return code
+
+
+def free_address():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return "127.0.0.1:%d" % s.getsockname()[1]
+
+
+def test_readme_two_lines_run_as_printed():
+    """The README's imagezmq-style lines, with the shipped default profile; only the addresses are changed."""
+    address = free_address()
+    code = api_snippet("two-lines", ("192.168.1.20:5760", address), ("0.0.0.0:5760", address))
+    namespace = {"image": np.random.RandomState(0).randint(0, 256, (480, 640, 3)).astype(np.uint8)}
+    try:
+        exec(code, namespace)
+    finally:
+        for name in ("sender", "hub"):  # the sender first: it ends its stream while the host still listens
+            if name in namespace:
+                namespace[name].close()
+    assert namespace["name"] == "cam0" and namespace["image"].shape == (504, 504, 3)
+    assert namespace["sender"].summary["outcomes"]["decoded"] == 1
+
+
+def test_readme_receiver_and_sender_snippets_print_what_they_say(tmp_path, video_file):
+    """The fuller snippets, each in its own process, the default profile; the address and the clip are changed.
+    What they print must be what the README's comments say."""
+    address = free_address()
+    receiver_code = api_snippet("receiver", ("0.0.0.0:5760", address))
+    sender_code = api_snippet("sender", ("192.168.1.20:5760", address), ('"clip.mp4"', repr(video_file)))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    receiver = subprocess.Popen([sys.executable, "-c", receiver_code], cwd=str(tmp_path), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    sender = subprocess.run([sys.executable, "-c", sender_code], cwd=str(tmp_path), env=env, capture_output=True,
+                            text=True, timeout=240)
+    out, err = receiver.communicate(timeout=120)
+    assert sender.returncode == 0 and receiver.returncode == 0, sender.stderr + err
+    said = re.search(r"# (24 \{'delivered'.*)", receiver_code).group(1)
+    assert out.splitlines()[-1] == said
+    said = re.search(r"^# (24 \{'decoded'.*)", sender_code, flags=re.M).group(1)
+    assert sender.stdout.splitlines()[-1] == said
+    assert len(list(tmp_path.glob("cam0-*.png"))) == 24 and (tmp_path / "edge.json").exists()
