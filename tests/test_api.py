@@ -274,3 +274,34 @@ def test_readme_receiver_and_sender_snippets_print_what_they_say(tmp_path, video
     said = re.search(r"^# (24 \{'decoded'.*)", sender_code, flags=re.M).group(1)
     assert sender.stdout.splitlines()[-1] == said
     assert len(list(tmp_path.glob("cam0-*.png"))) == 24 and (tmp_path / "edge.json").exists()
+
+
+def test_a_failure_in_the_host_thread_is_raised_in_the_application(tiny_profile, monkeypatch):
+    from latentlink.host.server import Host
+
+    def broken_serve(self):
+        raise RuntimeError("the accept loop broke")
+
+    monkeypatch.setattr(Host, "serve", broken_serve)
+    receiver = Receiver("127.0.0.1:0", profile=tiny_profile)
+    with pytest.raises(ReceiverError, match="host thread failed: RuntimeError: the accept loop broke") as caught:
+        next(iter(receiver))
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    receiver.close()  # already raised: not again
+    receiver = Receiver("127.0.0.1:0", profile=tiny_profile)
+    receiver._thread.join(10)
+    with pytest.raises(ReceiverError, match="accept loop broke"):  # never told: close() says it
+        receiver.close()
+
+
+def test_a_sender_with_another_model_is_refused_and_says_why(tiny_profile):
+    with Receiver("127.0.0.1:0", profile=tiny_profile) as receiver:
+        with Sender(receiver.address, name="other", wait_for_host_s=5) as sender:  # the default model, not tiny
+            image = np.zeros((120, 160, 3), np.uint8)
+            while not sender.stopped:
+                sender.send_image(image)
+            assert sender.send_image(image) is False
+    summary = sender.summary
+    assert summary["refused"]["reason"] in ("model_mismatch", "shape_mismatch"), summary["refused"]
+    assert_accounted(summary)
+    assert summary["outcomes"]["refused"] == summary["captured"] >= 2
