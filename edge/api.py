@@ -120,13 +120,15 @@ class Sender(object):
 
     def send_latents(self, latents, t_capture=None):
         """Queue latents the caller encoded: an array of the encoder's output shape (:attr:`latent_shape`, e.g.
-        (1, 8, 126, 126)), as its ``infer`` returns them. Returns as :meth:`send_image`."""
+        (1, 8, 126, 126)), as its ``infer`` returns them; any numeric dtype, converted to the encoder's
+        (:attr:`latent_dtype`). Returns as :meth:`send_image`."""
         self._check_open()
         latents = np.asarray(latents)
         if tuple(latents.shape) != self.latent_shape or latents.dtype.kind not in "fiub":
             raise ConfigError("send_latents takes the encoder's output, a numeric array of shape {}, not {}: the "
                               "host's decoder refuses any other shape".format(list(self.latent_shape),
                                                                               _describe(latents)))
+        latents = latents.astype(self.latent_dtype, copy=False)  # as the encoder gives them (float32)
         return self._stream.send_latents(latents, time.time() if t_capture is None else t_capture)
 
     @property

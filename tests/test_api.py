@@ -33,7 +33,7 @@ rng = np.random.RandomState(0)
 with Sender(args["address"], name=args["name"], profile=args["profile"], **args["options"]) as sender:
     for i in range(args["frames"]):
         if args["latents"]:
-            sender.send_latents((rng.rand(*sender.latent_shape) > 0.5).astype(np.float32))
+            sender.send_latents(rng.rand(*sender.latent_shape) > 0.5)  # booleans: converted to float32
         else:
             h, w = args["sizes"][i % len(args["sizes"])]
             sender.send_image(rng.randint(0, 256, (h, w, 3)).astype(np.uint8))
