@@ -305,3 +305,21 @@ def test_a_sender_with_another_model_is_refused_and_says_why(tiny_profile):
     assert summary["refused"]["reason"] in ("model_mismatch", "shape_mismatch"), summary["refused"]
     assert_accounted(summary)
     assert summary["outcomes"]["refused"] == summary["captured"] >= 2
+
+
+def test_on_frame_may_close_the_receiver(tiny_profile):
+    seen, summaries = [], []
+
+    def enough(frame):
+        seen.append(frame.seq)
+        if frame.seq == 3:
+            summaries.append(receiver.close())
+
+    receiver = Receiver("127.0.0.1:0", profile=tiny_profile, on_frame=enough, queue_size=1)
+    proc = start_sender(receiver.address, tiny_profile, 20, drop="block", wait_for_host_s=1.0)
+    assert receiver.wait(timeout=120)
+    edge = sender_summary(proc)
+    assert seen == [0, 1, 2, 3] and summaries[0]["receiver"]["delivered"] == 4
+    assert receiver.close() is summaries[0]
+    assert_accounted(edge)
+    assert edge["captured"] == 20 and edge["outcomes"]["decoded"] >= 4
