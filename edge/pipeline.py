@@ -12,6 +12,9 @@ answered still shows what capture, preprocessing and encoding cost. Each record 
 A frame is counted in the summary (and handed to ``on_record``, e.g. a report writer) as soon as its outcome is
 known, then forgotten: the only frames held are those the sender has not settled yet (at most window + queue,
 plus the spool's), so an edge that runs for days does not grow.
+
+:class:`EdgeStream` is that loop's body, one frame at a time, shared by ``latentlink edge`` (:func:`run_edge`) and
+the Python API's :class:`~latentlink.edge.api.Sender`: the same stages, sender, window, drop policy and accounting.
 """
 
 import collections
@@ -45,105 +48,160 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     ``on_record(record)`` is called in this thread with each frame's record (a dict) once its outcome is known
     (:meth:`latentlink.edge.profiler.ReportWriter.add` writes them to a report); nothing per frame is kept.
     """
-    transport = profile.transport
-    serializer = serializer or transport.serializer
-    if serializer not in SERIALIZERS:
-        raise ConfigError("unknown serializer {!r} (available: {})".format(serializer, ", ".join(SERIALIZERS)))
-    packing = "pickle" if serializer in ("pickle", "pickle-raw") else encoder.info.packing
-    entropy = entropy or transport.entropy
-    delivery = delivery or transport.delivery
-    # pickle-raw: an 8-byte length and a pickle per frame, for the seed pipeline's plain sockets: no latentlink
-    # framing, handshake or acknowledgements, so the sender works as for a protocol-1 host, without end-of-stream.
-    raw = serializer == "pickle-raw"
-    check_raw(serializer, entropy, delivery)
-    protocol = VERSION if raw else protocol
-    check_coding(packing, entropy)  # refused here, not at the first frame
-    check_available(entropy)  # a missing library too
-    stages = edge_stages(entropy)
-    frame_hw = tuple(encoder.info.frame_shape[2:])
-    if frame_hw != (profile.input.height, profile.input.width):
-        raise ConfigError("the encoder takes {}x{} frames{} but profile {!r} says {}x{}: use the profile it was "
-                          "exported for".format(frame_hw[1], frame_hw[0], " (as {}x{} tiles)".format(
-                              *encoder.info.tiles) if encoder.info.tiles != (1, 1) else "", profile.name,
-                              profile.input.width, profile.input.height))
-    # With patch processing (edge/tiles.py) preprocessing also cuts the frame into the encoder's batch of tiles.
-    preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit, encoder.info.tiles)
-    stats = FrameStats(stages, profile.budget_ms)
-    settled = collections.deque()  # timers of frames the sender settled, not yet counted (appended by its threads)
-    delivery = delivery or transport.delivery
-    info = encoder.info
-    hello = {"model_id": info.model_id, "shape": [int(d) for d in info.latent_shape],
-             "dtype": info.latent_dtype, "packing": packing, "entropy": entropy,
-             "tiles": [int(n) for n in info.tiles]}
-    sender = Sender(address, stream, hello=hello, queue_size=queue_size or transport.queue_size,
-                    drop=drop or ("block" if delivery == "reliable" else transport.drop),
-                    window=window or transport.window, delivery=delivery, protocol=protocol,
-                    wait_for_host_s=transport.wait_for_host_s if wait_for_host_s is None else wait_for_host_s,
-                    spool=spool, send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes,
-                    connect_timeout_s=transport.connect_timeout_s, send_timeout_s=transport.send_timeout_s,
-                    max_backoff_s=transport.max_backoff_s, end_of_stream=not raw, credentials=credentials,
-                    on_settled=settled.append)
-    if raw:
-        log.info("--serializer pickle-raw: each frame goes as an 8-byte big-endian length and pickle.dumps(latents), "
-                 "nothing else; frames are counted as sent once written, and closing the connection ends the stream")
-    seq = 0
+    edge = EdgeStream(encoder, profile, address, stream, serializer=serializer, drop=drop, queue_size=queue_size,
+                      send_buffer_bytes=send_buffer_bytes, entropy=entropy, window=window, delivery=delivery,
+                      wait_for_host_s=wait_for_host_s, spool=spool, protocol=protocol, credentials=credentials,
+                      on_record=on_record)
     started = last_status = time.perf_counter()
     try:
-        while (frames is None or seq < frames) and not sender.stopped:
-            timer = FrameTimer(seq)
+        while (frames is None or edge.captured < frames) and not edge.stopped:
+            timer = FrameTimer(edge.captured)
             with timer.stage("capture"):
                 got = source.read()
             if got is None:
                 break
             frame, t_capture = got
-            timer.extra["t_capture"] = t_capture
-            with timer.stage("preprocess"):
-                tensor = preprocess(frame)
-            latents, timings = encoder.infer(tensor)
-            timer.add_backend_timings("encode", "gpu_to_cpu", timings)
-            with timer.stage("serialize"):
-                payload = pack_latents(latents, packing)
-            if entropy != "none":
-                with timer.stage("entropy"):
-                    payload = compress(payload, entropy)
-            with timer.stage("serialize"):
-                if raw:
-                    data = raw_pickle_message(payload)
-                else:
-                    data = frame_payload(stream, seq, t_capture, latents, packing, payload, entropy, version=protocol)
-            timer.extra["bytes"] = len(data)
-            sender.submit(data, timer)
-            seq += 1
-            _count_settled(settled, stats, on_record)
+            edge.send_image(frame, t_capture, timer)
             now = time.perf_counter()
             if now - last_status >= status_every_s:
                 last_status = now
-                counts = sender.counts
-                log.info("%d frames captured, %d decoded, %d in flight, %d dropped, %d lost; %.1f fps", seq,
-                         counts["decoded"], sender.in_flight, counts["dropped"], counts["lost"],
-                         seq / (now - started))
+                counts = edge.sender.counts
+                log.info("%d frames captured, %d decoded, %d in flight, %d dropped, %d lost; %.1f fps", edge.captured,
+                         counts["decoded"], edge.sender.in_flight, counts["dropped"], counts["lost"],
+                         edge.captured / (now - started))
     except KeyboardInterrupt:
-        log.info("interrupted after %d frames; delivering what is queued (Ctrl-C again to stop at once)", seq)
+        log.info("interrupted after %d frames; delivering what is queued (Ctrl-C again to stop at once)",
+                 edge.captured)
     finally:
+        summary = edge.close()
+    return summary
+
+
+class EdgeStream(object):
+    """One stream from this edge to a host: preprocess -> encode -> (gpu_to_cpu) -> serialize -> (entropy) -> send,
+    each frame timed and accounted for. :func:`run_edge` (``latentlink edge``) feeds it a source's frames;
+    :class:`latentlink.edge.api.Sender` feeds it a user's images or latents.
+
+    ``encoder``: a loaded backend (its ``info`` says the model, latent shape and packing for the handshake). The
+    other arguments are :func:`run_edge`'s. :meth:`close` delivers what is queued, ends the stream and returns
+    the summary; after it, the sender has settled every frame, so ``captured`` = decoded + failed + refused +
+    dropped + lost (+ sent, protocol 1).
+    """
+
+    def __init__(self, encoder, profile, address, stream, serializer=None, drop=None, queue_size=None,
+                 send_buffer_bytes=None, entropy=None, window=None, delivery=None, wait_for_host_s=None, spool=None,
+                 protocol=2, credentials=None, on_record=None):
+        transport = profile.transport
+        serializer = serializer or transport.serializer
+        if serializer not in SERIALIZERS:
+            raise ConfigError("unknown serializer {!r} (available: {})".format(serializer, ", ".join(SERIALIZERS)))
+        packing = "pickle" if serializer in ("pickle", "pickle-raw") else encoder.info.packing
+        entropy = entropy or transport.entropy
+        delivery = delivery or transport.delivery
+        # pickle-raw: an 8-byte length and a pickle per frame, for the seed pipeline's plain sockets: no latentlink
+        # framing, handshake or acknowledgements, so the sender works as for a protocol-1 host, without end-of-stream.
+        raw = serializer == "pickle-raw"
+        check_raw(serializer, entropy, delivery)
+        protocol = VERSION if raw else protocol
+        check_coding(packing, entropy)  # refused here, not at the first frame
+        check_available(entropy)  # a missing library too
+        frame_hw = tuple(encoder.info.frame_shape[2:])
+        if frame_hw != (profile.input.height, profile.input.width):
+            raise ConfigError("the encoder takes {}x{} frames{} but profile {!r} says {}x{}: use the profile it was "
+                              "exported for".format(frame_hw[1], frame_hw[0], " (as {}x{} tiles)".format(
+                                  *encoder.info.tiles) if encoder.info.tiles != (1, 1) else "", profile.name,
+                                  profile.input.width, profile.input.height))
+        self.encoder, self.profile, self.stream = encoder, profile, stream
+        self.serializer, self.packing, self.entropy, self.delivery = serializer, packing, entropy, delivery
+        self.raw, self.protocol, self.on_record = raw, protocol, on_record
+        # With patch processing (edge/tiles.py) preprocessing also cuts the frame into the encoder's batch of tiles.
+        self.preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit,
+                                       encoder.info.tiles)
+        self.stats = FrameStats(edge_stages(entropy), profile.budget_ms)
+        self.settled = collections.deque()  # timers of frames the sender settled, not yet counted (its threads)
+        info = encoder.info
+        hello = {"model_id": info.model_id, "shape": [int(d) for d in info.latent_shape],
+                 "dtype": info.latent_dtype, "packing": packing, "entropy": entropy,
+                 "tiles": [int(n) for n in info.tiles]}
+        self.sender = Sender(address, stream, hello=hello, queue_size=queue_size or transport.queue_size,
+                             drop=drop or ("block" if delivery == "reliable" else transport.drop),
+                             window=window or transport.window, delivery=delivery, protocol=protocol,
+                             wait_for_host_s=transport.wait_for_host_s if wait_for_host_s is None else wait_for_host_s,
+                             spool=spool, send_buffer_bytes=send_buffer_bytes or transport.send_buffer_bytes,
+                             connect_timeout_s=transport.connect_timeout_s, send_timeout_s=transport.send_timeout_s,
+                             max_backoff_s=transport.max_backoff_s, end_of_stream=not raw, credentials=credentials,
+                             on_settled=self.settled.append)
+        if raw:
+            log.info("--serializer pickle-raw: each frame goes as an 8-byte big-endian length and "
+                     "pickle.dumps(latents), nothing else; frames are counted as sent once written, and closing the "
+                     "connection ends the stream")
+        self.captured = 0  # frames handed in: the next frame's sequence number
+        self.summary = None
+        self._started = time.perf_counter()
+
+    @property
+    def stopped(self):
+        """True once nothing more can be sent (the host refused the stream, could not be reached, or closed)."""
+        return self.sender.stopped
+
+    def send_image(self, frame, t_capture, timer=None):
+        """Preprocess, encode and send one BGR uint8 frame captured at ``t_capture`` (UNIX seconds); returns False
+        when it (or, under ``oldest``, an older frame) was dropped, or nothing more can be sent."""
+        timer = timer or FrameTimer(self.captured)
+        with timer.stage("preprocess"):
+            tensor = self.preprocess(frame)
+        latents, timings = self.encoder.infer(tensor)
+        timer.add_backend_timings("encode", "gpu_to_cpu", timings)
+        return self.send_latents(latents, t_capture, timer)
+
+    def send_latents(self, latents, t_capture, timer=None):
+        """Pack and send latents of the encoder's shape (as its ``infer`` returns them); see :meth:`send_image`."""
+        timer = timer or FrameTimer(self.captured)
+        timer.extra["t_capture"] = t_capture
+        with timer.stage("serialize"):
+            payload = pack_latents(latents, self.packing)
+        if self.entropy != "none":
+            with timer.stage("entropy"):
+                payload = compress(payload, self.entropy)
+        with timer.stage("serialize"):
+            if self.raw:
+                data = raw_pickle_message(payload)
+            else:
+                data = frame_payload(self.stream, timer.seq, t_capture, latents, self.packing, payload, self.entropy,
+                                     version=self.protocol)
+        timer.extra["bytes"] = len(data)
+        queued = self.sender.submit(data, timer)
+        self.captured += 1
+        _count_settled(self.settled, self.stats, self.on_record)
+        return queued
+
+    def close(self):
+        """Deliver what is queued and in flight, end the stream; returns the summary (a dict). Idempotent."""
+        if self.summary is not None:
+            return self.summary
+        sender = self.sender
         sender.close()
-    wall_s = time.perf_counter() - started
-    _count_settled(settled, stats, on_record)  # every frame: close() returned, so the sender settled them all
-    notes = {"gpu_to_cpu": encoder.copy_note} if encoder.copy_note else {}
-    if sender.clock.error_s is not None:
-        notes["latency"] = ("capture to decoded on the host; host clock offset {:+.3f} ms, estimated to within "
-                            "{:.3f} ms (NTP-style, from the acknowledgements)".format(
-                                sender.clock.offset_s * 1000.0, sender.clock.error_s * 1000.0))
-    return stats.summary(wall_s, dropped=sender.counts["dropped"], extra={
-        "captured": seq, "outcomes": dict((k, sender.counts[k]) for k in OUTCOMES if k != "sent" or protocol == 1),
-        "protocol": protocol, "serializer": serializer, "delivery": delivery, "window": sender.window,
-        "session": sender.session,
-        "reconnects": sender.reconnects, "connection_losses": sender.connection_losses, "resent": sender.resent,
-        "duplicates": sender.duplicates, "end_acknowledged": sender.end_acknowledged,
-        "refused": {"reason": sender.refusal[0], "message": sender.refusal[1]} if sender.refusal else None,
-        "gave_up": sender.gave_up, "clock": {"offset_ms": round(sender.clock.offset_s * 1000.0, 3),
-                                             "error_ms": None if sender.clock.error_s is None else
-                                             round(sender.clock.error_s * 1000.0, 3)},
-        "notes": notes})
+        wall_s = time.perf_counter() - self._started
+        _count_settled(self.settled, self.stats, self.on_record)  # every frame: the sender settled them all
+        notes = {"gpu_to_cpu": self.encoder.copy_note} if self.encoder.copy_note else {}
+        if sender.clock.error_s is not None:
+            notes["latency"] = ("capture to decoded on the host; host clock offset {:+.3f} ms, estimated to within "
+                                "{:.3f} ms (NTP-style, from the acknowledgements)".format(
+                                    sender.clock.offset_s * 1000.0, sender.clock.error_s * 1000.0))
+        protocol = self.protocol
+        self.summary = self.stats.summary(wall_s, dropped=sender.counts["dropped"], extra={
+            "captured": self.captured,
+            "outcomes": dict((k, sender.counts[k]) for k in OUTCOMES if k != "sent" or protocol == 1),
+            "protocol": protocol, "serializer": self.serializer, "delivery": self.delivery, "window": sender.window,
+            "session": sender.session,
+            "reconnects": sender.reconnects, "connection_losses": sender.connection_losses, "resent": sender.resent,
+            "duplicates": sender.duplicates, "end_acknowledged": sender.end_acknowledged,
+            "refused": {"reason": sender.refusal[0], "message": sender.refusal[1]} if sender.refusal else None,
+            "gave_up": sender.gave_up, "clock": {"offset_ms": round(sender.clock.offset_s * 1000.0, 3),
+                                                 "error_ms": None if sender.clock.error_s is None else
+                                                 round(sender.clock.error_s * 1000.0, 3)},
+            "notes": notes})
+        return self.summary
 
 
 def edge_stages(entropy):

@@ -7,7 +7,9 @@ and in a source checkout (tests, ``PYTHONPATH=.``, the Nano running from a copy 
 below do the same, so every import reads ``latentlink.edge...`` wherever the code runs.
 """
 
+import importlib
 import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -16,3 +18,25 @@ if (not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "
         and os.path.isfile(os.path.join(_CHECKOUT, "setup.py"))
         and os.path.isfile(os.path.join(_CHECKOUT, "edge", "protocol.py"))):
     __path__.append(_CHECKOUT)  # noqa: F821 (defined by the import system for packages)
+
+
+# The Python API, ``from latentlink import Receiver, Sender``, imported on first use: the Nano (Python 3.6) imports
+# this package and must never import the host's code, which needs Python 3.8 and the host's extras. A module-level
+# __getattr__ (PEP 562) would say this in three lines, but only from Python 3.7; a module whose class has
+# __getattr__ works from 3.5, so the package's class is swapped for one (the import system then asks it for names
+# it does not have, ``from latentlink import Sender`` included).
+_API = {"Sender": "latentlink.edge.api", "Receiver": "latentlink.host.api"}
+__all__ = ["Receiver", "Sender", "__version__"]
+
+
+class _Package(type(sys)):
+    def __getattr__(self, name):
+        if name not in _API:
+            raise AttributeError("module 'latentlink' has no attribute {!r}".format(name))
+        return getattr(importlib.import_module(_API[name]), name)
+
+    def __dir__(self):
+        return sorted(set(type(sys).__dir__(self)) | set(_API))
+
+
+sys.modules[__name__].__class__ = _Package

@@ -59,6 +59,17 @@ def latentlink(bin_dir, *args, cwd=None, timeout=300):
                           text=True, timeout=timeout)
 
 
+def python_api_imports(bin_dir, name, cwd):
+    """``from latentlink import NAME`` in the installed package; the Sender must bring nothing of the host's."""
+    env = dict((k, v) for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV"))
+    code = ("import sys; from latentlink import {}; "
+            "assert not [m for m in sys.modules if m.startswith('latentlink.host')] or {!r} == 'Receiver'").format(
+                name, name)
+    result = subprocess.run([os.path.join(bin_dir, "python"), "-c", code], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def says_install(result, extra, package):
     line = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
@@ -73,6 +84,7 @@ def test_the_edge_role(tmp_path_factory, source, tmp_path):
     result = latentlink(bin_dir, "edge", "synthetic://", "--frames", "2", "--wait-for-host", "1", cwd=str(tmp_path))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "capture" in result.stdout and "encode" in result.stdout  # its stage table
+    python_api_imports(bin_dir, "Sender", str(tmp_path))
     says_install(latentlink(bin_dir, "train", "--data", str(tmp_path), "--out", "m.pt", cwd=str(tmp_path)),
                  "export", "PyTorch")
     (tmp_path / "m.pt").write_bytes(b"")  # a checkpoint from the workstation; PyTorch is what is missing here
@@ -88,6 +100,7 @@ def test_the_host_role(tmp_path_factory, source, tmp_path):
     result = latentlink(bin_dir, "demo", cwd=str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PSNR" in result.stdout and (tmp_path / "latentlink-demo" / "edge.json").is_file()
+    python_api_imports(bin_dir, "Receiver", str(tmp_path))
     photos = str(tmp_path / "latentlink-demo" / "photos")
     says_install(latentlink(bin_dir, "eval", "--photos", photos, cwd=str(tmp_path)), "export", "PyTorch")
     says_install(latentlink(bin_dir, "train", "--data", photos, "--out", "m.pt", cwd=str(tmp_path)), "export",

@@ -157,3 +157,22 @@ def test_python36_edge_refuses_a_host_certificate_for_another_name_and_a_wrong_t
         address) in edge.stderr
     host.terminate()
     assert "its --token-file holds another token than this host's" in host.communicate(timeout=60)[0]
+
+
+def test_python36_sender_streams_to_a_receiver(tiny_profile):
+    """The Python API's Sender (``from latentlink import Sender``) on the Nano's interpreter, its images of any size
+    and its latents, to a Receiver here: every frame decoded, both summaries agree."""
+    from latentlink import Receiver
+
+    from .test_api import sender_summary, start_sender
+
+    for latents in (False, True):
+        with Receiver("127.0.0.1:0", profile=tiny_profile, max_streams=1) as receiver:
+            proc = start_sender(receiver.address, tiny_profile, 8, name="nano", latents=latents, python=PY36,
+                                drop="block")
+            frames = list(receiver)
+            host = receiver.close()
+        edge = sender_summary(proc)
+        assert [(f.stream, f.seq, f.image.shape) for f in frames] == [("nano", i, (64, 64, 3)) for i in range(8)]
+        assert edge["outcomes"] == {"decoded": 8, "failed": 0, "refused": 0, "dropped": 0, "lost": 0}
+        assert host["frames"] == 8 and host["receiver"]["delivered"] == 8 and host["streams"]["nano"]["ended"]
