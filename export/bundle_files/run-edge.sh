@@ -15,6 +15,9 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# Python 3.6 writes ASCII under the C locale (a systemd service's, an ssh session's without LANG): the
+# edge's table has non-ASCII characters, which would stop it with UnicodeEncodeError at its very end.
+export PYTHONIOENCODING=${PYTHONIOENCODING:-utf-8}
 # shellcheck source=/dev/null
 . "$here/bundle.env"
 config=${LATENTLINK_CONFIG:-/etc/latentlink/edge.env}

@@ -31,6 +31,9 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# Python 3.6 writes ASCII under the C locale (a systemd service's, an ssh session's without LANG): the
+# edge's table has non-ASCII characters, which would stop it with UnicodeEncodeError at its very end.
+export PYTHONIOENCODING=${PYTHONIOENCODING:-utf-8}
 cd "$here"
 # shellcheck source=/dev/null
 . "$here/bundle.env"
@@ -63,16 +66,18 @@ sha256sum --quiet -c SHA256SUMS || die "files differ from SHA256SUMS: unpack the
 
 step "system packages"
 if [ "$apt_install" = 1 ]; then
-  [ "$(id -u)" -eq 0 ] || die "apt-get needs root: run sudo ./setup.sh, or LATENTLINK_APT=0 ./setup.sh if these are installed: python3-pip python3-venv python3-dev python3-yaml"
+  packages=(python3-pip python3-venv python3-dev python3-yaml)
+  [ "$(id -u)" -eq 0 ] \
+    || die "apt-get needs root: sudo ./setup.sh, or LATENTLINK_APT=0 ./setup.sh if these are installed: ${packages[*]}"
   missing=()
-  for package in python3-pip python3-venv python3-dev python3-yaml; do
+  for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
   done
   if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
   else
-    echo "already installed: python3-pip python3-venv python3-dev python3-yaml"
+    echo "already installed: ${packages[*]}"
   fi
 else
   echo "skipped (LATENTLINK_APT=0)"
@@ -125,7 +130,8 @@ fi
 # --no-deps on the Nano: pip must not replace JetPack's OpenCV (and has no ONNX Runtime wheel for it anyway).
 # --force-reinstall: a newer bundle of the same version number still replaces the code.
 "${pip[@]}" install -q --no-deps --force-reinstall "$here/$BUNDLE_WHEEL"
-"$vpython" -c 'import latentlink, numpy, yaml, cv2; print("latentlink at", latentlink.__file__, "| numpy", numpy.__version__, "| OpenCV", cv2.__version__)'
+"$vpython" -c 'import latentlink, numpy, yaml, cv2
+print("latentlink at", latentlink.__file__, "| numpy", numpy.__version__, "| OpenCV", cv2.__version__)'
 
 step "latentlink export check (will the Nano's TensorRT parse the encoder?)"
 if "$vpython" -c 'import onnx' 2>/dev/null; then
@@ -149,6 +155,10 @@ elif [ "$engine" = 1 ]; then
 else
   echo "ENGINE BUILD SKIPPED: TensorRT and pycuda do not both import here (not a Jetson, LATENTLINK_ENGINE=0," \
        "or pycuda did not build). The edge will run the profile's ONNX encoder with ONNX Runtime, if installed."
+  if [ "$jetson" = 1 ]; then
+    echo "On this Jetson: is JetPack's TensorRT for Python installed (sudo apt-get install python3-libnvinfer)," \
+         "and did pycuda build (above)? Then run ./setup.sh again."
+  fi
   "$vpython" -c 'import onnxruntime' 2>/dev/null \
     || echo "WARNING: ONNX Runtime is not installed either: the edge has no encoder backend here."
 fi
