@@ -81,6 +81,17 @@ def test_bundle_scripts_pass_shellcheck():
     assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
+def test_bundle_systemd_unit_verifies(tmp_path):
+    """The unit as setup.sh installs it (the bundle's folder in place of /opt/latentlink) passes systemd's checks."""
+    folder = os.path.join(ROOT, "export", "bundle_files")
+    unit = io.open(os.path.join(folder, "latentlink-edge.service"), encoding="utf-8").read()
+    (tmp_path / "latentlink-edge.service").write_text(unit.replace("/opt/latentlink", folder))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "latentlink-edge.service")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "latentlink-edge.service" not in result.stderr, result.stderr
+
+
 def test_bundle_refusals(tmp_path, tiny_profile):
     out = str(tmp_path / "b.tar.gz")
     result = bundle("--profile", "nano-9000", "--out", out)
@@ -122,18 +133,37 @@ def _clean_env(**values):
     return env
 
 
+FAKE_JETSON_HOOK = """# Imported at start-up through fake-jetson.pth: TensorRT and pycuda faked (tests/fake_tensorrt.py).
+import sys
+
+import fake_tensorrt
+
+package, driver = fake_tensorrt.make_pycuda()
+sys.modules.update({"pycuda": package, "pycuda.driver": driver,
+                    "tensorrt": fake_tensorrt.make_tensorrt("8.2", driver=driver)})
+"""
+
+
 @pytest.mark.skipif(not PY36, reason="set LATENTLINK_PY36 to a Python 3.6 interpreter with numpy 1.19, PyYAML, "
                                      "OpenCV and onnxruntime (as .ci/run makes .venv36) to run")
-def test_bundle_installs_on_python36_and_its_edge_streams_to_this_host(tmp_path, tiny_profile):
+@pytest.mark.parametrize("tensorrt", ["absent", "faked"])
+def test_bundle_installs_on_python36_and_its_edge_streams_to_this_host(tmp_path, tiny_profile, tensorrt):
     """The Nano's procedure, from the tarball alone, with the parts that need a Jetson or root left out: setup.sh
-    with LATENTLINK_APT=0 (no apt) and LATENTLINK_SERVICE=0 (no user, no unit), no TensorRT (so the engine build is
-    skipped, and said so). On the Nano setup.sh makes its venv with --system-site-packages over JetPack's Python,
-    whose dist-packages hold OpenCV, PyYAML and TensorRT; here the venv is made first, over pyenv's Python 3.6, and
-    a .pth line stands in for those packages: LATENTLINK_PY36's environment (numpy 1.19, OpenCV, PyYAML, ONNX
-    Runtime, pip 21.3.1), which has no latentlink. setup.sh reuses that venv, installs the bundle's wheel into it
-    and runs its benchmark against a host from this checkout; then run-edge.sh (the service's command) streams to
-    a second host. Every frame must be decoded, and latentlink must be the one installed from the tarball."""
+    with LATENTLINK_APT=0 (no apt) and LATENTLINK_SERVICE=0 (no user, no unit). On the Nano setup.sh makes its venv
+    with --system-site-packages over JetPack's Python, whose dist-packages hold OpenCV, PyYAML and TensorRT; here
+    the venv is made first, over pyenv's Python 3.6, and a .pth line stands in for those packages:
+    LATENTLINK_PY36's environment (numpy 1.19, OpenCV, PyYAML, ONNX Runtime, pip 21.3.1), which has no latentlink.
+    setup.sh reuses that venv, installs the bundle's wheel into it and runs its benchmark against a host from this
+    checkout; then run-edge.sh (the service's command) streams to a second host. Every frame must be decoded, and
+    latentlink must be the one installed from the tarball.
+
+    tensorrt="absent": the engine build is skipped, and said so; the edge runs the ONNX encoder in ONNX Runtime.
+    tensorrt="faked": TensorRT 8.2 and pycuda are tests/fake_tensorrt.py, imported at the venv's start-up: setup.sh
+    builds the engine through `latentlink export engine` (the engine cache), run-edge.sh picks it, and the edge
+    runs it through the TensorRT backend (the fake executes the ONNX file in ONNX Runtime)."""
     base_python, system_site = _py36_facts()
+    if tensorrt == "faked" and subprocess.run([PY36, "-c", "import onnx, onnxruntime"]).returncode:
+        pytest.skip("the Python 3.6 environment has no onnx/onnxruntime (the fakes parse and run ONNX with them)")
     archive = str(tmp_path / "workstation" / "latentlink-tiny.tar.gz")
     result = bundle("--profile", tiny_profile, "--out", archive)
     assert result.returncode == 0, result.stderr
@@ -141,8 +171,15 @@ def test_bundle_installs_on_python36_and_its_edge_streams_to_this_host(tmp_path,
     root = unpack(archive, nano)
     venv = os.path.join(root, "venv")
     subprocess.run([base_python, "-m", "venv", "--without-pip", venv], check=True)
-    with open(os.path.join(venv, "lib", "python3.6", "site-packages", "jetpack-stand-in.pth"), "w") as f:
+    site = os.path.join(venv, "lib", "python3.6", "site-packages")
+    with open(os.path.join(site, "jetpack-stand-in.pth"), "w") as f:
         f.write(system_site + "\n")
+    if tensorrt == "faked":
+        shutil.copy(os.path.join(ROOT, "tests", "fake_tensorrt.py"), site)
+        with open(os.path.join(site, "fake_jetson.py"), "w") as f:
+            f.write(FAKE_JETSON_HOOK)
+        with open(os.path.join(site, "zz-fake-jetson.pth"), "w") as f:  # after the stand-in's line: numpy first
+            f.write("import fake_jetson\n")
 
     host, address = start_host(tmp_path, tiny_profile)
     setup = subprocess.run([os.path.join(root, "setup.sh")], cwd=str(nano), capture_output=True, text=True,
@@ -153,12 +190,19 @@ def test_bundle_installs_on_python36_and_its_edge_streams_to_this_host(tmp_path,
     assert setup.returncode == 0, setup.stdout + setup.stderr
     assert "latentlink at {}/lib/python3.6/site-packages/latentlink/__init__.py".format(venv) in setup.stdout
     assert "OK: {}/profile/model/encoder.onnx".format(root) in setup.stdout  # export check, on the Nano side
-    assert "ENGINE BUILD SKIPPED: TensorRT and pycuda do not both import here" in setup.stdout
+    engines = sorted(os.listdir(os.path.join(root, "engines"))) if tensorrt == "faked" else []
+    if tensorrt == "absent":
+        assert "ENGINE BUILD SKIPPED: TensorRT and pycuda do not both import here" in setup.stdout
+    else:
+        assert len(engines) == 2 and engines[0].startswith("encoder.")  # and its sidecar, engines[1]
+        assert engines[0].endswith(".trt8.2.1.8.Fake-GPU-9000.fp16.engine")
+        assert "built {}/engines/{}".format(root, engines[0]) in setup.stdout
+        assert "--encoder {}/engines/{}".format(root, engines[0]) in setup.stdout  # what run-edge.sh chose
     report = json.loads((tmp_path / "host.json").read_text())
     assert report["frames"] == 12 and report["failed"] == 0 and report["protocol_errors"] == 0
     bench = json.loads(open(os.path.join(root, "bench.json")).read())
     assert bench["outcomes"] == {"decoded": 12, "failed": 0, "refused": 0, "dropped": 0, "lost": 0}
-    assert bench["meta"]["backend"] == "onnxruntime"
+    assert bench["meta"]["backend"] == ("onnxruntime" if tensorrt == "absent" else "tensorrt")
 
     where = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
                             "import sys, latentlink; print(sys.version_info[:2], latentlink.__file__)"],
@@ -184,3 +228,6 @@ def test_bundle_installs_on_python36_and_its_edge_streams_to_this_host(tmp_path,
     assert again.returncode == 0, again.stdout + again.stderr  # idempotent: the same steps, nothing new
     assert "reusing it (Python 3.6" in again.stdout
     assert "== benchmark\nskipped: set LATENTLINK_BENCH_HOST" in again.stdout
+    if tensorrt == "faked":  # the engine cache: same ONNX, TensorRT and GPU, so the engine is reused
+        assert "reusing {}/engines/{}".format(root, engines[0]) in again.stdout
+        assert sorted(os.listdir(os.path.join(root, "engines"))) == engines
