@@ -114,6 +114,15 @@ def test_bundle_refusals(tmp_path, tiny_profile):
            "onnx".format(tmp_path / "missing" / "encoder.onnx") in result.stderr
     assert not os.path.exists(out)
 
+    # An encoder that `latentlink export check` rejects (here: not ONNX at all) is not bundled.
+    shutil.copytree(os.path.join(os.path.dirname(tiny_profile), "onnx"), str(tmp_path / "bad"))
+    (tmp_path / "bad" / "encoder.onnx").write_bytes(b"not an ONNX file")
+    broken.write_text(open(tiny_profile).read().replace("onnx/", "bad/"))
+    result = bundle("--profile", str(broken), "--out", out)
+    assert result.returncode == 2 and "not a valid ONNX model" in result.stdout
+    assert "the Nano's TensorRT would not build this encoder; fix the model, or pass --skip-check" in result.stderr
+    assert not os.path.exists(out)
+
 
 def _py36_facts():
     script = ("import sys, os, numpy\nprint(sys.version_info[:2] == (3, 6))\nprint(sys.base_prefix)\n"

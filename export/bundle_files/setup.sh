@@ -179,7 +179,7 @@ if [ "$service" = 1 ]; then
   fi
   sed -e "s|/opt/latentlink|$here|g" -e "s|^User=latentlink|User=$service_user|" latentlink-edge.service \
     >/etc/systemd/system/latentlink-edge.service
-  systemctl daemon-reload
+  systemctl daemon-reload || echo "WARNING: systemctl daemon-reload failed (is systemd running here?)"
   echo "installed /etc/systemd/system/latentlink-edge.service; start it now and at every boot with:"
   echo "  sudo systemctl enable --now latentlink-edge && journalctl -u latentlink-edge -f"
 else
