@@ -102,7 +102,7 @@ def get_args_parser():
     bundle_parser.add_argument("--out", required=True, help="the bundle to write, FILE.tar.gz")
     bundle_parser.add_argument("--checkout", help="the latentlink checkout to build the wheel from (default: the one "
                                                   "this runs from, else the current folder)")
-    bundle_parser.add_argument("--check-args", default="", metavar="ARGS",
+    bundle_parser.add_argument("--check-args", metavar="ARGS",
                                help="more arguments for `latentlink export check` of the encoder, here and in "
                                     "setup.sh on the Nano; give them after =, e.g. --check-args=\"--OPTION VALUE\"")
     bundle_parser.add_argument("--skip-check", action="store_true",
@@ -289,7 +289,7 @@ def _bundle(args):
     from .bundle import build_bundle
 
     info = build_bundle(args.profile, args.out, checkout=args.checkout, check=not args.skip_check,
-                        check_args=args.check_args)
+                        check_args=args.check_args or "")
     print("wrote {out} ({bytes:,} bytes): latentlink {version} for profile {profile}; encoder {checked}".format(**info))
     print("next: scp {0} to the Nano; there: sudo tar -xzf {1} -C /opt && cd /opt/latentlink && sudo ./setup.sh "
           "(tar -xzOf {0} latentlink/README.txt for the rest)".format(args.out, os.path.basename(args.out)))
