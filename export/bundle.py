@@ -86,11 +86,8 @@ def build_wheel(checkout, out_dir, log=print):
             else:
                 shutil.copy2(source, staged)
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", out_dir, staged]
-        try:
-            import setuptools  # noqa: F401  (present: build with it, no download of a build environment)
+        if _can_build_wheels_here():  # else pip fetches setuptools into a build environment of its own
             command.insert(5, "--no-build-isolation")
-        except ImportError:
-            pass
         log("building the wheel: " + " ".join(command[2:]))
         result = subprocess.run(command, env=dict(os.environ, SOURCE_DATE_EPOCH=str(FIXED_TIME)),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
@@ -103,6 +100,18 @@ def build_wheel(checkout, out_dir, log=print):
     if len(wheels) != 1 or not wheels[0].endswith("-py3-none-any.whl"):
         raise LatentlinkError("pip wheel made {} in {}, not one pure-Python latentlink wheel".format(wheels, out_dir))
     return os.path.join(out_dir, wheels[0])
+
+
+def _can_build_wheels_here():
+    """Whether this environment's setuptools can build a wheel: its own bdist_wheel (setuptools >= 70.1), or the
+    wheel package's."""
+    for module in ("setuptools.command.bdist_wheel", "wheel.bdist_wheel"):
+        try:
+            __import__(module)
+            return True
+        except ImportError:
+            continue
+    return False
 
 
 def model_files(profile):
