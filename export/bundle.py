@@ -165,6 +165,14 @@ def write_profile(source_path, dest_path, model_paths):
         f.write(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=1000))
 
 
+def _is_shipped(name, path):
+    """Whether profile ``name`` is the shipped one at ``path`` (so a host finds it by name)."""
+    try:
+        return os.path.samefile(resolve_profile_path(name), path)
+    except (ConfigError, OSError):
+        return False
+
+
 def _shell_assignments(values):
     return "".join("{}={}\n".format(key, shlex.quote(str(value))) for key, value in values)
 
@@ -258,8 +266,9 @@ def build_bundle(profile_name, out, checkout=None, check=True, check_args="", lo
         wheel_file = "wheels/" + os.path.basename(wheel)
         with io.open(os.path.join(files_dir, "README.txt"), encoding="utf-8") as f:
             readme = f.read()
+        host_profile = profile.name if _is_shipped(profile.name, profile_path) else TOP + "/" + profile_file
         for key, value in (("@PROFILE_FILE@", profile_file), ("@PROFILE@", profile.name), ("@VERSION@", version),
-                           ("@WHEEL@", wheel_file), ("@BUNDLE@", bundle_name)):
+                           ("@WHEEL@", wheel_file), ("@BUNDLE@", bundle_name), ("@HOST_PROFILE@", host_profile)):
             readme = readme.replace(key, value)
         with io.open(os.path.join(root, "README.txt"), "w", encoding="utf-8") as f:
             f.write(readme)

@@ -65,6 +65,7 @@ def test_bundle_holds_what_the_nano_needs_and_is_reproducible(tmp_path):
     readme = io.open(os.path.join(root, "README.txt"), encoding="utf-8").read()
     assert "sudo tar -xzf latentlink-nano-504.tar.gz -C /opt" in readme
     assert re.search("@[A-Z_]+@", readme) is None  # every placeholder filled in
+    assert "latentlink host --listen 0.0.0.0:5760 --profile nano-504 --out frames/" in readme  # shipped: by name
     unit = io.open(os.path.join(root, "latentlink-edge.service"), encoding="utf-8").read().splitlines()
     for line in ("After=network-online.target nvargus-daemon.service", "Wants=network-online.target",
                  "User=latentlink", "EnvironmentFile=/etc/latentlink/edge.env",
@@ -178,6 +179,8 @@ def test_bundle_installs_on_python36_and_its_edge_streams_to_this_host(tmp_path,
     assert result.returncode == 0, result.stderr
     nano = tmp_path / "nano"  # outside the checkout, so nothing can import the checkout's code by accident
     root = unpack(archive, nano)
+    with io.open(os.path.join(root, "README.txt"), encoding="utf-8") as f:  # not shipped: the host reads the bundle's
+        assert "--profile latentlink/profile/tiny.yaml --out frames/" in f.read()
     venv = os.path.join(root, "venv")
     subprocess.run([base_python, "-m", "venv", "--without-pip", venv], check=True)
     site = os.path.join(venv, "lib", "python3.6", "site-packages")
