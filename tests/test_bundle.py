@@ -93,6 +93,51 @@ def test_bundle_systemd_unit_verifies(tmp_path):
     assert result.returncode == 0 and "latentlink-edge.service" not in result.stderr, result.stderr
 
 
+def test_run_edge_reads_the_service_config_as_systemd_does_and_picks_the_newest_engine(tmp_path):
+    """run-edge.sh with a stand-in for the venv's `latentlink` that prints its arguments: the settings come from
+    the EnvironmentFile (values with spaces and quotes, comments), the encoder is the newest engine built from the
+    bundle's encoder, else the ONNX file; no LATENTLINK_HOST is exit status 2 (the unit does not restart on it)."""
+    archive = str(tmp_path / "b.tar.gz")
+    assert bundle("--profile", "nano-504", "--out", archive, "--skip-check").returncode == 0
+    root = unpack(archive, tmp_path)
+    os.makedirs(os.path.join(root, "venv", "bin"))
+    stub = os.path.join(root, "venv", "bin", "latentlink")
+    with open(stub, "w") as f:
+        f.write("#!/bin/sh\nprintf '[%s]' \"$@\"\n")
+    os.chmod(stub, 0o755)
+    config = tmp_path / "edge.env"
+    config.write_text("# a comment\nLATENTLINK_HOST=10.0.0.5:5760\n  LATENTLINK_SOURCE=\"v4l2:///dev/video1\"\n"
+                      "LATENTLINK_NAME='cam 2'\n;other comment\nLATENTLINK_EDGE_ARGS=--frames 5 --mapped\n"
+                      "NOT_OURS=1\n")
+
+    def run(**env):
+        return subprocess.run([os.path.join(root, "run-edge.sh")], capture_output=True, text=True, timeout=60,
+                              env=_clean_env(LATENTLINK_CONFIG=str(config), **env))
+
+    def args(encoder):
+        return ("[edge][--source][v4l2:///dev/video1][--connect][10.0.0.5:5760][--profile][{0}/profile/nano-504.yaml]"
+                "[--encoder][{1}][--name][cam 2][--frames][5][--mapped]".format(root, encoder))
+
+    result = run()
+    assert result.returncode == 0 and result.stdout.endswith(args(root + "/profile/model/encoder.onnx")), result
+    engines = os.path.join(root, "engines")
+    os.makedirs(engines)
+    for age, name in ((200, "encoder.aaaa.trt8.2.1.8.NVIDIA-Tegra-X1.fp16.engine"),
+                      (100, "encoder.bbbb.trt8.0.1.6.NVIDIA-Tegra-X1.fp16.engine"),
+                      (0, "decoder.cccc.trt8.2.1.8.NVIDIA-Tegra-X1.fp16.engine")):
+        path = os.path.join(engines, name)
+        open(path, "w").close()
+        os.utime(path, (1e9 - age, 1e9 - age))
+    assert run().stdout.endswith(args(engines + "/encoder.bbbb.trt8.0.1.6.NVIDIA-Tegra-X1.fp16.engine"))
+    assert run(LATENTLINK_ENCODER="/x.engine").stdout.endswith(args("/x.engine"))
+
+    config.write_text("LATENTLINK_SOURCE=csi://0\n")
+    result = run()
+    assert result.returncode == 2
+    assert "LATENTLINK_HOST is not set: put LATENTLINK_HOST=HOST:PORT (the host's address) in " + str(config) in (
+        result.stderr)
+
+
 def test_bundle_refusals(tmp_path, tiny_profile):
     out = str(tmp_path / "b.tar.gz")
     result = bundle("--profile", "nano-9000", "--out", out)

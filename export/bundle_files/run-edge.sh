@@ -22,10 +22,16 @@ export PYTHONIOENCODING=${PYTHONIOENCODING:-utf-8}
 . "$here/bundle.env"
 config=${LATENTLINK_CONFIG:-/etc/latentlink/edge.env}
 if [ -z "${LATENTLINK_HOST:-}" ] && [ -r "$config" ]; then
-  set -a
-  # shellcheck source=/dev/null
-  . "$config"
-  set +a
+  # Read as systemd reads an EnvironmentFile (KEY=VALUE, the value to the end of the line, spaces and all, optional
+  # quotes around it), not as shell: "LATENTLINK_EDGE_ARGS=--frames 5" is valid there and a command in bash.
+  while IFS= read -r line || [ -n "$line" ]; do
+    line=${line#"${line%%[![:space:]]*}"}
+    case $line in '' | '#'* | ';'*) continue ;; esac
+    key=${line%%=*}
+    value=${line#*=}
+    case $value in \"*\" | \'*\') value=${value:1:${#value}-2} ;; esac
+    if [[ $key =~ ^LATENTLINK_[A-Z_]+$ ]]; then export "$key=$value"; fi
+  done <"$config"
 fi
 if [ -z "${LATENTLINK_HOST:-}" ]; then
   echo "run-edge.sh: error: LATENTLINK_HOST is not set: put LATENTLINK_HOST=HOST:PORT (the host's address) in $config" >&2
