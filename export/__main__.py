@@ -2,7 +2,8 @@
 
 Subcommands: ``onnx`` (encoder and decoder as two ONNX files plus model.json, for one profile's input size),
 ``check`` (will an ONNX file parse on the Nano's TensorRT 8.2?), ``engine`` (ONNX -> FP16 TensorRT engine, built on
-the GPU that runs it) and ``compare`` (the same inputs through two backends: how far apart are they?).
+the GPU that runs it), ``compare`` (the same inputs through two backends: how far apart are they?) and ``bundle``
+(one .tar.gz with all a Nano needs: wheel, model, profile, setup script, systemd unit).
 
 ``check``, ``engine`` and ``compare`` run on the Nano's Python 3.6; ``onnx`` needs PyTorch (a workstation).
 """
@@ -27,6 +28,7 @@ EXAMPLES = """examples:
   latentlink export engine --profile nano-504 --out ~/engines --trtexec   (print the trtexec command only)
   latentlink export compare models/nano-504/encoder.onnx runs/lossy-cae.pt --b-device cuda --b-precision fp16
   latentlink export compare models/nano-504/encoder.onnx ~/engines/encoder.*.fp16.engine --source file://photos/
+  latentlink export bundle --profile nano-504 --out latentlink-nano-504.tar.gz      (then README.txt inside it)
 
 regenerate the shipped default models (and nano-1008 likewise):
   latentlink export onnx --checkpoint profiles/default/lossy-cae.pt --profile nano-504 --out profiles/default/nano-504"""
@@ -34,7 +36,7 @@ regenerate the shipped default models (and nano-1008 likewise):
 
 def get_args_parser():
     parser = ArgumentParser(prog="latentlink export", description=__doc__.split(":", 1)[1].strip(), epilog=EXAMPLES)
-    sub = parser.add_subparsers(dest="command", metavar="{onnx,check,engine,compare}")
+    sub = parser.add_subparsers(dest="command", metavar="{onnx,check,engine,compare,bundle}")
     sub.required = True
 
     def add(name, help_text):
@@ -94,6 +96,17 @@ def get_args_parser():
         compare_parser.add_argument("--{}-precision".format(side), choices=("fp32", "fp16"), default=None,
                                     help="{}'s precision (.pt only; fp16 needs CUDA)".format(side.upper()))
     compare_parser.add_argument("--json", help="also write the figures to this JSON file")
+
+    bundle_parser = add("bundle", "one .tar.gz to flash a Nano: wheel, model, profile, setup.sh, systemd unit")
+    bundle_parser.add_argument("--profile", required=True, help="the profile to deploy (name or YAML file)")
+    bundle_parser.add_argument("--out", required=True, help="the bundle to write, FILE.tar.gz")
+    bundle_parser.add_argument("--checkout", help="the latentlink checkout to build the wheel from (default: the one "
+                                                  "this runs from, else the current folder)")
+    bundle_parser.add_argument("--check-args", metavar="ARGS",
+                               help="more arguments for `latentlink export check` of the encoder, here and in "
+                                    "setup.sh on the Nano; give them after =, e.g. --check-args=\"--OPTION VALUE\"")
+    bundle_parser.add_argument("--skip-check", action="store_true",
+                               help="bundle without running `export check` on the encoder")
     return parser
 
 
@@ -128,6 +141,10 @@ def check_args(args):
         check_model_file("B", args.b, args.role or role_from_name(args.a))
         if args.json:
             check_output_file("--json", args.json)
+    elif args.command == "bundle":
+        from .bundle import check_out_path
+
+        check_out_path(args.out)
 
 
 def main(argv=None):
@@ -137,7 +154,8 @@ def main(argv=None):
 def _main(argv):
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    return {"onnx": _onnx, "check": _check, "engine": _engine, "compare": _compare}[args.command](args)
+    return {"onnx": _onnx, "check": _check, "engine": _engine, "compare": _compare,
+            "bundle": _bundle}[args.command](args)
 
 
 def _onnx(args):
@@ -263,6 +281,19 @@ def _compare(args):
             f.write("\n")
         print("wrote {}".format(args.json))
     return 0 if result["passed"] else 1
+
+
+def _bundle(args):
+    import os
+
+    from .bundle import build_bundle
+
+    info = build_bundle(args.profile, args.out, checkout=args.checkout, check=not args.skip_check,
+                        check_args=args.check_args or "")
+    print("wrote {out} ({bytes:,} bytes): latentlink {version} for profile {profile}; encoder {checked}".format(**info))
+    print("next: scp {0} to the Nano; there: sudo tar -xzf {1} -C /opt && cd /opt/latentlink && sudo ./setup.sh "
+          "(tar -xzOf {0} latentlink/README.txt for the rest)".format(args.out, os.path.basename(args.out)))
+    return 0
 
 
 if __name__ == "__main__":
