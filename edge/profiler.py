@@ -674,8 +674,9 @@ def format_report(report):
     return format_table(report, title=report_title(report))
 
 
-def _emit(text, stream):
+def emit(text, stream=None):
     """Print ``text``, degrading characters the console cannot encode (a C locale on the Nano) instead of failing."""
+    stream = sys.stdout if stream is None else stream
     encoding = getattr(stream, "encoding", None) or "ascii"
     try:
         text.encode(encoding)
@@ -710,7 +711,7 @@ def main(argv=None):
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
-        _emit("error: %s" % e, sys.stderr)
+        emit("error: %s" % e, sys.stderr)
         return 2
     status = 0
     reports = []
@@ -719,21 +720,21 @@ def main(argv=None):
             report = load_report(path, records=bool(args.plot or args.csv))
             table = format_report(report)
         except LatentlinkError as e:
-            _emit("error: %s" % e, sys.stderr)
+            emit("error: %s" % e, sys.stderr)
             status = 2
             continue
         reports.append(report)
-        _emit(("\n" if i else "") + table, sys.stdout)
+        emit(("\n" if i else "") + table, sys.stdout)
     if (args.plot or args.csv) and status:
-        _emit("error: nothing drawn or written (--plot, --csv): a report above could not be read", sys.stderr)
+        emit("error: nothing drawn or written (--plot, --csv): a report above could not be read", sys.stderr)
     elif args.plot or args.csv:
         try:  # host-side and imported only here: the Nano prints its tables without it (and without matplotlib)
             from latentlink.report_views import write_views
 
             for kind, path in write_views(reports, args.files, plot=args.plot, csv_path=args.csv):
-                _emit("%s: %s" % (kind, path), sys.stdout)  # each file as soon as it is written
+                emit("%s: %s" % (kind, path), sys.stdout)  # each file as soon as it is written
         except LatentlinkError as e:
-            _emit("error: %s" % e, sys.stderr)
+            emit("error: %s" % e, sys.stderr)
             return 2
     return status
 
