@@ -123,12 +123,12 @@ class LiveView(Output):
 
     # What the handler serves.
     def status(self):
-        """The page's data: ``streams`` (a list: name, seq, width, height, latency_ms, stages {stage: {"last",
+        """The page's data: ``streams`` (a list by name: name, seq, width, height, latency_ms, stages {stage: {"last",
         "mean"}} in ms, and the host's counts of it) and ``host`` (the host's totals)."""
         snapshot = self.snapshot() if self.snapshot is not None else {"streams": {}}
         with self._changed:
             streams = []
-            for name, stream in reversed(self._streams.items()):  # most recently active first
+            for name, stream in sorted(self._streams.items()):  # by name: the page's order stays put
                 stages = {}
                 for stage in HOST_STAGES:
                     values = [r["stages"][stage] for r in stream.records if stage in r.get("stages", {})]
@@ -256,6 +256,7 @@ body { font-family: sans-serif; background: #222; color: #eee; margin: 1em; }
 table { border-collapse: collapse; margin-top: .4em; font-size: 90%; }
 td, th { padding: 0 .6em; text-align: right; } td:first-child, th:first-child { text-align: left; }
 #host { font-size: 90%; color: #bbb; }
+h2 { font-size: 110%; margin: .2em 0 .4em; }
 </style></head>
 <body><h1>latentlink host: live view</h1><p id="host">waiting for frames...</p><div id="streams"></div>
 <script>

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -241,23 +242,60 @@ def test_the_view_answers_404_to_unknown_paths(view_host, path, code):
     assert err.value.code == code
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (Debian: apt-get install -y chromium)")
-def test_the_view_shows_the_frame_in_a_real_browser(view_host, tmp_path):
-    # Still mode (?still=1): an MJPEG response never ends, so a headless screenshot of it would wait forever.
-    shot = str(tmp_path / "view.png")
+def screenshot(url, folder, *flags):
+    """A headless Chromium's screenshot of ``url`` (900x900, BGR)."""
+    shot = str(folder / "view.png")
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--user-data-dir=" + str(tmp_path / "chromium"), "--screenshot=" + shot, "--window-size=900,900",
-               "--virtual-time-budget=5000", view_host.uri + "?still=1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+               "--user-data-dir=" + str(folder / "chromium"), "--screenshot=" + shot, "--window-size=900,900"]
+    result = subprocess.run(command + list(flags) + [url], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    screenshot = cv2.imread(shot)
-    assert screenshot is not None and screenshot.shape[:2] == (900, 900)
-    # The frame's red square (252 px of a 504 px frame shown at 504 px) is on the page, and so is the frame's
-    # blue around it.
-    assert red_pixels(screenshot) > 200 * 200
-    blue = (screenshot[:, :, 0] > 150) & (screenshot[:, :, 2] < 80)
-    assert blue.sum() > 50000
+    image = cv2.imread(shot)
+    assert image is not None and image.shape[:2] == (900, 900)
+    return image
+
+
+def shows_the_frame(image):
+    """True when the page shows the decoded frame: its red square (252 px of the 504 px frame, shown at 504 px)
+    and the blue around it."""
+    blue = (image[:, :, 0] > 150) & (image[:, :, 2] < 80)
+    return red_pixels(image) > 200 * 200 and blue.sum() > 50000
+
+
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (Debian: apt-get install -y chromium)")
+
+
+@needs_chromium
+def test_the_view_shows_the_frame_in_a_real_browser(view_host, tmp_path):
+    # Still mode (?still=1): JPEGs the page's script refreshes, a page that finishes loading.
+    image = screenshot(view_host.uri + "?still=1", tmp_path, "--virtual-time-budget=5000")
+    assert shows_the_frame(image)
+    assert red_pixels(image[:120]) == 0  # the title and counts first, the frame below them
+
+
+@needs_chromium
+def test_the_view_plays_mjpeg_in_a_real_browser(view_host, tmp_path):
+    # An MJPEG response never ends: headless Chromium takes its screenshot (virtual time) only while parts keep
+    # coming, as they do from a live host. Here the last decoded frame is shown again every 0.2 s meanwhile.
+    from latentlink.host.outputs import DecodedFrame
+
+    decoded = view_host._streams["cam0"].image
+    stop = threading.Event()
+
+    def replay():
+        seq = 2
+        while not stop.wait(0.2):
+            view_host.write(DecodedFrame("cam0", seq, decoded))
+            seq += 1
+
+    feeder = threading.Thread(target=replay, daemon=True)
+    feeder.start()
+    try:
+        image = screenshot(view_host.uri, tmp_path, "--virtual-time-budget=4000", "--timeout=6000")
+    finally:
+        stop.set()
+        feeder.join()
+    assert shows_the_frame(image)
 
 
 # Metrics.
