@@ -14,7 +14,7 @@ from latentlink.edge.profiler import HOST_STAGES, ReportWriter, format_table
 from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
-from .outputs import check_display_available, open_outputs, parse_output
+from .outputs import check_display_available, open_outputs, parse_output, parse_outputs
 from .raw_pickle import check_stream_name
 from .server import Host
 
@@ -131,8 +131,9 @@ def check_args(args):
     for option, path in (("--report", args.report), ("--ready-file", args.ready_file)):
         if path:
             check_output_file(option, path)
-    for uri in args.out or ():
-        parse_output(uri)  # the checks of each URI, before the model loads; opened in serve()
+    for spec in parse_outputs(args.out or []):  # the checks of each URI, before the model loads; opened in serve()
+        if spec.kind == "display":
+            check_display_available()
     check_resolvable("--listen", args.listen)
     for option, value in (("--view", args.view), ("--metrics", args.metrics)):
         if value:

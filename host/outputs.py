@@ -227,6 +227,19 @@ def parse_output(uri, option="--out"):
     return OutputSpec(uri, "folder", path)
 
 
+def parse_outputs(uris, option="--out"):
+    """:func:`parse_output` of each URI, and ConfigError if two name the same output."""
+    specs = [parse_output(uri, option) for uri in uris]
+    seen = {}
+    for spec in specs:
+        key = spec.kind if spec.kind == "display" else os.path.realpath(spec.path)
+        if key in seen:
+            raise ConfigError("{} {} and {} {} are the same output; give it once".format(
+                option, seen[key], option, spec.uri))
+        seen[key] = spec.uri
+    return specs
+
+
 def check_video_path(what, path):
     """ConfigError unless videos can be made beside ``path`` (NAME.mp4): its folder exists, is a folder and is
     writable, and ``path`` itself is not a folder."""
@@ -278,14 +291,7 @@ def open_outputs(uris, fps=30.0, option="--out"):
     folder, a URI given twice, a display that cannot open."""
     from .out_dir import OutDir
 
-    specs = [parse_output(uri, option) for uri in uris]
-    seen = {}
-    for spec in specs:
-        key = spec.kind if spec.kind == "display" else os.path.realpath(spec.path)
-        if key in seen:
-            raise ConfigError("{} {} and {} {} are the same output; give it once".format(
-                option, seen[key], option, spec.uri))
-        seen[key] = spec.uri
+    specs = parse_outputs(uris, option)
     opened = OpenedOutputs()
     try:
         for spec in specs:
@@ -313,6 +319,6 @@ def check_display_available():
     from .server import check_display  # here: server imports this module
 
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise ConfigError("--display needs a screen, and DISPLAY is not set; save frames with --out DIR, or watch "
-                          "them in a browser with --view HOST:PORT")
+        raise ConfigError("--display (--out display://0) needs a screen, and DISPLAY is not set; save frames with "
+                          "--out DIR, or watch them in a browser with --view HOST:PORT")
     check_display()

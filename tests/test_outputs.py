@@ -125,7 +125,7 @@ def test_the_same_output_twice_is_refused(tmp_path):
 def test_display_needs_a_screen(monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    with pytest.raises(ConfigError, match="DISPLAY is not set.*--view HOST:PORT"):
+    with pytest.raises(ConfigError, match="needs a screen, and DISPLAY is not set.*--view HOST:PORT"):
         open_outputs(["display://0"])
 
 
@@ -398,9 +398,13 @@ def test_host_command_with_uris_view_and_metrics(tiny_profile, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--out", "rtp://1.2.3.4:5000"], "unknown output scheme rtp://"),
     (["--view", "127.0.0.1:99999"], "argument --view: got '127.0.0.1:99999'"),
+    (["--out", "display://0"], "--display (--out display://0) needs a screen, and DISPLAY is not set"),
+    (["--out", "f", "--out", "file://f/"], "--out f and --out file://f/ are the same output; give it once"),
 ])
-def test_host_command_rejects_bad_outputs_before_loading_the_model(args, message):
+def test_host_command_rejects_bad_outputs_before_loading_the_model(args, message, monkeypatch):
     from .conftest import run_cli
 
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     result = run_cli("latentlink", "host", *args, timeout=60)
     assert result.returncode != 0 and message in result.stderr, result.stderr
