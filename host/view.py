@@ -6,8 +6,9 @@ A small HTTP server (the standard library's ``ThreadingHTTPServer``) with:
   last :data:`RECENT` frames) and its capture-to-decoded latency, updated once a second by a little JavaScript from
   ``/status.json``. Frames play as MJPEG (``/stream/<name>.mjpg``); ``/?still=1`` shows still JPEGs refreshed by
   the script instead (for browsers or proxies that do not play MJPEG, and for screenshots).
-- ``/stream/<name>.mjpg``: the stream's frames as ``multipart/x-mixed-replace`` JPEGs, each sent once as it is
-  decoded; ``/stream/<name>.jpg``: its latest frame as one JPEG.
+- ``/stream/<name>.mjpg``: the stream's frames as ``multipart/x-mixed-replace`` JPEGs, each sent as it is
+  decoded (and the latest again after :data:`RESEND_S` without a new one); ``/stream/<name>.jpg``: its latest
+  frame as one JPEG.
 - ``/status.json``: the streams' latest sequence numbers, stages, latency and the host's counts
   (``Host.snapshot()``).
 
@@ -40,6 +41,7 @@ log = logging.getLogger("latentlink.host")
 RECENT = 30  # records per stream whose stages are averaged on the page
 JPEG_QUALITY = 85
 BOUNDARY = "latentlink-frame"
+RESEND_S = 1.0  # an MJPEG viewer gets the latest frame again after this long without a new one
 
 
 class _Stream(object):
@@ -230,9 +232,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write("--{}\r\n".format(BOUNDARY).encode("ascii"))
             seq = None
             while not self.view.closed():
-                latest = self.view.jpeg(name, after=seq, timeout=1.0)
+                latest = self.view.jpeg(name, after=seq, timeout=RESEND_S)
                 if latest is None:
-                    continue
+                    # No new frame: the latest again. Browsers keep painting, and a viewer that left is found
+                    # (the write fails) and its slot freed, even while the stream is silent.
+                    latest = self.view.jpeg(name)
+                    if latest is None:  # the view closed, or the stream left it (max_streams)
+                        break
                 seq, data = latest
                 self.wfile.write("Content-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n".format(len(data))
                                  .encode("ascii") + data + "\r\n--{}\r\n".format(BOUNDARY).encode("ascii"))

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -265,6 +264,33 @@ def shows_the_frame(image):
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (Debian: apt-get install -y chromium)")
 
 
+def test_the_view_keeps_a_bounded_number_of_streams_and_viewers():
+    from latentlink.host.outputs import DecodedFrame
+    from latentlink.host.view import LiveView
+
+    view = LiveView("127.0.0.1", 0, max_streams=2, max_viewers=1)
+    view.open()
+    try:
+        image = np.zeros((8, 8, 3), np.uint8)
+        for name in ("a", "b", "c", "b"):  # "a" is the least recently active when "c" comes
+            view.write(DecodedFrame(name, 0, image))
+        assert [s["name"] for s in json.loads(get(view.uri + "status.json"))["streams"]] == ["b", "c"]
+
+        def mjpeg_status():
+            with socket.create_connection(view.address, timeout=10) as sock:
+                sock.sendall(b"GET /stream/b.mjpg HTTP/1.0\r\n\r\n")
+                return sock.recv(12)
+
+        first = socket.create_connection(view.address, timeout=10)
+        first.sendall(b"GET /stream/b.mjpg HTTP/1.0\r\n\r\n")
+        assert first.recv(12) == b"HTTP/1.0 200"
+        assert mjpeg_status() == b"HTTP/1.0 503"  # one viewer at most
+        first.close()  # a viewer that leaves while the stream is silent frees its slot (the resent frame fails)
+        wait_until(lambda: mjpeg_status() == b"HTTP/1.0 200")
+    finally:
+        view.close()
+
+
 @needs_chromium
 def test_the_view_shows_the_frame_in_a_real_browser(view_host, tmp_path):
     # Still mode (?still=1): JPEGs the page's script refreshes, a page that finishes loading.
@@ -276,25 +302,8 @@ def test_the_view_shows_the_frame_in_a_real_browser(view_host, tmp_path):
 @needs_chromium
 def test_the_view_plays_mjpeg_in_a_real_browser(view_host, tmp_path):
     # An MJPEG response never ends: headless Chromium takes its screenshot (virtual time) only while parts keep
-    # coming, as they do from a live host. Here the last decoded frame is shown again every 0.2 s meanwhile.
-    from latentlink.host.outputs import DecodedFrame
-
-    decoded = view_host._streams["cam0"].image
-    stop = threading.Event()
-
-    def replay():
-        seq = 2
-        while not stop.wait(0.2):
-            view_host.write(DecodedFrame("cam0", seq, decoded))
-            seq += 1
-
-    feeder = threading.Thread(target=replay, daemon=True)
-    feeder.start()
-    try:
-        image = screenshot(view_host.uri, tmp_path, "--virtual-time-budget=4000", "--timeout=6000")
-    finally:
-        stop.set()
-        feeder.join()
+    # coming, as the view makes them, resending the latest frame every second while no new one comes.
+    image = screenshot(view_host.uri, tmp_path, "--virtual-time-budget=4000", "--timeout=6000")
     assert shows_the_frame(image)
 
 
