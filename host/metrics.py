@@ -32,6 +32,8 @@ import logging
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.profiler import HOST_STAGES
 
+from .view import http_url
+
 log = logging.getLogger("latentlink.host")
 STAGE_BUCKETS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 33, 50, 100, 200, 500, 1000)
 LATENCY_BUCKETS_MS = (5, 10, 20, 33, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -128,7 +130,7 @@ class Metrics(object):
             raise ConfigError("--metrics {}:{}: cannot listen there ({}); pick another port, or port 0 for any free "
                               "one".format(self.bind[0], self.bind[1], exc))
         self.address = self._server.server_address[:2]
-        log.info("metrics: http://%s:%d/metrics (Prometheus text)", *self.address)
+        log.info("metrics: %s (Prometheus text)", http_url(*self.address, path="/metrics"))
 
     def close(self):
         if self._server is not None:

@@ -63,7 +63,7 @@ class LiveView(Output):
 
     def __init__(self, host="127.0.0.1", port=0, snapshot=None, max_streams=16, max_viewers=8, title="latentlink"):
         self.bind = (host, port)
-        self.uri = "http://{}:{}/".format(host, port)
+        self.uri = http_url(host, port)
         self.snapshot = snapshot
         self.max_streams, self.title = max_streams, title
         self._streams = collections.OrderedDict()  # name -> _Stream, least recently written first
@@ -75,23 +75,20 @@ class LiveView(Output):
 
     # Output.
     def open(self):
-        view = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.view = view
+        if self._server is not None:  # opened already (open_outputs, or a host that opens its outputs)
+            return
+        handler = type("Handler", (_Handler,), {"view": self})  # each view its own handler class
         server_class = ThreadingHTTPServer
         if ":" in self.bind[0]:  # an IPv6 address ([::1]:PORT)
             server_class = type("Server6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
         try:
-            self._server = server_class(self.bind, Handler)
+            self._server = server_class(self.bind, handler)
         except OSError as exc:
             raise ConfigError("--view {}:{}: cannot listen there ({}); pick another port, or port 0 for any free "
                               "one".format(self.bind[0], self.bind[1], exc))
         self._server.daemon_threads = True  # an MJPEG viewer never ends its request: never wait for it
         self.address = self._server.server_address[:2]
-        self.uri = "http://{}:{}/".format(*self.address)
+        self.uri = http_url(*self.address)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         daemon=True, name="latentlink-view")
         self._thread.start()
@@ -122,6 +119,7 @@ class LiveView(Output):
             self._server.shutdown()
             self._server.server_close()
             self._thread.join(5)
+            self._server = None
 
     # What the handler serves.
     def status(self):
@@ -176,6 +174,11 @@ class LiveView(Output):
 
     def closed(self):
         return self._closed
+
+
+def http_url(host, port, path="/"):
+    """``http://host:port/path``, with an IPv6 address in brackets."""
+    return "http://{}:{}{}".format("[{}]".format(host) if ":" in host else host, port, path)
 
 
 class _Handler(BaseHTTPRequestHandler):
