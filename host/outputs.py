@@ -7,15 +7,14 @@ and why. Outputs are opened once at start-up (``Output.open``: a bad URI, a file
 unwritable folder is a ``ConfigError`` with the fix, before any edge connects) and closed once at shutdown
 (``Output.close``: finish videos, stop servers).
 
-This module owns the interface and the URI schemes, parsed in one place (:func:`open_outputs`):
+This module owns the interface and the URI schemes, parsed in one place (:func:`open_outputs`, which also opens
+them; ``latentlink host`` closes them once the host has stopped):
 
-=========================  ================================================================================
-``file://DIR/`` or ``DIR``  PNGs, ``DIR/<stream>/<seq:06d>.png`` (:class:`FolderOutput`); the first folder also
-                            holds the delivery journal (the host's ``out_dir``)
-``file://NAME.mp4``         one video per stream, ``NAME-<stream>.mp4`` beside it (:class:`VideoOutput`);
-                            ``?fps=N`` sets its frame rate (default: the profile's capture fps)
-``display://0``             a window per stream (needs an OpenCV with GUI support; ``--display`` is an alias)
-=========================  ================================================================================
+- ``file://DIR/`` or a plain ``DIR``: PNGs, ``DIR/<stream>/<seq:06d>.png`` (:class:`FolderOutput`); the first
+  folder is the host's ``out_dir``, which also holds the delivery journal;
+- ``file://NAME.mp4``: one video per stream, ``NAME-<stream>.mp4`` beside it (:class:`VideoOutput`); ``?fps=N``
+  sets its frame rate (default: the profile's capture fps);
+- ``display://0``: a window per stream (needs a screen and an OpenCV with GUI support; ``--display`` is an alias).
 
 The live view over HTTP (``--view``, :mod:`latentlink.host.view`) is an output too.
 """
