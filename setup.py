@@ -13,7 +13,9 @@ NOT_JETSON = 'platform_machine != "aarch64"'
 
 EXTRAS = {
     "edge": ["opencv-python-headless; " + NOT_JETSON, "onnxruntime; " + NOT_JETSON],
-    "host": ["opencv-python-headless", "onnxruntime", "scikit-image", "tqdm", "matplotlib"],  # matplotlib: report --plot
+    # matplotlib: report --plot; prometheus_client: host --metrics (0.20: start_http_server returns its server, so
+    # that a host can stop it).
+    "host": ["opencv-python-headless", "onnxruntime", "scikit-image", "tqdm", "matplotlib", "prometheus_client>=0.20"],
     # torch: install the CPU build first (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu),
     # or pip pulls several GB of CUDA packages from PyPI (README: Install).
     "export": ["torch>=2.1", "onnx", "onnxruntime", "opencv-python-headless", "pytorch-msssim", "scikit-image",

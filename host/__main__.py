@@ -6,7 +6,7 @@ import sys
 
 from latentlink.edge.backends import open_backend
 from latentlink.edge.cli import (ArgumentParser, add_backend_options, add_run_options, address, backend_options,
-                                 check_model_file, check_output_dir, check_output_file, check_resolvable, is_loopback,
+                                 check_model_file, check_output_file, check_resolvable, is_loopback,
                                  peak_rss_mb, positive_float, positive_int, run_main, setup_logging)
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.profile import load_profile
@@ -14,18 +14,23 @@ from latentlink.edge.profiler import HOST_STAGES, ReportWriter, format_table
 from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
+from .outputs import check_display_available, open_outputs, parse_output, parse_outputs
 from .raw_pickle import check_stream_name
-from .server import Host, check_display
+from .server import Host
 
 EXAMPLES = """examples:
   latentlink host --listen 0.0.0.0:5760 --out frames/ --report host.json
   latentlink host --profile nano-1008 --display
+  latentlink host --out frames/ --out 'file://runs/cam.mp4?fps=15'   (PNGs, and videos runs/cam-<stream>.mp4)
+  latentlink host --listen 0.0.0.0:5760 --view 0.0.0.0:8080 --metrics 9100    (watch in a browser; Prometheus)
   latentlink host --listen 127.0.0.1:0 --ready-file port.txt --max-frames 100
   latentlink host --decoder runs/lossy-cae.pt --device cuda --precision fp16   (decode on a GPU)
   latentlink host --listen 0.0.0.0:5760 --tls keys/ --out frames/      (keys/: latentlink keys init keys/)
   latentlink host --listen 0.0.0.0:5760 --token-file token.txt          (token.txt: latentlink keys token)
 
-decoded frames are saved as OUT/<stream>/<seq:06d>.png (seq: the edge's sequence number, from 0)
+decoded frames are saved as OUT/<stream>/<seq:06d>.png (seq: the edge's sequence number, from 0); --out takes URIs,
+several allowed: file://DIR/ (or a plain DIR: PNGs; the first folder also keeps the delivery journal), file://NAME.mp4
+(one video per stream, NAME-<stream>.mp4; ?fps=N, default the profile's capture fps), display://0 (a window)
 
 credentials: without --tls or --token-file anyone who can reach the host can stream into it (fine on loopback; the
 host warns when it listens elsewhere). --tls: edges need a certificate from the same CA, and stream only under the
@@ -42,8 +47,18 @@ def get_args_parser():
     parser.add_argument("--decoder", default="default",
                         help="decoder model: .onnx (ONNX Runtime), .pt (PyTorch checkpoint; see --device), .engine "
                              "(TensorRT), or 'default' for the profile's ONNX (default: %(default)s)")
-    parser.add_argument("--out", help="save decoded frames under this folder")
-    parser.add_argument("--display", action="store_true", help="show decoded frames in a window (needs a screen)")
+    parser.add_argument("--out", action="append", metavar="URI",
+                        help="where decoded frames go; repeat for several: a folder (DIR or file://DIR/: PNGs), "
+                             "file://NAME.mp4 (a video per stream, NAME-<stream>.mp4; file://NAME.mp4?fps=15), "
+                             "display://0 (a window: needs a screen and an OpenCV with GUI support)")
+    parser.add_argument("--display", action="store_true", help="same as --out display://0")
+    parser.add_argument("--view", type=address, metavar="HOST:PORT",
+                        help="serve a live view on http://HOST:PORT/: every stream's latest frame (MJPEG), its "
+                             "stages and latency, for machines without a screen (a bare PORT means 127.0.0.1:PORT; "
+                             "anyone who can reach it sees the frames)")
+    parser.add_argument("--metrics", type=address, metavar="HOST:PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (latentlink_*: frames decoded, "
+                             "failed and dropped per stream, stage and latency histograms, queue depth, batches)")
     parser.add_argument("--max-frames", type=positive_int,
                         help="exit after decoding N frames (all streams together)")
     parser.add_argument("--max-streams", type=positive_int,
@@ -116,9 +131,13 @@ def check_args(args):
     for option, path in (("--report", args.report), ("--ready-file", args.ready_file)):
         if path:
             check_output_file(option, path)
-    if args.out:
-        check_output_dir("--out", args.out)
+    for spec in parse_outputs(args.out or []):  # the checks of each URI, before the model loads; opened in serve()
+        if spec.kind == "display":
+            check_display_available()
     check_resolvable("--listen", args.listen)
+    for option, value in (("--view", args.view), ("--metrics", args.metrics)):
+        if value:
+            check_resolvable(option, value)
 
 
 def loopback_note(listen):
@@ -139,9 +158,7 @@ def _main(argv):
         raise ConfigError("--raw-stream-name names the frames of --accept-pickle-raw clients: add --accept-pickle-raw")
     loopback_note(args.listen)
     if args.display:
-        if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            raise ConfigError("--display needs a screen, and DISPLAY is not set; save frames with --out DIR instead")
-        check_display()
+        check_display_available()
     if args.decode_delay < 0:
         raise ConfigError("bad --decode-delay {}: seconds >= 0".format(args.decode_delay))
     profile = load_profile(args.profile)
@@ -152,7 +169,7 @@ def _main(argv):
     try:
         with open_backend(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
             meta = {"role": "host", "profile": profile.name, "backend": decoder.name, "decoder": decoder_path,
-                    "out": args.out}
+                    "out": ",".join(args.out) if args.out else None}
             if args.report:  # each decoded frame's record is written at once, not kept until the end
                 report = ReportWriter(args.report, HOST_STAGES, profile.budget_ms, meta)
             summary = serve(args, profile, decoder, listen, report, credentials)
@@ -178,7 +195,28 @@ def _main(argv):
 
 def serve(args, profile, decoder, listen, report, credentials):
     """Serve edges until a stop condition; returns the summary."""
-    host = Host(decoder, budget_ms=profile.budget_ms, out_dir=args.out, display=args.display,
+    uris = list(args.out or [])
+    if args.display and not any(parse_output(uri).kind == "display" for uri in uris):
+        uris.append("display://0")  # --display: an alias
+    outputs = open_outputs(uris, fps=profile.capture.fps)
+    services = []  # the live view and the metrics server: opened after the host exists, closed with the outputs
+    try:
+        return _serve(args, profile, decoder, listen, report, credentials, outputs, services)
+    finally:
+        for service in services:
+            service.close()
+        outputs.close()
+
+
+def _serve(args, profile, decoder, listen, report, credentials, outputs, services):
+    view = None
+    if args.view:
+        from .view import LiveView
+
+        view = LiveView(*parse_address(args.view), title="latentlink host ({})".format(profile.name))
+        view.open()
+        services.append(view)
+    host = Host(decoder, budget_ms=profile.budget_ms, out_dir=outputs.out_dir, display=outputs.display,
                 max_frames=args.max_frames, max_streams=args.max_streams,
                 max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
                 idle_timeout_s=args.idle_timeout, frame_timeout_s=args.frame_timeout,
@@ -186,7 +224,19 @@ def serve(args, profile, decoder, listen, report, credentials):
                 max_connections_per_peer=args.max_connections_per_peer, accept_pickle=args.accept_pickle,
                 window=args.window, decode_delay_s=args.decode_delay, credentials=credentials,
                 on_record=report.add if report is not None else None, accept_pickle_raw=args.accept_pickle_raw,
-                raw_stream_name=args.raw_stream_name)
+                raw_stream_name=args.raw_stream_name, outputs=outputs.outputs + ([view] if view else []))
+    if view is not None:
+        view.snapshot = host.snapshot
+        host.add_record_listener(view.add_record)
+        warn_if_exposed("--view", view.address, "sees every decoded frame")
+    if args.metrics:
+        from .metrics import Metrics
+
+        metrics = Metrics(host.snapshot, *parse_address(args.metrics))
+        host.add_record_listener(metrics.add_record)
+        metrics.open()
+        services.append(metrics)
+        warn_if_exposed("--metrics", metrics.address, "reads the host's counts and stream names")
     if args.accept_pickle:
         logging.getLogger("latentlink.host").warning(
             "--accept-pickle: frames of pickled numpy arrays are accepted from any peer; they are parsed "
@@ -206,6 +256,14 @@ def serve(args, profile, decoder, listen, report, credentials):
         os.replace(args.ready_file + ".tmp", args.ready_file)
     host.serve()
     return host.summary()
+
+
+def warn_if_exposed(option, bound, what):
+    """Warn when the live view or the metrics listen beyond this machine: they have no credentials."""
+    if not is_loopback(bound[0]):
+        logging.getLogger("latentlink.host").warning(
+            "%s listens on %s:%d: anyone who can reach it %s (no credentials); keep it on 127.0.0.1 or a trusted "
+            "network", option, bound[0], bound[1], what)
 
 
 def log_credentials(args, bound, credentials):

@@ -1,0 +1,140 @@
+"""Prometheus metrics of a running host (``latentlink host --metrics HOST:PORT``), for dashboards and alerts.
+
+Served at ``http://HOST:PORT/metrics`` by ``prometheus_client`` (the ``[host]`` extra), from a registry of this
+host's own (never the process-wide default one, so that several hosts, e.g. in tests, do not collide). Every name
+starts with ``latentlink_``:
+
+=================================================  =========  =====================================================
+``latentlink_frames_decoded_total{stream}``        counter    frames decoded, per stream
+``latentlink_frames_failed_total{stream}``         counter    frames received but not decoded or written
+``latentlink_frames_dropped_total{stream}``        counter    sequence numbers never received (dropped or lost by
+                                                              the edge: the summary's gaps)
+``latentlink_frames_duplicate_total{stream}``      counter    resent frames already handled (not decoded again)
+``latentlink_stream_connected{stream}``            gauge      1 while the stream's edge is connected
+``latentlink_protocol_errors_total``,              counter    connections closed for a bad message, frames failed
+``latentlink_write_errors_total``,                            by an output, connections refused (limits) and
+``latentlink_refused_connections_total``,                     closed for silence
+``latentlink_timeouts_total``
+``latentlink_queue_depth``, ``_queue_capacity``    gauge      frames waiting to be decoded, and the most that may
+``latentlink_batches_total{size}``                 counter    decoder batches, by batch size (frames)
+``latentlink_stage_milliseconds{stage}``           histogram  each decoded frame's host stages (receive,
+                                                              deserialize, decode, write), ms
+``latentlink_latency_milliseconds``                histogram  capture (edge clock) to decoded, ms
+=================================================  =========  =====================================================
+
+Counts and gauges are read from ``Host.snapshot()`` at each scrape (:class:`HostCollector`); the histograms are fed
+by a record listener (:meth:`Metrics.add_record`). A stream's labels exist while the host keeps its counts (at most
+``Host.max_stream_stats`` streams).
+"""
+
+import logging
+
+from latentlink.edge.errors import ConfigError
+from latentlink.edge.profiler import HOST_STAGES
+
+from .view import http_url
+
+log = logging.getLogger("latentlink.host")
+STAGE_BUCKETS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 33, 50, 100, 200, 500, 1000)
+LATENCY_BUCKETS_MS = (5, 10, 20, 33, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+def _prometheus():
+    try:
+        import prometheus_client
+    except ImportError:
+        raise ConfigError("--metrics needs the prometheus_client package: pip install prometheus_client (the "
+                          "[host] extra installs it)")
+    return prometheus_client
+
+
+class HostCollector(object):
+    """A prometheus_client collector of the counts and gauges of ``snapshot()`` (``Host.snapshot``)."""
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def describe(self):
+        return []  # nothing to check against other collectors: the registry is this host's own
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self.snapshot()
+        per_stream = (("decoded", "frames_decoded", "frames decoded"),
+                      ("failed", "frames_failed", "frames received but not decoded or not written"),
+                      ("gaps", "frames_dropped", "sequence numbers never received (dropped or lost by the edge)"),
+                      ("duplicates", "frames_duplicate", "resent frames already handled, not decoded again"))
+        for key, name, doc in per_stream:
+            family = CounterMetricFamily("latentlink_" + name, doc, labels=["stream"])
+            for stream, counts in sorted(snap["streams"].items()):
+                family.add_metric([stream], counts[key])
+            yield family
+        connected = GaugeMetricFamily("latentlink_stream_connected", "1 while the stream's edge is connected",
+                                      labels=["stream"])
+        for stream, counts in sorted(snap["streams"].items()):
+            connected.add_metric([stream], 1 if counts["connected"] else 0)
+        yield connected
+        for key, doc in (("protocol_errors", "connections closed for a malformed or refused message"),
+                         ("write_errors", "frames an output could not take"),
+                         ("refused_connections", "connections refused (--max-connections, per peer)"),
+                         ("timeouts", "connections closed for silence")):
+            yield CounterMetricFamily("latentlink_" + key, doc, value=snap[key])
+        yield GaugeMetricFamily("latentlink_queue_depth", "frames waiting to be decoded", value=snap["queue_depth"])
+        yield GaugeMetricFamily("latentlink_queue_capacity", "the most frames that may wait to be decoded",
+                                value=snap["queue_capacity"])
+        batches = CounterMetricFamily("latentlink_batches", "decoder batches, by batch size (frames)",
+                                      labels=["size"])
+        for size, count in sorted(snap["batches"].items()):
+            batches.add_metric([str(size)], count)
+        yield batches
+
+
+class Metrics(object):
+    """The metrics of one host: ``snapshot`` its ``Host.snapshot``; served on ``host:port`` (port 0: any free
+    port; :attr:`address` is the bound one) from :meth:`open` to :meth:`close`. Add :meth:`add_record` as a record
+    listener (``Host.add_record_listener``)."""
+
+    def __init__(self, snapshot, host="127.0.0.1", port=0):
+        prometheus = _prometheus()
+        self.bind = (host, port)
+        self.registry = prometheus.CollectorRegistry()
+        self.registry.register(HostCollector(snapshot))
+        self.stages = prometheus.Histogram("latentlink_stage_milliseconds", "host stages of each decoded frame, ms",
+                                           ["stage"], buckets=STAGE_BUCKETS_MS, registry=self.registry)
+        self.latency = prometheus.Histogram("latentlink_latency_milliseconds",
+                                            "capture (edge clock) to decoded, ms", buckets=LATENCY_BUCKETS_MS,
+                                            registry=self.registry)
+        for stage in HOST_STAGES:  # every stage listed from the start, at 0, not only once a frame came
+            self.stages.labels(stage)
+        self._server = self._thread = None
+        self.address = None
+
+    def add_record(self, record):
+        """A record listener: one decoded frame's stages and latency into the histograms."""
+        for stage, ms in record.get("stages", {}).items():
+            if stage in HOST_STAGES:  # known stages only: label values stay bounded
+                self.stages.labels(stage).observe(ms)
+        if record.get("latency_ms") is not None:
+            self.latency.observe(record["latency_ms"])
+
+    def text(self):
+        """The metrics as Prometheus text (what the endpoint serves)."""
+        return _prometheus().generate_latest(self.registry).decode("utf-8")
+
+    def open(self):
+        try:
+            self._server, self._thread = _prometheus().start_http_server(self.bind[1], self.bind[0],
+                                                                         registry=self.registry)
+        except OSError as exc:
+            raise ConfigError("--metrics {}:{}: cannot listen there ({}); pick another port, or port 0 for any free "
+                              "one".format(self.bind[0], self.bind[1], exc))
+        self.address = self._server.server_address[:2]
+        log.info("metrics: %s (Prometheus text)", http_url(*self.address, path="/metrics"))
+
+    def close(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(5)
+            self._server = None
