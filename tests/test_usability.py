@@ -136,7 +136,7 @@ def test_latentlink_alone_prints_the_usage_and_exits_2():
 # Help.
 
 @pytest.mark.parametrize("argv", [[name] for name, _, _ in COMMANDS] + [
-    ["export", sub] for sub in ("onnx", "check", "engine", "compare")])
+    ["export", sub] for sub in ("onnx", "check", "engine", "compare", "bundle")])
 def test_help_descriptions_are_sentences(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv + ["--help"])
