@@ -1,8 +1,8 @@
 """``latentlink export`` / ``python -m latentlink.export``: turn a trained checkpoint into deployable model files.
 
 Subcommands: ``onnx`` (encoder and decoder as two ONNX files plus model.json, for one profile's input size),
-``check`` (will an ONNX file parse on the profile's TensorRT: 8.0 on JetPack 4.6, 8.2 on 4.6.1+?), ``engine`` (ONNX -> FP16 TensorRT engine, built on
-the GPU that runs it) and ``compare`` (the same inputs through two backends: how far apart are they?).
+``check`` (will an ONNX file parse on the profile's TensorRT: 8.0 on JetPack 4.6, 8.2 on 4.6.1+?), ``engine``
+(ONNX -> FP16 TensorRT engine, built on the GPU that runs it) and ``compare`` (the same inputs through two backends: how far apart are they?).
 
 ``check``, ``engine`` and ``compare`` run on the Nano's Python 3.6; ``onnx`` needs PyTorch (a workstation).
 """
