@@ -158,6 +158,36 @@ def test_shipped_encoder_gives_the_same_bits_on_real_photos_in_torch_and_onnx(tm
     assert check_onnx(str(paths["new"]), "8.0")["ok"] and not check_onnx(str(paths["old"]), "8.0")["ok"]
 
 
+@pytest.mark.parametrize("name", ["cae", "cyclegan"])
+def test_uint8_encoders_round_as_round_did_on_real_photos(tmp_path, photos_dir, name):
+    """cae and cyclegan encoders (8-bit latents): the new rounding gives Round's integers, in PyTorch and ONNX."""
+    from latentlink.export.models import MODELS, build_model
+    from latentlink.export.models import layers
+    from latentlink.export.onnx_export import _export, constants_to_initializers
+
+    torch.manual_seed(0)
+    model = build_model(name, **MODELS[name].test_hparams).eval()
+    x = photo_batch(photos_dir, 64)
+    with torch.no_grad():
+        new = model.encoder(torch.from_numpy(x)).numpy()
+        old = torch.round(model.encoder[:-1](torch.from_numpy(x)) * 255.0).numpy()
+    assert same_bits(new, old) and len(np.unique(new)) > 10
+    outputs = {}
+    for label, fn in (("new", round_half_even), ("old", torch.round)):
+        saved = layers.round_half_even
+        layers.round_half_even = fn
+        try:
+            path = tmp_path / (label + ".onnx")
+            _export(model.encoder, torch.from_numpy(x[:1]), path, "image", "latents")
+            constants_to_initializers(path)
+        finally:
+            layers.round_half_even = saved
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs[label] = np.concatenate([session.run(None, {"image": x[i:i + 1]})[0] for i in range(len(x))])
+        assert check_onnx(str(path), "8.0")["ok"] == (label == "new")
+    assert same_bits(outputs["new"], outputs["old"])
+
+
 @pytest.mark.parametrize("op", ["Sign", "Round"])
 def test_sign_and_round_fail_on_8_0_and_pass_on_8_2(tmp_path, capsys, op):
     path = save(tmp_path, [helper.make_node(op, ["x"], ["y"])], [value("x", [1, 4])], [value("y", [1, 4])])
