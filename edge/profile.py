@@ -6,6 +6,7 @@ Unknown keys are errors (a typo must not silently fall back to a default), and e
 key, the bad value and what is allowed.
 """
 
+import collections
 import io
 import os
 
@@ -19,6 +20,22 @@ from .protocol import DELIVERIES, MAX_WINDOW
 from .sender import DROP_POLICIES
 
 PRECISIONS = ("fp16", "fp32")
+
+# JetPack -> the TensorRT it ships (major.minor: the operator table of export/trt_ops.py `export check` uses). On the
+# Nano this matters: plain JetPack 4.6 (L4T R32.6.1) ships TensorRT 8.0.1, which cannot parse ONNX Sign or Round;
+# JetPack 4.6.1 to 4.6.6 (L4T R32.7.x) ship 8.2.1. The JetPack 5 and 6 entries are from NVIDIA's JetPack release
+# notes, unconfirmed here: they never run on a Nano.
+JETPACK_TENSORRT = collections.OrderedDict(
+    [("4.6", "8.0")] + [("4.6.{}".format(n), "8.2") for n in range(1, 7)]
+    + [("5.0.2", "8.4")] + [(v, "8.5") for v in ("5.1", "5.1.1", "5.1.2", "5.1.3", "5.1.4")]
+    + [("6.0", "8.6"), ("6.1", "10"), ("6.2", "10")])
+
+# Device -> the JetPack lines it runs (the Nano's last is 4.6.x; JetPack 5 and 6 dropped it).
+DEVICE_JETPACKS = collections.OrderedDict([
+    ("jetson-nano", ("4.6",)),
+    ("jetson-xavier", ("4.6", "5.0", "5.1")),
+    ("jetson-orin", ("5.0", "5.1", "6.0", "6.1", "6.2")),
+])
 
 # key -> (type, default or REQUIRED, allowed values or (min, max) range or None)
 REQUIRED = object()
@@ -38,6 +55,10 @@ SCHEMA = {
         "width": (int, 1280, (16, 8192)),
         "height": (int, 720, (16, 8192)),
         "fps": (int, 30, (1, 240)),
+    },
+    "target": {  # what the encoder's engine is built on: `export check` checks against the TensorRT it ships
+        "device": (str, "jetson-nano", tuple(DEVICE_JETPACKS)),
+        "jetpack": (str, "4.6", tuple(JETPACK_TENSORRT)),
     },
     "precision": (str, "fp16", PRECISIONS),
     "budget_ms": (float, 33.0, (0.1, 100000.0)),
@@ -110,8 +131,22 @@ def load_profile(name_or_path):
     base = os.path.dirname(path)
     profile.model.encoder = os.path.normpath(os.path.join(base, profile.model.encoder))
     profile.model.decoder = os.path.normpath(os.path.join(base, profile.model.decoder))
+    _check_target(profile.target, path)
+    profile.target.tensorrt = JETPACK_TENSORRT[profile.target.jetpack]
     profile.path = path
     return profile
+
+
+def _check_target(target, path):
+    """The device must run that JetPack (a Nano cannot have JetPack 5 or 6)."""
+    if not _runs(target.device, target.jetpack):
+        raise ConfigError("{}: target.jetpack {!r} does not run on a {} (it runs JetPack {})".format(
+            path, target.jetpack, target.device,
+            ", ".join(v for v in JETPACK_TENSORRT if _runs(target.device, v))))
+
+
+def _runs(device, jetpack):
+    return any(jetpack == line or jetpack.startswith(line + ".") for line in DEVICE_JETPACKS[device])
 
 
 def _validate(data, schema, path, prefix):
@@ -142,7 +177,8 @@ def _check_value(value, kind, allowed, path, key):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ConfigError("{}: {} must be {}, got {!r}".format(path, key, _KIND_NAMES[kind], value))
+        hint = ' (quote it: "{}")'.format(value) if kind is str and isinstance(value, (int, float)) else ""
+        raise ConfigError("{}: {} must be {}, got {!r}{}".format(path, key, _KIND_NAMES[kind], value, hint))
     if isinstance(allowed, tuple) and len(allowed) == 2 and not isinstance(allowed[0], str):
         low, high = allowed
         if not low <= value <= high:

@@ -1,9 +1,10 @@
 """``latentlink export`` / ``python -m latentlink.export``: turn a trained checkpoint into deployable model files.
 
 Subcommands: ``onnx`` (encoder and decoder as two ONNX files plus model.json, for one profile's input size),
-``check`` (will an ONNX file parse on the Nano's TensorRT 8.2?), ``engine`` (ONNX -> FP16 TensorRT engine, built on
-the GPU that runs it), ``compare`` (the same inputs through two backends: how far apart are they?) and ``bundle``
-(one .tar.gz with all a Nano needs: wheel, model, profile, setup script, systemd unit).
+``check`` (will an ONNX file parse on the profile's TensorRT: 8.0 on JetPack 4.6, 8.2 on 4.6.1+?), ``engine``
+(ONNX -> FP16 TensorRT engine, built on the GPU that runs it), ``compare`` (the same inputs through two backends: how
+far apart are they?) and ``bundle`` (one .tar.gz with all a Nano needs: wheel, model, profile, setup script, systemd
+unit).
 
 ``check``, ``engine`` and ``compare`` run on the Nano's Python 3.6; ``onnx`` needs PyTorch (a workstation).
 """
@@ -23,7 +24,8 @@ from latentlink.edge.tiles import parse_tiles
 EXAMPLES = """examples:
   latentlink export onnx --checkpoint runs/lossy-cae.pt --profile nano-504 --out models/nano-504
   latentlink export onnx --checkpoint runs/lossy-cae.pt --height 720 --width 1280 --out models/720p
-  latentlink export check models/nano-504/encoder.onnx models/nano-504/decoder.onnx
+  latentlink export check models/nano-504/encoder.onnx models/nano-504/decoder.onnx   (the profile's TensorRT: 8.0)
+  latentlink export check --trt 8.2 models/nano-504/encoder.onnx      (a Nano on JetPack 4.6.1+: TensorRT 8.2.1)
   latentlink export engine models/nano-504/encoder.onnx              (on the Nano: FP16, 256 MB workspace)
   latentlink export engine --profile nano-504 --out ~/engines --trtexec   (print the trtexec command only)
   latentlink export compare models/nano-504/encoder.onnx runs/lossy-cae.pt --b-device cuda --b-precision fp16
@@ -53,8 +55,14 @@ def get_args_parser():
                                   "tiles, e.g. 2x2 (the seed deck's 1008 -> 4 x 504); default: the checkpoint's "
                                   "training setting, else 1x1")
 
-    check_parser = add("check", "will these ONNX files parse on TensorRT 8.2 (the Nano's)? exit 1 if not")
+    check_parser = add("check", "will these ONNX files parse on the target's TensorRT? exit 1 if not")
     check_parser.add_argument("onnx", nargs="+", help="ONNX files")
+    check_parser.add_argument("--trt", metavar="VERSION",
+                              help="check against this TensorRT's ONNX importer: 8.0 (JetPack 4.6), 8.2 (JetPack "
+                                   "4.6.1+), 8.4, 8.5, 8.6 or 10 (tables from onnx-tensorrt's sources, "
+                                   "export/trt_ops.py); default: the one --profile's target.jetpack ships")
+    check_parser.add_argument("--profile", default="nano-504",
+                              help="whose target (target.jetpack) gives the default --trt (default: %(default)s)")
 
     engine_parser = add("engine", "ONNX -> serialized TensorRT engine (+ <engine>.json), reused while it matches")
     engine_parser.add_argument("onnx", nargs="*", help="ONNX files (default: the profile's encoder)")
@@ -131,6 +139,9 @@ def check_args(args):
             raise ConfigError("the input size is missing{}: give --profile NAME, or both --height and --width".format(
                 " (only {})".format(sizes[0]) if sizes else ""))
     elif args.command in ("check", "engine"):
+        if args.command == "check" and args.trt is not None:
+            from .trt_ops import resolve_version
+            args.trt = resolve_version(args.trt)  # --trt 9.9: a clear error before any file is read
         for path in args.onnx:
             check_input_file("export " + args.command, path, "export one with `latentlink export onnx`")
         if args.command == "engine":
@@ -190,9 +201,10 @@ def _onnx(args):
 def _check(args):
     from .onnx_check import check_onnx, format_check
 
+    trt = args.trt or load_profile(args.profile).target.tensorrt
     status = 0
     for path in args.onnx:
-        report = check_onnx(path)
+        report = check_onnx(path, trt)
         print(format_check(report))
         status = status or (0 if report["ok"] else 1)
     return status
@@ -227,8 +239,9 @@ def _engine(args):
             print("note: the onnx package is not installed, so `export check` is skipped (pip3 install onnx to run "
                   "it, or check on the workstation)")
         else:
+            installed = _installed_table(trt)
             for path in onnx_files:
-                report = check_onnx(path)
+                report = check_onnx(path, installed)
                 if not report["ok"]:
                     raise ConfigError("{}\nnot building: fix the graph (or pass --skip-check to try anyway)".format(
                         format_check(report)))
@@ -240,6 +253,16 @@ def _engine(args):
             print("run it: latentlink edge --encoder {} --source csi://0 --connect HOST:5760 --profile {}".format(
                 meta["engine"], meta.get("profile") or args.profile))
     return 0
+
+
+def _installed_table(trt):
+    """The operator table for the TensorRT installed here (8.2.1.8 -> 8.2); the oldest (8.0) if none fits."""
+    from .trt_ops import OLDEST, resolve_version
+
+    try:
+        return resolve_version(getattr(trt, "__version__", OLDEST))
+    except ConfigError:
+        return OLDEST
 
 
 def _has_fast_int8(trt_api):

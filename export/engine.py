@@ -149,8 +149,9 @@ def _build(trt, onnx_path, precision, workspace_mb, gpu, log):
         parsed = parser.parse(f.read())
     if not parsed:
         errors = trt_api.parser_errors(parser) or ["(the parser gave no details; rerun with trtexec --verbose)"]
-        raise BackendError("TensorRT {} cannot parse {}:\n  {}\nrun `latentlink export check {}` for what the Nano's "
-                           "TensorRT 8.2 accepts".format(trt.__version__, onnx_path, "\n  ".join(errors), onnx_path))
+        raise BackendError("TensorRT {0} cannot parse {1}:\n  {2}\nrun `latentlink export check --trt {0} {1}` for "
+                           "what this TensorRT's ONNX importer accepts".format(trt.__version__, onnx_path,
+                                                                                "\n  ".join(errors)))
     config = builder.create_builder_config()
     trt_api.set_workspace(trt, config, workspace_mb << 20)
     if precision == "fp16":

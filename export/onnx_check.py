@@ -1,10 +1,11 @@
-"""Will this ONNX file parse and build on the Nano's TensorRT 8.2?  (``latentlink export check``)
+"""Will this ONNX file parse and build on a given TensorRT?  (``latentlink export check [--trt VERSION]``)
 
-What is checked, without TensorRT: a valid ONNX model; opset <= 13 (the newest TensorRT 8.2 parses); every node in
-the default domain and in TensorRT 8.2's ONNX operator table (onnx-tensorrt ``release/8.2`` ``docs/operators.md``),
-with the restrictions that table states for the operators our models use; every tensor shape static; no BOOL
-tensor (8.2 fails FP16 builds on them); no ``Constant`` node (latentlink's exports hold constants as initializers,
-which 8.2 wants for Conv weights, Squeeze axes, Resize scales and more).
+What is checked, without TensorRT, against the tables of export/trt_ops.py (read from onnx-tensorrt's sources for
+each release: 8.0 for JetPack 4.6, 8.2 for JetPack 4.6.1+, 8.4, 8.5, 8.6, 10): a valid ONNX model; the opset in
+that version's range; every node in the default domain and in that version's ONNX operator table (8.0 has no Sign
+and no Round); the operands it needs as initializers (Conv weights, Clip min and max, Squeeze axes, Resize scales,
+...); every tensor shape static (the Nano's engines are built for one input size); no BOOL tensor (8.2 fails FP16
+builds on them); no ``Constant`` node (latentlink's exports hold constants as initializers).
 
 Python 3.6 compatible (needs the ``onnx`` package): it runs on the Nano before an engine build.
 """
@@ -13,45 +14,23 @@ import collections
 
 import onnx
 
-MAX_OPSET = 13
+from . import trt_ops
 
-# The operators TensorRT 8.2's ONNX parser imports: the names its builtin_op_importers.cpp (TensorRT OSS
-# release/8.2) registers; the same as onnx-tensorrt's 8.4 docs/operators.md "Y" rows without Xor (new in 8.4),
-# plus Reciprocal. Any other name is looked up as a plugin and fails unless one is registered.
-TRT82_OPS = frozenset("""
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip Concat
-Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout Einsum Elu
-Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool
-GlobalMaxPool Greater GreaterOrEqual GRU HardSigmoid Identity If ImageScaler InstanceNormalization IsNaN LeakyRelu
-Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean Min Mul Neg
-NonMaxSuppression Not Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomUniform RandomUniformLike Range
-Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
-ReduceSumSquare Relu Reshape Resize ReverseSequence RNN Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu
-Shape Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
-ThresholdedRelu Tile TopK Transpose Unsqueeze Upsample Where
-""".split())
-
-# Operands TensorRT 8.2 needs as initializers (known at build time), by operator: input index -> name. From the
-# operator table's restrictions and the 8.2 importer's asserts.
-INITIALIZER_INPUTS = {
-    "Conv": {1: "W", 2: "B"},
-    "ConvTranspose": {1: "W", 2: "B"},
-    "InstanceNormalization": {1: "scale", 2: "B"},
-    "Squeeze": {1: "axes"},
-    "Unsqueeze": {1: "axes"},
-    "Slice": {3: "axes"},
-    "Upsample": {1: "scales"},
-}
-
-# Why a BOOL tensor is a problem (the notes of jetson-facts.md, with a TensorRT 8.2 build log as the source).
+# Why a BOOL tensor is a problem (the notes of jetson-facts.md, with a TensorRT 8.2 build log as the source; not
+# checked on later versions, and latentlink's graphs never need one, so every version refuses them).
 BOOL_REASON = ("TensorRT 8.2 FP16 builds fail on BOOL tensors ('cannot use precision Int32 for layer that computes "
-               "boolean values'); write the binarizer with float ops: clamp(sign(x), min=0)")
+               "boolean values'); write the binarizer with float ops (export/models/layers.py: step)")
 
 
-def check_onnx(path):
-    """Check ``path``; returns ``{"path", "ok", "opset", "nodes", "ops": {op: count}, "problems": [str]}``."""
+def check_onnx(path, trt=trt_ops.OLDEST):
+    """Check ``path`` against TensorRT ``trt`` (a version of :data:`trt_ops.VERSIONS`, default the oldest: 8.0).
+
+    Returns ``{"path", "trt", "ok", "opset", "nodes", "ops": {op: count}, "problems": [str]}``.
+    """
+    trt = trt_ops.resolve_version(trt)
+    name = "TensorRT " + trt
     problems = []
-    report = {"path": str(path), "ok": False, "opset": None, "nodes": 0, "ops": {}, "problems": problems}
+    report = {"path": str(path), "trt": trt, "ok": False, "opset": None, "nodes": 0, "ops": {}, "problems": problems}
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
@@ -61,9 +40,12 @@ def check_onnx(path):
     graph = model.graph
     opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     report["opset"] = max(opsets) if opsets else None
-    if report["opset"] is None or report["opset"] > MAX_OPSET:
-        problems.append("opset {} > {}: TensorRT 8.2 parses opsets up to {}; export with opset_version={} "
-                        "(`latentlink export onnx` does)".format(report["opset"], MAX_OPSET, MAX_OPSET, MAX_OPSET))
+    low, high = trt_ops.OPSETS[trt]
+    if report["opset"] is None or not low <= report["opset"] <= high:
+        problems.append("opset {}: {} parses opsets {} to {}; export with opset_version=13 (`latentlink export "
+                        "onnx` does; 13 is in every table's range)".format(report["opset"], name, low, high))
+    known_ops = trt_ops.OPS[trt]
+    needs_initializer = trt_ops.initializer_inputs(trt)
     initializers = set(t.name for t in graph.initializer)
     counts = collections.Counter()
     for index, node in enumerate(graph.node):
@@ -71,17 +53,19 @@ def check_onnx(path):
         where = "node {} ({!r}, {})".format(index, node.name, node.op_type)
         if node.domain not in ("", "ai.onnx"):
             problems.append("{}: custom domain {!r} needs a TensorRT plugin".format(where, node.domain))
-        elif node.op_type not in TRT82_OPS:
-            problems.append("{}: {} is not in TensorRT 8.2's ONNX operator table".format(where, node.op_type))
+        elif node.op_type not in known_ops:
+            problems.append("{}: {} is not in {}'s ONNX operator table{}".format(
+                where, node.op_type, name, _first_with(node.op_type)))
         if node.op_type == "Constant":
-            problems.append("{}: a Constant node; TensorRT 8.2 wants constant operands as initializers "
-                            "(export.onnx_export.constants_to_initializers rewrites them)".format(where))
+            problems.append("{}: a Constant node; latentlink's graphs hold constant operands as initializers, which "
+                            "TensorRT needs for many (export.onnx_export.constants_to_initializers rewrites "
+                            "them)".format(where))
         if node.op_type == "Resize":
-            problems.extend(_resize_problems(node, initializers, where))
-        for i, name in sorted(INITIALIZER_INPUTS.get(node.op_type, {}).items()):
+            problems.extend(_resize_problems(node, initializers, where, trt))
+        for i, operand in sorted(needs_initializer.get(node.op_type, {}).items()):
             if i < len(node.input) and node.input[i] and node.input[i] not in initializers:
-                problems.append("{}: input {!r} ({}) is computed in the graph; TensorRT 8.2 needs it as an "
-                                "initializer".format(where, name, node.input[i]))
+                problems.append("{}: input {!r} ({}) is computed in the graph; {} needs it as an "
+                                "initializer".format(where, operand, node.input[i], name))
         if node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.BOOL for a in node.attribute):
             problems.append("{}: casts to BOOL. {}".format(where, BOOL_REASON))
     report["nodes"] = len(graph.node)
@@ -107,22 +91,33 @@ def check_onnx(path):
     return report
 
 
-def _resize_problems(node, initializers, where):
-    """Resize on 8.2: nearest or linear only, and ``scales`` an initializer unless ``sizes`` is given."""
+def _first_with(op):
+    """``" (TensorRT 8.2 and later have it)"``, or nothing when no table has ``op``."""
+    for version in trt_ops.VERSIONS:
+        if op in trt_ops.OPS[version]:
+            return " (TensorRT {} and later have it)".format(version)
+    return ""
+
+
+def _resize_problems(node, initializers, where, trt):
+    """Resize: nearest or linear only (every version's table), and up to 8.2 ``scales`` an initializer unless
+    ``sizes`` is given."""
     problems = []
     mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
     if mode not in ("nearest", "linear"):
-        problems.append("{}: Resize mode {!r}; TensorRT 8.2 resizes nearest or linear only".format(where, mode))
+        problems.append("{}: Resize mode {!r}; TensorRT resizes nearest or linear only".format(where, mode))
     has_sizes = len(node.input) > 3 and node.input[3]
-    if not has_sizes and len(node.input) > 2 and node.input[2] and node.input[2] not in initializers:
-        problems.append("{}: Resize's scales ({}) are computed in the graph; TensorRT 8.2 needs them as an "
-                        "initializer (or give sizes)".format(where, node.input[2]))
+    if (trt_ops.resize_scales_need_initializer(trt) and not has_sizes and len(node.input) > 2 and node.input[2]
+            and node.input[2] not in initializers):
+        problems.append("{}: Resize's scales ({}) are computed in the graph; TensorRT {} needs them as an "
+                        "initializer (or give sizes)".format(where, node.input[2], trt))
     return problems
 
 
 def format_check(report):
-    """``OK: path (opset 13, 24 nodes: Conv x9, ...)`` or ``FAIL: path`` and one line per problem."""
+    """``OK: path (TensorRT 8.0, opset 13, 24 nodes: Conv x9, ...)`` or ``FAIL: ...`` and one line per problem."""
     ops = ", ".join("{} x{}".format(op, n) for op, n in report["ops"].items())
-    head = "{}: {} (opset {}, {} nodes{})".format("OK" if report["ok"] else "FAIL", report["path"], report["opset"],
-                                                 report["nodes"], ": " + ops if ops else "")
+    head = "{}: {} (TensorRT {}, opset {}, {} nodes{})".format(
+        "OK" if report["ok"] else "FAIL", report["path"], report["trt"], report["opset"], report["nodes"],
+        ": " + ops if ops else "")
     return "\n".join([head] + ["  - " + p for p in report["problems"]])

@@ -1,6 +1,6 @@
-"""Encoder and decoder -> two ONNX files for two devices, fit for TensorRT 8.2 on the Nano.
+"""Encoder and decoder -> two ONNX files for two devices, fit for the Nano's TensorRT (8.0 on JetPack 4.6, 8.2 later).
 
-Static shapes (one input size per profile), opset 13 (the newest TensorRT 8.2 parses), the legacy TorchScript
+Static shapes (one input size per profile), opset 13 (the newest TensorRT 8.0 and 8.2 parse), the legacy TorchScript
 exporter (PyTorch >= 2.9 would pick the dynamo exporter and opset 18), and no BOOL tensors anywhere in the graph.
 Beside the two files goes ``model.json``, which the edge and host read: model, input shape, latent shape, packing.
 """
@@ -89,7 +89,7 @@ def _export(module, example, path, input_name, output_name):
 def constants_to_initializers(path):
     """Rewrite ``Constant`` nodes as graph initializers, in place.
 
-    TensorRT 8.2 wants some operands (Clip's min and max, Mul's and Sub's scalars) as initializers; the TorchScript
+    TensorRT 8.x wants some operands (Clip's min and max, Mul's and Sub's scalars) as initializers; the TorchScript
     exporter leaves them as Constant nodes.
     """
     model = onnx.load(str(path))

@@ -1,9 +1,9 @@
-"""One TensorRT surface over two APIs: the binding API (TensorRT 8.2, the Nano's) and the tensor API (8.5+, 10.x).
+"""One TensorRT surface over two APIs: the binding API (TensorRT 8.0/8.2, the Nano's) and the tensor API (8.5+, 10.x).
 
 TensorRT 8.5 added name-based I/O (``num_io_tensors``, ``set_tensor_address``, ``execute_async_v3``) and 10.0 removed
 the binding API (``num_bindings``, ``execute_async_v2``), ``max_workspace_size`` and ``build_engine``. Every helper
 here picks the call by feature detection (``hasattr``), never by version number, so the same code runs on the
-Nano's 8.2 and on a desktop's 10.x. ``tests/fake_tensorrt.py`` fakes both surfaces for the CPU-only CI.
+Nano's 8.0 or 8.2 and on a desktop's 10.x. ``tests/fake_tensorrt.py`` fakes both surfaces for the CPU-only CI.
 
 Python 3.6 compatible: runs on the Nano.
 """

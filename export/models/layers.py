@@ -1,4 +1,6 @@
-"""Building blocks the zoo's models share: residual blocks, sub-pixel upsampling, 8-bit latents, grey <-> RGB."""
+"""Building blocks the zoo's models share: residual blocks, sub-pixel upsampling, 8-bit latents, grey <-> RGB, and
+the two quantizers (:func:`step`, :func:`round_half_even`) written with the operations TensorRT 8.0's ONNX importer has.
+"""
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +27,49 @@ def subpixel_conv(in_ch, out_ch, scale=2):
     return nn.Sequential(nn.Conv2d(in_ch, out_ch * scale * scale, 3, padding=1), nn.PixelShuffle(scale))
 
 
+def step(x):
+    """1.0 where ``x > 0``, else +0.0: ``torch.clamp(torch.sign(x), min=0)`` bit for bit, for every non-NaN ``x``.
+
+    Why not Sign: TensorRT 8.0 (JetPack 4.6) has no ONNX Sign or Round (they arrived in 8.2), and BOOL tensors
+    (``(x > 0).float()``) fail TensorRT 8.2's FP16 builds. Exported as Clip, Ceil, Abs, all in 8.0's table:
+    ``clamp(x, 0, 1)`` is in (0, 1] exactly when ``x > 0`` (so its ceiling is 1) and +0 when ``x < 0``; at ``x = -0.0``
+    it may be -0.0 (max(-0, +0) is either zero, by implementation) and so may its ceiling, and ``abs`` makes that +0,
+    as Sign gives. ``tests/test_trt_ops.py`` checks every case.
+    """
+    return torch.abs(torch.ceil(torch.clamp(x, 0.0, 1.0)))
+
+
+def round_half_even(y):
+    """``torch.round(y)`` (ONNX Round: halves to even) bit for bit for ``y >= 0`` not NaN, from Mul, Floor, Sub,
+    Ceil, Add: operations TensorRT 8.0's ONNX importer has (Round arrived in 8.2).
+
+    With ``h = y / 2 = g + q`` (``g = floor(h)``, ``q`` in [0, 1)), ``y = 2 g + 2 q`` and ``2 g`` is even, so
+    ``round(y) = 2 g + round(2 q)``, where ``round(2 q)`` is 0 for ``q <= 1/4`` (0.5 rounds to the even 0), 1 for
+    ``1/4 < q < 3/4`` and 2 for ``q >= 3/4`` (1.5 rounds to the even 2): ``[q > 1/4] + [q >= 3/4]``. Each step is exact
+    in binary floating point, FP16 included: ``y * 0.5`` and ``h - floor(h)`` are exact; ``q - 0.25`` has the sign of
+    the exact difference, so ``ceil`` gives ``[q > 1/4]`` (as -0.0 or +0.0 when false, and adding -0.0 to the
+    non-negative ``2 g`` changes nothing); ``q + 0.25`` only rounds for ``q < 1/2``, below 1, so ``floor`` gives
+    ``[q >= 3/4]``. For negative ``y`` the value is right but a result of zero is +0.0 where Round gives -0.0.
+    """
+    h = y * 0.5
+    g = torch.floor(h)
+    q = h - g
+    return (g + g + torch.floor(q + 0.25)) + torch.ceil(q - 0.25)
+
+
 class QuantizeUint8(nn.Module):
     """Activations in [0, 1] -> integers 0..255 (as float), what the ``uint8`` packing sends.
 
     Training uses a straight-through estimator: the forward pass rounds, the backward pass acts as if it did not.
-    Exported as Mul + Round (Round is in TensorRT 8.2's ONNX operator table).
+    Rounds with :func:`round_half_even` (what ``torch.round`` gives, bit for bit), which exports to operations
+    TensorRT 8.0 parses; ONNX Round would need 8.2.
     """
 
     def forward(self, x):
         y = x * 255.0
         if self.training:
-            return y + (torch.round(y) - y).detach()
-        return torch.round(y)
+            return y + (round_half_even(y) - y).detach()
+        return round_half_even(y)
 
 
 class RoundToHalf(nn.Module):

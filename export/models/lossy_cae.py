@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import ResidualBlock, subpixel_conv
+from .layers import ResidualBlock, step, subpixel_conv
 from .registry import register_model
 
 
@@ -34,9 +34,11 @@ def dither_thresholds(channels, height, width):
 class Binarizer(nn.Module):
     """Map tanh activations in (-1, 1) to bits in {0, 1}.
 
-    Inference: the deterministic ``clamp(sign(x - t), min=0)``, built from float ops only, because TensorRT 8.2
-    fails on BOOL tensors (what ``(x > 0).float()`` exports to). With ``dither`` off, ``t = 0``; with it on, ``t``
-    is a fixed ordered-dither pattern (:func:`dither_thresholds`, a constant in the exported graph).
+    Inference: the deterministic bit ``x > t``, what ``clamp(sign(x - t), min=0)`` gives, computed with
+    :func:`~.layers.step` (Clip, Ceil and Abs: bit for bit the same), because TensorRT 8.0, JetPack 4.6's, has no
+    ONNX Sign, and TensorRT 8.2 fails on BOOL tensors (what ``(x > 0).float()`` exports to). With ``dither`` off,
+    ``t = 0``; with it on, ``t`` is a fixed ordered-dither pattern (:func:`dither_thresholds`, a constant in the
+    exported graph).
 
     Why dither: a convolutional encoder is translation-equivariant, so with ``t = 0`` every 4x4 block of a flat
     area gets the same 8 bits, and a flat area can take only 2^8 colours: smooth skies, skin and bokeh come back
@@ -57,7 +59,7 @@ class Binarizer(nn.Module):
         self._thresholds = {}  # (shape, device, dtype) -> tensor: built and uploaded once, not once per frame
 
     def deterministic(self, x):
-        """The deployed bits: ``clamp(sign(x - t), 0)``."""
+        """The deployed bits: 1.0 where ``x > t``, else 0.0 (``clamp(sign(x - t), 0)``, bit for bit)."""
         if self.dither:
             # int(): the shapes are static (one engine per input size), so the pattern is a constant, not graph ops.
             shape = tuple(int(n) for n in x.shape[1:])
@@ -65,7 +67,7 @@ class Binarizer(nn.Module):
             if key not in self._thresholds:
                 self._thresholds[key] = torch.from_numpy(dither_thresholds(*shape)).to(device=x.device, dtype=x.dtype)
             x = x - self._thresholds[key]
-        return torch.clamp(torch.sign(x), min=0)
+        return step(x)
 
     def forward(self, x):
         if not self.training:
