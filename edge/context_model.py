@@ -56,7 +56,7 @@ NUM_CLASSES = 2 * (MAX_K + 1)  # class = 2 * k + lps
 # bits per symbol with Q = (1 - p) ** (2 ** k), rounded up (tests/test_context_model.py derives them again).
 RICE_THRESHOLDS = (25033, 14015, 7429, 3826, 1942, 979, 491, 246, 124, 62, 31, 16, 8, 4, 2)
 SUBGRIDS = ((0, 0), (1, 1), (0, 1), (1, 0))  # coding order of the 2x2 sub-grids within a channel
-CROSS_CHANNELS = 4  # previous channels whose bit at the same position is part of the context
+CROSS_CHANNELS = 4  # previous channels whose bit at the same position is part of the context (zeros before the first)
 _N, _S, _W, _E = (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)
 _DIAGONALS = ((0, -1, -1), (0, -1, 1), (0, 1, -1), (0, 1, 1))
 # Same-channel neighbours per sub-grid: each entry a group of taps (dc, dy, dx) whose ones are counted.
@@ -65,15 +65,13 @@ _SPATIAL = {(0, 0): (), (1, 1): (_DIAGONALS,), (0, 1): ((_N, _S), (_W, _E)), (1,
 
 def passes(channels):
     """The coding order: a list of ``(channel, (row parity, column parity), features)``; each feature is a tuple of
-    taps ``(dc, dy, dx)`` whose bits are summed (all of them in earlier passes)."""
-    out = []
-    for c in range(channels):
-        cross = tuple(((-k, 0, 0),) for k in range(1, min(CROSS_CHANNELS, c) + 1))
-        if c > 0:  # the previous channel around the position: -4 % bits at 504 and -5 % at 1008 on held-out photos
-            cross += (tuple((-1,) + tap[1:] for tap in (_N, _S, _W, _E)),)
-        for grid in SUBGRIDS:
-            out.append((c, grid, _SPATIAL[grid] + cross))
-    return out
+    taps ``(dc, dy, dx)`` whose bits are summed (all of them in earlier passes, or in the zero channels before the
+    first: every channel has the same features, so that the edge computes a sub-grid's contexts for all channels at
+    once)."""
+    cross = tuple(((-k, 0, 0),) for k in range(1, CROSS_CHANNELS + 1))
+    # the previous channel around the position: -4 % bits at 504 and -5 % at 1008 on held-out photos
+    cross += (tuple((-1,) + tap[1:] for tap in (_N, _S, _W, _E)),)
+    return [(c, grid, _SPATIAL[grid] + cross) for c in range(channels) for grid in SUBGRIDS]
 
 
 def table_sizes(channels):
@@ -116,30 +114,40 @@ def _subphase(height, width, grid):
 
 
 def _padded(bits):
-    """(N, C, H, W) bits -> uint8 (N, C, H + 2, W + 2) with a zero border (neighbours beyond the edge are 0)."""
+    """(N, C, H, W) bits -> uint8 (N, CROSS_CHANNELS + C, H + 2, W + 2): a zero border, and zero channels before the
+    first (neighbours beyond the edges, and channels before the first, read as 0)."""
     n, c, h, w = bits.shape
-    out = np.zeros((n, c, h + 2, w + 2), dtype=np.uint8)
-    out[:, :, 1:h + 1, 1:w + 1] = bits
+    out = np.zeros((n, CROSS_CHANNELS + c, h + 2, w + 2), dtype=np.uint8)
+    out[:, CROSS_CHANNELS:, 1:h + 1, 1:w + 1] = bits
     return out
 
 
-def _tap(padded, c, grid, tap, h, w):
+def _tap(padded, c, grid, tap, h, w, channels=1):
+    """The bits at offset ``tap`` from the positions of sub-grid ``grid`` of ``channels`` channels from ``c``."""
     dc, dy, dx = tap
-    y0, x0 = 1 + grid[0] + dy, 1 + grid[1] + dx
-    return padded[:, c + dc, y0:y0 + 2 * h - 1:2, x0:x0 + 2 * w - 1:2]
+    y0, x0, c0 = 1 + grid[0] + dy, 1 + grid[1] + dx, CROSS_CHANNELS + c + dc
+    return padded[:, c0:c0 + channels, y0:y0 + 2 * h - 1:2, x0:x0 + 2 * w - 1:2]
 
 
-def pass_contexts(padded, index, plan, phases):
-    """Context indices (int32, (N, h, w)) of pass ``index`` of ``plan`` (:func:`passes`), from ``padded``
-    (:func:`_padded` bits; only earlier passes are read). ``phases``: :func:`_subphase` per sub-grid."""
+def pass_contexts(padded, index, plan, phases, channels=1):
+    """Context indices (uint16, (N, channels, h, w)) of pass ``index`` of ``plan`` (:func:`passes`) and of the
+    ``channels - 1`` passes of the same sub-grid in the next channels (the edge's encoder, which has every bit, takes
+    a sub-grid of all channels at once), from ``padded`` (:func:`_padded` bits; only earlier passes are read).
+    ``phases``: :func:`_subphase` per sub-grid."""
     c, grid, features = plan[index]
     height, width = padded.shape[2] - 2, padded.shape[3] - 2
     h, w = _grid_shape(height, width, grid)
-    ctx = np.broadcast_to(phases[grid], (padded.shape[0], h, w)).astype(np.int32)
+    # uint8 counts and uint16 indices (every table has fewer than 2**16 contexts): a quarter of int32's traffic
+    ctx = np.empty((padded.shape[0], channels, h, w), dtype=np.uint16)
+    ctx[...] = phases[grid]
     for taps in features:
-        count = _tap(padded, c, grid, taps[0], h, w).astype(np.int32)
-        for tap in taps[1:]:
-            count += _tap(padded, c, grid, tap, h, w)
+        views = [_tap(padded, c, grid, tap, h, w, channels) for tap in taps]
+        if len(views) == 1:
+            count = views[0]
+        else:
+            count = np.add(views[0], views[1])
+            for view in views[2:]:
+                count += view
         ctx *= len(taps) + 1
         ctx += count
     return ctx
@@ -147,7 +155,7 @@ def pass_contexts(padded, index, plan, phases):
 
 def all_contexts(bits):
     """For fitting and training: ``[(context indices, bits)]`` per pass of ``bits`` (N, C, H, W) in {0, 1}, each
-    a flat int32 and a flat uint8 array in coding order."""
+    a flat uint16 and a flat uint8 array in coding order."""
     bits = np.asarray(bits, dtype=np.uint8)
     n, channels, height, width = bits.shape
     plan = passes(channels)
@@ -168,6 +176,8 @@ class ContextModel(object):
     def __init__(self, channels, tables, info=None):
         self.channels = int(channels)
         sizes = table_sizes(self.channels)
+        if max(sizes) > 1 << 16:  # contexts are uint16 (pass_contexts)
+            raise ConfigError("entropy tables of %d contexts: more than 2**16" % max(sizes))
         if len(tables) != len(sizes):
             raise ConfigError("entropy tables: %d tables for %d channels (expected %d)" % (
                 len(tables), self.channels, len(sizes)))
@@ -181,6 +191,11 @@ class ContextModel(object):
                 raise ConfigError("entropy table %d holds probabilities outside 1..65535" % i)
             self.tables.append(table.astype(np.uint16))
         self.classes = [rice_class(t) for t in self.tables]
+        # Per sub-grid, the classes of all channels end to end, and each channel's offset there (the encoder's).
+        self._grid_classes, self._offsets = {}, {}
+        for i, grid in enumerate(SUBGRIDS):
+            self._grid_classes[grid] = np.concatenate(self.classes[i::len(SUBGRIDS)])
+            self._offsets[grid] = (np.arange(self.channels, dtype=np.uint32) * sizes[i])[None, :, None, None]
         self.info = dict(info or {})
         self.sha256 = hashlib.sha256(json.dumps(self._identity(), sort_keys=True, separators=(",", ":"))
                                      .encode("ascii")).hexdigest()
@@ -267,12 +282,20 @@ class ContextModel(object):
         plan = passes(self.channels)
         padded = _padded(bits)
         phases = dict((g, _subphase(bits.shape[2], bits.shape[3], g)) for g in SUBGRIDS)
+        # Contexts and classes of each sub-grid for all channels at once (4 passes of numpy calls, not 4 C): every
+        # channel has the same features, and this side has every bit.
+        classes = {}
+        for i, grid in enumerate(SUBGRIDS):
+            ctx = pass_contexts(padded, i, plan, phases, self.channels)
+            ctx = ctx.astype(np.uint32)
+            ctx += self._offsets[grid]
+            classes[grid] = self._grid_classes[grid][ctx]
         used = np.zeros(NUM_CLASSES, dtype=np.int64)
         lps_cls, lps_pos = [], []
-        # Pass by pass, as the decoder goes: numpy is several times faster per element on arrays of one pass
-        # (a few thousand) than on the whole frame's, which leave the CPU's caches.
-        for i, (c, grid, _) in enumerate(plan):
-            cls = self.classes[i][pass_contexts(padded, i, plan, phases).ravel()]
+        # Ranks pass by pass, in coding order: numpy is several times faster per element on arrays of one pass (a
+        # few thousand) than on the whole frame's, which leave the CPU's caches.
+        for c, grid, _ in plan:
+            cls = classes[grid][:, c].ravel()
             rank = _ranks(cls, used)
             hit = np.flatnonzero(bits[:, c, grid[0]::2, grid[1]::2].ravel() == (cls & 1))
             lps_cls.append(cls[hit])
@@ -287,16 +310,16 @@ class ContextModel(object):
         total = n * channels * height * width
         stream = _ClassStream(payload, total)
         plan = passes(channels)
-        padded = np.zeros((n, channels, height + 2, width + 2), dtype=np.uint8)
+        padded = np.zeros((n, CROSS_CHANNELS + channels, height + 2, width + 2), dtype=np.uint8)
         phases = dict((g, _subphase(height, width, g)) for g in SUBGRIDS)
         for i, (c, grid, _) in enumerate(plan):
             ctx = pass_contexts(padded, i, plan, phases)
             values = stream.take(self.classes[i][ctx.ravel()])
-            h, w = ctx.shape[1:]
-            padded[:, c, 1 + grid[0]:1 + grid[0] + 2 * h - 1:2, 1 + grid[1]:1 + grid[1] + 2 * w - 1:2] = \
-                values.reshape(ctx.shape)
+            h, w = ctx.shape[2:]
+            padded[:, CROSS_CHANNELS + c, 1 + grid[0]:1 + grid[0] + 2 * h - 1:2,
+                   1 + grid[1]:1 + grid[1] + 2 * w - 1:2] = values.reshape(ctx.shape[0], h, w)
         stream.finish()
-        return np.ascontiguousarray(padded[:, :, 1:height + 1, 1:width + 1])
+        return np.ascontiguousarray(padded[:, CROSS_CHANNELS:, 1:height + 1, 1:width + 1])
 
 
 # --- the class coder ------------------------------------------------------------------------------------------------
