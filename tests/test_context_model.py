@@ -442,3 +442,17 @@ def test_train_with_a_rate_term(tmp_path, photos_dir):
     assert main(["train", "--data", photos_dir, "--out", str(ckpt), "--lmbda", "-1"]) == 2
     assert main(["train", "--data", photos_dir, "--out", str(ckpt), "--steps", "1", "--model", "cae",
                  "--lmbda", "0.5"]) == 2  # not binary latents: refused with the reason
+
+
+def test_an_engine_built_into_another_folder_finds_the_tables_beside_its_onnx(tmp_path, tiny_context_profile):
+    from latentlink.edge.backends.base import ModelInfo, read_model_info
+    from latentlink.edge.profile import load_profile
+
+    onnx = load_profile(tiny_context_profile).model.encoder
+    beside = read_model_info(onnx)
+    sidecar = dict(beside.data, format="latentlink-engine", onnx=os.path.abspath(onnx))
+    engine_info = ModelInfo(sidecar, str(tmp_path / "encoder.fp16.engine.json"))
+    assert engine_info.context_model().sha256 == beside.context_model().sha256
+    assert engine_info.identity("context") == beside.identity("context")
+    with pytest.raises(ConfigError, match="latentlink export entropy"):
+        ModelInfo(dict(beside.data), str(tmp_path / "model.json")).context_model()

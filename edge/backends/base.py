@@ -59,7 +59,12 @@ class ModelInfo(object):
         if self._context_model is None:
             from ..context_model import FILENAME, ContextModel
 
-            path = os.path.join(os.path.dirname(self.path), FILENAME)
+            # beside this metadata; for a TensorRT engine built into another folder, beside the ONNX it came from
+            folders = [os.path.dirname(self.path)]
+            if isinstance(self.data.get("onnx"), str):
+                folders.append(os.path.dirname(self.data["onnx"]))
+            path = next((os.path.join(f, FILENAME) for f in folders if os.path.isfile(os.path.join(f, FILENAME))),
+                        os.path.join(folders[0], FILENAME))
             if not os.path.isfile(path):
                 raise ConfigError("--entropy context needs the model's probability tables, {} (none there): fit "
                                   "them with `latentlink export entropy --checkpoint CKPT --photos DIR --out {}`"
