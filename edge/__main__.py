@@ -62,8 +62,9 @@ def get_args_parser():
                              "receivers expect: no handshake or acknowledgements, frames counted as sent)")
     parser.add_argument("--entropy", choices=CODERS, default=None,
                         help="lossless coding of the packed latents before sending, on the CPU: zlib (always "
-                             "there), lz4 (pip install lz4), zstd (pip install zstandard); default: the profile's "
-                             "transport.entropy (none unless it says)")
+                             "there), lz4 (pip install lz4), zstd (pip install zstandard), context (binary latents "
+                             "coded with the model's probability tables, entropy.json beside it: the smallest; "
+                             "numpy only); default: the profile's transport.entropy (none unless it says)")
     parser.add_argument("--drop", choices=DROP_POLICIES, default=None,
                         help="when the send queue is full drop the oldest frame (live view), the newest, or block "
                              "(never drop); default from the profile")

@@ -2,7 +2,8 @@
 per frame.
 
 ``serialize`` is packing and framing; ``entropy`` the optional lossless coding of the packed payload (timed apart:
-it runs on the Nano's CPU). All but ``send`` run in the calling thread; ``send`` runs in the :class:`Sender`'s
+it runs on the Nano's CPU), or with ``--entropy context`` the coding of the latents themselves with the model's
+tables (edge/context_model.py), which replaces packing. All but ``send`` run in the calling thread; ``send`` runs in the :class:`Sender`'s
 thread, so a slow network or host costs queue space (and, by policy, dropped frames), not capture time.
 
 Every frame processed keeps its stage timings, whatever became of it: the report of an edge whose host never
@@ -120,7 +121,8 @@ class EdgeStream(object):
         self.stats = FrameStats(edge_stages(entropy), profile.budget_ms)
         self.settled = collections.deque()  # timers of frames the sender settled, not yet counted (its threads)
         info = encoder.info
-        hello = {"model_id": info.model_id, "shape": [int(d) for d in info.latent_shape],
+        self.context_model = info.context_model() if entropy == "context" else None  # ConfigError now if it has none
+        hello = {"model_id": info.identity(entropy), "shape": [int(d) for d in info.latent_shape],
                  "dtype": info.latent_dtype, "packing": packing, "entropy": entropy,
                  "tiles": [int(n) for n in info.tiles]}
         self.sender = Sender(address, stream, hello=hello, queue_size=queue_size or transport.queue_size,
@@ -158,11 +160,15 @@ class EdgeStream(object):
         """Pack and send latents of the encoder's shape (as its ``infer`` returns them); see :meth:`send_image`."""
         timer = timer or FrameTimer(self.captured)
         timer.extra["t_capture"] = t_capture
-        with timer.stage("serialize"):
-            payload = pack_latents(latents, self.packing)
-        if self.entropy != "none":
+        if self.context_model is not None:  # codes the latents themselves: nothing to pack first
             with timer.stage("entropy"):
-                payload = compress(payload, self.entropy)
+                payload = self.context_model.encode(latents)
+        else:
+            with timer.stage("serialize"):
+                payload = pack_latents(latents, self.packing)
+            if self.entropy != "none":
+                with timer.stage("entropy"):
+                    payload = compress(payload, self.entropy)
         with timer.stage("serialize"):
             if self.raw:
                 data = raw_pickle_message(payload)

@@ -26,11 +26,15 @@ from .losses import LOSSES, bit_usage_penalty, get_loss
 from .models import MODELS, build_model, copy_matching_weights, load_checkpoint, save_checkpoint
 
 
+RATE_LR = 1e-2  # Adam learning rate of --lmbda's rate model (its logits), constant
+
+
 def get_args_parser(parser=None):
     parser = parser or ArgumentParser(prog="latentlink train")
     parser.description = "Train a model of the zoo on folders of photos."
     parser.epilog = ("example: latentlink train --data data/train data/extra --out runs/lossy-cae.pt --steps 20000\n"
                      "resume:  latentlink train --data data/train --out runs/lossy-cae.pt --resume runs/lossy-cae.pt\n"
+                     "rate:    latentlink train --data data/train --out runs/rd.pt --init-from runs/lossy-cae.pt --lmbda 0.05\n"
                      "grow:    latentlink train --data data/train --out runs/big.pt --init-from runs/lossy-cae.pt \\\n"
                      "             --hparam decoder_blocks=3 --freeze-encoder\n"
                      "zoo:     latentlink train --model crae --data data/train --out runs/crae.pt --crop 128\n"
@@ -61,6 +65,10 @@ def get_args_parser(parser=None):
     parser.add_argument("--bit-usage", type=Number(float, low=0, note="0: off"), default=0.0,
                         help="weight of the bit-usage penalty on binary latents (balanced, uncorrelated bits; "
                              "see losses.bit_usage_penalty); 0: off")
+    parser.add_argument("--lmbda", type=Number(float, low=0, note="0: off"), default=0.0, metavar="L",
+                        help="rate-distortion training of binary latents: loss = distortion + L * estimated bits per "
+                             "pixel under --entropy context's model (export/rate.py), learning its tables alongside; "
+                             "0: off. Fit the deployed tables afterwards with `latentlink export entropy`")
     parser.add_argument("--lr", type=positive_float, default=5e-4, help="peak Adam learning rate, cosine-decayed")
     parser.add_argument("--clip-grad", type=Number(float, low=0, note="0: off"), default=1.0,
                         help="clip the gradient norm to this (0: off); without it a run here diverged at step 3100")
@@ -111,6 +119,8 @@ def check_args(args):
         raise ConfigError("--resume continues a checkpoint as it is; --model, --latent-channels, --hparam and "
                           "--init-from build a new model (use --init-from CKPT with them to change the "
                           "architecture)")
+    if args.freeze_encoder and args.lmbda:
+        raise ConfigError("--freeze-encoder keeps the encoder's bits as they are: --lmbda has nothing to shape")
     if args.freeze_encoder and (args.stochastic_fraction or args.bit_usage):
         raise ConfigError("--freeze-encoder keeps the encoder's bits as they are: it needs --stochastic-fraction 0 "
                           "(random bits would train the decoder on bits it never gets) and no --bit-usage "
@@ -256,6 +266,9 @@ def train(args):
     if args.bit_usage and model.packing != "bits":
         raise ConfigError(f"--bit-usage shapes binary latents; model {model.name!r} sends {model.packing} latents "
                           f"(use it with lossy-cae)")
+    if args.lmbda and model.packing != "bits":
+        raise ConfigError(f"--lmbda estimates the rate of binary latents; model {model.name!r} sends {model.packing} "
+                          f"latents (use it with lossy-cae)")
     if args.crop % model.downscale:
         raise ConfigError(f"--crop {args.crop} is not a multiple of {model.downscale}, model {model.name}'s downscale")
     model.train()
@@ -267,6 +280,14 @@ def train(args):
     trained = [p for part in (model.encoder, model.decoder) for p in part.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=args.lr)
     scheduler = lr_scheduler(optimizer, args.lr, args.steps)
+    rate_model = rate_optimizer = None
+    if args.lmbda:
+        from .rate import RateModel
+
+        # Its own optimizer at a fixed, larger rate: the logits must reach +-5 or so within a few hundred steps,
+        # whatever the autoencoder's schedule does.
+        rate_model = RateModel(model.hparams["latent_channels"]).to(device)
+        rate_optimizer = torch.optim.Adam(rate_model.parameters(), lr=RATE_LR)
     if adversarial:  # betas as Zhu et al.'s Cycle-GAN: a short momentum keeps the two games from oscillating
         critic_optimizer = torch.optim.Adam(model.discriminators.parameters(), lr=args.lr, betas=(0.5, 0.999))
     best, started = -1.0, time.time()
@@ -280,6 +301,11 @@ def train(args):
         loss = model.generator_loss(x, out, loss_fn) if adversarial else loss_fn(x_hat, x)
         if args.bit_usage:
             loss = loss + args.bit_usage * bit_usage_penalty(out["latents"])
+        bpp = None
+        if rate_model is not None:  # estimated coded bits per pixel of each crop, averaged
+            bpp = rate_model(out["latents"]).mean() / (x.shape[2] * x.shape[3])
+            loss = loss + args.lmbda * bpp
+            rate_optimizer.zero_grad(set_to_none=True)
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             tqdm.write(f"step {step}: loss is {loss.item()}; skipping this batch")
@@ -290,18 +316,21 @@ def train(args):
             torch.nn.utils.clip_grad_norm_(trained, args.clip_grad)
         optimizer.step()
         scheduler.step()
+        if rate_optimizer is not None:
+            rate_optimizer.step()
         if adversarial:
             critic_optimizer.zero_grad(set_to_none=True)  # also drops what the generators' loss left on the critics
             model.discriminator_loss(x, out).backward()
             critic_optimizer.step()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(torch.mean((x_hat - x) ** 2).item()):.2f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(torch.mean((x_hat - x) ** 2).item()):.2f}",
+                            **({} if bpp is None else {"bpp": f"{bpp.item():.3f}"}))
         if step % args.val_every == 0 or step == args.steps:
             val_psnr = evaluate(model, val_images, device, tiles) if val_images else float("nan")
             facts = dict(history=history, step=step, loss=args.loss, val_psnr_db=round(val_psnr, 3),
                          train_photos=[p.name for p in train_paths], val_photos=[p.name for p in val_paths],
                          scales=list(scales), crop=args.crop, tiles=list(tiles), batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         stochastic_fraction=args.stochastic_fraction, bit_usage=args.bit_usage,
+                         stochastic_fraction=args.stochastic_fraction, bit_usage=args.bit_usage, lmbda=args.lmbda,
                          init_from=args.init_from, freeze_encoder=args.freeze_encoder, clip_grad=args.clip_grad,
                          minutes=round((time.time() - started) / 60, 1))
             # --out always holds the latest weights (the end of the schedule is what ships); the best by
