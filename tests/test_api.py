@@ -304,7 +304,8 @@ def test_a_sender_with_another_model_is_refused_and_says_why(tiny_profile):
     summary = sender.summary
     assert summary["refused"]["reason"] in ("model_mismatch", "shape_mismatch"), summary["refused"]
     assert_accounted(summary)
-    assert summary["outcomes"]["refused"] == summary["captured"] >= 2
+    # >= 1: the refusal may arrive before the loop's first frame (then only the last send_image is captured)
+    assert summary["outcomes"]["refused"] == summary["captured"] >= 1
 
 
 def test_on_frame_may_close_the_receiver(tiny_profile):
