@@ -46,12 +46,14 @@ RESEND_S = 1.0  # an MJPEG viewer gets the latest frame again after this long wi
 
 class _Stream(object):
     """One stream's latest frame (``image``, BGR, not yet encoded), its JPEG once a viewer asked, and its recent
-    records."""
+    records. ``version`` counts the frames written: a frame is new by its version, not its seq, which starts again at
+    0 when the stream's edge restarts."""
 
     def __init__(self):
         self.seq = -1
+        self.version = 0
         self.image = None
-        self.jpeg, self.jpeg_seq = None, None
+        self.jpeg, self.jpeg_version = None, None
         self.latency_ms = None
         self.records = collections.deque(maxlen=RECENT)
 
@@ -102,6 +104,7 @@ class LiveView(Output):
             while len(self._streams) > self.max_streams:  # the least recently active stream leaves the page
                 self._streams.popitem(last=False)
             stream.seq, stream.image, stream.latency_ms = frame.seq, image, frame.latency_ms
+            stream.version += 1
             self._changed.notify_all()
 
     def add_record(self, record):
@@ -123,8 +126,9 @@ class LiveView(Output):
 
     # What the handler serves.
     def status(self):
-        """The page's data: ``streams`` (a list by name: name, seq, width, height, latency_ms, stages {stage: {"last",
-        "mean"}} in ms, and the host's counts of it) and ``host`` (the host's totals)."""
+        """The page's data: ``streams`` (a list by name: name, seq, version (frames written, see :class:`_Stream`),
+        width, height, latency_ms, stages {stage: {"last", "mean"}} in ms, and the host's counts of it) and ``host``
+        (the host's totals)."""
         snapshot = self.snapshot() if self.snapshot is not None else {"streams": {}}
         with self._changed:
             streams = []
@@ -135,7 +139,7 @@ class LiveView(Output):
                     if values:
                         stages[stage] = {"last": values[-1], "mean": round(sum(values) / len(values), 3)}
                 latencies = [r["latency_ms"] for r in stream.records if r.get("latency_ms") is not None]
-                entry = {"name": name, "seq": stream.seq, "width": stream.image.shape[1],
+                entry = {"name": name, "seq": stream.seq, "version": stream.version, "width": stream.image.shape[1],
                          "height": stream.image.shape[0], "latency_ms": stream.latency_ms,
                          "latency_mean_ms": round(sum(latencies) / len(latencies), 3) if latencies else None,
                          "stages": stages}
@@ -146,8 +150,9 @@ class LiveView(Output):
         return {"title": self.title, "streams": streams, "host": host}
 
     def jpeg(self, name, after=None, timeout=None):
-        """``(seq, JPEG bytes)`` of stream ``name``'s latest frame, or None if it has none. With ``after``: wait
-        (up to ``timeout`` s) for a frame newer than seq ``after``; None if none came or the view closed."""
+        """``(version, JPEG bytes)`` of stream ``name``'s latest frame (``version``: which of its frames, counted
+        from 1), or None if it has none. With ``after``: wait (up to ``timeout`` s) for a frame after version
+        ``after``; None if none came or the view closed."""
         with self._changed:
             if after is not None:
                 self._changed.wait_for(lambda: self._closed or self._newer(name, after), timeout)
@@ -156,21 +161,21 @@ class LiveView(Output):
             stream = self._streams.get(name)
             if stream is None:
                 return None
-            if stream.jpeg_seq == stream.seq:  # encoded once per frame, however many viewers
-                return stream.seq, stream.jpeg
-            seq, image = stream.seq, stream.image
+            if stream.jpeg_version == stream.version:  # encoded once per frame, however many viewers
+                return stream.version, stream.jpeg
+            version, image = stream.version, stream.image
         # Encoded outside the lock: the host's writes of other frames do not wait for it.
         ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             return None
         with self._changed:
-            if stream.seq == seq:
-                stream.jpeg, stream.jpeg_seq = data.tobytes(), seq
-        return seq, data.tobytes()
+            if stream.version == version:
+                stream.jpeg, stream.jpeg_version = data.tobytes(), version
+        return version, data.tobytes()
 
-    def _newer(self, name, seq):
+    def _newer(self, name, version):
         stream = self._streams.get(name)
-        return stream is not None and stream.seq != seq
+        return stream is not None and stream.version != version
 
     def closed(self):
         return self._closed
@@ -233,16 +238,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             # Each part is followed at once by the next boundary: browsers show a part only once they see its end.
             self.wfile.write("--{}\r\n".format(BOUNDARY).encode("ascii"))
-            seq = None
+            version = None
             while not self.view.closed():
-                latest = self.view.jpeg(name, after=seq, timeout=RESEND_S)
+                latest = self.view.jpeg(name, after=version, timeout=RESEND_S)
                 if latest is None:
                     # No new frame: the latest again. Browsers keep painting, and a viewer that left is found
                     # (the write fails) and its slot freed, even while the stream is silent.
                     latest = self.view.jpeg(name)
                     if latest is None:  # the view closed, or the stream left it (max_streams)
                         break
-                seq, data = latest
+                version, data = latest
                 self.wfile.write("Content-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n".format(len(data))
                                  .encode("ascii") + data + "\r\n--{}\r\n".format(BOUNDARY).encode("ascii"))
                 self.wfile.flush()
@@ -277,7 +282,7 @@ function card(s) {
   let c = cards[s.name];
   if (c) return c;
   c = {root: document.createElement("div"), img: document.createElement("img"),
-       title: document.createElement("h2"), table: document.createElement("table"), seq: -1};
+       title: document.createElement("h2"), table: document.createElement("table"), version: 0};
   c.root.className = "stream";
   c.root.dataset.stream = s.name;
   c.img.alt = s.name;
@@ -302,8 +307,8 @@ async function update() {
     for (const s of status.streams) {
       const c = card(s);
       c.title.textContent = s.name + " (frame " + s.seq + ", " + s.width + "x" + s.height + ")";
-      if (STILL && c.seq !== s.seq) c.img.src = c.still + "?seq=" + s.seq;
-      c.seq = s.seq;
+      if (STILL && c.version !== s.version) c.img.src = c.still + "?v=" + s.version;  // seq restarts with the edge
+      c.version = s.version;
       c.table.replaceChildren();
       row(c.table, ["ms", "last", "mean of last 30"], "th");
       for (const st of STAGES) if (s.stages[st]) row(c.table, [st, ms(s.stages[st].last), ms(s.stages[st].mean)]);

@@ -1,0 +1,55 @@
+"""Hostile and careless use of the outputs, the live view, the metrics and the Python API (found by review; each
+test failed before its fix)."""
+
+import json
+import socket
+import urllib.request
+
+import cv2
+import numpy as np
+
+from latentlink.host.outputs import DecodedFrame
+from latentlink.host.view import LiveView
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+def mean_of_jpeg(data):
+    return float(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).mean())
+
+
+def read_part(sock_file):
+    """The next JPEG of an MJPEG response (after its headers and boundary)."""
+    length = None
+    while True:
+        line = sock_file.readline()
+        assert line, "the MJPEG response ended"
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+        elif line == b"\r\n" and length is not None:
+            return sock_file.read(length)
+
+
+def test_the_view_shows_a_restarted_stream_whose_frames_repeat_a_seq():
+    # An edge that restarts numbers its frames from 0 again (e.g. one snapshot per run, always seq 0): each new
+    # frame must reach the page, the still JPEG and MJPEG viewers, not the first frame of that seq for ever.
+    black, white = np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)
+    view = LiveView("127.0.0.1", 0)
+    view.open()
+    try:
+        view.write(DecodedFrame("cam0", 0, black))
+        assert mean_of_jpeg(get(view.uri + "stream/cam0.jpg")) < 10
+        with socket.create_connection(view.address, timeout=10) as sock:
+            sock.sendall(b"GET /stream/cam0.mjpg HTTP/1.0\r\n\r\n")
+            stream = sock.makefile("rb")
+            assert mean_of_jpeg(read_part(stream)) < 10
+            view.write(DecodedFrame("cam0", 0, white))  # the edge restarted: seq 0 again
+            assert mean_of_jpeg(read_part(stream)) > 245
+        assert mean_of_jpeg(get(view.uri + "stream/cam0.jpg")) > 245
+        status = json.loads(get(view.uri + "status.json"))["streams"]
+        assert [(s["seq"], s["version"]) for s in status] == [(0, 2)]  # the page refreshes on the version
+    finally:
+        view.close()
