@@ -22,6 +22,7 @@ The live view over HTTP (``--view``, :mod:`latentlink.host.view`) is an output t
 import dataclasses
 import logging
 import os
+import shutil
 import stat
 import threading
 import urllib.parse
@@ -34,6 +35,7 @@ from latentlink.edge.cli import check_output_dir
 from latentlink.edge.errors import ConfigError, LatentlinkError
 
 log = logging.getLogger("latentlink.host")
+INDEX_RESERVE_BYTES = 1 << 20  # free disk kept for the videos' indexes (VideoOutput): 1 MiB + 32 bytes a frame
 
 
 class OutputError(LatentlinkError):
@@ -106,6 +108,11 @@ class VideoOutput(Output):
 
     At most ``max_videos`` streams get a video (each open writer holds encoder buffers); frames of further streams
     fail with a log line that says so.
+
+    OpenCV's writer says nothing when the disk is full: it drops the frame, and the video, whose index is written at
+    the end, is left unplayable. So a frame is refused (:class:`OutputError`) while the videos' file system has less
+    free than the frame raw plus :data:`INDEX_RESERVE_BYTES` plus 32 bytes per frame written (the indexes), which
+    keeps room to finish every video.
     """
 
     def __init__(self, path, fps, uri=None, max_videos=64):
@@ -114,6 +121,7 @@ class VideoOutput(Output):
         self._writers = {}  # stream -> (cv2.VideoWriter, (width, height), path)
         self._lock = threading.Lock()  # guards the dict; one stream's frames never come two at once (Output)
         self._closed = False
+        self._written = 0  # frames in all videos: their indexes need room at close
 
     def video_path(self, stream):
         """The video of ``stream``: ``NAME-<stream>.mp4`` (stream names are single path components)."""
@@ -125,6 +133,7 @@ class VideoOutput(Output):
 
     def write(self, frame):
         height, width = frame.image.shape[:2]
+        self._check_room(frame)  # before a video starts too: no empty, unplayable file
         with self._lock:
             if self._closed:
                 raise OutputError("{}: the video output is closed (the host is stopping)".format(self.uri))
@@ -142,6 +151,19 @@ class VideoOutput(Output):
             writer.write(frame.image)
         except cv2.error as exc:
             raise OutputError("cannot write frame {} to {}: {}".format(frame.seq, path, exc))
+        with self._lock:
+            self._written += 1
+
+    def _check_room(self, frame):
+        path = self.video_path(frame.stream)
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        except OSError as exc:
+            raise OutputError("cannot write frame {} to {}: {}".format(frame.seq, path, exc))
+        needed = frame.image.nbytes + INDEX_RESERVE_BYTES + 32 * self._written
+        if free < needed:
+            raise OutputError("cannot write frame {} to {}: its disk has {} bytes free, under the {} this frame and "
+                              "finishing the videos need; free some space".format(frame.seq, path, free, needed))
 
     def _start(self, stream, size):
         path = self.video_path(stream)

@@ -53,3 +53,35 @@ def test_the_view_shows_a_restarted_stream_whose_frames_repeat_a_seq():
         assert [(s["seq"], s["version"]) for s in status] == [(0, 2)]  # the page refreshes on the version
     finally:
         view.close()
+
+
+def test_a_full_disk_fails_video_frames_and_leaves_the_videos_playable(tmp_path, monkeypatch):
+    # OpenCV's VideoWriter drops frames silently on a full disk, and the MP4 loses its index (unplayable): the
+    # frames must fail instead (OutputError: counted failed), while room is left to finish the videos. Measured on
+    # a 3 MB tmpfs: 121 frames written, the rest refused, the video playable; here the free space is faked.
+    import collections
+    import shutil
+
+    from latentlink.host.outputs import OutputError, VideoOutput
+
+    video = VideoOutput(str(tmp_path / "out.mp4"), 10)
+    video.open()
+    image = np.full((32, 32, 3), 128, np.uint8)
+    for seq in range(3):
+        video.write(DecodedFrame("cam0", seq, image))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 1000))
+    for stream in ("cam0", "cam1"):
+        try:
+            video.write(DecodedFrame(stream, 3, image))
+        except OutputError as exc:
+            assert "1000 bytes free" in str(exc) and "free some space" in str(exc)
+        else:
+            raise AssertionError("a frame was taken with 1000 bytes free")
+    video.close()
+    assert not (tmp_path / "out-cam1.mp4").exists()  # no empty, unplayable video started
+    capture = cv2.VideoCapture(str(tmp_path / "out-cam0.mp4"))
+    frames = 0
+    while capture.read()[0]:
+        frames += 1
+    assert frames == 3
