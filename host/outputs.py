@@ -213,8 +213,11 @@ def parse_output(uri, option="--out"):
     missing."""
     text = uri.strip()
     scheme, sep, rest = text.partition("://")
-    if not sep:  # a plain path: a folder, or NAME.mp4
+    if not sep:  # a plain path: a folder, or NAME.mp4 (with ?fps=N as file:// takes it)
         scheme, rest, query = "file", text, ""
+        before, mark, after = text.partition("?")
+        if mark and os.path.splitext(before)[1].lower() in (".mp4",) + VIDEO_EXTENSIONS:
+            rest, query = before, after  # not a folder named "cam.mp4?fps=15"
     else:
         scheme = scheme.lower()
         rest, _, query = rest.partition("?")

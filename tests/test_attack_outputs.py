@@ -85,3 +85,21 @@ def test_a_full_disk_fails_video_frames_and_leaves_the_videos_playable(tmp_path,
     while capture.read()[0]:
         frames += 1
     assert frames == 3
+
+
+def test_a_plain_video_path_takes_its_fps_as_file_uris_do(tmp_path):
+    # The README says a plain runs/cam.mp4 means file://runs/cam.mp4; with ?fps=15 it made a PNG folder named
+    # "cam.mp4?fps=15".
+    from latentlink.edge.errors import ConfigError
+    from latentlink.host.outputs import parse_output
+
+    spec = parse_output("{}/cam.mp4?fps=15".format(tmp_path))
+    assert (spec.kind, spec.path, spec.fps) == ("video", "{}/cam.mp4".format(tmp_path), 15.0)
+    for uri, message in (("{}/cam.mp4?fsp=15", "unknown option 'fsp'"), ("{}/cam.avi?fps=15", "only .mp4")):
+        try:
+            parse_output(uri.format(tmp_path))
+        except ConfigError as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError(uri)
+    assert parse_output("{}/what?".format(tmp_path)).kind == "folder"  # other names stay folders, as before
