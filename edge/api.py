@@ -113,9 +113,10 @@ class Sender(object):
         reliable delivery it waits while the queue is full: a slow host slows the caller's loop.
         """
         self._check_open()
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ConfigError("send_image takes an HxWx3 uint8 BGR image (as cv2.imread gives), not {}; convert "
-                              "grey images with cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)".format(_describe(image)))
+        fix = _image_fix(image)
+        if fix:
+            raise ConfigError("send_image takes an HxWx3 uint8 BGR image (as cv2.imread gives), not {}: {}".format(
+                _describe(image), fix))
         return self._stream.send_image(image, time.time() if t_capture is None else t_capture)
 
     def send_latents(self, latents, t_capture=None):
@@ -179,7 +180,31 @@ class Sender(object):
                                                              self.profile.name)
 
 
+def _image_fix(image):
+    """What to do to make ``image`` an HxWx3 uint8 BGR image that send_image takes; None if it is one."""
+    if image is None:
+        return ("cv2.imread gives None for a file it cannot read, and VideoCapture.read (False, None) once the "
+                "source has no frame: check those first")
+    if not isinstance(image, np.ndarray):
+        return "give a numpy array (np.asarray(image, np.uint8))"
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        return "convert a grey image with cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)"
+    if image.ndim == 3 and image.shape[2] == 4:
+        return "drop the alpha channel with cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)"
+    if image.ndim != 3 or image.shape[2] != 3:
+        return "give height x width x 3 channels (BGR)"
+    if image.dtype.kind == "f":
+        return "scale it to 0-255 and convert: (image * 255).clip(0, 255).astype(np.uint8) for values in 0-1"
+    if image.dtype != np.uint8:
+        return "convert it to 8 bits per channel (0-255), e.g. (image >> 8).astype(np.uint8) for 16 bits"
+    if image.size == 0:
+        return "it is empty (0 pixels): check that the capture gave a frame"
+    return None
+
+
 def _describe(value):
+    if value is None:
+        return "None"
     if isinstance(value, np.ndarray):
         return "an array of shape {} and dtype {}".format(list(value.shape), value.dtype)
     return "a {}".format(type(value).__name__)

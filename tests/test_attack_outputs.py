@@ -103,3 +103,26 @@ def test_a_plain_video_path_takes_its_fps_as_file_uris_do(tmp_path):
         else:
             raise AssertionError(uri)
     assert parse_output("{}/what?".format(tmp_path)).kind == "folder"  # other names stay folders, as before
+
+
+def test_send_image_names_the_fix_for_each_wrong_image(tiny_profile):
+    # An empty image (a camera that gave no frame) went on to a cv2.error deep in preprocessing, and every other
+    # wrong image was told to convert from grey.
+    from latentlink.edge.errors import ConfigError
+    from latentlink.edge.api import Sender
+
+    wrong = {"None": (None, "VideoCapture.read"), "grey": (np.zeros((4, 4), np.uint8), "COLOR_GRAY2BGR"),
+             "BGRA": (np.zeros((4, 4, 4), np.uint8), "COLOR_BGRA2BGR"),
+             "float": (np.zeros((4, 4, 3), np.float32), "(image * 255).clip(0, 255).astype(np.uint8)"),
+             "16 bits": (np.zeros((4, 4, 3), np.uint16), "8 bits per channel"),
+             "empty": (np.zeros((0, 0, 3), np.uint8), "it is empty"),
+             "a list": ([[[0, 0, 0]]], "np.asarray")}
+    with Sender("127.0.0.1:9", name="bad", profile=tiny_profile, wait_for_host_s=0.5) as sender:
+        for what, (image, fix) in wrong.items():
+            try:
+                sender.send_image(image)
+            except ConfigError as exc:
+                assert fix in str(exc), (what, str(exc))
+            else:
+                raise AssertionError("send_image took " + what)
+    assert sender.summary["captured"] == 0
