@@ -126,3 +126,19 @@ def test_send_image_names_the_fix_for_each_wrong_image(tiny_profile):
             else:
                 raise AssertionError("send_image took " + what)
     assert sender.summary["captured"] == 0
+
+
+def test_receiver_arguments_a_careless_caller_gets_wrong(tiny_profile):
+    # on_frame=42 (a call's result, not the function) was taken, and failed only at the first frame, in the
+    # callback's thread; queue_size="8" was a TypeError.
+    from latentlink.edge.errors import ConfigError
+    from latentlink.host.api import Receiver
+
+    for options, message in ((dict(on_frame=42), "on_frame must be a function"),
+                             (dict(queue_size="8"), "bad queue_size '8'")):
+        try:
+            Receiver("127.0.0.1:0", profile=tiny_profile, **options).close()
+        except ConfigError as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError("Receiver took {}".format(options))
