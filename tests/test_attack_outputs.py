@@ -142,3 +142,20 @@ def test_receiver_arguments_a_careless_caller_gets_wrong(tiny_profile):
             assert message in str(exc)
         else:
             raise AssertionError("Receiver took {}".format(options))
+
+
+def test_metrics_list_a_bounded_number_of_streams():
+    # Every edge picks its stream's name and the host keeps the counts of 10,000 streams: each scrape listed them
+    # all (50,000 series, 2.6 MB), which Prometheus would store. Now at most MAX_STREAMS: connected ones first.
+    import re
+
+    from latentlink.host.metrics import MAX_STREAMS, Metrics
+
+    names = ["s{:03d}".format(i) for i in range(150)]  # least recently connected first, as Host.snapshot lists them
+    streams = {n: dict(decoded=1, failed=0, gaps=0, duplicates=0, connected=n in ("s000", "s001")) for n in names}
+    snapshot = dict(streams=streams, frames=150, failed=0, protocol_errors=0, write_errors=0, refused_connections=0,
+                    timeouts=0, queue_depth=0, queue_capacity=0, batches={})
+    text = Metrics(lambda: snapshot).text()
+    listed = re.findall(r'^latentlink_frames_decoded_total\{stream="(\w+)"\}', text, re.M)
+    assert MAX_STREAMS == 100 and listed == sorted(["s000", "s001"] + names[-98:])
+    assert "\nlatentlink_streams_unlisted 50.0\n" in text
