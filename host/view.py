@@ -15,8 +15,9 @@ A small HTTP server (the standard library's ``ThreadingHTTPServer``) with:
 :class:`LiveView` is an :class:`~latentlink.host.outputs.Output` (``write`` keeps each stream's latest frame) plus a
 record listener (:meth:`LiveView.add_record`, for the stages). Memory is bounded: the latest frame of at most
 ``max_streams`` streams (the most recently active), JPEG-encoded only when a browser asks for it (once per frame,
-whatever the number of viewers), :data:`RECENT` records per stream, and at most ``max_viewers`` MJPEG viewers at
-once (more get 503). Anyone who can reach the address sees the frames: keep it on 127.0.0.1 (the default of a bare
+whatever the number of viewers), :data:`RECENT` records per stream, at most ``max_viewers`` MJPEG viewers at
+once (more get 503), and at most ``max_connections`` connections served at once, each in a thread (more get 503:
+idle or slow clients cannot make threads without end in the host's process). Anyone who can reach the address sees the frames: keep it on 127.0.0.1 (the default of a bare
 port) or a trusted network.
 """
 
@@ -63,8 +64,10 @@ class LiveView(Output):
     :meth:`open` is called. ``snapshot``: a callable giving the host's counts (``Host.snapshot``), shown on the
     page; None: none shown."""
 
-    def __init__(self, host="127.0.0.1", port=0, snapshot=None, max_streams=16, max_viewers=8, title="latentlink"):
+    def __init__(self, host="127.0.0.1", port=0, snapshot=None, max_streams=16, max_viewers=8, max_connections=32,
+                 title="latentlink"):
         self.bind = (host, port)
+        self.max_connections = max_connections
         self.uri = http_url(host, port)
         self.snapshot = snapshot
         self.max_streams, self.title = max_streams, title
@@ -80,15 +83,15 @@ class LiveView(Output):
         if self._server is not None:  # opened already (open_outputs, or a host that opens its outputs)
             return
         handler = type("Handler", (_Handler,), {"view": self})  # each view its own handler class
-        server_class = ThreadingHTTPServer
+        server_class = _Server
         if ":" in self.bind[0]:  # an IPv6 address ([::1]:PORT)
-            server_class = type("Server6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+            server_class = type("Server6", (_Server,), {"address_family": socket.AF_INET6})
         try:
             self._server = server_class(self.bind, handler)
         except OSError as exc:
             raise ConfigError("--view {}:{}: cannot listen there ({}); pick another port, or port 0 for any free "
                               "one".format(self.bind[0], self.bind[1], exc))
-        self._server.daemon_threads = True  # an MJPEG viewer never ends its request: never wait for it
+        self._server.connections = threading.BoundedSemaphore(self.max_connections)
         self.address = self._server.server_address[:2]
         self.uri = http_url(*self.address)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -184,6 +187,35 @@ class LiveView(Output):
 def http_url(host, port, path="/"):
     """``http://host:port/path``, with an IPv6 address in brackets."""
     return "http://{}:{}{}".format("[{}]".format(host) if ":" in host else host, port, path)
+
+
+class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most ``connections`` (a semaphore, set by :meth:`LiveView.open`) at once: one
+    more is answered 503 and closed by the accepting thread itself."""
+
+    daemon_threads = True  # an MJPEG viewer never ends its request: never wait for it
+    connections = None
+
+    def process_request(self, request, client_address):
+        if not self.connections.acquire(blocking=False):
+            try:  # a few bytes into a new socket's empty buffer: never blocks
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n\r\n"
+                                b"too many connections to this host's live view; try again later\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread, which releases the slot
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
 
 class _Handler(BaseHTTPRequestHandler):

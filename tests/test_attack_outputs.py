@@ -3,6 +3,7 @@ test failed before its fix)."""
 
 import json
 import socket
+import time
 import urllib.request
 
 import cv2
@@ -159,3 +160,31 @@ def test_metrics_list_a_bounded_number_of_streams():
     listed = re.findall(r'^latentlink_frames_decoded_total\{stream="(\w+)"\}', text, re.M)
     assert MAX_STREAMS == 100 and listed == sorted(["s000", "s001"] + names[-98:])
     assert "\nlatentlink_streams_unlisted 50.0\n" in text
+
+
+def test_the_view_serves_a_bounded_number_of_connections():
+    # Each connection had its own thread, without a limit: clients that connect and send nothing (or a byte every
+    # few seconds: the 10 s timeout is per read) made threads without end in the host's process. Now the
+    # connection beyond max_connections gets 503 at once, and a freed slot serves again.
+    view = LiveView("127.0.0.1", 0, max_connections=3)
+    view.open()
+    try:
+        idle = [socket.create_connection(view.address, timeout=10) for _ in range(3)]
+        with socket.create_connection(view.address, timeout=10) as sock:
+            sock.sendall(b"GET /status.json HTTP/1.0\r\n\r\n")
+            assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 503")
+        idle.pop().close()  # its thread reads end-of-stream and frees its slot
+
+        def served():
+            with socket.create_connection(view.address, timeout=10) as sock:
+                sock.sendall(b"GET /status.json HTTP/1.0\r\n\r\n")
+                return sock.makefile("rb").readline().startswith(b"HTTP/1.0 200")
+
+        deadline = time.monotonic() + 30
+        while not served():
+            assert time.monotonic() < deadline, "the freed slot was never served again"
+            time.sleep(0.05)
+        for sock in idle:
+            sock.close()
+    finally:
+        view.close()
