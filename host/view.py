@@ -260,6 +260,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _mjpeg(self, name):
+        if self.view.jpeg(name) is None:  # not an empty 200 that ends at once: players and scripts see why
+            self._send(404, "text/plain", b"no frame of that stream yet\n")
+            return
         if not self.view._viewers.acquire(blocking=False):
             self._send(503, "text/plain", b"too many viewers of this host's live view; try again later\n")
             return

@@ -188,3 +188,20 @@ def test_the_view_serves_a_bounded_number_of_connections():
             sock.close()
     finally:
         view.close()
+
+
+def test_mjpeg_of_a_stream_without_a_frame_is_404():
+    # It was a 200 multipart response that ended at once: a player or script saw an empty, "successful" video.
+    import urllib.error
+
+    view = LiveView("127.0.0.1", 0)
+    view.open()
+    try:
+        try:
+            get(view.uri + "stream/cam9.mjpg")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404 and exc.read() == b"no frame of that stream yet\n"
+        else:
+            raise AssertionError("200 for a stream without a frame")
+    finally:
+        view.close()
