@@ -205,3 +205,20 @@ def test_mjpeg_of_a_stream_without_a_frame_is_404():
             raise AssertionError("200 for a stream without a frame")
     finally:
         view.close()
+
+
+def test_the_receiver_on_python_36_says_it_is_the_hosts(monkeypatch):
+    # On the Nano, `from latentlink import Receiver, Sender` (the README's first line, then) said "No module named
+    # 'dataclasses'", and help(latentlink) crashed the same way. Checked on Python 3.6 too (.venv36).
+    import sys
+
+    import latentlink
+
+    monkeypatch.setattr(sys, "version_info", (3, 6, 15, "final", 0))
+    assert "Receiver" not in dir(latentlink) and "Sender" in dir(latentlink)
+    try:
+        latentlink.Receiver
+    except ImportError as exc:
+        assert "needs Python 3.8+ (this is 3.6)" in str(exc) and "from latentlink import Sender" in str(exc)
+    else:
+        raise AssertionError("Receiver imported on 'Python 3.6'")
