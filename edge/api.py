@@ -7,6 +7,8 @@
     with Sender("192.168.1.20:5760", name="cam0") as sender:
         while True:
             ok, image = camera.read()          # any size, BGR uint8, as OpenCV gives it
+            if not ok:                         # the source ended: image is None
+                break
             sender.send_image(image)
     # leaving the block ends the stream and waits for the host's acknowledgements
 
