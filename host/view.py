@@ -22,6 +22,7 @@ port) or a trusted network.
 """
 
 import collections
+import ipaddress
 import json
 import logging
 import socket
@@ -32,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import cv2
 import numpy as np
 
+from latentlink.edge.cli import is_loopback
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.profiler import HOST_STAGES
 from latentlink.edge.protocol import check_stream_name
@@ -226,7 +228,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         url = urllib.parse.urlsplit(self.path)
-        if url.path == "/":
+        if not self._host_allowed():
+            self._send(403, "text/plain", b"this live view answers only http://127.0.0.1:PORT/ or "
+                       b"http://localhost:PORT/ (a request for another name may be a DNS rebinding attack)\n")
+        elif url.path == "/":
             still = urllib.parse.parse_qs(url.query).get("still") == ["1"]
             self._send(200, "text/html; charset=utf-8", PAGE.replace("__STILL__", "true" if still else "false")
                        .encode("utf-8"))
@@ -250,6 +255,27 @@ class _Handler(BaseHTTPRequestHandler):
                 self._mjpeg(name)
         else:
             self._send(404, "text/plain", b"not found\n")
+
+    def _host_allowed(self):
+        """DNS rebinding: a page of another site, its name then re-pointed at 127.0.0.1, would read the frames
+        through the visitor's browser. A view on a loopback address therefore answers only requests that name an
+        IP address or localhost (the Host header); one listening on the network answers any (it is open anyway)."""
+        if not is_loopback(self.view.address[0]):
+            return True
+        host = self.headers.get("Host")
+        if host is None:  # an HTTP/1.0 client without the header (every browser sends it)
+            return True
+        try:
+            name = urllib.parse.urlsplit("//" + host).hostname
+        except ValueError:
+            return False
+        if name == "localhost":
+            return True
+        try:
+            ipaddress.ip_address(name or "")
+        except ValueError:
+            return False
+        return True
 
     def _send(self, code, content_type, body):
         self.send_response(code)

@@ -222,3 +222,25 @@ def test_the_receiver_on_python_36_says_it_is_the_hosts(monkeypatch):
         assert "needs Python 3.8+ (this is 3.6)" in str(exc) and "from latentlink import Sender" in str(exc)
     else:
         raise AssertionError("Receiver imported on 'Python 3.6'")
+
+
+def test_the_view_on_loopback_refuses_other_host_names():
+    # DNS rebinding: a page of evil.example, its name re-pointed at 127.0.0.1, could read the frames through the
+    # visitor's browser (same origin for it). A loopback view now answers only IP addresses and localhost.
+    view = LiveView("127.0.0.1", 0)
+    view.open()
+    view.write(DecodedFrame("cam0", 0, np.zeros((8, 8, 3), np.uint8)))
+    port = view.address[1]
+
+    def status(host):
+        with socket.create_connection(view.address, timeout=10) as sock:
+            sock.sendall("GET /stream/cam0.jpg HTTP/1.1\r\nHost: {}\r\n\r\n".format(host).encode("ascii"))
+            return int(sock.makefile("rb").readline().split()[1])
+
+    try:
+        assert [status(h.format(port)) for h in ("evil.example:{}", "127.0.0.1.evil.example:{}", "[::1", "x:y")] \
+            == [403] * 4
+        assert [status(h.format(port)) for h in ("127.0.0.1:{}", "localhost:{}", "[::1]:{}", "127.0.0.1")] \
+            == [200] * 4
+    finally:
+        view.close()
