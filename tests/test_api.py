@@ -324,4 +324,5 @@ def test_on_frame_may_close_the_receiver(tiny_profile):
     assert seen == [0, 1, 2, 3] and summaries[0]["receiver"]["delivered"] == 4
     assert receiver.close() is summaries[0]
     assert_accounted(edge)
-    assert edge["captured"] == 20 and edge["outcomes"]["decoded"] >= 4
+    # Frame 3 is queued before its ACK is sent: the close from on_frame(3) may cut that ACK off (seen here under load).
+    assert edge["captured"] == 20 and edge["outcomes"]["decoded"] >= 3
