@@ -21,6 +21,7 @@ Python 3.6 (the Jetson Nano) like all of ``edge/``; imports nothing of ``latentl
 """
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -56,7 +57,8 @@ class Sender(object):
     arrives, and the summary at close (``latentlink report FILE`` prints it).
 
     The model is loaded and the arguments are checked in the constructor (a ``ConfigError`` names the bad value);
-    the connection is made in the background, and reconnects as the profile says, like the CLI's.
+    the connection is made in the background, and reconnects as the profile says, like the CLI's. Several threads may
+    share a Sender: their frames are taken one at a time, each with its own sequence number.
     """
 
     def __init__(self, connect="127.0.0.1:5760", name=None, profile="nano-504", encoder="default", drop=None,
@@ -80,6 +82,7 @@ class Sender(object):
                                      precision=precision, mapped=mapped,
                                      input_size=(self.profile.input.height, self.profile.input.width))
         self._report = None
+        self._lock = threading.Lock()  # one frame at a time: a frame's sequence number is taken as it is sent
         self._encoder.load()
         try:
             info = self._encoder.info
@@ -119,7 +122,8 @@ class Sender(object):
         if fix:
             raise ConfigError("send_image takes an HxWx3 uint8 BGR image (as cv2.imread gives), not {}: {}".format(
                 _describe(image), fix))
-        return self._stream.send_image(image, time.time() if t_capture is None else t_capture)
+        with self._lock:
+            return self._stream.send_image(image, time.time() if t_capture is None else t_capture)
 
     def send_latents(self, latents, t_capture=None):
         """Queue latents the caller encoded: an array of the encoder's output shape (:attr:`latent_shape`, e.g.
@@ -132,7 +136,8 @@ class Sender(object):
                               "host's decoder refuses any other shape".format(list(self.latent_shape),
                                                                               _describe(latents)))
         latents = latents.astype(self.latent_dtype, copy=False)  # as the encoder gives them (float32)
-        return self._stream.send_latents(latents, time.time() if t_capture is None else t_capture)
+        with self._lock:
+            return self._stream.send_latents(latents, time.time() if t_capture is None else t_capture)
 
     @property
     def counts(self):

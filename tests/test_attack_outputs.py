@@ -244,3 +244,31 @@ def test_the_view_on_loopback_refuses_other_host_names():
             == [200] * 4
     finally:
         view.close()
+
+
+def test_threads_sharing_a_sender_send_every_frame_once(tiny_profile):
+    # Two threads could take the same sequence number: the host then took the second frame for a resent duplicate
+    # (not decoded) while the edge counted both decoded (here: 120 sent from 4 threads, 116 decoded, 4 "duplicates").
+    import threading
+
+    from latentlink.edge.api import Sender
+    from latentlink.host.api import Receiver
+
+    receiver = Receiver("127.0.0.1:0", profile=tiny_profile, queue_size=200)
+    try:
+        sender = Sender(receiver.address, name="cam", profile=tiny_profile, drop="block", queue_size=50)
+
+        def send():
+            for _ in range(30):
+                sender.send_image(np.zeros((64, 64, 3), np.uint8))
+
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        edge = sender.close()
+    finally:
+        host = receiver.close()
+    assert edge["captured"] == 120 and edge["outcomes"]["decoded"] == 120
+    assert (host["frames"], host["streams"]["cam"]["duplicates"]) == (120, 0)
