@@ -17,8 +17,9 @@ record listener (:meth:`LiveView.add_record`, for the stages). Memory is bounded
 ``max_streams`` streams (the most recently active), JPEG-encoded only when a browser asks for it (once per frame,
 whatever the number of viewers), :data:`RECENT` records per stream, at most ``max_viewers`` MJPEG viewers at
 once (more get 503), and at most ``max_connections`` connections served at once, each in a thread (more get 503:
-idle or slow clients cannot make threads without end in the host's process). Anyone who can reach the address sees the frames: keep it on 127.0.0.1 (the default of a bare
-port) or a trusted network.
+idle or slow clients cannot make threads without end in the host's process). Anyone who can reach the address sees
+the frames: keep it on 127.0.0.1 (the default of a bare port) or a trusted network; there, requests must name an IP
+address or localhost (DNS rebinding, :meth:`_Handler._host_allowed`).
 """
 
 import collections
