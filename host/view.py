@@ -278,13 +278,17 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def do_HEAD(self):  # curl -I, uptime checks: GET's status and headers, without the body
+        self.do_GET()
+
     def _send(self, code, content_type, body):
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _mjpeg(self, name):
         if self.view.jpeg(name) is None:  # not an empty 200 that ends at once: players and scripts see why
@@ -298,6 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=" + BOUNDARY)
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
+            if self.command == "HEAD":
+                return
             # Each part is followed at once by the next boundary: browsers show a part only once they see its end.
             self.wfile.write("--{}\r\n".format(BOUNDARY).encode("ascii"))
             version = None

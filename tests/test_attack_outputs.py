@@ -272,3 +272,19 @@ def test_threads_sharing_a_sender_send_every_frame_once(tiny_profile):
         host = receiver.close()
     assert edge["captured"] == 120 and edge["outcomes"]["decoded"] == 120
     assert (host["frames"], host["streams"]["cam"]["duplicates"]) == (120, 0)
+
+
+def test_the_view_answers_head_requests():
+    # curl -I and uptime checks send HEAD: it was 501 Unsupported method.
+    view = LiveView("127.0.0.1", 0)
+    view.open()
+    view.write(DecodedFrame("cam0", 0, np.zeros((8, 8, 3), np.uint8)))
+    try:
+        for path, content_type in (("", "text/html"), ("status.json", "application/json"),
+                                   ("stream/cam0.jpg", "image/jpeg"), ("stream/cam0.mjpg", "multipart/x-mixed")):
+            request = urllib.request.Request(view.uri + path, method="HEAD")
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == 200 and response.headers["Content-Type"].startswith(content_type)
+                assert response.read() == b""
+    finally:
+        view.close()
