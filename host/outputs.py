@@ -118,7 +118,7 @@ class VideoOutput(Output):
     def __init__(self, path, fps, uri=None, max_videos=64):
         self.path, self.fps, self.max_videos = path, float(fps), max_videos
         self.uri = uri or path
-        self._writers = {}  # stream -> (cv2.VideoWriter, (width, height), path)
+        self._writers = {}  # stream -> (cv2.VideoWriter, (width, height), path, lock held while it is in use)
         self._lock = threading.Lock()  # guards the dict; one stream's frames never come two at once (Output)
         self._closed = False
         self._written = 0  # frames in all videos: their indexes need room at close
@@ -143,14 +143,17 @@ class VideoOutput(Output):
                     raise OutputError("{}: already {} videos, one per stream: stream {!r} gets none (give it a folder "
                                       "output, or fewer streams)".format(self.uri, self.max_videos, frame.stream))
                 entry = self._writers[frame.stream] = self._start(frame.stream, (width, height))
-        writer, size, path = entry
+        writer, size, path, busy = entry
         if (width, height) != size:
             raise OutputError("{}: frame {} of stream {!r} is {}x{}, and its video is {}x{}: a video keeps one "
                               "size".format(path, frame.seq, frame.stream, width, height, *size))
-        try:
-            writer.write(frame.image)
-        except cv2.error as exc:
-            raise OutputError("cannot write frame {} to {}: {}".format(frame.seq, path, exc))
+        with busy:  # close() releases the writer under this lock: never in the middle of a write (native code)
+            if self._closed:
+                raise OutputError("{}: the video output is closed (the host is stopping)".format(self.uri))
+            try:
+                writer.write(frame.image)
+            except cv2.error as exc:
+                raise OutputError("cannot write frame {} to {}: {}".format(frame.seq, path, exc))
         with self._lock:
             self._written += 1
 
@@ -181,14 +184,15 @@ class VideoOutput(Output):
             raise OutputError("OpenCV could not start the video {} ({}x{}, mp4v, {} fps): is its folder writable, "
                               "and does this OpenCV have its video writer?".format(path, size[0], size[1], self.fps))
         log.info("stream %r: writing %s (%dx%d, %g fps)", stream, path, size[0], size[1], self.fps)
-        return writer, size, path
+        return writer, size, path, threading.Lock()
 
     def close(self):
         with self._lock:
             self._closed = True
             writers, self._writers = list(self._writers.values()), {}
-        for writer, _, _ in writers:
-            writer.release()  # writes the MP4's index: the video is playable from here on
+        for writer, _, _, busy in writers:  # a write still running (a host thread past its join) ends first
+            with busy:
+                writer.release()  # writes the MP4's index: the video is playable from here on
 
 
 # URIs.

@@ -288,3 +288,42 @@ def test_the_view_answers_head_requests():
                 assert response.read() == b""
     finally:
         view.close()
+
+
+def test_closing_the_video_output_waits_for_a_write_in_progress(tmp_path, monkeypatch):
+    # close() released OpenCV's writer while another thread could still be inside its write (a host thread that
+    # outlived its join at shutdown): native code freeing what it was using. Now the release waits for the write.
+    import threading
+
+    from latentlink.host import outputs
+
+    entered, go, events = threading.Event(), threading.Event(), []
+
+    class Writer:  # stands for cv2.VideoWriter; its write blocks until the test lets it go
+        def __init__(self, *args):
+            pass
+
+        def isOpened(self):
+            return True
+
+        def write(self, image):
+            events.append("write starts")
+            entered.set()
+            go.wait(30)
+            events.append("write ends")
+
+        def release(self):
+            events.append("release")
+
+    monkeypatch.setattr(outputs.cv2, "VideoWriter", Writer)
+    video = outputs.VideoOutput(str(tmp_path / "out.mp4"), 10)
+    writing = threading.Thread(target=video.write, args=(DecodedFrame("cam0", 0, np.zeros((8, 8, 3), np.uint8)),))
+    writing.start()
+    assert entered.wait(30)
+    closing = threading.Thread(target=video.close)
+    closing.start()
+    closing.join(1)  # fixed: still waiting for the write; before: released at once
+    go.set()
+    writing.join(30)
+    closing.join(30)
+    assert events == ["write starts", "write ends", "release"]
