@@ -7,6 +7,8 @@
     with Sender("192.168.1.20:5760", name="cam0") as sender:
         while True:
             ok, image = camera.read()          # any size, BGR uint8, as OpenCV gives it
+            if not ok:                         # the source ended: image is None
+                break
             sender.send_image(image)
     # leaving the block ends the stream and waits for the host's acknowledgements
 
@@ -19,6 +21,7 @@ Python 3.6 (the Jetson Nano) like all of ``edge/``; imports nothing of ``latentl
 """
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -54,7 +57,8 @@ class Sender(object):
     arrives, and the summary at close (``latentlink report FILE`` prints it).
 
     The model is loaded and the arguments are checked in the constructor (a ``ConfigError`` names the bad value);
-    the connection is made in the background, and reconnects as the profile says, like the CLI's.
+    the connection is made in the background, and reconnects as the profile says, like the CLI's. Several threads may
+    share a Sender: their frames are taken one at a time, each with its own sequence number.
     """
 
     def __init__(self, connect="127.0.0.1:5760", name=None, profile="nano-504", encoder="default", drop=None,
@@ -78,6 +82,7 @@ class Sender(object):
                                      precision=precision, mapped=mapped,
                                      input_size=(self.profile.input.height, self.profile.input.width))
         self._report = None
+        self._lock = threading.Lock()  # one frame at a time: a frame's sequence number is taken as it is sent
         self._encoder.load()
         try:
             info = self._encoder.info
@@ -113,10 +118,12 @@ class Sender(object):
         reliable delivery it waits while the queue is full: a slow host slows the caller's loop.
         """
         self._check_open()
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ConfigError("send_image takes an HxWx3 uint8 BGR image (as cv2.imread gives), not {}; convert "
-                              "grey images with cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)".format(_describe(image)))
-        return self._stream.send_image(image, time.time() if t_capture is None else t_capture)
+        fix = _image_fix(image)
+        if fix:
+            raise ConfigError("send_image takes an HxWx3 uint8 BGR image (as cv2.imread gives), not {}: {}".format(
+                _describe(image), fix))
+        with self._lock:
+            return self._stream.send_image(image, time.time() if t_capture is None else t_capture)
 
     def send_latents(self, latents, t_capture=None):
         """Queue latents the caller encoded: an array of the encoder's output shape (:attr:`latent_shape`, e.g.
@@ -129,7 +136,8 @@ class Sender(object):
                               "host's decoder refuses any other shape".format(list(self.latent_shape),
                                                                               _describe(latents)))
         latents = latents.astype(self.latent_dtype, copy=False)  # as the encoder gives them (float32)
-        return self._stream.send_latents(latents, time.time() if t_capture is None else t_capture)
+        with self._lock:
+            return self._stream.send_latents(latents, time.time() if t_capture is None else t_capture)
 
     @property
     def counts(self):
@@ -179,7 +187,31 @@ class Sender(object):
                                                              self.profile.name)
 
 
+def _image_fix(image):
+    """What to do to make ``image`` an HxWx3 uint8 BGR image that send_image takes; None if it is one."""
+    if image is None:
+        return ("cv2.imread gives None for a file it cannot read, and VideoCapture.read (False, None) once the "
+                "source has no frame: check those first")
+    if not isinstance(image, np.ndarray):
+        return "give a numpy array (np.asarray(image, np.uint8))"
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        return "convert a grey image with cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)"
+    if image.ndim == 3 and image.shape[2] == 4:
+        return "drop the alpha channel with cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)"
+    if image.ndim != 3 or image.shape[2] != 3:
+        return "give height x width x 3 channels (BGR)"
+    if image.dtype.kind == "f":
+        return "scale it to 0-255 and convert: (image * 255).clip(0, 255).astype(np.uint8) for values in 0-1"
+    if image.dtype != np.uint8:
+        return "convert it to 8 bits per channel (0-255), e.g. (image >> 8).astype(np.uint8) for 16 bits"
+    if image.size == 0:
+        return "it is empty (0 pixels): check that the capture gave a frame"
+    return None
+
+
 def _describe(value):
+    if value is None:
+        return "None"
     if isinstance(value, np.ndarray):
         return "an array of shape {} and dtype {}".format(list(value.shape), value.dtype)
     return "a {}".format(type(value).__name__)

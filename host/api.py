@@ -93,8 +93,11 @@ class Receiver:
     def __init__(self, listen="127.0.0.1:5760", profile="nano-504", decoder="default", tls=None, token_file=None,
                  queue_size=8, out=None, on_frame=None, max_streams=None, max_frames=None, window=8, report=None,
                  threads=0, device=None, precision=None, **host_options):
-        if queue_size < 1:
-            raise ConfigError(f"bad queue_size {queue_size!r}: at least 1 frame must fit in the queue")
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ConfigError(f"bad queue_size {queue_size!r}: a number of frames, at least 1")
+        if on_frame is not None and not callable(on_frame):  # e.g. on_frame=show(frame): its result, not the function
+            raise ConfigError(f"on_frame must be a function taking a DecodedFrame, not {on_frame!r}; pass the function "
+                              "itself (on_frame=show, not on_frame=show(...))")
         if out:
             check_output_dir("out", out)
         if report:

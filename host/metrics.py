@@ -11,6 +11,8 @@ starts with ``latentlink_``:
                                                               the edge: the summary's gaps)
 ``latentlink_frames_duplicate_total{stream}``      counter    resent frames already handled (not decoded again)
 ``latentlink_stream_connected{stream}``            gauge      1 while the stream's edge is connected
+``latentlink_streams_unlisted``                    gauge      streams the host counts but the per-stream metrics
+                                                              leave out (beyond ``max_streams``)
 ``latentlink_protocol_errors_total``,              counter    connections closed for a bad message, frames failed
 ``latentlink_write_errors_total``,                            by an output, connections refused (limits) and
 ``latentlink_refused_connections_total``,                     closed for silence
@@ -23,8 +25,10 @@ starts with ``latentlink_``:
 =================================================  =========  =====================================================
 
 Counts and gauges are read from ``Host.snapshot()`` at each scrape (:class:`HostCollector`); the histograms are fed
-by a record listener (:meth:`Metrics.add_record`). A stream's labels exist while the host keeps its counts (at most
-``Host.max_stream_stats`` streams).
+by a record listener (:meth:`Metrics.add_record`). The per-stream metrics list at most ``max_streams`` streams
+(:data:`MAX_STREAMS`): the connected ones, then the most recently connected. The host keeps the counts of up to
+``Host.max_stream_stats`` (10,000) streams, and every edge picks its stream's name: without a bound, edges (or anyone,
+on a host without credentials) could make a scrape tens of thousands of series, which Prometheus stores for weeks.
 """
 
 import logging
@@ -37,6 +41,7 @@ from .view import http_url
 log = logging.getLogger("latentlink.host")
 STAGE_BUCKETS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 33, 50, 100, 200, 500, 1000)
 LATENCY_BUCKETS_MS = (5, 10, 20, 33, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+MAX_STREAMS = 100  # streams the per-stream metrics list (label values per metric)
 
 
 def _prometheus():
@@ -49,10 +54,12 @@ def _prometheus():
 
 
 class HostCollector(object):
-    """A prometheus_client collector of the counts and gauges of ``snapshot()`` (``Host.snapshot``)."""
+    """A prometheus_client collector of the counts and gauges of ``snapshot()`` (``Host.snapshot``), listing at
+    most ``max_streams`` streams."""
 
-    def __init__(self, snapshot):
+    def __init__(self, snapshot, max_streams=MAX_STREAMS):
         self.snapshot = snapshot
+        self.max_streams = max_streams
 
     def describe(self):
         return []  # nothing to check against other collectors: the registry is this host's own
@@ -61,20 +68,23 @@ class HostCollector(object):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         snap = self.snapshot()
+        streams = listed_streams(snap["streams"], self.max_streams)
         per_stream = (("decoded", "frames_decoded", "frames decoded"),
                       ("failed", "frames_failed", "frames received but not decoded or not written"),
                       ("gaps", "frames_dropped", "sequence numbers never received (dropped or lost by the edge)"),
                       ("duplicates", "frames_duplicate", "resent frames already handled, not decoded again"))
         for key, name, doc in per_stream:
             family = CounterMetricFamily("latentlink_" + name, doc, labels=["stream"])
-            for stream, counts in sorted(snap["streams"].items()):
+            for stream, counts in streams:
                 family.add_metric([stream], counts[key])
             yield family
         connected = GaugeMetricFamily("latentlink_stream_connected", "1 while the stream's edge is connected",
                                       labels=["stream"])
-        for stream, counts in sorted(snap["streams"].items()):
+        for stream, counts in streams:
             connected.add_metric([stream], 1 if counts["connected"] else 0)
         yield connected
+        yield GaugeMetricFamily("latentlink_streams_unlisted", "streams the per-stream metrics leave out (their "
+                                "number is bounded)", value=len(snap["streams"]) - len(streams))
         for key, doc in (("protocol_errors", "connections closed for a malformed or refused message"),
                          ("write_errors", "frames an output could not take"),
                          ("refused_connections", "connections refused (--max-connections, per peer)"),
@@ -90,16 +100,24 @@ class HostCollector(object):
         yield batches
 
 
+def listed_streams(streams, limit):
+    """``(name, counts)`` of at most ``limit`` of ``streams`` (``Host.snapshot``'s, least recently connected first),
+    by name: the connected ones, then the most recently connected."""
+    names = list(streams)
+    chosen = [n for n in names if streams[n]["connected"]] + [n for n in reversed(names) if not streams[n]["connected"]]
+    return [(name, streams[name]) for name in sorted(chosen[:limit])]
+
+
 class Metrics(object):
     """The metrics of one host: ``snapshot`` its ``Host.snapshot``; served on ``host:port`` (port 0: any free
     port; :attr:`address` is the bound one) from :meth:`open` to :meth:`close`. Add :meth:`add_record` as a record
     listener (``Host.add_record_listener``)."""
 
-    def __init__(self, snapshot, host="127.0.0.1", port=0):
+    def __init__(self, snapshot, host="127.0.0.1", port=0, max_streams=MAX_STREAMS):
         prometheus = _prometheus()
         self.bind = (host, port)
         self.registry = prometheus.CollectorRegistry()
-        self.registry.register(HostCollector(snapshot))
+        self.registry.register(HostCollector(snapshot, max_streams))
         self.stages = prometheus.Histogram("latentlink_stage_milliseconds", "host stages of each decoded frame, ms",
                                            ["stage"], buckets=STAGE_BUCKETS_MS, registry=self.registry)
         self.latency = prometheus.Histogram("latentlink_latency_milliseconds",

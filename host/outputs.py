@@ -22,6 +22,7 @@ The live view over HTTP (``--view``, :mod:`latentlink.host.view`) is an output t
 import dataclasses
 import logging
 import os
+import shutil
 import stat
 import threading
 import urllib.parse
@@ -34,6 +35,7 @@ from latentlink.edge.cli import check_output_dir
 from latentlink.edge.errors import ConfigError, LatentlinkError
 
 log = logging.getLogger("latentlink.host")
+INDEX_RESERVE_BYTES = 1 << 20  # free disk kept for the videos' indexes (VideoOutput): 1 MiB + 32 bytes a frame
 
 
 class OutputError(LatentlinkError):
@@ -106,14 +108,20 @@ class VideoOutput(Output):
 
     At most ``max_videos`` streams get a video (each open writer holds encoder buffers); frames of further streams
     fail with a log line that says so.
+
+    OpenCV's writer says nothing when the disk is full: it drops the frame, and the video, whose index is written at
+    the end, is left unplayable. So a frame is refused (:class:`OutputError`) while the videos' file system has less
+    free than the frame raw plus :data:`INDEX_RESERVE_BYTES` plus 32 bytes per frame written (the indexes), which
+    keeps room to finish every video.
     """
 
     def __init__(self, path, fps, uri=None, max_videos=64):
         self.path, self.fps, self.max_videos = path, float(fps), max_videos
         self.uri = uri or path
-        self._writers = {}  # stream -> (cv2.VideoWriter, (width, height), path)
+        self._writers = {}  # stream -> (cv2.VideoWriter, (width, height), path, lock held while it is in use)
         self._lock = threading.Lock()  # guards the dict; one stream's frames never come two at once (Output)
         self._closed = False
+        self._written = 0  # frames in all videos: their indexes need room at close
 
     def video_path(self, stream):
         """The video of ``stream``: ``NAME-<stream>.mp4`` (stream names are single path components)."""
@@ -125,6 +133,7 @@ class VideoOutput(Output):
 
     def write(self, frame):
         height, width = frame.image.shape[:2]
+        self._check_room(frame)  # before a video starts too: no empty, unplayable file
         with self._lock:
             if self._closed:
                 raise OutputError("{}: the video output is closed (the host is stopping)".format(self.uri))
@@ -134,14 +143,30 @@ class VideoOutput(Output):
                     raise OutputError("{}: already {} videos, one per stream: stream {!r} gets none (give it a folder "
                                       "output, or fewer streams)".format(self.uri, self.max_videos, frame.stream))
                 entry = self._writers[frame.stream] = self._start(frame.stream, (width, height))
-        writer, size, path = entry
+        writer, size, path, busy = entry
         if (width, height) != size:
             raise OutputError("{}: frame {} of stream {!r} is {}x{}, and its video is {}x{}: a video keeps one "
                               "size".format(path, frame.seq, frame.stream, width, height, *size))
+        with busy:  # close() releases the writer under this lock: never in the middle of a write (native code)
+            if self._closed:
+                raise OutputError("{}: the video output is closed (the host is stopping)".format(self.uri))
+            try:
+                writer.write(frame.image)
+            except cv2.error as exc:
+                raise OutputError("cannot write frame {} to {}: {}".format(frame.seq, path, exc))
+        with self._lock:
+            self._written += 1
+
+    def _check_room(self, frame):
+        path = self.video_path(frame.stream)
         try:
-            writer.write(frame.image)
-        except cv2.error as exc:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        except OSError as exc:
             raise OutputError("cannot write frame {} to {}: {}".format(frame.seq, path, exc))
+        needed = frame.image.nbytes + INDEX_RESERVE_BYTES + 32 * self._written
+        if free < needed:
+            raise OutputError("cannot write frame {} to {}: its disk has {} bytes free, under the {} this frame and "
+                              "finishing the videos need; free some space".format(frame.seq, path, free, needed))
 
     def _start(self, stream, size):
         path = self.video_path(stream)
@@ -159,14 +184,15 @@ class VideoOutput(Output):
             raise OutputError("OpenCV could not start the video {} ({}x{}, mp4v, {} fps): is its folder writable, "
                               "and does this OpenCV have its video writer?".format(path, size[0], size[1], self.fps))
         log.info("stream %r: writing %s (%dx%d, %g fps)", stream, path, size[0], size[1], self.fps)
-        return writer, size, path
+        return writer, size, path, threading.Lock()
 
     def close(self):
         with self._lock:
             self._closed = True
             writers, self._writers = list(self._writers.values()), {}
-        for writer, _, _ in writers:
-            writer.release()  # writes the MP4's index: the video is playable from here on
+        for writer, _, _, busy in writers:  # a write still running (a host thread past its join) ends first
+            with busy:
+                writer.release()  # writes the MP4's index: the video is playable from here on
 
 
 # URIs.
@@ -191,8 +217,11 @@ def parse_output(uri, option="--out"):
     missing."""
     text = uri.strip()
     scheme, sep, rest = text.partition("://")
-    if not sep:  # a plain path: a folder, or NAME.mp4
+    if not sep:  # a plain path: a folder, or NAME.mp4 (with ?fps=N as file:// takes it)
         scheme, rest, query = "file", text, ""
+        before, mark, after = text.partition("?")
+        if mark and os.path.splitext(before)[1].lower() in (".mp4",) + VIDEO_EXTENSIONS:
+            rest, query = before, after  # not a folder named "cam.mp4?fps=15"
     else:
         scheme = scheme.lower()
         rest, _, query = rest.partition("?")

@@ -15,12 +15,15 @@ A small HTTP server (the standard library's ``ThreadingHTTPServer``) with:
 :class:`LiveView` is an :class:`~latentlink.host.outputs.Output` (``write`` keeps each stream's latest frame) plus a
 record listener (:meth:`LiveView.add_record`, for the stages). Memory is bounded: the latest frame of at most
 ``max_streams`` streams (the most recently active), JPEG-encoded only when a browser asks for it (once per frame,
-whatever the number of viewers), :data:`RECENT` records per stream, and at most ``max_viewers`` MJPEG viewers at
-once (more get 503). Anyone who can reach the address sees the frames: keep it on 127.0.0.1 (the default of a bare
-port) or a trusted network.
+whatever the number of viewers), :data:`RECENT` records per stream, at most ``max_viewers`` MJPEG viewers at
+once (more get 503), and at most ``max_connections`` connections served at once, each in a thread (more get 503:
+idle or slow clients cannot make threads without end in the host's process). Anyone who can reach the address sees
+the frames: keep it on 127.0.0.1 (the default of a bare port) or a trusted network; there, requests must name an IP
+address or localhost (DNS rebinding, :meth:`_Handler._host_allowed`).
 """
 
 import collections
+import ipaddress
 import json
 import logging
 import socket
@@ -31,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import cv2
 import numpy as np
 
+from latentlink.edge.cli import is_loopback
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.profiler import HOST_STAGES
 from latentlink.edge.protocol import check_stream_name
@@ -46,12 +50,14 @@ RESEND_S = 1.0  # an MJPEG viewer gets the latest frame again after this long wi
 
 class _Stream(object):
     """One stream's latest frame (``image``, BGR, not yet encoded), its JPEG once a viewer asked, and its recent
-    records."""
+    records. ``version`` counts the frames written: a frame is new by its version, not its seq, which starts again at
+    0 when the stream's edge restarts."""
 
     def __init__(self):
         self.seq = -1
+        self.version = 0
         self.image = None
-        self.jpeg, self.jpeg_seq = None, None
+        self.jpeg, self.jpeg_version = None, None
         self.latency_ms = None
         self.records = collections.deque(maxlen=RECENT)
 
@@ -61,8 +67,10 @@ class LiveView(Output):
     :meth:`open` is called. ``snapshot``: a callable giving the host's counts (``Host.snapshot``), shown on the
     page; None: none shown."""
 
-    def __init__(self, host="127.0.0.1", port=0, snapshot=None, max_streams=16, max_viewers=8, title="latentlink"):
+    def __init__(self, host="127.0.0.1", port=0, snapshot=None, max_streams=16, max_viewers=8, max_connections=32,
+                 title="latentlink"):
         self.bind = (host, port)
+        self.max_connections = max_connections
         self.uri = http_url(host, port)
         self.snapshot = snapshot
         self.max_streams, self.title = max_streams, title
@@ -78,15 +86,15 @@ class LiveView(Output):
         if self._server is not None:  # opened already (open_outputs, or a host that opens its outputs)
             return
         handler = type("Handler", (_Handler,), {"view": self})  # each view its own handler class
-        server_class = ThreadingHTTPServer
+        server_class = _Server
         if ":" in self.bind[0]:  # an IPv6 address ([::1]:PORT)
-            server_class = type("Server6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+            server_class = type("Server6", (_Server,), {"address_family": socket.AF_INET6})
         try:
             self._server = server_class(self.bind, handler)
         except OSError as exc:
             raise ConfigError("--view {}:{}: cannot listen there ({}); pick another port, or port 0 for any free "
                               "one".format(self.bind[0], self.bind[1], exc))
-        self._server.daemon_threads = True  # an MJPEG viewer never ends its request: never wait for it
+        self._server.connections = threading.BoundedSemaphore(self.max_connections)
         self.address = self._server.server_address[:2]
         self.uri = http_url(*self.address)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -102,6 +110,7 @@ class LiveView(Output):
             while len(self._streams) > self.max_streams:  # the least recently active stream leaves the page
                 self._streams.popitem(last=False)
             stream.seq, stream.image, stream.latency_ms = frame.seq, image, frame.latency_ms
+            stream.version += 1
             self._changed.notify_all()
 
     def add_record(self, record):
@@ -123,8 +132,9 @@ class LiveView(Output):
 
     # What the handler serves.
     def status(self):
-        """The page's data: ``streams`` (a list by name: name, seq, width, height, latency_ms, stages {stage: {"last",
-        "mean"}} in ms, and the host's counts of it) and ``host`` (the host's totals)."""
+        """The page's data: ``streams`` (a list by name: name, seq, version (frames written, see :class:`_Stream`),
+        width, height, latency_ms, stages {stage: {"last", "mean"}} in ms, and the host's counts of it) and ``host``
+        (the host's totals)."""
         snapshot = self.snapshot() if self.snapshot is not None else {"streams": {}}
         with self._changed:
             streams = []
@@ -135,7 +145,7 @@ class LiveView(Output):
                     if values:
                         stages[stage] = {"last": values[-1], "mean": round(sum(values) / len(values), 3)}
                 latencies = [r["latency_ms"] for r in stream.records if r.get("latency_ms") is not None]
-                entry = {"name": name, "seq": stream.seq, "width": stream.image.shape[1],
+                entry = {"name": name, "seq": stream.seq, "version": stream.version, "width": stream.image.shape[1],
                          "height": stream.image.shape[0], "latency_ms": stream.latency_ms,
                          "latency_mean_ms": round(sum(latencies) / len(latencies), 3) if latencies else None,
                          "stages": stages}
@@ -146,8 +156,9 @@ class LiveView(Output):
         return {"title": self.title, "streams": streams, "host": host}
 
     def jpeg(self, name, after=None, timeout=None):
-        """``(seq, JPEG bytes)`` of stream ``name``'s latest frame, or None if it has none. With ``after``: wait
-        (up to ``timeout`` s) for a frame newer than seq ``after``; None if none came or the view closed."""
+        """``(version, JPEG bytes)`` of stream ``name``'s latest frame (``version``: which of its frames, counted
+        from 1), or None if it has none. With ``after``: wait (up to ``timeout`` s) for a frame after version
+        ``after``; None if none came or the view closed."""
         with self._changed:
             if after is not None:
                 self._changed.wait_for(lambda: self._closed or self._newer(name, after), timeout)
@@ -156,21 +167,21 @@ class LiveView(Output):
             stream = self._streams.get(name)
             if stream is None:
                 return None
-            if stream.jpeg_seq == stream.seq:  # encoded once per frame, however many viewers
-                return stream.seq, stream.jpeg
-            seq, image = stream.seq, stream.image
+            if stream.jpeg_version == stream.version:  # encoded once per frame, however many viewers
+                return stream.version, stream.jpeg
+            version, image = stream.version, stream.image
         # Encoded outside the lock: the host's writes of other frames do not wait for it.
         ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             return None
         with self._changed:
-            if stream.seq == seq:
-                stream.jpeg, stream.jpeg_seq = data.tobytes(), seq
-        return seq, data.tobytes()
+            if stream.version == version:
+                stream.jpeg, stream.jpeg_version = data.tobytes(), version
+        return version, data.tobytes()
 
-    def _newer(self, name, seq):
+    def _newer(self, name, version):
         stream = self._streams.get(name)
-        return stream is not None and stream.seq != seq
+        return stream is not None and stream.version != version
 
     def closed(self):
         return self._closed
@@ -181,6 +192,35 @@ def http_url(host, port, path="/"):
     return "http://{}:{}{}".format("[{}]".format(host) if ":" in host else host, port, path)
 
 
+class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most ``connections`` (a semaphore, set by :meth:`LiveView.open`) at once: one
+    more is answered 503 and closed by the accepting thread itself."""
+
+    daemon_threads = True  # an MJPEG viewer never ends its request: never wait for it
+    connections = None
+
+    def process_request(self, request, client_address):
+        if not self.connections.acquire(blocking=False):
+            try:  # a few bytes into a new socket's empty buffer: never blocks
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n\r\n"
+                                b"too many connections to this host's live view; try again later\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread, which releases the slot
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+
 class _Handler(BaseHTTPRequestHandler):
     view = None  # the LiveView, set on a subclass per server
     timeout = 10  # s: a viewer that stops reading is cut off, its thread freed
@@ -189,7 +229,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         url = urllib.parse.urlsplit(self.path)
-        if url.path == "/":
+        if not self._host_allowed():
+            self._send(403, "text/plain", b"this live view answers only http://127.0.0.1:PORT/ or "
+                       b"http://localhost:PORT/ (a request for another name may be a DNS rebinding attack)\n")
+        elif url.path == "/":
             still = urllib.parse.parse_qs(url.query).get("still") == ["1"]
             self._send(200, "text/html; charset=utf-8", PAGE.replace("__STILL__", "true" if still else "false")
                        .encode("utf-8"))
@@ -214,15 +257,43 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, "text/plain", b"not found\n")
 
+    def _host_allowed(self):
+        """DNS rebinding: a page of another site, its name then re-pointed at 127.0.0.1, would read the frames
+        through the visitor's browser. A view on a loopback address therefore answers only requests that name an
+        IP address or localhost (the Host header); one listening on the network answers any (it is open anyway)."""
+        if not is_loopback(self.view.address[0]):
+            return True
+        host = self.headers.get("Host")
+        if host is None:  # an HTTP/1.0 client without the header (every browser sends it)
+            return True
+        try:
+            name = urllib.parse.urlsplit("//" + host).hostname
+        except ValueError:
+            return False
+        if name == "localhost":
+            return True
+        try:
+            ipaddress.ip_address(name or "")
+        except ValueError:
+            return False
+        return True
+
+    def do_HEAD(self):  # curl -I, uptime checks: GET's status and headers, without the body
+        self.do_GET()
+
     def _send(self, code, content_type, body):
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _mjpeg(self, name):
+        if self.view.jpeg(name) is None:  # not an empty 200 that ends at once: players and scripts see why
+            self._send(404, "text/plain", b"no frame of that stream yet\n")
+            return
         if not self.view._viewers.acquire(blocking=False):
             self._send(503, "text/plain", b"too many viewers of this host's live view; try again later\n")
             return
@@ -231,18 +302,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=" + BOUNDARY)
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
+            if self.command == "HEAD":
+                return
             # Each part is followed at once by the next boundary: browsers show a part only once they see its end.
             self.wfile.write("--{}\r\n".format(BOUNDARY).encode("ascii"))
-            seq = None
+            version = None
             while not self.view.closed():
-                latest = self.view.jpeg(name, after=seq, timeout=RESEND_S)
+                latest = self.view.jpeg(name, after=version, timeout=RESEND_S)
                 if latest is None:
                     # No new frame: the latest again. Browsers keep painting, and a viewer that left is found
                     # (the write fails) and its slot freed, even while the stream is silent.
                     latest = self.view.jpeg(name)
                     if latest is None:  # the view closed, or the stream left it (max_streams)
                         break
-                seq, data = latest
+                version, data = latest
                 self.wfile.write("Content-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n".format(len(data))
                                  .encode("ascii") + data + "\r\n--{}\r\n".format(BOUNDARY).encode("ascii"))
                 self.wfile.flush()
@@ -277,7 +350,7 @@ function card(s) {
   let c = cards[s.name];
   if (c) return c;
   c = {root: document.createElement("div"), img: document.createElement("img"),
-       title: document.createElement("h2"), table: document.createElement("table"), seq: -1};
+       title: document.createElement("h2"), table: document.createElement("table"), version: 0};
   c.root.className = "stream";
   c.root.dataset.stream = s.name;
   c.img.alt = s.name;
@@ -302,8 +375,8 @@ async function update() {
     for (const s of status.streams) {
       const c = card(s);
       c.title.textContent = s.name + " (frame " + s.seq + ", " + s.width + "x" + s.height + ")";
-      if (STILL && c.seq !== s.seq) c.img.src = c.still + "?seq=" + s.seq;
-      c.seq = s.seq;
+      if (STILL && c.version !== s.version) c.img.src = c.still + "?v=" + s.version;  // seq restarts with the edge
+      c.version = s.version;
       c.table.replaceChildren();
       row(c.table, ["ms", "last", "mean of last 30"], "th");
       for (const st of STAGES) if (s.stages[st]) row(c.table, [st, ms(s.stages[st].last), ms(s.stages[st].mean)]);

@@ -33,10 +33,15 @@ class _Package(type(sys)):
     def __getattr__(self, name):
         if name not in _API:
             raise AttributeError("module 'latentlink' has no attribute {!r}".format(name))
+        if name == "Receiver" and sys.version_info < (3, 8):  # the Nano: not "No module named 'dataclasses'"
+            raise ImportError("latentlink's Receiver is the host's side, which needs Python 3.8+ (this is {}.{}); on "
+                              "the edge import only the Sender: from latentlink import Sender".format(
+                                  *sys.version_info[:2]))
         return getattr(importlib.import_module(_API[name]), name)
 
-    def __dir__(self):
-        return sorted(set(type(sys).__dir__(self)) | set(_API))
+    def __dir__(self):  # what this Python can import: help(latentlink) works on the Nano too
+        names = set(_API) if sys.version_info >= (3, 8) else {"Sender"}
+        return sorted(set(type(sys).__dir__(self)) | names)
 
 
 sys.modules[__name__].__class__ = _Package

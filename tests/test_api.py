@@ -196,7 +196,9 @@ def test_receiver_closing_mid_stream_every_frame_is_accounted_for_by_the_sender(
     assert edge["captured"] == 40 and edge["outcomes"]["lost"] > 0 and edge["gave_up"]
     assert host["receiver"]["delivered"] == 5
     assert host["frames"] == 5 + host["receiver"]["undelivered"]
-    assert 5 <= edge["outcomes"]["decoded"] <= host["frames"]  # an ACK can be cut off by the close, never invented
+    # The host queues a frame, then acknowledges it: the application may take frame 4 before its ACK is sent, and
+    # the close then cut that ACK off (the edge counts it lost; seen here under load). ACKs are never invented.
+    assert 4 <= edge["outcomes"]["decoded"] <= host["frames"]
     with pytest.raises(ReceiverClosed):
         receiver.recv()
 
@@ -323,4 +325,5 @@ def test_on_frame_may_close_the_receiver(tiny_profile):
     assert seen == [0, 1, 2, 3] and summaries[0]["receiver"]["delivered"] == 4
     assert receiver.close() is summaries[0]
     assert_accounted(edge)
-    assert edge["captured"] == 20 and edge["outcomes"]["decoded"] >= 4
+    # Frame 3 is queued before its ACK is sent: the close from on_frame(3) may cut that ACK off (seen here under load).
+    assert edge["captured"] == 20 and edge["outcomes"]["decoded"] >= 3
