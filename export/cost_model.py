@@ -77,8 +77,9 @@ def layer_costs(model):
     graph = model.graph
     shapes = {}
     for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
-        if dims and all(d > 0 for d in dims):
+        tensor = value.type.tensor_type
+        dims = [d.dim_value for d in tensor.shape.dim]
+        if tensor.HasField("shape") and all(d > 0 for d in dims):  # [] is a scalar
             shapes[value.name] = dims
     weights = {}
     for tensor in graph.initializer:
@@ -89,7 +90,7 @@ def layer_costs(model):
         act_in = [n for n in ins if n not in weights]
         w_in = [n for n in ins if n in weights]
         out_shapes = [shapes.get(n) for n in node.output]
-        if any(s is None for s in out_shapes):
+        if any(s is None for s in out_shapes) and node.op_type not in FREE_OPS:
             raise ValueError("node {} ({}, {}): output shape unknown; export with static shapes".format(
                 index, node.name or "unnamed", node.op_type))
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

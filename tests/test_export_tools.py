@@ -52,7 +52,11 @@ def test_shipped_models_pass_and_the_command_says_ok(capsys):
     paths += [load_profile(p).model.decoder for p in ("nano-504", "nano-1008")]
     assert main(["check"] + paths) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 4 and all(line.startswith("OK: ") and "opset 13" in line for line in out)
+    reports = [line for line in out if not line.startswith("  ")]
+    assert len(reports) == 4 and all(line.startswith("OK: ") and "opset 13" in line for line in reports)
+    # Each report is followed by the Nano time estimate; the encoders' against their profile's budget.
+    estimates = [line for line in out if line.startswith("  estimate on jetson-nano")]
+    assert len(estimates) == 4 and sum("frame budget 33.0 ms" in line for line in estimates) == 2
 
 
 @pytest.mark.parametrize("case, expected", [
