@@ -2,6 +2,7 @@
 
     python -m benchmarks.cost_model               # the validation table, then every shipped profile vs its budget
     python -m benchmarks.cost_model --calibrate   # refit the two efficiencies on CALIBRATION (ResNet-18/34/50)
+    python -m benchmarks.cost_model --layers profiles/default/nano-1008/encoder.onnx   # per node: FLOPs, bytes
 
 The published networks are built here by hand (the torchvision architectures, layer for layer: torchvision itself
 does not install beside this project's torch), exported to ONNX at 224x224 like the published runs, and costed
@@ -177,7 +178,12 @@ def calibrate(graphs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calibrate", action="store_true", help="refit the efficiencies on CALIBRATION")
+    parser.add_argument("--layers", nargs="+", metavar="ONNX", help="print these graphs' FLOPs and bytes per node")
     args = parser.parse_args(argv)
+    if args.layers:
+        for path in args.layers:
+            print_layers(path)
+        return 0
     names = list(CALIBRATION) + ([] if args.calibrate else list(VALIDATION))
     graphs = {name: cost_model.load(graph_of(name)) for name in names}
     if args.calibrate:
@@ -201,6 +207,18 @@ def main(argv=None):
     print()
     print_profiles()
     return 0
+
+
+def print_layers(path):
+    """Per node: FLOPs and FP16 bytes (weights, in, out), then the whole graph's estimate."""
+    print(path)
+    print("| node | op | MFLOP | weights KB | in KB | out KB |")
+    print("|---|---|---|---|---|---|")
+    for layer in cost_model.layer_costs(path):
+        print("| {name} | {op} | {mflop:.1f} | {w:.1f} | {i:.0f} | {o:.0f} |".format(
+            mflop=layer["flops"] / 1e6, w=layer["weight_bytes"] / 1e3, i=layer["in_bytes"] / 1e3,
+            o=layer["out_bytes"] / 1e3, **layer))
+    print(cost_model.format_estimate(estimate(path)))
 
 
 def print_profiles():
