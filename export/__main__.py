@@ -75,6 +75,7 @@ def get_args_parser():
                                    "export/trt_ops.py); default: the one --profile's target.jetpack ships")
     check_parser.add_argument("--profile", default="nano-504",
                               help="whose target (target.jetpack) gives the default --trt (default: %(default)s)")
+    check_parser.add_argument("--json", help="also write the reports and the Nano time estimate to this JSON file")
 
     engine_parser = add("engine", "ONNX -> serialized TensorRT engine (+ <engine>.json), reused while it matches")
     engine_parser.add_argument("onnx", nargs="*", help="ONNX files (default: the profile's encoder)")
@@ -162,6 +163,8 @@ def check_args(args):
             args.trt = resolve_version(args.trt)  # --trt 9.9: a clear error before any file is read
         for path in args.onnx:
             check_input_file("export " + args.command, path, "export one with `latentlink export onnx`")
+        if args.command == "check" and args.json:
+            check_output_file("--json", args.json)
         if args.command == "engine":
             if args.out:
                 check_output_dir("--out", args.out)
@@ -188,18 +191,21 @@ def _main(argv):
 
 
 def _onnx(args):
+    from .cost_model import format_estimate
     from .models import load_checkpoint
     from .onnx_export import export_onnx
 
-    profile_name = None
+    profile_name = budget_ms = None
     if args.profile:
         profile = load_profile(args.profile)
         height, width, profile_name = profile.input.height, profile.input.width, profile.name
+        budget_ms = profile.budget_ms
     else:
         height, width = args.height, args.width
     model, meta = load_checkpoint(args.checkpoint)
     tiles = args.tiles or tuple(meta.get("tiles", (1, 1)))
-    info = export_onnx(model, height, width, args.out, profile=profile_name, checkpoint=args.checkpoint, tiles=tiles)
+    info = export_onnx(model, height, width, args.out, profile=profile_name, checkpoint=args.checkpoint, tiles=tiles,
+                       budget_ms=budget_ms)
     parity = info["parity"]
     print("wrote {0}/encoder.onnx, decoder.onnx, model.json: {1[model]} {1[input_shape]} -> {1[latent_shape]} "
           "({1[packing]}, {1[bits_per_pixel]} bpp){2}".format(
@@ -211,6 +217,7 @@ def _onnx(args):
         latents = "latent max |error| {:.2e}".format(parity["latent_max_abs_error"])
     print("parity with PyTorch (ONNX Runtime, CPU): {}; decoder max |error| {:.2e}".format(
         latents, parity["decoder_max_abs_error"]))
+    print("encoder " + format_estimate(info["estimate"], budget_ms))
     print("next: `latentlink export check {}/encoder.onnx`, then on the Nano `latentlink export engine "
           "{}/encoder.onnx`".format(args.out, args.out))
     return 0
@@ -248,14 +255,28 @@ def _entropy(args):
 
 
 def _check(args):
+    from .cost_model import budget_for, estimate_file, format_estimate
     from .onnx_check import check_onnx, format_check
 
     trt = args.trt or load_profile(args.profile).target.tensorrt
-    status = 0
+    status, reports = 0, []
     for path in args.onnx:
         report = check_onnx(path, trt)
         print(format_check(report))
         status = status or (0 if report["ok"] else 1)
+        # How long the Nano would take (an estimate, never a failure): see export/cost_model.py.
+        estimate, reason = estimate_file(path)
+        report["estimate"] = estimate
+        budget = budget_for(path) if role_from_name(path) == "encoder" else None  # the decoder runs on the host
+        print("  " + (format_estimate(estimate, budget) if estimate else "no estimate: " + reason))
+        reports.append(report)
+    if args.json:
+        # "estimate": the encoder's, the half the Nano runs (the first file when none is named encoder*).
+        encoders = [r for r in reports if role_from_name(r["path"]) == "encoder"] or reports
+        document = {"ok": not status, "estimate": encoders[0]["estimate"], "files": reports}
+        with open(args.json, "w") as f:
+            json.dump(document, f, indent=1)
+        print("wrote {}".format(args.json))
     return status
 
 

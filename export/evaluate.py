@@ -28,6 +28,7 @@ from latentlink.edge.profile import load_profile
 from latentlink.edge.entropy import CODERS, check_available, compress, decompress
 from latentlink.edge.protocol import frame_payload, pack_latents
 
+from .cost_model import estimate_file, format_estimate
 from .data import list_images, read_bgr, readable_images
 
 # codec -> (file extension, OpenCV quality flag, lowest and highest quality value)
@@ -333,10 +334,14 @@ def _main(argv):
           f"{f' ({len(skipped)} unreadable skipped)' if skipped else ''}; codecs at the highest quality no larger "
           f"than the model's wire frame{coded}")
     print(format_results(results, codecs, per_image=args.per_image, entropy=args.entropy))
+    # Beside the quality, what the encoder would cost on the Nano (export/cost_model.py: a model, not a measurement).
+    estimate, reason = estimate_file(encoder)
+    print("Nano encoder " + (format_estimate(estimate, profile.budget_ms) if estimate else "estimate: none ("
+                             + reason + ")"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"profile": profile.name, "entropy": args.entropy,
-                                               "results": results}, indent=1))
+                                               "estimate": estimate, "results": results}, indent=1))
         print(f"wrote {args.json}")
     if args.compressai or args.plot:
         model_point = _mean_rows([r["model"] for r in results])

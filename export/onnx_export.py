@@ -6,6 +6,7 @@ Beside the two files goes ``model.json``, which the edge and host read: model, i
 """
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -17,19 +18,24 @@ from latentlink.edge.cli import progress
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.tiles import split_tiles, tile_shape
 
+from .cost_model import estimate, format_estimate, verdict
 from .engine import sha256_of
 from .onnx_check import check_onnx, format_check
 
 OPSET = 13
+log = logging.getLogger("latentlink.export")
 
 
-def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sample=None, tiles=(1, 1), quiet=False):
+def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sample=None, tiles=(1, 1), quiet=False,
+                budget_ms=None):
     """Write ``encoder.onnx``, ``decoder.onnx`` and ``model.json`` for ``height`` x ``width`` frames to ``out_dir``.
 
     ``tiles=(R, C)``: patch processing; the models take the frame as a batch of R*C tiles (see edge/tiles.py),
     and model.json records the grid for the host. ``sample``: an optional float32 (1, 3, H, W) frame for the
     parity check (default: a smooth random image). Returns the model.json contents, parity figures included.
-    A progress bar of the steps on stderr where it is a terminal, unless ``quiet``.
+    A progress bar of the steps on stderr where it is a terminal, unless ``quiet``. model.json also records the
+    encoder's predicted time on a Jetson Nano (export/cost_model.py), and with ``budget_ms`` (the profile's frame
+    budget) a warning is logged when that prediction does not fit it.
     """
     tile_batch = tile_shape((1, 3, height, width), tiles)
     if tile_batch[2] % model.downscale or tile_batch[3] % model.downscale:
@@ -74,7 +80,12 @@ def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sa
         "checkpoint": Path(checkpoint).name if checkpoint else None,
         "checkpoint_sha256": sha256_of(checkpoint) if checkpoint else None,
         "parity": parity,
+        "estimate": estimate(enc_path),
     }
+    if budget_ms and verdict(info["estimate"], budget_ms) != "fits":
+        log.warning("%s: the encoder may not fit the Nano's frame budget: %s. A cheaper encoder (README \"Will it "
+                    "fit? The cost model\") or a smaller input would.", enc_path,
+                    format_estimate(info["estimate"], budget_ms))
     (out_dir / "model.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 

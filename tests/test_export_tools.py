@@ -55,7 +55,11 @@ def test_shipped_models_pass_and_the_command_says_ok(capsys):
     status = main(["check"] + paths)  # the profiles' target: JetPack 4.6, TensorRT 8.0 (no Sign, no Round)
     out = capsys.readouterr().out.splitlines()
     assert status == 0, "\n".join(out + ["re-export the shipped models: README, 'How the shipped weights were made'"])
-    assert len(out) == 4 and all(line.startswith("OK: ") and "opset 13" in line for line in out)
+    reports = [line for line in out if not line.startswith("  ")]
+    assert len(reports) == 4 and all(line.startswith("OK: ") and "opset 13" in line for line in reports)
+    # Each report is followed by the Nano time estimate; the encoders' against their profile's budget.
+    estimates = [line for line in out if line.startswith("  estimate on jetson-nano")]
+    assert len(estimates) == 4 and sum("frame budget 33.0 ms" in line for line in estimates) == 2
 
 
 @pytest.mark.parametrize("case, expected", [
