@@ -4,12 +4,16 @@ What is checked, without TensorRT: a valid ONNX model; opset <= 13 (the newest T
 the default domain and in TensorRT 8.2's ONNX operator table (onnx-tensorrt ``release/8.2`` ``docs/operators.md``),
 with the restrictions that table states for the operators our models use; every tensor shape static; no BOOL
 tensor (8.2 fails FP16 builds on them); no ``Constant`` node (latentlink's exports hold constants as initializers,
-which 8.2 wants for Conv weights, Squeeze axes, Resize scales and more).
+which 8.2 wants for Conv weights, Squeeze axes, Resize scales and more). One exception to static shapes: a
+decoder's (a file named ``decoder*``) first axis may be a named dynamic batch, so that the host decodes several
+frames in one run; the shapes are then checked with that axis at 1, and ``latentlink export engine`` builds it
+with an optimization profile of model.json's shape (TensorRT engines stay static).
 
 Python 3.6 compatible (needs the ``onnx`` package): it runs on the Nano before an engine build.
 """
 
 import collections
+import os
 
 import onnx
 
@@ -48,16 +52,23 @@ BOOL_REASON = ("TensorRT 8.2 FP16 builds fail on BOOL tensors ('cannot use preci
                "boolean values'); write the binarizer with float ops: clamp(sign(x), min=0)")
 
 
-def check_onnx(path):
-    """Check ``path``; returns ``{"path", "ok", "opset", "nodes", "ops": {op: count}, "problems": [str]}``."""
+def check_onnx(path, allow_dynamic_batch=None):
+    """Check ``path``; returns ``{"path", "ok", "opset", "nodes", "ops": {op: count}, "problems": [str],
+    "dynamic_batch": the batch axis's name or None}``. ``allow_dynamic_batch``: accept a named dynamic first axis
+    on the graph's input and output (None: for files named ``decoder*``)."""
     problems = []
-    report = {"path": str(path), "ok": False, "opset": None, "nodes": 0, "ops": {}, "problems": problems}
+    report = {"path": str(path), "ok": False, "opset": None, "nodes": 0, "ops": {}, "problems": problems,
+              "dynamic_batch": None}
+    if allow_dynamic_batch is None:
+        allow_dynamic_batch = os.path.basename(str(path)).startswith("decoder")
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError...: all mean "not usable"
         problems.append("not a valid ONNX model: {}".format(str(exc).splitlines()[0] if str(exc) else exc))
         return report
+    if allow_dynamic_batch:
+        report["dynamic_batch"] = _fix_batch(model)
     graph = model.graph
     opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     report["opset"] = max(opsets) if opsets else None
@@ -107,6 +118,24 @@ def check_onnx(path):
     return report
 
 
+def _fix_batch(model):
+    """If the graph's inputs and outputs share a named first axis, set it to 1 in ``model`` (so that the static
+    checks apply to the rest) and return its name; else None."""
+    values = list(model.graph.input) + list(model.graph.output)
+    names = set()
+    for value in values:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].dim_param:
+            return None
+        names.add(dims[0].dim_param)
+    if len(names) != 1:
+        return None
+    for value in values:
+        value.type.tensor_type.shape.dim[0].dim_value = 1  # clears dim_param (a oneof)
+    del model.graph.value_info[:]  # inferred again from the fixed input
+    return names.pop()
+
+
 def _resize_problems(node, initializers, where):
     """Resize on 8.2: nearest or linear only, and ``scales`` an initializer unless ``sizes`` is given."""
     problems = []
@@ -123,6 +152,7 @@ def _resize_problems(node, initializers, where):
 def format_check(report):
     """``OK: path (opset 13, 24 nodes: Conv x9, ...)`` or ``FAIL: path`` and one line per problem."""
     ops = ", ".join("{} x{}".format(op, n) for op, n in report["ops"].items())
-    head = "{}: {} (opset {}, {} nodes{})".format("OK" if report["ok"] else "FAIL", report["path"], report["opset"],
-                                                 report["nodes"], ": " + ops if ops else "")
+    head = "{}: {} (opset {}, {} nodes{}{})".format(
+        "OK" if report["ok"] else "FAIL", report["path"], report["opset"], report["nodes"], ": " + ops if ops else "",
+        "; dynamic batch axis {!r}".format(report["dynamic_batch"]) if report.get("dynamic_batch") else "")
     return "\n".join([head] + ["  - " + p for p in report["problems"]])
