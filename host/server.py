@@ -303,6 +303,8 @@ class Host(object):
         self.write_errors = 0
         self.refused_connections = 0  # over --max-connections or --max-connections-per-peer
         self.timeouts = 0  # connections closed for silence: no first message in time, or idle between messages
+        self.refused_streams = 0  # edges refused at the handshake (credentials, model, name in use) or as unauthorized
+        self.dropped_on_stop = 0  # frames received but dropped unacknowledged as the host stopped (or aborted)
         self.streams_ended = 0
         self.address = None
         self._lock = threading.Lock()  # guards the counters above, the streams dict and the live names
@@ -479,10 +481,8 @@ class Host(object):
 
     def _put(self, jobs, job, force=False):
         """Put ``job`` on the bounded queue ``jobs``, waiting while it is full; False (not queued) once the host
-        aborts, or, unless ``force``, stops."""
+        stops, unless ``force`` (a frame already decoded is written and acknowledged even when aborting)."""
         while True:
-            if self._abort.is_set() and job is not None:
-                return False
             if not force and self._stop.is_set():
                 return False
             try:
@@ -617,6 +617,8 @@ class Host(object):
 
     def _drop(self, job):
         """A frame taken off the pipeline unfinished (the host stops): not remembered, not acknowledged."""
+        with self._lock:
+            self.dropped_on_stop += 1
         session = job.me.session if job.ack else None
         if session is not None:
             with session.lock:
@@ -737,6 +739,8 @@ class Host(object):
             else:
                 self._serve_v2(me, names, byte, meta_len, min(deadline, greet_by))
         except Unauthorized as exc:
+            with self._lock:
+                self.refused_streams += 1
             log.warning("%s: refused: %s; closing", where, exc)
         except ConnectionClosed:
             if not self._stop.is_set() and not me.evicted:
@@ -752,6 +756,7 @@ class Host(object):
                 log.warning("%s: said nothing within %.0f s of connecting; closing the connection "
                             "(--handshake-timeout)", where, self.handshake_timeout_s)
         except ProtocolError as exc:
+            self._wait_idle(me)  # the good frames before the bad one are finished and counted first
             if self._stop.is_set() or me.evicted:
                 log.info("%s: closed mid-frame as the %s", where, "host stops" if self._stop.is_set() else
                          "edge reconnected")
@@ -925,6 +930,8 @@ class Host(object):
             refusal, evicted = self._take_stream(me, hello)
         if refusal is not None:
             reason, message = refusal
+            with self._lock:
+                self.refused_streams += 1
             log.warning("%s: refused stream %r (%s): %s", where, hello["stream"], reason, message)
             self._send_on(me, encode_message(KIND_REFUSE, reason=reason, message=message,
                                              permanent=reason in PERMANENT_REFUSALS))
@@ -1219,16 +1226,17 @@ class Host(object):
         """The host's live state for metrics and progress lines, cheap to call every second: a dict with
         ``streams`` (name -> {"decoded", "failed", "gaps", "duplicates", "connected"}), ``frames`` (decoded in
         all), ``failed``, ``protocol_errors``, ``write_errors``, ``refused_connections``, ``timeouts``,
-        ``queue_depth`` and ``queue_capacity`` (frames waiting to be decoded, and the most that may), and
-        ``batches`` (batch size -> batches decoded)."""
+        ``refused_streams`` (edges refused at the handshake), ``dropped_on_stop`` (frames dropped unacknowledged as the
+        host stopped), ``queue_depth`` and ``queue_capacity`` (frames waiting to be decoded, and the most that
+        may), and ``batches`` (batch size -> batches decoded)."""
         with self._lock:
             streams = {name: {"decoded": s.frames, "failed": s.failed, "gaps": s.gaps, "duplicates": s.duplicates,
                               "connected": name in self._live} for name, s in self.streams.items()}
             return {"streams": streams, "frames": self._frames.frames,
                     "failed": self.forgotten.failed + sum(s.failed for s in self.streams.values()),
                     "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
-                    "refused_connections": self.refused_connections, "timeouts": self.timeouts,
-                    "queue_depth": self._decode_queue.qsize(), "queue_capacity": self.queue_size,
+                    "refused_connections": self.refused_connections, "refused_streams": self.refused_streams,
+                    "timeouts": self.timeouts, "dropped_on_stop": self.dropped_on_stop, "queue_depth": self._decode_queue.qsize(), "queue_capacity": self.queue_size,
                     "batches": dict(self._batches)}
 
     def _log_progress(self):
@@ -1278,7 +1286,10 @@ class Host(object):
             gaps = self.forgotten.gaps + sum(s.gaps for s in self.streams.values())
             failed = self.forgotten.failed + sum(s.failed for s in self.streams.values())
             extra = {"failed": failed, "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
-                     "refused_connections": self.refused_connections, "timeouts": self.timeouts, "streams": streams}
+                     "refused_connections": self.refused_connections, "refused_streams": self.refused_streams,
+                     "timeouts": self.timeouts, "dropped_on_stop": self.dropped_on_stop,
+                     "batches": {str(size): n for size, n in sorted(self._batches.items())},  # JSON keys
+                     "streams": streams}
             if self.forgotten_streams:
                 forgotten = self.forgotten.as_dict()
                 for key in ("ended", "last_seq"):
