@@ -1,8 +1,9 @@
 """Encoder and decoder -> two ONNX files for two devices, fit for TensorRT 8.2 on the Nano.
 
 Static shapes (one input size per profile; the decoder's batch axis alone is dynamic, so that the host decodes
-several frames in one run: the Nano's encoder stays fully static), opset 13 (the newest TensorRT 8.2 parses), the legacy TorchScript
-exporter (PyTorch >= 2.9 would pick the dynamo exporter and opset 18), and no BOOL tensors anywhere in the graph.
+several frames in one run: the Nano's encoder stays fully static), opset 13 (the newest TensorRT 8.2 parses), the
+legacy TorchScript exporter (PyTorch >= 2.9 would pick the dynamo exporter and opset 18), and no BOOL tensors
+anywhere in the graph.
 Beside the two files goes ``model.json``, which the edge and host read: model, input shape, latent shape, packing.
 """
 

@@ -243,7 +243,8 @@ class Host(object):
     parser for it is the largest attack surface the host has; see the README's threat model).
     ``accept_pickle_raw``: serve plain clients' length-prefixed pickles (:mod:`latentlink.host.raw_pickle`; off by
     default), as stream ``raw_stream_name`` (None: raw-<ip>-<port>).
-    ``decode_delay_s``: for tests and benchmarks only: sleep this long per frame decoded, in the decode stage (simulates a slower decoder, so that frames are in flight when a fault is injected; 0: off).
+    ``decode_delay_s``: for tests and benchmarks only: sleep this long per frame decoded, in the decode stage
+    (simulates a slower decoder, so that frames are in flight when a fault is injected; 0: off).
     The pipeline: ``batch_size``: the most frames decoded in one call (across streams; 1: no batching);
     ``batch_wait_ms``: how long the decode stage waits for more frames once it has one (ms; it never waits when
     the queue holds a full batch); ``queue_size``: the most frames waiting to be decoded (receivers stop reading
@@ -1226,8 +1227,8 @@ class Host(object):
         """The host's live state for metrics and progress lines, cheap to call every second: a dict with
         ``streams`` (name -> {"decoded", "failed", "gaps", "duplicates", "connected"}), ``frames`` (decoded in
         all), ``failed``, ``protocol_errors``, ``write_errors``, ``refused_connections``, ``timeouts``,
-        ``refused_streams`` (edges refused at the handshake), ``dropped_on_stop`` (frames dropped unacknowledged as the
-        host stopped), ``queue_depth`` and ``queue_capacity`` (frames waiting to be decoded, and the most that
+        ``refused_streams`` (edges refused at the handshake), ``dropped_on_stop`` (frames dropped unacknowledged
+        as the host stopped), ``queue_depth`` and ``queue_capacity`` (frames waiting to be decoded, and the most that
         may), and ``batches`` (batch size -> batches decoded)."""
         with self._lock:
             streams = {name: {"decoded": s.frames, "failed": s.failed, "gaps": s.gaps, "duplicates": s.duplicates,
@@ -1236,7 +1237,8 @@ class Host(object):
                     "failed": self.forgotten.failed + sum(s.failed for s in self.streams.values()),
                     "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
                     "refused_connections": self.refused_connections, "refused_streams": self.refused_streams,
-                    "timeouts": self.timeouts, "dropped_on_stop": self.dropped_on_stop, "queue_depth": self._decode_queue.qsize(), "queue_capacity": self.queue_size,
+                    "timeouts": self.timeouts, "dropped_on_stop": self.dropped_on_stop,
+                    "queue_depth": self._decode_queue.qsize(), "queue_capacity": self.queue_size,
                     "batches": dict(self._batches)}
 
     def _log_progress(self):

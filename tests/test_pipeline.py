@@ -265,3 +265,16 @@ def test_a_resent_frame_in_flight_is_decoded_once(tiny_profile):
         assert host._forsake(job) and 5 not in session.in_flight and old.pending == 0
     finally:
         stop(host, thread)
+
+
+def test_max_frames_lets_the_last_acknowledgement_out(procs, tmp_path, tiny_profile):
+    """--max-frames 5 and an edge of 5 frames (without --wait-for-host): the host stops after the fifth, its ACK
+    reaches the edge first, so the edge ends without reconnecting."""
+    host, address = start_host(procs, tmp_path, tiny_profile, "--max-frames", 5, "--decode-delay", "0.05")
+    edge = start_edge(procs, tmp_path, tiny_profile, address, "cam", "edge", "--source", "synthetic://", "--frames",
+                      5, "--drop", "block", "--window", 4)
+    assert finish(host) == 0, host_log(tmp_path)
+    finish(edge)
+    edge_report = report(tmp_path, "edge")
+    assert edge_report["outcomes"]["decoded"] == 5 and edge_report["outcomes"].get("lost", 0) == 0, edge_report
+    assert report(tmp_path, "host")["frames"] == 5
