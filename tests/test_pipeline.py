@@ -5,7 +5,6 @@ batching and its queue bound run in this process, reading ``Host.snapshot()``. E
 the tiny model decodes in about a millisecond, so ``decode_delay_s`` slows the host where frames must pile up.
 """
 
-import os
 import signal
 import subprocess
 import sys
