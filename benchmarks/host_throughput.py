@@ -67,7 +67,7 @@ def run(decoder, latents, streams, frames, pipeline, batch_size, work):
     info = decoder.info
     out = tempfile.mkdtemp(dir=work)
     host = Host(decoder, out_dir=out, pipeline=pipeline, batch_size=batch_size, window=WINDOW, progress_s=0,
-                idle_timeout_s=60, frame_timeout_s=30)
+                idle_timeout_s=60, frame_timeout_s=30, max_connections_per_peer=64)  # every client is 127.0.0.1
     host.bind("127.0.0.1", 0)
     serving = threading.Thread(target=host.serve, daemon=True)
     serving.start()

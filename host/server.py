@@ -1,5 +1,22 @@
 """The host: accept edges, read frames, decode latents to images, store or show them, time every stage.
 
+A pipeline of four stages, each bounded::
+
+    connection threads (one per edge: handshake, limits, dedup, read frames)
+      -> decode queue (at most ``queue_size`` frames; when full, receivers stop reading and the edges' windows fill)
+      -> decode stage (one thread: up to ``batch_size`` frames of any streams in one decoder run, waiting at most
+         ``batch_wait_ms`` for more once it holds one; ``Backend.infer_batch``)
+      -> write stage (``write_workers`` threads, each with its own queue of at most ``queue_size`` frames; a stream's
+         frames always go to the same one, so they reach the outputs in order): the outputs (``self.outputs``,
+         host/outputs.py), the frame's record, then its ACK on its connection (one sender at a time per socket)
+
+so a frame is acknowledged only once decoded and written, and a slow decoder slows the edges' windows instead of
+growing queues: memory is bounded by the queue sizes and the windows (each connection has at most ``window``
+frames in flight). ``pipeline=False`` keeps the serial path (each connection's thread decodes and writes its own
+frames under one lock), for the throughput benchmark. Stopping (:meth:`Host.stop`, ``--max-frames``,
+``--max-streams``, a first Ctrl-C or SIGTERM) stops reading, finishes the frames received and lets their ACKs out
+before the connections close; :meth:`Host.abort` (a second signal) drops the queued frames unacknowledged.
+
 One thread per connection, at most ``max_connections`` at once and ``max_connections_per_peer`` from one IP
 address; more are refused (REFUSE busy) at once. A connection is independent of the others: a malformed or malicious
 frame, a peer that stalls or trickles, or latents that do not fit the decoder close that one connection with a log
@@ -14,11 +31,12 @@ actually arrive (``latentlink.edge.protocol``).
 Protocol 2 edges (see the protocol module) open with a HELLO, which the host checks against its decoder before any
 frame: the model's identity, the latent shape, packing, tiles and coder, and that the stream name is not live from
 another session; it answers ACCEPT (with the window it grants) or REFUSE with the reason. It acknowledges each
-frame after decoding and writing it, so a slow host slows the edges' windows instead of growing queues. It
-remembers what each session's frames became (:class:`Session`; with ``out_dir``, also in a journal beside the
-PNGs), so a frame resent after a reconnect, even to a restarted host, is never decoded or written twice. A
+frame after decoding and writing it. It remembers what each session's frames became (:class:`Session`; with
+``out_dir``, also in a journal beside the PNGs), and which are in the pipeline now, so a frame resent after a
+reconnect, even to a restarted host, is never decoded or written twice (a resend of a frame in flight waits for
+that frame's outcome). A
 reconnect of the same session takes over its stream name at once, dropping the stale connection and its backlog.
-Protocol 1 edges are served as before, without acknowledgements.
+Protocol 1 edges and raw pickles go through the same pipeline, without acknowledgements.
 
 With credentials (``latentlink.edge.security``) the host serves only edges that have them: under TLS each accepted
 connection does its TLS handshake in its own thread, within a deadline, and an edge may stream only under the name
@@ -226,6 +244,53 @@ class _Job(object):
         self.t_queued = time.perf_counter()
 
 
+class _DecodeQueue(object):
+    """The decode queue: at most ``capacity`` frames, taken round-robin across streams (first in, first out within
+    a stream), so that each edge's next acknowledgement waits for about one frame of every other stream, not for
+    every frame queued before it. ``put`` raises ``queue.Full`` after ``timeout`` s; ``get`` returns a job, or
+    None once :meth:`close` was called and the queue is empty, and raises ``queue.Empty`` after ``timeout`` s."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self._streams = collections.OrderedDict()  # stream -> deque of jobs; the next stream to take from first
+        self._size = 0
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def qsize(self):
+        return self._size
+
+    def put(self, job, timeout=None):
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._size < self.capacity, timeout):
+                raise queue.Full
+            self._streams.setdefault(job.meta.stream, collections.deque()).append(job)
+            self._size += 1
+            self._changed.notify_all()
+
+    def get(self, timeout=None):
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._size or self._closed, timeout):
+                raise queue.Empty
+            if not self._size:
+                return None  # closed, and every frame taken
+            stream, jobs = next(iter(self._streams.items()))
+            job = jobs.popleft()
+            if jobs:
+                self._streams.move_to_end(stream)  # its next frame after one of each other stream
+            else:
+                del self._streams[stream]
+            self._size -= 1
+            self._changed.notify_all()
+            return job
+
+    def close(self):
+        """No more frames: ``get`` returns None once the queue is empty."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+
 class Host(object):
     """Receives latents from any number of edges and decodes them with one shared ``decoder`` backend.
 
@@ -314,7 +379,7 @@ class Host(object):
         self._abort = threading.Event()  # stop at once: the frames queued are dropped, not acknowledged
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000.0
         self.queue_size, self.pipeline, self.progress_s = queue_size, pipeline, progress_s
-        self._decode_queue = queue.Queue(queue_size)  # _Job; its bound is the pipeline's memory bound
+        self._decode_queue = _DecodeQueue(queue_size)  # _Job; its bound is the pipeline's memory bound
         self._write_queues = [queue.Queue(queue_size) for _ in range(write_workers)]
         self._workers = []
         self._batches = collections.Counter()  # batch size -> batches decoded
@@ -456,8 +521,7 @@ class Host(object):
             while thread.is_alive():
                 thread.join(timeout=0.5)
                 self._log_progress()
-        if self._workers:  # the decode stage passes the sentinel on to the writers, behind the last frames
-            self._put(self._decode_queue, None, force=True)
+        self._decode_queue.close()  # the decode stage takes what is left, then tells the writers to end
         for thread in self._workers:
             thread.join()
         with self._lock:
@@ -518,15 +582,14 @@ class Host(object):
                 for jobs in self._write_queues:
                     jobs.put(None)
                 return
-            batch, sentinel = [job], False
+            batch = [job]
             deadline = time.monotonic() + self.batch_wait_s
             while len(batch) < self.batch_size:
                 try:
                     more = self._decode_queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                if more is None:
-                    sentinel = True
+                if more is None:  # closed: the next get says so again, after this batch
                     break
                 batch.append(more)
             try:
@@ -541,8 +604,6 @@ class Host(object):
                     continue
                 index = hash(job.meta.stream) % len(self._write_queues)  # one writer per stream: its frames in order
                 self._put(self._write_queues[index], job, force=True)
-            if sentinel:
-                self._decode_queue.put(None)
 
     def _decode_batch(self, batch):
         """Decode ``batch`` (frames dropped when aborting, or past ``max_frames``, are marked "dropped")."""
@@ -673,7 +734,7 @@ class Host(object):
                     stats.account(meta.seq)
         try:
             if job.ack:
-                for conn, duplicate in [(me, False)] + [(w, True) for w in waiters]:
+                for conn, duplicate in [(me, False)] + [(w, True) for w in waiters if w is not me]:
                     fields = dict(seq=meta.seq, outcome=outcome, duplicate=duplicate, t_recv=job.t_recv,
                                   t_done=t_done)
                     if reason:
@@ -688,7 +749,7 @@ class Host(object):
             return
         try:
             self._send_on(me, data)
-        except (ProtocolError, OSError) as exc:
+        except (LatentlinkError, OSError) as exc:  # ProtocolError, ConnectionClosed: closed meanwhile
             me.broken = True
             if not me.evicted:
                 log.warning("%s: cannot acknowledge a frame (%s); closing this connection", me.where, exc)
@@ -1136,6 +1197,7 @@ class Host(object):
         session = me.session
         with timer.stage("deserialize"):
             latents = decode_latents(meta, payload)  # decompressed first if entropy-coded (bounded, edge/entropy.py)
+        new = None
         with session.lock:
             if me.evicted:
                 raise ConnectionClosed("replaced by a reconnect of the same session")
@@ -1144,10 +1206,10 @@ class Host(object):
             if job is not None:
                 job.waiters.append(me)  # acknowledged here when that job is done
             elif known is None:
-                job = session.in_flight[meta.seq] = _Job(me, meta, latents, timer, session.offset_s, t_recv, ack=True)
-        if job is not None and job.me is me and not job.waiters:
+                new = session.in_flight[meta.seq] = _Job(me, meta, latents, timer, session.offset_s, t_recv, ack=True)
+        if new is not None:
             # Outside the session's lock: the queue may be full, and the write stage takes that lock.
-            if not self._submit(job):
+            if not self._submit(new):
                 raise ConnectionClosed("the host is stopping")  # not acknowledged: the edge resends it
             return
         with self._lock:
