@@ -185,17 +185,24 @@ def main(argv=None):
     print("| backend | path | streams | decoded frames/s | mean batch (frames) | vs serial |")
     print("|---|---|---|---|---|---|")
     results = {}
-    for backend, what, options, pipeline, batch in rows:
-        options = dict(options)
-        with open_backend(options.pop("path"), "decoder", **options) as decoder:
-            for streams in args.streams:
+    decoders = []
+    try:
+        for backend, what, options, pipeline, batch in rows:
+            options = dict(options)
+            decoders.append(open_backend(options.pop("path"), "decoder", **options).load())
+        # Interleaved (each stream count through every configuration in turn), so that a shared machine's load
+        # drifting during the run weighs on all of them alike.
+        for streams in args.streams:
+            for (backend, what, _, pipeline, batch), decoder in zip(rows, decoders):
                 fps, mean = run(decoder, latents, streams, args.frames, pipeline, batch, work)
                 results[(backend, what, streams)] = fps
                 serial = results.get((backend, "serial (batch 1, inline)", streams))
                 print("| {} | {} | {} | {:.2f} | {:.1f} | {} |".format(
                     backend, what, streams, fps, mean, "{:.2f}x".format(fps / serial) if serial else "-"),
                     flush=True)
-
+    finally:
+        for decoder in decoders:
+            decoder.close()
 
 if __name__ == "__main__":
     main()

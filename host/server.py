@@ -325,8 +325,8 @@ class Host(object):
 
     Memory does not grow with the frames or the streams served: the summary is aggregated as frames are decoded
     (:class:`~latentlink.edge.profiler.FrameStats`), and each decoded frame's record goes to ``on_record(record)``
-    (called from the connection's thread, e.g. a :class:`~latentlink.edge.profiler.ReportWriter`'s ``add``), never
-    into a list. :attr:`streams` keeps the counts of at most ``max_stream_stats`` streams: when a new stream would
+    (called from the write stage's threads, e.g. a :class:`~latentlink.edge.profiler.ReportWriter`'s ``add``),
+    never into a list. :attr:`streams` keeps the counts of at most ``max_stream_stats`` streams: when a new stream would
     pass that, the oldest ended one (or, if none ended, the oldest not connected) is forgotten and its counts added
     to :attr:`forgotten`, so the summary's totals stay exact.
     """
