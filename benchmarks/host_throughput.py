@@ -10,7 +10,7 @@ process with the profile's decoder, real decoding (no --decode-delay) and real P
 
 - ``serial``: ``Host(pipeline=False)``: each connection's thread decodes and writes its own frames one at a time
   under one lock (what the host did before the pipeline);
-- ``pipelined``: the decode queue, one decode stage batching across streams (``--batch-size`` 8) and two writers,
+- ``pipelined``: the decode queue, one decode stage batching across streams (``--batch-size`` 4) and two writers,
   with the shipped decoder (a fixed batch of 1 in exports before the dynamic batch axis: a batch's frames are then
   decoded one by one, and only the overlap of decoding with receiving and writing remains);
 - ``pipelined, dynamic batch``: the same with the decoder re-exported from the shipped checkpoint by today's
@@ -158,7 +158,7 @@ def main(argv=None):
     parser.add_argument("--profile", default="nano-504")
     parser.add_argument("--frames", type=int, default=48, help="frames per configuration (default: %(default)s)")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4, help="the pipelined host's (default: %(default)s)")
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
     work = tempfile.mkdtemp(prefix="latentlink-throughput-")

@@ -89,7 +89,7 @@ def get_args_parser():
                         help="edges must prove they have the token in FILE (HMAC challenge; the token never crosses "
                              "the wire): for small setups without certificates; traffic is not encrypted")
     parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
                         help="decode up to N frames in one run, across streams (default: %(default)s; 1: one at a "
                              "time). Needs a decoder with a dynamic batch axis (latentlink export onnx makes one); "
                              "others decode a batch's frames one by one")

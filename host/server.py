@@ -336,7 +336,7 @@ class Host(object):
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
                  accept_pickle=False, window=8, handshake_timeout_s=5.0, max_connections_per_peer=4,
                  decode_delay_s=0.0, credentials=None, on_record=None, max_stream_stats=MAX_STREAM_STATS,
-                 accept_pickle_raw=False, raw_stream_name=None, outputs=(), batch_size=8, batch_wait_ms=5.0,
+                 accept_pickle_raw=False, raw_stream_name=None, outputs=(), batch_size=4, batch_wait_ms=5.0,
                  queue_size=64, write_workers=2, pipeline=True, progress_s=5.0):
         if batch_size < 1 or queue_size < 1 or write_workers < 1 or batch_wait_ms < 0:
             raise ConfigError("bad pipeline settings: batch size {}, queue size {} and write workers {} must be at "
