@@ -832,6 +832,9 @@ class Host(object):
         except Exception:  # a bug must cost one connection, never the server
             log.exception("%s: unexpected error; closing this connection", where)
         finally:
+            # Its frames in the pipeline are acknowledged before the close; until then the connection keeps its
+            # name and slot (a new session of its edge takes them over, dropping that backlog, as for a live one).
+            self._wait_idle(me)
             # Free the stream name before closing: an edge that sees the close may reconnect at once. Only if it is
             # still ours: a reconnect of the same session may have taken it over already.
             with self._lock:
@@ -841,7 +844,6 @@ class Host(object):
                     del self._live[names[0]]
                 if me.session is not None and me.session.connection is me:
                     me.session.connection = None
-            self._wait_idle(me)  # its frames in the pipeline are acknowledged before the close
             me.sock.close()
 
     def _start_tls(self, me):
