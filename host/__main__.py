@@ -106,7 +106,7 @@ def get_args_parser():
                         help="log a progress line this often while frames flow: frames/s per stream, latency, "
                              "backlog (default: %(default)s; 0: off)")
     parser.add_argument("--decode-delay", type=float, default=0.0, metavar="SECONDS",
-                        help="for testing and benchmarks only: sleep this long after each decode, simulating a "
+                        help="for testing and benchmarks only: sleep this long per frame decoded, simulating a "
                              "slower decoder (default: %(default)s, off)")
     add_backend_options(parser)
     add_run_options(parser)

@@ -242,27 +242,36 @@ def test_the_decode_queue_stays_within_its_bound(tiny_profile):
     assert host.snapshot()["frames"] == 50 and max(host.snapshot()["batches"]) <= 2
 
 
-def test_a_resent_frame_in_flight_is_decoded_once(tiny_profile):
-    """A frame whose job is still queued when it arrives again (a reconnect of the same session) joins that job:
-    one decode, and the resend gets the acknowledgement (as a duplicate)."""
-    from latentlink.host.server import Session, _Connection, _Job
-    from latentlink.edge.profiler import FrameTimer
+def test_a_frame_resent_while_in_flight_is_decoded_and_written_once(tiny_profile):
+    """A reconnect of the same session resends the frames it had in flight: those still in the pipeline are not
+    decoded again (the resend joins the frame's job, or finds its outcome); each frame is written exactly once."""
+    from latentlink.edge.protocol import VERSION_2, frame_payload, pack_latents
 
-    host, thread = serve(tiny_profile)
+    from .test_limits import Edge, latent
+
+    collect = Collect()
+    writes = []
+    collect.write = lambda frame: writes.append((frame.stream, frame.seq))
+    # 1 s per frame, one at a time: when frame 0 is written, frame 1 is decoding and frame 2 waits in the queue.
+    host, thread = serve(tiny_profile, outputs=[collect], batch_size=1, decode_delay_s=1.0)
+    first = second = None
     try:
-        session = Session("cam", "s1")
-        old, new = _Connection(None, "old"), _Connection(None, "new")
-        old.session = new.session = session
-        job = _Job(old, type("Meta", (), {"seq": 5, "stream": "cam"})(), None, FrameTimer(5), ack=True)
-        session.in_flight[5] = job
-        job.waiters.append(new)
-        old.evicted = True
-        assert not host._forsake(job)  # a resend waits for it: it is decoded, not dropped
-        new.evicted = True
-        job.waiters.clear()
-        old.pending = 1
-        assert host._forsake(job) and 5 not in session.in_flight and old.pending == 0
+        first = Edge(host.address, "cam").connect()
+        for seq in range(3):
+            first.send(frame_payload("cam", seq, time.time(), latent(seq), "bits", pack_latents(latent(seq), "bits"),
+                                     version=VERSION_2))
+        wait_for(lambda: ("cam", 0) in writes, 30, "frame 0 written")
+        second = Edge(host.address, "cam")
+        second.session = first.session  # the same edge run, reconnected: it takes the stream over at once
+        second.connect()
+        acks = [second.frame(seq) for seq in (1, 2)]
+        assert [(a["seq"], a["outcome"]) for a in acks] == [(1, "decoded"), (2, "decoded")]
+        assert sorted(writes) == [("cam", 0), ("cam", 1), ("cam", 2)]  # no frame written twice
+        assert host.snapshot()["batches"] == {1: 3}  # ... nor decoded twice
     finally:
+        for edge in (first, second):
+            if edge is not None:
+                edge.close()
         stop(host, thread)
 
 
