@@ -25,6 +25,7 @@ import argparse
 import glob
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -203,6 +204,7 @@ def main(argv=None):
     finally:
         for decoder in decoders:
             decoder.close()
+        shutil.rmtree(work, ignore_errors=True)  # the PNGs written and the re-exported decoder
 
 if __name__ == "__main__":
     main()
