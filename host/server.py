@@ -49,7 +49,6 @@ import logging
 import queue
 import select
 import socket
-import ssl
 import statistics
 import threading
 import time
@@ -65,8 +64,8 @@ from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACC
                                       KIND_REFUSE, MAGIC, MAX_WINDOW, PERMANENT_REFUSALS, VERSION, VERSION_2, VERSIONS,
                                       check_stream_name, decode_latents, encode_message, latency_ms, parse_header,
                                       read_body, read_header, wait_header, wait_header_bytes)
-from latentlink.edge.security import (Credentials, edge_proof, explain_server_tls_error, handshake, host_proof,
-                                      linger_close, new_nonce, peer_name, proof_matches)
+from latentlink.edge.security import (Credentials, TLSSocket, edge_proof, explain_server_tls_error, handshake,
+                                      host_proof, linger_close, new_nonce, peer_name, proof_matches)
 
 from .out_dir import OutDir
 from .outputs import DecodedFrame, FolderOutput, OutputError
@@ -209,12 +208,15 @@ class Session(object):
 
 
 class _Connection(object):
-    """One connection: its socket (the TLS one, once the handshake is done), peer and (protocol 2) session;
+    """One connection: its socket (once the TLS handshake is done, a
+    :class:`~latentlink.edge.security.TLSSocket`: the receiver reads while the write stage sends, and one OpenSSL
+    connection must never be used by two threads at once), peer and (protocol 2) session;
     ``identity`` the name in its TLS certificate; ``evicted`` once a reconnect replaced it; ``greeted`` once its
     first message began (from then on, silence is idleness, not a missing handshake)."""
 
     def __init__(self, sock, where):
         self.sock, self.where = sock, where
+        self.raw = sock  # the socket itself, for shutdown and TCP state (under TLS, ``sock`` is a TLSSocket around it)
         self.session = None
         self.identity = None
         self.evicted = False
@@ -753,7 +755,7 @@ class Host(object):
             me.broken = True
             if not me.evicted:
                 log.warning("%s: cannot acknowledge a frame (%s); closing this connection", me.where, exc)
-            _shutdown(me.sock)
+            _shutdown(me.raw)
 
     # One connection.
     def _serve_connection(self, conn, peer):
@@ -839,7 +841,7 @@ class Host(object):
             # still ours: a reconnect of the same session may have taken it over already.
             with self._lock:
                 self._release(conn, peer[0])
-                self._conns.discard(me.sock)
+                self._conns.discard(me.raw)
                 if names and self._live.get(names[0]) is me:
                     del self._live[names[0]]
                 if me.session is not None and me.session.connection is me:
@@ -867,7 +869,7 @@ class Host(object):
         with self._lock:  # stop() shuts down the socket in use
             self._conns.discard(conn)
             self._conns.add(tls)
-        me.sock = tls
+        me.sock = me.raw = tls
         try:
             handshake(tls, self.handshake_timeout_s, deadline)
         except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
@@ -886,6 +888,7 @@ class Host(object):
                         "of `latentlink keys edge DIR NAME`; closing", where, me.identity)
             return False
         log.debug("%s: TLS, certificate for %r", where, me.identity)
+        me.sock = TLSSocket(tls, self.frame_timeout_s)  # one SSL call at a time, from any thread
         return True
 
     def _refuse_plain(self, me):
@@ -1005,7 +1008,7 @@ class Host(object):
         if evicted is not None:
             log.info("%s: stream %r reconnected (session %s); dropping the stale connection from %s and its "
                      "backlog", where, hello["stream"], session.id, evicted.where)
-            _shutdown(evicted.sock)
+            _shutdown(evicted.raw)
         else:
             log.info("%s: stream %r connected (session %s, %s delivery)", where, hello["stream"], session.id,
                      hello["delivery"])
@@ -1048,7 +1051,14 @@ class Host(object):
         buffers are full) is a ProtocolError: it would otherwise hold this thread and its slot for ever.
 
         The socket's timeout is left alone: the connection's receiver sets it for its own reads while the write
-        stage sends acknowledgements, so the wait is a ``select`` here, then a send of what the socket takes."""
+        stage sends acknowledgements, so the wait is a ``select`` here, then a send of what the socket takes (a
+        TLSSocket does the same under its lock)."""
+        if isinstance(conn, TLSSocket):  # its sendall waits outside its lock, and fails after no progress
+            try:
+                return conn.sendall(data)
+            except socket.timeout:
+                raise ProtocolError("the edge does not read the host's messages (none taken for {:g} s)".format(
+                    self.frame_timeout_s))
         view, deadline = memoryview(data), time.monotonic() + self.frame_timeout_s
         while view:
             remaining = deadline - time.monotonic()
@@ -1061,9 +1071,9 @@ class Host(object):
                 raise ConnectionClosed("the connection was closed")
             if not writable:
                 continue
-            try:  # takes what fits in the socket's buffer (a TLS record is retried with the same bytes)
+            try:  # takes what fits in the socket's buffer
                 sent = conn.send(view)
-            except (socket.timeout, BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            except (socket.timeout, BlockingIOError):
                 continue
             view = view[sent:]
 
@@ -1143,7 +1153,7 @@ class Host(object):
             evicted = None
             if live is not None:
                 same = live.session is not None and live.session.id == session_id
-                if not same and not _peer_gone(live.sock):
+                if not same and not _peer_gone(live.raw):
                     return ("name_in_use", "stream {!r} is live from {} (another edge with the same --name?): give "
                             "each edge its own --name".format(stream, live.where)), None
                 evicted = live
