@@ -47,7 +47,8 @@ def get_args_parser():
     def add(name, help_text):
         return sub.add_parser(name, help=help_text, description=sentence(help_text), epilog=EXAMPLES)
 
-    onnx_parser = add("onnx", "write encoder.onnx + decoder.onnx + model.json (opset 13, static shapes)")
+    onnx_parser = add("onnx", "write encoder.onnx + decoder.onnx + model.json (opset 13, static shapes; the "
+                              "decoder's batch axis is dynamic, for the host's batches)")
     onnx_parser.add_argument("--checkpoint", required=True, help="a checkpoint written by `latentlink train`")
     onnx_parser.add_argument("--profile", help="take the input size from this profile (name or YAML file)")
     onnx_parser.add_argument("--height", type=positive_int, help="input height in pixels (instead of --profile)")

@@ -154,6 +154,7 @@ def _build(trt, onnx_path, precision, workspace_mb, gpu, log):
                                                                                 "\n  ".join(errors)))
     config = builder.create_builder_config()
     trt_api.set_workspace(trt, config, workspace_mb << 20)
+    _fix_dynamic_batch(trt, builder, network, config, onnx_path, log)
     if precision == "fp16":
         if not builder.platform_has_fast_fp16:
             log("warning: {} has no fast FP16; the FP16 engine may be no faster than FP32".format(gpu))
@@ -166,6 +167,19 @@ def _build(trt, onnx_path, precision, workspace_mb, gpu, log):
                            "'Killed' ran out of memory: close other programs or lower --workspace (now {} MB)".format(
                                onnx_path, workspace_mb))
     return plan
+
+
+def _fix_dynamic_batch(trt, builder, network, config, onnx_path, log):
+    """A decoder exported with a dynamic batch axis (for the host's batches on ONNX Runtime) is built with
+    model.json's shape as its input shape: the engine stays static, as TensorRT on the Nano wants, and the host's
+    TensorRT backend decodes one frame per run. (Unverified on a GPU here: latentlink's CI has none.)"""
+    if not hasattr(network, "num_inputs"):
+        return
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        if -1 in tuple(tensor.shape):
+            tensor.shape = tuple(read_model_info(onnx_path).latent_shape)  # a network input's dims may be set
+            log("{}: dynamic batch axis fixed to {} for the engine".format(onnx_path, list(tensor.shape)))
 
 
 def _check_writable(folder):

@@ -5,12 +5,16 @@ each release: 8.0 for JetPack 4.6, 8.2 for JetPack 4.6.1+, 8.4, 8.5, 8.6, 10): a
 that version's range; every node in the default domain and in that version's ONNX operator table (8.0 has no Sign
 and no Round); the operands it needs as initializers (Conv weights, Clip min and max, Squeeze axes, Resize scales,
 ...); every tensor shape static (the Nano's engines are built for one input size); no BOOL tensor (8.2 fails FP16
-builds on them); no ``Constant`` node (latentlink's exports hold constants as initializers).
+builds on them); no ``Constant`` node (latentlink's exports hold constants as initializers). One exception to static
+shapes: a decoder's (a file named ``decoder*``) first axis may be a named dynamic batch, so that the host decodes
+several frames in one run; the shapes are then checked with that axis at 1, and ``latentlink export engine`` builds
+it with an optimization profile of model.json's shape (TensorRT engines stay static).
 
 Python 3.6 compatible (needs the ``onnx`` package): it runs on the Nano before an engine build.
 """
 
 import collections
+import os
 
 import onnx
 
@@ -22,21 +26,28 @@ BOOL_REASON = ("TensorRT 8.2 FP16 builds fail on BOOL tensors ('cannot use preci
                "boolean values'); write the binarizer with float ops (export/models/layers.py: step)")
 
 
-def check_onnx(path, trt=trt_ops.OLDEST):
+def check_onnx(path, trt=trt_ops.OLDEST, allow_dynamic_batch=None):
     """Check ``path`` against TensorRT ``trt`` (a version of :data:`trt_ops.VERSIONS`, default the oldest: 8.0).
 
-    Returns ``{"path", "trt", "ok", "opset", "nodes", "ops": {op: count}, "problems": [str]}``.
+    Returns ``{"path", "trt", "ok", "opset", "nodes", "ops": {op: count}, "problems": [str], "dynamic_batch": the
+    batch axis's name or None}``. ``allow_dynamic_batch``: accept a named dynamic first axis on the graph's input and
+    output (None: for files named ``decoder*``).
     """
     trt = trt_ops.resolve_version(trt)
     name = "TensorRT " + trt
     problems = []
-    report = {"path": str(path), "trt": trt, "ok": False, "opset": None, "nodes": 0, "ops": {}, "problems": problems}
+    report = {"path": str(path), "trt": trt, "ok": False, "opset": None, "nodes": 0, "ops": {}, "problems": problems,
+              "dynamic_batch": None}
+    if allow_dynamic_batch is None:
+        allow_dynamic_batch = os.path.basename(str(path)).startswith("decoder")
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError...: all mean "not usable"
         problems.append("not a valid ONNX model: {}".format(str(exc).splitlines()[0] if str(exc) else exc))
         return report
+    if allow_dynamic_batch:
+        report["dynamic_batch"] = _fix_batch(model)
     graph = model.graph
     opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     report["opset"] = max(opsets) if opsets else None
@@ -91,6 +102,24 @@ def check_onnx(path, trt=trt_ops.OLDEST):
     return report
 
 
+def _fix_batch(model):
+    """If the graph's inputs and outputs share a named first axis, set it to 1 in ``model`` (so that the static
+    checks apply to the rest) and return its name; else None."""
+    values = list(model.graph.input) + list(model.graph.output)
+    names = set()
+    for value in values:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].dim_param:
+            return None
+        names.add(dims[0].dim_param)
+    if len(names) != 1:
+        return None
+    for value in values:
+        value.type.tensor_type.shape.dim[0].dim_value = 1  # clears dim_param (a oneof)
+    del model.graph.value_info[:]  # inferred again from the fixed input
+    return names.pop()
+
+
 def _first_with(op):
     """``" (TensorRT 8.2 and later have it)"``, or nothing when no table has ``op``."""
     for version in trt_ops.VERSIONS:
@@ -117,7 +146,8 @@ def _resize_problems(node, initializers, where, trt):
 def format_check(report):
     """``OK: path (TensorRT 8.0, opset 13, 24 nodes: Conv x9, ...)`` or ``FAIL: ...`` and one line per problem."""
     ops = ", ".join("{} x{}".format(op, n) for op, n in report["ops"].items())
-    head = "{}: {} (TensorRT {}, opset {}, {} nodes{})".format(
+    head = "{}: {} (TensorRT {}, opset {}, {} nodes{}{})".format(
         "OK" if report["ok"] else "FAIL", report["path"], report["trt"], report["opset"], report["nodes"],
-        ": " + ops if ops else "")
+        ": " + ops if ops else "",
+        "; dynamic batch axis {!r}".format(report["dynamic_batch"]) if report.get("dynamic_batch") else "")
     return "\n".join([head] + ["  - " + p for p in report["problems"]])

@@ -2,7 +2,9 @@
 
 import logging
 import os
+import signal
 import sys
+import threading
 
 from latentlink.edge.backends import open_backend
 from latentlink.edge.cli import (ArgumentParser, add_backend_options, add_run_options, address, backend_options,
@@ -102,8 +104,24 @@ def get_args_parser():
                         help="edges must prove they have the token in FILE (HMAC challenge; the token never crosses "
                              "the wire): for small setups without certificates; traffic is not encrypted")
     parser.add_argument("--ready-file", help="write HOST:PORT here once listening (for scripts and tests)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
+                        help="decode up to N frames in one run, across streams (default: %(default)s; 1: one at a "
+                             "time). Needs a decoder with a dynamic batch axis (latentlink export onnx makes one); "
+                             "others decode a batch's frames one by one")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
+                        help="once a frame waits to be decoded, wait this long for more to fill the batch (default: "
+                             "%(default)s ms; never when a full batch is queued)")
+    parser.add_argument("--queue-size", type=positive_int, default=64, metavar="FRAMES",
+                        help="the most received frames waiting to be decoded (and in each writer's queue): when "
+                             "full, the host stops reading and the edges' windows slow them (default: %(default)s)")
+    parser.add_argument("--write-workers", type=positive_int, default=2, metavar="N",
+                        help="threads writing decoded frames to the outputs and acknowledging them; one stream's "
+                             "frames always go through one, in order (default: %(default)s)")
+    parser.add_argument("--progress", type=float, default=5.0, metavar="SECONDS",
+                        help="log a progress line this often while frames flow: frames/s per stream, latency, "
+                             "backlog (default: %(default)s; 0: off)")
     parser.add_argument("--decode-delay", type=float, default=0.0, metavar="SECONDS",
-                        help="for testing and benchmarks only: sleep this long after each decode, simulating a "
+                        help="for testing and benchmarks only: sleep this long per frame decoded, simulating a "
                              "slower decoder (default: %(default)s, off)")
     add_backend_options(parser)
     add_run_options(parser)
@@ -161,6 +179,9 @@ def _main(argv):
         check_display_available()
     if args.decode_delay < 0:
         raise ConfigError("bad --decode-delay {}: seconds >= 0".format(args.decode_delay))
+    if args.batch_wait_ms < 0 or args.progress < 0:
+        raise ConfigError("bad --batch-wait-ms {} or --progress {}: give 0 or more".format(args.batch_wait_ms,
+                                                                                        args.progress))
     profile = load_profile(args.profile)
     decoder_path = profile.model.decoder if args.decoder == "default" else args.decoder
     listen = parse_address(args.listen)
@@ -179,6 +200,7 @@ def _main(argv):
     finally:
         if report is not None:
             report.close()  # a host that failed leaves an unfinished report, readable up to its last record
+    failed = summary.get("failed", 0)
     if not args.quiet:
         print(format_table(summary, "host ({}, {})".format(profile.name, decoder.name)))
         for name, stream in summary["streams"].items():
@@ -188,9 +210,56 @@ def _main(argv):
         if "forgotten_streams" in summary:
             print("{streams} older streams not listed: {frames} frames decoded, {failed} failed to decode, {gaps} "
                   "never received, {duplicates} resent duplicates".format(**summary["forgotten_streams"]))
+        print(problems_line(summary))
         if args.report:
             print("report: {}".format(args.report))
-    return 0
+    elif failed:
+        print(problems_line(summary), file=sys.stderr)  # --quiet: no table, but a failure is never silent
+    return 1 if failed else 0
+
+
+def problems_line(summary):
+    """One line of what went wrong: frames that failed (write errors among them), protocol errors, refusals,
+    timeouts, frames dropped as the host stopped; or that nothing did."""
+    parts = ["{} failed ({} write errors)".format(summary.get("failed", 0), summary.get("write_errors", 0)),
+             "{} protocol errors".format(summary.get("protocol_errors", 0)),
+             "{} connections refused (limits)".format(summary.get("refused_connections", 0)),
+             "{} edges refused at the handshake".format(summary.get("refused_streams", 0)),
+             "{} connections timed out".format(summary.get("timeouts", 0))]
+    if summary.get("dropped_on_stop"):
+        parts.append("{} frames received but not decoded as the host stopped (not acknowledged: edges resend them "
+                     "or count them lost)".format(summary["dropped_on_stop"]))
+    batches = summary.get("batches") or {}
+    if batches:
+        frames = sum(int(size) * n for size, n in batches.items())
+        parts.append("{} batches, {:.1f} frames each on average".format(sum(batches.values()),
+                                                                        frames / float(sum(batches.values()))))
+    return "host: {} frames decoded; {}{}".format(summary.get("frames", 0), "; ".join(parts),
+                                                  "; exit code 1" if summary.get("failed") else "")
+
+
+def handle_signals(host):
+    """SIGINT (Ctrl-C) and SIGTERM (kill, timeout, systemd) stop the host the same way: the first finishes the
+    frames received (decoded, written, acknowledged), the second drops those still queued; both then write the
+    report and print the table. Returns a function that restores the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signals reach the main thread only: a host in a thread is stopped by its owner
+    log = logging.getLogger("latentlink.host")
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if len(received) == 1:
+            log.info("%s: stopping; finishing the frames received (%s again to drop them)", name,
+                     "Ctrl-C or SIGTERM")
+            host.stop()
+        else:
+            log.warning("%s again: dropping the frames still queued; then the summary and the report", name)
+            host.abort()
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(signum, old) for signum, old in previous.items()]
 
 
 def serve(args, profile, decoder, listen, report, credentials):
@@ -224,7 +293,9 @@ def _serve(args, profile, decoder, listen, report, credentials, outputs, service
                 max_connections_per_peer=args.max_connections_per_peer, accept_pickle=args.accept_pickle,
                 window=args.window, decode_delay_s=args.decode_delay, credentials=credentials,
                 on_record=report.add if report is not None else None, accept_pickle_raw=args.accept_pickle_raw,
-                raw_stream_name=args.raw_stream_name, outputs=outputs.outputs + ([view] if view else []))
+                raw_stream_name=args.raw_stream_name, outputs=outputs.outputs + ([view] if view else []),
+                batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
+                queue_size=args.queue_size, write_workers=args.write_workers, progress_s=args.progress)
     if view is not None:
         view.snapshot = host.snapshot
         host.add_record_listener(view.add_record)
@@ -248,13 +319,17 @@ def _serve(args, profile, decoder, listen, report, credentials, outputs, service
             "accepted from any peer as stream %s; each pickle is parsed without an unpickler (a float32, float16 "
             "or uint8 array of the decoder's shape %s, pickle protocols 2-5)",
             repr(args.raw_stream_name) if args.raw_stream_name else "raw-<ip>-<port>", list(decoder.input_shape))
-    bound = host.bind(*listen)
-    log_credentials(args, bound, credentials)
-    if args.ready_file:
-        with open(args.ready_file + ".tmp", "w") as f:
-            f.write("{}:{}\n".format(*bound))
-        os.replace(args.ready_file + ".tmp", args.ready_file)
-    host.serve()
+    restore = handle_signals(host)  # before the ready file: a script may signal the host as soon as it listens
+    try:
+        bound = host.bind(*listen)
+        log_credentials(args, bound, credentials)
+        if args.ready_file:
+            with open(args.ready_file + ".tmp", "w") as f:
+                f.write("{}:{}\n".format(*bound))
+            os.replace(args.ready_file + ".tmp", args.ready_file)
+        host.serve()
+    finally:
+        restore()
     return host.summary()
 
 

@@ -11,10 +11,11 @@ and each pickle is parsed by :func:`latentlink.edge.safe_pickle.loads_ndarray`, 
 decoder's latent shape (``decoder.input_shape``, batch dimension included) and the dtypes in :data:`DTYPES`, tried
 in that order: the wire's float32, float16 and uint8, which latentlink's packings carry (a pickle of another dtype
 is refused; ``latents.astype(np.float32)`` before pickling fixes it). Pickle protocols 2 to 5 are accepted, in
-either byte order, C or Fortran layout (what ``loads_ndarray`` reads). Each frame is then decoded and written like
-any other (``OUT/<stream>/<seq:06d>.png``) and recorded in the host's report, with ``latency_ms`` null: these frames
-carry no capture time. Their ``deserialize`` stage holds two parses: the one here that finds the dtype, and the
-host's own when it decodes the frame (each linear in the pickle's length, and small beside ``decode``).
+either byte order, C or Fortran layout (what ``loads_ndarray`` reads). Each frame then goes through the host's
+pipeline (decode queue, batches, write stage) like any other (``OUT/<stream>/<seq:06d>.png``) and is recorded
+in the host's report, with ``latency_ms`` null: these frames carry no capture time. Their ``deserialize`` stage
+holds two parses: the one here that finds the dtype, and the host's own when it decodes the frame (each linear in
+the pickle's length, and small beside ``decode``).
 
 The stream is ``raw-<peer ip>-<peer port>`` (``:`` of an IPv6 address becomes ``-``), or ``--raw-stream-name``;
 frames are numbered from 0 on each connection; closing the connection between two pickles ends the stream (counted
@@ -90,6 +91,7 @@ def serve_raw_pickles(host, me, names, header):
                 header, _ = wait_header_bytes(conn, time.monotonic() + host.idle_timeout_s, host.frame_timeout_s)
             except ConnectionClosed:
                 if not host._stop.is_set():
+                    host._wait_idle(me)  # its frames accounted first
                     host._end_stream(stream, seq, where)  # a plain client ends its stream by closing
                 return
             length = RAW_LENGTH.unpack(bytes(header))[0]
@@ -103,13 +105,7 @@ def serve_raw_pickles(host, me, names, header):
         with timer.stage("deserialize"):  # which dtype: the host's own decode_latents parses it once more, below
             _, dtype = load_latents(payload, shape)
         meta = FrameMeta(stream, seq, None, dtype, shape, "pickle", len(payload), 0, 0, "none")
-        outcome, _ = host._handle_frame(where, meta, payload, timer, 0.0)
-        with host._lock:
-            stats = host.streams[stream]
-            if outcome == "failed":
-                stats.fail(seq)
-            else:
-                stats.account(seq)
+        host._receive_frame(me, meta, payload, timer)  # decoded and written by the host's pipeline
         seq += 1
         header = None
 

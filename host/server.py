@@ -1,5 +1,22 @@
 """The host: accept edges, read frames, decode latents to images, store or show them, time every stage.
 
+A pipeline of four stages, each bounded::
+
+    connection threads (one per edge: handshake, limits, dedup, read frames)
+      -> decode queue (at most ``queue_size`` frames; when full, receivers stop reading and the edges' windows fill)
+      -> decode stage (one thread: up to ``batch_size`` frames of any streams in one decoder run, waiting at most
+         ``batch_wait_ms`` for more once it holds one; ``Backend.infer_batch``)
+      -> write stage (``write_workers`` threads, each with its own queue of at most ``queue_size`` frames; a stream's
+         frames always go to the same one, so they reach the outputs in order): the outputs (``self.outputs``,
+         host/outputs.py), the frame's record, then its ACK on its connection (one sender at a time per socket)
+
+so a frame is acknowledged only once decoded and written, and a slow decoder slows the edges' windows instead of
+growing queues: memory is bounded by the queue sizes and the windows (each connection has at most ``window``
+frames in flight). ``pipeline=False`` keeps the serial path (each connection's thread decodes and writes its own
+frames under one lock), for the throughput benchmark. Stopping (:meth:`Host.stop`, ``--max-frames``,
+``--max-streams``, a first Ctrl-C or SIGTERM) stops reading, finishes the frames received and lets their ACKs out
+before the connections close; :meth:`Host.abort` (a second signal) drops the queued frames unacknowledged.
+
 One thread per connection, at most ``max_connections`` at once and ``max_connections_per_peer`` from one IP
 address; more are refused (REFUSE busy) at once. A connection is independent of the others: a malformed or malicious
 frame, a peer that stalls or trickles, or latents that do not fit the decoder close that one connection with a log
@@ -14,11 +31,12 @@ actually arrive (``latentlink.edge.protocol``).
 Protocol 2 edges (see the protocol module) open with a HELLO, which the host checks against its decoder before any
 frame: the model's identity, the latent shape, packing, tiles and coder, and that the stream name is not live from
 another session; it answers ACCEPT (with the window it grants) or REFUSE with the reason. It acknowledges each
-frame after decoding and writing it, so a slow host slows the edges' windows instead of growing queues. It
-remembers what each session's frames became (:class:`Session`; with ``out_dir``, also in a journal beside the
-PNGs), so a frame resent after a reconnect, even to a restarted host, is never decoded or written twice. A
+frame after decoding and writing it. It remembers what each session's frames became (:class:`Session`; with
+``out_dir``, also in a journal beside the PNGs), and which are in the pipeline now, so a frame resent after a
+reconnect, even to a restarted host, is never decoded or written twice (a resend of a frame in flight waits for
+that frame's outcome). A
 reconnect of the same session takes over its stream name at once, dropping the stale connection and its backlog.
-Protocol 1 edges are served as before, without acknowledgements.
+Protocol 1 edges and raw pickles go through the same pipeline, without acknowledgements.
 
 With credentials (``latentlink.edge.security``) the host serves only edges that have them: under TLS each accepted
 connection does its TLS handshake in its own thread, within a deadline, and an edge may stream only under the name
@@ -28,7 +46,10 @@ has the token is accepted. Refusals say why, to the edge (REFUSE ``unauthorized`
 
 import collections
 import logging
+import queue
+import select
 import socket
+import statistics
 import threading
 import time
 
@@ -43,8 +64,8 @@ from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACC
                                       KIND_REFUSE, MAGIC, MAX_WINDOW, PERMANENT_REFUSALS, VERSION, VERSION_2, VERSIONS,
                                       check_stream_name, decode_latents, encode_message, latency_ms, parse_header,
                                       read_body, read_header, wait_header, wait_header_bytes)
-from latentlink.edge.security import (Credentials, edge_proof, explain_server_tls_error, handshake, host_proof,
-                                      linger_close, new_nonce, peer_name, proof_matches)
+from latentlink.edge.security import (Credentials, TLSSocket, edge_proof, explain_server_tls_error, handshake,
+                                      host_proof, linger_close, new_nonce, peer_name, proof_matches)
 
 from .out_dir import OutDir
 from .outputs import DecodedFrame, FolderOutput, OutputError
@@ -132,6 +153,7 @@ class Session(object):
     def __init__(self, stream, session_id, out=None):
         self.stream, self.id = stream, session_id
         self.outcomes = collections.OrderedDict()  # seq -> "decoded" | "failed"
+        self.in_flight = {}  # seq -> _Job: received, not yet decoded and written (a resend must not decode it again)
         self.lock = threading.Lock()
         self.connection = None  # the _Connection carrying it now
         self.first_seq = None  # the first sequence number this host process saw (gaps count from it)
@@ -186,16 +208,89 @@ class Session(object):
 
 
 class _Connection(object):
-    """One connection: its socket (the TLS one, once the handshake is done), peer and (protocol 2) session;
+    """One connection: its socket (once the TLS handshake is done, a
+    :class:`~latentlink.edge.security.TLSSocket`: the receiver reads while the write stage sends, and one OpenSSL
+    connection must never be used by two threads at once), peer and (protocol 2) session;
     ``identity`` the name in its TLS certificate; ``evicted`` once a reconnect replaced it; ``greeted`` once its
     first message began (from then on, silence is idleness, not a missing handshake)."""
 
     def __init__(self, sock, where):
         self.sock, self.where = sock, where
+        self.raw = sock  # the socket itself, for shutdown and TCP state (under TLS, ``sock`` is a TLSSocket around it)
         self.session = None
         self.identity = None
         self.evicted = False
         self.greeted = False
+        self.broken = False  # a send failed: no more acknowledgements on it
+        self.send_lock = threading.Lock()  # the write stage's threads and the receiver all send on this socket
+        self.pending = 0  # its frames in the pipeline, not yet written and acknowledged
+        self.idle = threading.Condition()  # notified when ``pending`` falls to 0
+
+
+class _Job(object):
+    """One frame on its way through the pipeline: received -> decode queue -> decoded (in a batch) -> written to
+    the outputs -> acknowledged (protocol 2). ``me``: the connection it came on; ``ack``: protocol 2 (raw pickles
+    and protocol 1 get no acknowledgement); ``waiters``: connections of the same session that received it again
+    while it was in flight (a reconnect), which get its acknowledgement too."""
+
+    __slots__ = ("me", "meta", "latents", "timer", "offset_s", "t_recv", "ack", "waiters", "output", "outcome",
+                 "reason", "batch", "t_queued")
+
+    def __init__(self, me, meta, latents, timer, offset_s=0.0, t_recv=None, ack=False):
+        self.me, self.meta, self.latents, self.timer = me, meta, latents, timer
+        self.offset_s, self.t_recv, self.ack = offset_s, t_recv, ack
+        self.waiters = []
+        self.output = None  # the decoder's output for this frame (its own array)
+        self.outcome = self.reason = None  # set when the frame failed before its write
+        self.batch = 1
+        self.t_queued = time.perf_counter()
+
+
+class _DecodeQueue(object):
+    """The decode queue: at most ``capacity`` frames, taken round-robin across streams (first in, first out within
+    a stream), so that each edge's next acknowledgement waits for about one frame of every other stream, not for
+    every frame queued before it. ``put`` raises ``queue.Full`` after ``timeout`` s; ``get`` returns a job, or
+    None once :meth:`close` was called and the queue is empty, and raises ``queue.Empty`` after ``timeout`` s."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self._streams = collections.OrderedDict()  # stream -> deque of jobs; the next stream to take from first
+        self._size = 0
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def qsize(self):
+        return self._size
+
+    def put(self, job, timeout=None):
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._size < self.capacity, timeout):
+                raise queue.Full
+            self._streams.setdefault(job.meta.stream, collections.deque()).append(job)
+            self._size += 1
+            self._changed.notify_all()
+
+    def get(self, timeout=None):
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._size or self._closed, timeout):
+                raise queue.Empty
+            if not self._size:
+                return None  # closed, and every frame taken
+            stream, jobs = next(iter(self._streams.items()))
+            job = jobs.popleft()
+            if jobs:
+                self._streams.move_to_end(stream)  # its next frame after one of each other stream
+            else:
+                del self._streams[stream]
+            self._size -= 1
+            self._changed.notify_all()
+            return job
+
+    def close(self):
+        """No more frames: ``get`` returns None once the queue is empty."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
 
 class Host(object):
@@ -215,8 +310,16 @@ class Host(object):
     parser for it is the largest attack surface the host has; see the README's threat model).
     ``accept_pickle_raw``: serve plain clients' length-prefixed pickles (:mod:`latentlink.host.raw_pickle`; off by
     default), as stream ``raw_stream_name`` (None: raw-<ip>-<port>).
-    ``decode_delay_s``: for tests and benchmarks only: sleep this long after each decode, inside the decode lock
+    ``decode_delay_s``: for tests and benchmarks only: sleep this long per frame decoded, in the decode stage
     (simulates a slower decoder, so that frames are in flight when a fault is injected; 0: off).
+    The pipeline: ``batch_size``: the most frames decoded in one call (across streams; 1: no batching);
+    ``batch_wait_ms``: how long the decode stage waits for more frames once it has one (ms; it never waits when
+    the queue holds a full batch); ``queue_size``: the most frames waiting to be decoded (receivers stop reading
+    when it is full, so the edges' windows fill and they slow down) and waiting in each writer's queue;
+    ``write_workers``: threads that write decoded frames to the outputs and acknowledge them (a stream's frames
+    always go to one of them, in order). ``pipeline=False``: the serial path, each connection's thread decodes
+    and writes its own frames one at a time under one lock (what the host did before the pipeline; kept for the
+    throughput benchmark). ``progress_s``: log a progress line this often while frames flow (seconds; 0: off).
     ``credentials``: a :class:`~latentlink.edge.security.Credentials` with a TLS context, a token, or both, that
     edges must match (None: any edge is served, as before).
     ``outputs``: :class:`~latentlink.host.outputs.Output` objects that take each decoded frame after the PNG folder
@@ -224,8 +327,8 @@ class Host(object):
 
     Memory does not grow with the frames or the streams served: the summary is aggregated as frames are decoded
     (:class:`~latentlink.edge.profiler.FrameStats`), and each decoded frame's record goes to ``on_record(record)``
-    (called from the connection's thread, e.g. a :class:`~latentlink.edge.profiler.ReportWriter`'s ``add``), never
-    into a list. :attr:`streams` keeps the counts of at most ``max_stream_stats`` streams: when a new stream would
+    (called from the write stage's threads, e.g. a :class:`~latentlink.edge.profiler.ReportWriter`'s ``add``),
+    never into a list. :attr:`streams` keeps the counts of at most ``max_stream_stats`` streams: when a new stream would
     pass that, the oldest ended one (or, if none ended, the oldest not connected) is forgotten and its counts added
     to :attr:`forgotten`, so the summary's totals stay exact.
     """
@@ -235,7 +338,12 @@ class Host(object):
                  max_frame_bytes=4 << 20, idle_timeout_s=60.0, frame_timeout_s=10.0, max_connections=32,
                  accept_pickle=False, window=8, handshake_timeout_s=5.0, max_connections_per_peer=4,
                  decode_delay_s=0.0, credentials=None, on_record=None, max_stream_stats=MAX_STREAM_STATS,
-                 accept_pickle_raw=False, raw_stream_name=None, outputs=()):
+                 accept_pickle_raw=False, raw_stream_name=None, outputs=(), batch_size=4, batch_wait_ms=5.0,
+                 queue_size=64, write_workers=2, pipeline=True, progress_s=5.0):
+        if batch_size < 1 or queue_size < 1 or write_workers < 1 or batch_wait_ms < 0:
+            raise ConfigError("bad pipeline settings: batch size {}, queue size {} and write workers {} must be at "
+                              "least 1, and the batch wait {} ms at least 0".format(batch_size, queue_size,
+                                                                                   write_workers, batch_wait_ms))
         self.decoder = decoder
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
@@ -263,11 +371,23 @@ class Host(object):
         self.write_errors = 0
         self.refused_connections = 0  # over --max-connections or --max-connections-per-peer
         self.timeouts = 0  # connections closed for silence: no first message in time, or idle between messages
+        self.refused_streams = 0  # edges refused at the handshake (credentials, model, name in use) or as unauthorized
+        self.dropped_on_stop = 0  # frames received but dropped unacknowledged as the host stopped (or aborted)
         self.streams_ended = 0
         self.address = None
         self._lock = threading.Lock()  # guards the counters above, the streams dict and the live names
         self._decode_lock = threading.Lock()  # one decode at a time: ONNX Runtime already uses every core
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # no new connections or frames; the frames queued are still finished
+        self._abort = threading.Event()  # stop at once: the frames queued are dropped, not acknowledged
+        self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000.0
+        self.queue_size, self.pipeline, self.progress_s = queue_size, pipeline, progress_s
+        self._decode_queue = _DecodeQueue(queue_size)  # _Job; its bound is the pipeline's memory bound
+        self._write_queues = [queue.Queue(queue_size) for _ in range(write_workers)]
+        self._workers = []
+        self._batches = collections.Counter()  # batch size -> batches decoded
+        self._claimed = 0  # frames taken for decoding, towards max_frames (failed ones are given back)
+        self._progress = None  # (time.monotonic(), {stream: decoded}) of the last progress line
+        self._latencies = collections.deque(maxlen=1000)  # ms, since the last progress line
         self._conns = set()
         self._active = 0  # connections being served (slots taken)
         self._per_peer = {}  # IP address -> connections being served from it (absent: none)
@@ -296,13 +416,16 @@ class Host(object):
         return self.address
 
     def serve(self):
-        """Accept and serve edges until a stop condition or :meth:`stop`; then close everything."""
+        """Accept and serve edges until a stop condition, :meth:`stop` or :meth:`abort`; then finish the frames
+        received (unless aborted), acknowledge them, and close everything."""
+        self._start_workers()
         try:
             while not self._stop.is_set():
                 try:
                     conn, peer = self._server.accept()
                 except socket.timeout:
                     self._show()
+                    self._log_progress()
                     continue
                 self._threads = [t for t in self._threads if t.is_alive()]
                 refusal = self._admit(conn, peer[0])
@@ -320,7 +443,19 @@ class Host(object):
             self._shutdown()
 
     def stop(self):
+        """Stop: no new connections or frames; the frames already received are decoded, written and acknowledged
+        first (at most ``queue_size`` and the edges' windows)."""
         self._stop.set()
+
+    def abort(self):
+        """Stop at once: like :meth:`stop`, but the frames waiting in the queues are dropped unacknowledged (the
+        edges resend them, or count them lost); the summary and report still cover every frame decoded."""
+        self._abort.set()
+        self._stop.set()
+
+    @property
+    def stopping(self):
+        return self._stop.is_set()
 
     def _admit(self, conn, ip):
         """Take a connection slot for ``conn`` from address ``ip``; returns None, or why not (the limits)."""
@@ -373,18 +508,254 @@ class Host(object):
         thread.start()
 
     def _shutdown(self):
+        """Stop reading, let the pipeline finish what it holds (acknowledgements included: an edge that sees its
+        last ACK needs no reconnect), then close the connections and end the worker threads."""
         self._stop.set()
         self._server.close()
         with self._lock:
             conns = list(self._conns)
-        for conn in conns:  # wakes the connection threads blocked in recv
+        for conn in conns:  # the receivers read end-of-stream; their sockets stay open for the acknowledgements
+            _shutdown(conn, socket.SHUT_RD)
+        backlog = self._decode_queue.qsize()
+        if backlog and not self._abort.is_set():
+            log.info("stopping: finishing the %d frames received (Ctrl-C or SIGTERM again to drop them)", backlog)
+        for thread in self._threads:  # each returns once its connection's frames are written and acknowledged
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+                self._log_progress()
+        self._decode_queue.close()  # the decode stage takes what is left, then tells the writers to end
+        for thread in self._workers:
+            thread.join()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
             _shutdown(conn)
-        for thread in self._threads:
-            thread.join(timeout=5)
         with self._decode_lock:  # a decode still running ends before the caller closes the decoder
             pass
         if self.display:
             cv2.destroyAllWindows()
+
+    # The pipeline.
+    def _start_workers(self):
+        if self._workers or not self.pipeline:
+            return
+        self._workers.append(threading.Thread(target=self._decode_loop, daemon=True, name="latentlink-decode"))
+        for index, jobs in enumerate(self._write_queues):
+            self._workers.append(threading.Thread(target=self._write_loop, args=(jobs,), daemon=True,
+                                                  name="latentlink-write-{}".format(index)))
+        for thread in self._workers:
+            thread.start()
+
+    def _put(self, jobs, job, force=False):
+        """Put ``job`` on the bounded queue ``jobs``, waiting while it is full; False (not queued) once the host
+        stops, unless ``force`` (a frame already decoded is written and acknowledged even when aborting)."""
+        while True:
+            if not force and self._stop.is_set():
+                return False
+            try:
+                jobs.put(job, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+
+    def _submit(self, job):
+        """Hand a received frame to the decode stage (or, on the serial path, decode and write it here); False
+        when the host is stopping and the frame was not taken (it is then not acknowledged)."""
+        with job.me.idle:
+            job.me.pending += 1
+        if not self.pipeline:
+            with self._decode_lock:
+                if self._stop.is_set():
+                    self._drop(job)
+                    return False
+                self._decode([job])
+            self._finish(job)
+            return True
+        if not self._put(self._decode_queue, job):
+            self._drop(job)
+            return False
+        return True
+
+    def _decode_loop(self):
+        """The decode stage: batches of up to ``batch_size`` frames from the queue, across streams."""
+        while True:
+            job = self._decode_queue.get()
+            if job is None:
+                for jobs in self._write_queues:
+                    jobs.put(None)
+                return
+            batch = [job]
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.batch_size:
+                try:
+                    more = self._decode_queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:  # closed: the next get says so again, after this batch
+                    break
+                batch.append(more)
+            try:
+                self._decode_batch(batch)
+            except Exception:  # a bug must cost these frames, never the decode stage
+                log.exception("unexpected error decoding a batch of %d frames", len(batch))
+                for job in batch:
+                    if job.outcome is None and job.output is None:
+                        job.outcome, job.reason = "failed", "decode failed on the host (see its log)"
+            for job in batch:
+                if job.outcome == "dropped":
+                    continue
+                index = hash(job.meta.stream) % len(self._write_queues)  # one writer per stream: its frames in order
+                self._put(self._write_queues[index], job, force=True)
+
+    def _decode_batch(self, batch):
+        """Decode ``batch`` (frames dropped when aborting, or past ``max_frames``, are marked "dropped")."""
+        take = []
+        for job in batch:
+            if job.me.evicted and self._forsake(job):
+                continue  # a connection a reconnect replaced: its backlog is dropped (resent frames join the job)
+            with self._lock:
+                if self._abort.is_set() or (self.max_frames and self._claimed >= self.max_frames):
+                    job.outcome = "dropped"
+                else:
+                    self._claimed += 1
+                    take.append(job)
+            if job.outcome == "dropped":
+                self._drop(job)
+        if take:
+            with self._decode_lock:
+                self._decode(take)
+
+    def _decode(self, jobs):
+        """Run the decoder on ``jobs`` (one call for the batch; under the decode lock); each job gets its own
+        ``output``, or ``outcome`` "failed" with the reason."""
+        started = time.perf_counter()
+        try:
+            outputs, timings = self.decoder.infer_batch([job.latents.astype("float32", copy=False) for job in jobs])
+        except BackendError as exc:
+            if len(jobs) > 1:  # find the frame that fails: decode them one at a time
+                for job in jobs:
+                    self._decode([job])
+                return
+            job = jobs[0]
+            log.error("%s: frame %d of %r failed to decode: %s", job.me.where, job.meta.seq, job.meta.stream, exc)
+            job.outcome, job.reason = "failed", "decode failed: {}".format(exc)
+            return
+        if self.decode_delay_s:  # tests and benchmarks: simulates a slower decoder (counted as decode time)
+            time.sleep(self.decode_delay_s * len(jobs))  # per frame: batching does not make the fault window shorter
+        per_frame = (time.perf_counter() - started) * 1000.0 / len(jobs)
+        with self._lock:
+            self._batches[len(jobs)] += 1
+        for job, output in zip(jobs, outputs):
+            job.output, job.batch = output, len(jobs)
+            # The batch's time shared out: the frames' decode times add up to the decoder's busy time.
+            job.timer.add("decode", per_frame)
+            if "run_gpu_ms" in timings:
+                job.timer.add_gpu("decode", (timings["run_gpu_ms"] + timings.get("copy_gpu_ms", 0.0)) / len(jobs))
+
+    def _write_loop(self, jobs):
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            try:
+                self._finish(job)
+            except Exception:  # a bug must cost one frame, never the write stage
+                log.exception("%s: unexpected error writing frame %d of %r", job.me.where, job.meta.seq,
+                              job.meta.stream)
+                self._done(job.me)
+
+    def _forsake(self, job):
+        """Drop the frame of a replaced connection unless a resend of it waits for its acknowledgement; True if
+        dropped."""
+        session = job.me.session
+        if session is None:
+            return False
+        with session.lock:
+            if job.waiters:
+                return False
+            if session.in_flight.get(job.meta.seq) is job:
+                del session.in_flight[job.meta.seq]
+        job.outcome = "dropped"
+        self._done(job.me)
+        return True
+
+    def _drop(self, job):
+        """A frame taken off the pipeline unfinished (the host stops): not remembered, not acknowledged."""
+        with self._lock:
+            self.dropped_on_stop += 1
+        session = job.me.session if job.ack else None
+        if session is not None:
+            with session.lock:
+                if session.in_flight.get(job.meta.seq) is job:
+                    del session.in_flight[job.meta.seq]
+        self._done(job.me)
+
+    def _done(self, me):
+        with me.idle:
+            me.pending -= 1
+            if me.pending <= 0:
+                me.idle.notify_all()
+
+    def _wait_idle(self, me):
+        """Wait until the frames ``me`` received are written and acknowledged (bounded: a send gives up after
+        ``frame_timeout_s``, and an abort drops what is queued)."""
+        with me.idle:
+            while me.pending > 0:
+                me.idle.wait(0.5)
+
+    def _finish(self, job):
+        """The write stage: write a decoded frame to the outputs, remember its outcome, acknowledge it."""
+        meta, me = job.meta, job.me
+        if job.outcome is None:
+            outcome, reason = self._write(job)
+        else:
+            outcome, reason = job.outcome, job.reason
+        if outcome == "failed":
+            with self._lock:
+                if self.max_frames:
+                    self._claimed -= 1  # max_frames counts frames decoded
+        t_done = time.time()
+        waiters = []
+        if job.ack:
+            session = me.session
+            with session.lock:
+                session.remember(meta.seq, outcome)
+                session.in_flight.pop(meta.seq, None)
+                waiters = job.waiters
+            with self._lock:
+                stats = self.streams[meta.stream]
+                stats.last_seq = max(stats.last_seq, meta.seq)
+                if outcome == "failed":
+                    stats.failed += 1
+        else:
+            with self._lock:
+                stats = self.streams[meta.stream]
+                if outcome == "failed":
+                    stats.fail(meta.seq)
+                else:
+                    stats.account(meta.seq)
+        try:
+            if job.ack:
+                for conn, duplicate in [(me, False)] + [(w, True) for w in waiters if w is not me]:
+                    fields = dict(seq=meta.seq, outcome=outcome, duplicate=duplicate, t_recv=job.t_recv,
+                                  t_done=t_done)
+                    if reason:
+                        fields["reason"] = reason[:1000]
+                    self._ack(conn, encode_message(KIND_ACK, t_ack=time.time(), **fields))
+        finally:
+            self._done(me)
+
+    def _ack(self, me, data):
+        """Send an acknowledgement on ``me`` unless it was replaced or broke; a failed send closes it."""
+        if me.evicted or me.broken:
+            return
+        try:
+            self._send_on(me, data)
+        except (LatentlinkError, OSError) as exc:  # ProtocolError, ConnectionClosed: closed meanwhile
+            me.broken = True
+            if not me.evicted:
+                log.warning("%s: cannot acknowledge a frame (%s); closing this connection", me.where, exc)
+            _shutdown(me.raw)
 
     # One connection.
     def _serve_connection(self, conn, peer):
@@ -432,6 +803,8 @@ class Host(object):
             else:
                 self._serve_v2(me, names, byte, meta_len, min(deadline, greet_by))
         except Unauthorized as exc:
+            with self._lock:
+                self.refused_streams += 1
             log.warning("%s: refused: %s; closing", where, exc)
         except ConnectionClosed:
             if not self._stop.is_set() and not me.evicted:
@@ -447,6 +820,7 @@ class Host(object):
                 log.warning("%s: said nothing within %.0f s of connecting; closing the connection "
                             "(--handshake-timeout)", where, self.handshake_timeout_s)
         except ProtocolError as exc:
+            self._wait_idle(me)  # the good frames before the bad one are finished and counted first
             if self._stop.is_set() or me.evicted:
                 log.info("%s: closed mid-frame as the %s", where, "host stops" if self._stop.is_set() else
                          "edge reconnected")
@@ -460,11 +834,14 @@ class Host(object):
         except Exception:  # a bug must cost one connection, never the server
             log.exception("%s: unexpected error; closing this connection", where)
         finally:
+            # Its frames in the pipeline are acknowledged before the close; until then the connection keeps its
+            # name and slot (a new session of its edge takes them over, dropping that backlog, as for a live one).
+            self._wait_idle(me)
             # Free the stream name before closing: an edge that sees the close may reconnect at once. Only if it is
             # still ours: a reconnect of the same session may have taken it over already.
             with self._lock:
                 self._release(conn, peer[0])
-                self._conns.discard(me.sock)
+                self._conns.discard(me.raw)
                 if names and self._live.get(names[0]) is me:
                     del self._live[names[0]]
                 if me.session is not None and me.session.connection is me:
@@ -492,7 +869,7 @@ class Host(object):
         with self._lock:  # stop() shuts down the socket in use
             self._conns.discard(conn)
             self._conns.add(tls)
-        me.sock = tls
+        me.sock = me.raw = tls
         try:
             handshake(tls, self.handshake_timeout_s, deadline)
         except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
@@ -511,6 +888,7 @@ class Host(object):
                         "of `latentlink keys edge DIR NAME`; closing", where, me.identity)
             return False
         log.debug("%s: TLS, certificate for %r", where, me.identity)
+        me.sock = TLSSocket(tls, self.frame_timeout_s)  # one SSL call at a time, from any thread
         return True
 
     def _refuse_plain(self, me):
@@ -547,16 +925,11 @@ class Host(object):
                 if meta.seq <= highest:
                     raise ProtocolError("end-of-stream says {} frames were sent (numbered 0 to {}), but frame {} "
                                         "arrived on this connection".format(meta.seq, meta.seq - 1, highest))
+                self._wait_idle(me)  # its frames accounted first: the gaps at the end count from the last
                 self._end_stream(meta.stream, meta.seq, where)
                 return
             highest = max(highest, meta.seq)
-            stats = self.streams[meta.stream]
-            outcome, _ = self._handle_frame(where, meta, payload, timer, 0.0)
-            with self._lock:
-                if outcome == "failed":
-                    stats.fail(meta.seq)
-                else:
-                    stats.account(meta.seq)
+            self._receive_frame(me, meta, payload, timer)
 
     def _check_meta(self, meta, where, names, me, session=None):
         """Refuse a frame from its metadata alone, before its payload is read or anything allocated for it."""
@@ -581,6 +954,8 @@ class Host(object):
             raise ProtocolError("pickle frames are refused by this host (start it with --accept-pickle to accept the "
                                 "seed pipeline's pickled arrays, or send with --serializer framed)")
         if not meta.flags & FLAG_END_OF_STREAM and tuple(meta.shape) != tuple(self.decoder.input_shape):
+            if session is None:
+                self._wait_idle(me)  # the frames before it accounted first, in order (gaps count from them)
             with self._lock:
                 if session is None:
                     self.streams[meta.stream].fail(meta.seq)
@@ -622,24 +997,26 @@ class Host(object):
             refusal, evicted = self._take_stream(me, hello)
         if refusal is not None:
             reason, message = refusal
+            with self._lock:
+                self.refused_streams += 1
             log.warning("%s: refused stream %r (%s): %s", where, hello["stream"], reason, message)
-            self._send(conn, encode_message(KIND_REFUSE, reason=reason, message=message,
-                                            permanent=reason in PERMANENT_REFUSALS))
+            self._send_on(me, encode_message(KIND_REFUSE, reason=reason, message=message,
+                                             permanent=reason in PERMANENT_REFUSALS))
             return
         session = me.session
         names.append(hello["stream"])
         if evicted is not None:
             log.info("%s: stream %r reconnected (session %s); dropping the stale connection from %s and its "
                      "backlog", where, hello["stream"], session.id, evicted.where)
-            _shutdown(evicted.sock)
+            _shutdown(evicted.raw)
         else:
             log.info("%s: stream %r connected (session %s, %s delivery)", where, hello["stream"], session.id,
                      hello["delivery"])
         with session.lock:
             acked = [[seq, session.outcomes[seq]] for seq in hello["unacked"] if seq in session.outcomes]
-        self._send(conn, encode_message(KIND_ACCEPT, version=VERSION_2, window=min(self.window, hello["window"]),
-                                        max_frame_bytes=self.max_frame_bytes, acked=acked, t_recv=t_recv,
-                                        t_send=time.time()))
+        self._send_on(me, encode_message(KIND_ACCEPT, version=VERSION_2, window=min(self.window, hello["window"]),
+                                          max_frame_bytes=self.max_frame_bytes, acked=acked, t_recv=t_recv,
+                                          t_send=time.time()))
         while not self._stop.is_set():
             _, kind, meta_len, deadline = wait_header(conn, (VERSION_2,), time.monotonic() + self.idle_timeout_s,
                                                       self.frame_timeout_s)
@@ -649,11 +1026,7 @@ class Host(object):
                                           check_meta=lambda m: self._check_v2_meta(m, hello, where, names, me))
                 timer = FrameTimer(meta.seq)
                 timer.add("receive", (time.perf_counter() - started) * 1000.0)
-                outcome, reason, duplicate, t_done = self._handle_v2_frame(me, meta, payload, timer)
-                fields = dict(seq=meta.seq, outcome=outcome, duplicate=duplicate, t_recv=t_recv, t_done=t_done)
-                if reason:
-                    fields["reason"] = reason[:1000]
-                self._send(conn, encode_message(KIND_ACK, t_ack=time.time(), **fields))
+                self._receive_v2_frame(me, meta, payload, timer, t_recv)
             elif kind == KIND_CLOCK:
                 fields, _ = read_body(conn, VERSION_2, kind, meta_len, deadline=deadline)
                 session.offset_s = fields["offset_s"]
@@ -662,25 +1035,52 @@ class Host(object):
                 if fields["stream"] != hello["stream"]:
                     raise ProtocolError("END names stream {!r} on a connection of stream {!r}".format(
                         fields["stream"], hello["stream"]))
+                self._wait_idle(me)  # its frames remembered first (the check below, and the gaps)
                 if fields["seq"] <= session.max_seq:
                     raise ProtocolError("END says {} frames were sent (numbered 0 to {}), but this session's frame "
                                         "{} arrived".format(fields["seq"], fields["seq"] - 1, session.max_seq))
                 self._end_stream(hello["stream"], fields["seq"], where, session)
-                self._send(conn, encode_message(KIND_ACK, seq=fields["seq"], outcome="end", t_recv=t_recv,
-                                                t_ack=time.time()))
+                self._send_on(me, encode_message(KIND_ACK, seq=fields["seq"], outcome="end", t_recv=t_recv,
+                                                 t_ack=time.time()))
                 return
             else:
                 raise ProtocolError("an edge may not send {} after HELLO".format(KIND_NAMES[kind]))
 
     def _send(self, conn, data):
         """Send one message; a peer that takes none of it for ``frame_timeout_s`` (it stopped reading, and its
-        buffers are full) is a ProtocolError: it would otherwise hold this thread and its slot for ever."""
-        conn.settimeout(self.frame_timeout_s)
-        try:
-            conn.sendall(data)
-        except socket.timeout:
-            raise ProtocolError("the edge does not read the host's messages (none taken for {:g} s)".format(
-                self.frame_timeout_s))
+        buffers are full) is a ProtocolError: it would otherwise hold this thread and its slot for ever.
+
+        The socket's timeout is left alone: the connection's receiver sets it for its own reads while the write
+        stage sends acknowledgements, so the wait is a ``select`` here, then a send of what the socket takes (a
+        TLSSocket does the same under its lock)."""
+        if isinstance(conn, TLSSocket):  # its sendall waits outside its lock, and fails after no progress
+            try:
+                return conn.sendall(data)
+            except socket.timeout:
+                raise ProtocolError("the edge does not read the host's messages (none taken for {:g} s)".format(
+                    self.frame_timeout_s))
+        view, deadline = memoryview(data), time.monotonic() + self.frame_timeout_s
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProtocolError("the edge does not read the host's messages (none taken for {:g} s)".format(
+                    self.frame_timeout_s))
+            try:
+                _, writable, _ = select.select([], [conn], [], remaining)
+            except ValueError:  # closed meanwhile (its descriptor is -1)
+                raise ConnectionClosed("the connection was closed")
+            if not writable:
+                continue
+            try:  # takes what fits in the socket's buffer
+                sent = conn.send(view)
+            except (socket.timeout, BlockingIOError):
+                continue
+            view = view[sent:]
+
+    def _send_on(self, me, data):
+        """:meth:`_send` on connection ``me``, one message at a time (several threads send on it)."""
+        with me.send_lock:
+            self._send(me.sock, data)
 
     def _authenticate(self, me, hello):
         """None if the edge has the credentials this host requires for the HELLO's stream, else ``(reason,
@@ -763,7 +1163,7 @@ class Host(object):
             evicted = None
             if live is not None:
                 same = live.session is not None and live.session.id == session_id
-                if not same and not _peer_gone(live.sock):
+                if not same and not _peer_gone(live.raw):
                     return ("name_in_use", "stream {!r} is live from {} (another edge with the same --name?): give "
                             "each edge its own --name".format(stream, live.where)), None
                 evicted = live
@@ -813,26 +1213,33 @@ class Host(object):
                 meta.packing, meta.entropy, hello["packing"], hello["entropy"]))
         self._check_meta(meta, where, names, me, me.session)
 
-    def _handle_v2_frame(self, me, meta, payload, timer):
-        """Decode a frame once per session; returns ``(outcome, reason, duplicate, t_done)``."""
+    def _receive_v2_frame(self, me, meta, payload, timer, t_recv):
+        """A protocol-2 frame: acknowledged at once if its session already handled it, joined to its job if it is
+        in flight (a resend after a reconnect), else handed to the pipeline (acknowledged after its write)."""
         session = me.session
+        with timer.stage("deserialize"):
+            # decompressed first if entropy-coded (bounded: edge/entropy.py, edge/context_model.py)
+            latents = decode_latents(meta, payload, self._context_model(meta))
+        new = None
         with session.lock:
             if me.evicted:
                 raise ConnectionClosed("replaced by a reconnect of the same session")
             known = session.outcomes.get(meta.seq)
-            if known is not None:
-                with self._lock:
-                    self.streams[meta.stream].duplicates += 1
-                return known, "", True, time.time()
-            outcome, reason = self._handle_frame(me.where, meta, payload, timer, session.offset_s)
-            t_done = time.time()
-            session.remember(meta.seq, outcome)
+            job = session.in_flight.get(meta.seq) if known is None else None
+            if job is not None:
+                job.waiters.append(me)  # acknowledged here when that job is done
+            elif known is None:
+                new = session.in_flight[meta.seq] = _Job(me, meta, latents, timer, session.offset_s, t_recv, ack=True)
+        if new is not None:
+            # Outside the session's lock: the queue may be full, and the write stage takes that lock.
+            if not self._submit(new):
+                raise ConnectionClosed("the host is stopping")  # not acknowledged: the edge resends it
+            return
         with self._lock:
-            stats = self.streams[meta.stream]
-            stats.last_seq = max(stats.last_seq, meta.seq)
-            if outcome == "failed":
-                stats.failed += 1
-        return outcome, reason, False, t_done
+            self.streams[meta.stream].duplicates += 1
+        if known is not None:
+            self._send_on(me, encode_message(KIND_ACK, seq=meta.seq, outcome=known, duplicate=True, t_recv=t_recv,
+                                             t_done=time.time(), t_ack=time.time()))
 
     def _context_model(self, meta):
         """The decoder's entropy tables for a context-coded frame (None for others); a host without them refuses
@@ -844,36 +1251,24 @@ class Host(object):
         except ConfigError as exc:
             raise ProtocolError("a context-coded frame, and this host cannot decode it: {}".format(exc))
 
-    def _handle_frame(self, where, meta, payload, timer, offset_s):
-        """Decode, write and record one frame; returns ``(outcome, reason)``: "decoded" or "failed".
-
-        ``offset_s``: the host's clock minus the edge's (protocol 2's CLOCK), for the frame's latency.
-        """
-        stats = self.streams[meta.stream]
+    def _receive_frame(self, me, meta, payload, timer):
+        """A protocol-1 frame or a raw pickle: to the pipeline, without acknowledgement."""
         with timer.stage("deserialize"):
-            # decompressed first if entropy-coded (bounded: edge/entropy.py, edge/context_model.py)
             latents = decode_latents(meta, payload, self._context_model(meta))
-        try:
-            with self._decode_lock:
-                if self._stop.is_set():  # not acknowledged: the edge resends it (reliable) or counts it lost
-                    raise ConnectionClosed("the host is stopping")
-                output, timings = self.decoder.infer(latents.astype("float32", copy=False))
-                timer.add_backend_timings("decode", None, timings)
-                if self.decode_delay_s:  # tests and benchmarks: simulates a slower decoder (counted as decode time)
-                    slept = time.perf_counter()
-                    time.sleep(self.decode_delay_s)
-                    timer.add("decode", (time.perf_counter() - slept) * 1000.0)
-                with timer.stage("write"):
-                    # Inside the lock: output is the backend's buffer. A tiled model's tiles are joined here.
-                    image = to_image(output, self.decoder.info.tiles)
-        except BackendError as exc:
-            log.error("%s: frame %d of %r failed to decode: %s", where, meta.seq, meta.stream, exc)
-            return "failed", "decode failed: {}".format(exc)
-        latency = None if meta.t_capture is None else latency_ms(time.time() - offset_s, meta.t_capture)
+        if not self._submit(_Job(me, meta, latents, timer)):
+            raise ConnectionClosed("the host is stopping")
+
+    def _write(self, job):
+        """Write and record one decoded frame; returns ``(outcome, reason)``: "decoded" or "failed"."""
+        meta, timer = job.meta, job.timer
+        stats = self.streams[meta.stream]
+        with timer.stage("write"):
+            image = to_image(job.output, self.decoder.info.tiles)  # a tiled model's tiles are joined here
+        latency = None if meta.t_capture is None else latency_ms(time.time() - job.offset_s, meta.t_capture)
         with timer.stage("write"):
             if self.display:
                 self._latest[meta.stream] = image
-            frame = DecodedFrame(stream=meta.stream, seq=meta.seq, image=image, latents=latents,
+            frame = DecodedFrame(stream=meta.stream, seq=meta.seq, image=image, latents=job.latents,
                                  t_capture=meta.t_capture, latency_ms=latency, timings=dict(timer.stages),
                                  bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
             for output in self.outputs:
@@ -886,7 +1281,8 @@ class Host(object):
                     return "failed", "write error on the host (its log names the output and why)"  # no host paths
         now = time.perf_counter()
         record = timer.record()
-        record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
+        record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len,
+                      batch=job.batch)
         # The host's clock read on the edge's; raw pickles carry no capture time.
         record["latency_ms"] = latency  # null: no capture time, or one too far from this host's clock
         with self._lock:
@@ -894,9 +1290,11 @@ class Host(object):
                 if not stats.untimed:  # one line per stream, not one per frame
                     log.warning("%s: stream %r: frame %d was captured at %r (UNIX seconds, edge clock), more than "
                                 "a day ago or in the future on this host's clock: decoded, but no latency is "
-                                "recorded for such frames (is the edge's clock set?)", where, meta.stream, meta.seq,
-                                meta.t_capture)
+                                "recorded for such frames (is the edge's clock set?)", job.me.where, meta.stream,
+                                meta.seq, meta.t_capture)
                 stats.untimed += 1
+            if latency is not None:
+                self._latencies.append(latency)
             stats.frames += 1
             self._frames.add(record)
             self._first_frame_at = self._first_frame_at or now
@@ -924,16 +1322,50 @@ class Host(object):
         """The host's live state for metrics and progress lines, cheap to call every second: a dict with
         ``streams`` (name -> {"decoded", "failed", "gaps", "duplicates", "connected"}), ``frames`` (decoded in
         all), ``failed``, ``protocol_errors``, ``write_errors``, ``refused_connections``, ``timeouts``,
-        ``queue_depth`` and ``queue_capacity`` (frames waiting to be decoded, and the most that may), and
-        ``batches`` (batch size -> batches decoded)."""
+        ``refused_streams`` (edges refused at the handshake), ``dropped_on_stop`` (frames dropped unacknowledged
+        as the host stopped), ``queue_depth`` and ``queue_capacity`` (frames waiting to be decoded, and the most that
+        may), and ``batches`` (batch size -> batches decoded)."""
         with self._lock:
             streams = {name: {"decoded": s.frames, "failed": s.failed, "gaps": s.gaps, "duplicates": s.duplicates,
                               "connected": name in self._live} for name, s in self.streams.items()}
             return {"streams": streams, "frames": self._frames.frames,
                     "failed": self.forgotten.failed + sum(s.failed for s in self.streams.values()),
                     "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
-                    "refused_connections": self.refused_connections, "timeouts": self.timeouts,
-                    "queue_depth": 0, "queue_capacity": 0, "batches": {}}  # no decode queue yet: one frame at a time
+                    "refused_connections": self.refused_connections, "refused_streams": self.refused_streams,
+                    "timeouts": self.timeouts, "dropped_on_stop": self.dropped_on_stop,
+                    "queue_depth": self._decode_queue.qsize(), "queue_capacity": self.queue_size,
+                    "batches": dict(self._batches)}
+
+    def _log_progress(self):
+        """Every ``progress_s`` while frames flow: one INFO line with each stream's frames/s, the latency (median
+        and worst since the last line, ms), the backlog (frames waiting to be decoded) and the batches' mean size."""
+        if not self.progress_s:
+            return
+        now = time.monotonic()
+        if self._progress is None:
+            self._progress = (now, {}, 0, 0)
+            return
+        last_at, last, last_batches, last_framesb = self._progress
+        if now - last_at < self.progress_s:
+            return
+        snap = self.snapshot()
+        decoded = {name: s["decoded"] for name, s in snap["streams"].items()}
+        batches = sum(snap["batches"].values())
+        framesb = sum(size * n for size, n in snap["batches"].items())
+        with self._lock:
+            latencies = list(self._latencies)
+            self._latencies.clear()
+        self._progress = (now, decoded, batches, framesb)
+        rates = ["{} {:.1f}".format(name, (n - last.get(name, 0)) / (now - last_at))
+                 for name, n in sorted(decoded.items()) if n > last.get(name, 0)]
+        if not rates and not snap["queue_depth"]:
+            return  # nothing flowed: no line
+        latency = "latency {:.0f} ms median, {:.0f} ms worst".format(statistics.median(latencies),
+                                                                     max(latencies)) if latencies else "latency -"
+        mean_batch = (framesb - last_framesb) / float(batches - last_batches) if batches > last_batches else 0.0
+        log.info("progress: frames/s %s; %s; backlog %d/%d frames; batch %.1f frames; %d decoded, %d failed in all",
+                 ", ".join(rates) or "-", latency, snap["queue_depth"], snap["queue_capacity"], mean_batch,
+                 snap["frames"], snap["failed"])
 
     def summary(self):
         """The run's summary (a dict, see :func:`~latentlink.edge.profiler.summarize`) with the host's counts:
@@ -951,7 +1383,10 @@ class Host(object):
             gaps = self.forgotten.gaps + sum(s.gaps for s in self.streams.values())
             failed = self.forgotten.failed + sum(s.failed for s in self.streams.values())
             extra = {"failed": failed, "protocol_errors": self.protocol_errors, "write_errors": self.write_errors,
-                     "refused_connections": self.refused_connections, "timeouts": self.timeouts, "streams": streams}
+                     "refused_connections": self.refused_connections, "refused_streams": self.refused_streams,
+                     "timeouts": self.timeouts, "dropped_on_stop": self.dropped_on_stop,
+                     "batches": {str(size): n for size, n in sorted(self._batches.items())},  # JSON keys
+                     "streams": streams}
             if self.forgotten_streams:
                 forgotten = self.forgotten.as_dict()
                 for key in ("ended", "last_seq"):
@@ -961,12 +1396,12 @@ class Host(object):
             return self._frames.summary(per_frame_wall, dropped=gaps, extra=extra)
 
 
-def _shutdown(sock):
+def _shutdown(sock, how=socket.SHUT_RDWR):
     """Shut ``sock`` down from another thread than its own. The TCP socket's shutdown, also for a TLS socket: the
     thread using it then reads end-of-stream, and its SSL object is left alone (``SSLSocket.shutdown`` would take it
-    away mid-call)."""
+    away mid-call). ``how`` SHUT_RD: only the reading side (acknowledgements can still be sent)."""
     try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, how)
     except OSError:
         pass
 

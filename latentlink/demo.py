@@ -131,18 +131,27 @@ def write_sample_photos(folder):
     return folder
 
 
+PROGRESS_S = 5.0  # seconds between the progress lines printed where no progress bar shows
+
+
 def wait_for_frames(edge, folder, frames, deadline, quiet=False):
     """While the edge runs: a progress bar of the frames the host has written to ``folder`` (on stderr, where it
     is a terminal). Returns when the edge exits or at ``deadline`` (time.monotonic())."""
     from latentlink.edge.cli import progress
 
     bar = progress(quiet=quiet, total=frames, desc="frames decoded", unit="frame")
-    done = 0
+    plain = not quiet and getattr(bar, "disable", True)  # no bar (not a terminal): a line every few seconds
+    done, started = 0, time.monotonic()
+    next_line = started + PROGRESS_S
     while edge.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
         now = len([n for n in os.listdir(folder) if n.endswith(".png")]) if os.path.isdir(folder) else 0
         bar.update(now - done)
         done = now
+        if plain and time.monotonic() >= next_line:
+            print(f"  {done}/{frames} frames decoded ({done / (time.monotonic() - started):.1f} frames/s)",
+                  flush=True)
+            next_line += PROGRESS_S
     bar.close()
 
 

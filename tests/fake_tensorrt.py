@@ -301,6 +301,40 @@ def make_tensorrt(api="8.2", driver=None, fast_fp16=True, fast_int8=False, fail_
                 raise RuntimeError("the ONNX parser needs an explicit-batch network on TensorRT 8")
             self.onnx_bytes = None
 
+        @property
+        def num_inputs(self):
+            return len(onnx.load_from_string(self.onnx_bytes).graph.input)
+
+        def get_input(self, index):
+            return NetworkInput(self, index)
+
+    class NetworkInput(object):
+        """A network input: ``shape`` with -1 for a dynamic axis, settable (the dims propagate to the outputs that
+        share the axis's name, as TensorRT's shape inference would)."""
+
+        def __init__(self, network, index):
+            self.network, self.index = network, index
+            self.name = onnx.load_from_string(network.onnx_bytes).graph.input[index].name
+
+        @property
+        def shape(self):
+            value = onnx.load_from_string(self.network.onnx_bytes).graph.input[self.index]
+            return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
+
+        @shape.setter
+        def shape(self, dims):
+            proto = onnx.load_from_string(self.network.onnx_bytes)
+            names = {}
+            for d, size in zip(proto.graph.input[self.index].type.tensor_type.shape.dim, dims):
+                if d.dim_param:
+                    names[d.dim_param] = size
+                d.dim_value = size
+            for value in proto.graph.output:
+                for d in value.type.tensor_type.shape.dim:
+                    if d.dim_param in names:
+                        d.dim_value = names[d.dim_param]
+            self.network.onnx_bytes = proto.SerializeToString()
+
     class ParserError(object):
         def __init__(self, node, op, name, desc):
             self._node, self._op, self._name, self._desc = node, op, name, desc

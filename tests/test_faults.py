@@ -442,7 +442,9 @@ def test_mismatched_model_or_shape_is_refused(procs, tmp_path, tiny_profile):
 # 5. A second live session for the same name.
 def test_second_session_with_a_live_name_is_refused(procs, tmp_path, tiny_profile):
     out = tmp_path / "frames"
-    host, address = start_host(procs, tmp_path, tiny_profile, "host", 0, "--out", out, "--decode-delay", "0.05",
+    # 0.2 s per frame: the first edge's 30 frames take 6 s, so it is still live when the second starts (the
+    # pipelined host overlaps decoding with writing, so 0.05 s left too little time on a fast machine).
+    host, address = start_host(procs, tmp_path, tiny_profile, "host", 0, "--out", out, "--decode-delay", "0.2",
                                "--max-streams", 1)
     first = start_edge(procs, tmp_path, tiny_profile, address, "cam0", "a", "--source", "synthetic://", "--frames",
                        30, "--drop", "block", "--window", WINDOW, "--queue-size", QUEUE)
@@ -542,7 +544,8 @@ def test_new_session_takes_over_the_name_of_a_dead_edge_whose_backlog_the_host_s
     caplog.set_level(logging.INFO, logger="latentlink.host")
     decoder = open_backend(load_profile(tiny_profile).model.decoder, "decoder").load()
     out = tmp_path / "frames"
-    host = Host(decoder, out_dir=str(out), max_streams=1, decode_delay_s=0.5)
+    # batch_size=1: one frame decodes at a time, so frame 0 is written while 1 decodes and 2 waits in the queue.
+    host = Host(decoder, out_dir=str(out), max_streams=1, decode_delay_s=0.5, batch_size=1)
     host.bind("127.0.0.1", 0)
     serving = threading.Thread(target=host.serve, daemon=True)
     serving.start()

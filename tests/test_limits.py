@@ -152,8 +152,9 @@ def start_host(tmp_path, profile, *args):
     return proc, (name, int(port))
 
 
-def finish_host(proc, tmp_path, timeout_s=60):
-    """Wait for the host to exit (its --max-streams reached); returns (report, log). The report must be strict JSON."""
+def finish_host(proc, tmp_path, timeout_s=60, code=0):
+    """Wait for the host to exit (its --max-streams reached) with exit code ``code`` (1: frames failed); returns
+    (report, log). The report must be strict JSON."""
     try:
         proc.wait(timeout=timeout_s)
     finally:
@@ -161,7 +162,7 @@ def finish_host(proc, tmp_path, timeout_s=60):
             proc.kill()
             proc.wait()
     out = (tmp_path / "host.log").read_text()
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == code, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     return strict_json((tmp_path / "host.json").read_text()), out
 
@@ -473,7 +474,7 @@ def test_symlinks_planted_in_out_are_refused_and_nothing_is_written_outside(tmp_
         edges.append(evil)
         acks = [evil.frame(seq) for seq in range(2)]
         assert [a["outcome"] for a in acks] == ["failed", "failed"]
-        assert acks[0]["reason"] == "write error on the host (its log names the file and why)"
+        assert acks[0]["reason"] == "write error on the host (its log names the output and why)"
         assert evil.end(2)["outcome"] == "end" and closed_by_peer(evil.sock)  # and the name is free again
         cam = Edge(address, "cam").connect(retry=())
         edges.append(cam)
@@ -489,7 +490,7 @@ def test_symlinks_planted_in_out_are_refused_and_nothing_is_written_outside(tmp_
         assert closed_by_peer(sock)
         sock.close()
         assert legit.end(3)["outcome"] == "end"
-        report, out = finish_host(host, tmp_path)
+        report, out = finish_host(host, tmp_path, code=1)  # frames failed to write: exit code 1
     finally:
         for edge in edges:
             edge.close()

@@ -2,7 +2,8 @@
 
 ``open_backend(path, role)`` picks the backend from the model file:
 
-- ``.onnx``: ONNX Runtime on the CPU (development machines, CI, the host);
+- ``.onnx``: ONNX Runtime on the CPU (development machines, CI, the host); ``device`` "cuda" or "tensorrt": ONNX
+  Runtime's CUDA or TensorRT execution provider, where onnxruntime-gpu is installed (unverified here: no GPU);
 - ``.engine`` / ``.plan``: TensorRT + pycuda on the GPU (the Jetson; build the engine there with
   ``latentlink export engine``);
 - ``.pt``: PyTorch, from a ``latentlink train`` checkpoint, on the CPU or CUDA, FP32 or FP16.
@@ -88,12 +89,17 @@ def open_backend(path, role, threads=0, device=None, precision=None, input_size=
         raise ConfigError("--precision {}: an engine's precision is fixed when it is built; rebuild with `latentlink "
                           "export engine` (--fp32 for FP32)".format(precision))
     if kind == "onnxruntime":
-        if device not in (None, "cpu"):
-            raise ConfigError("--device {}: ONNX models run on the CPU here; for the GPU give a .pt checkpoint "
-                              "or a TensorRT .engine".format(device))
-        from .onnxruntime_backend import OnnxRuntimeBackend
+        from .onnxruntime_backend import PROVIDERS, OnnxRuntimeBackend, available_providers
 
-        return OnnxRuntimeBackend(path, role, threads=threads)
+        if device not in (None, "cpu"):
+            wanted = PROVIDERS.get(device, [None])[0]
+            if wanted is None or wanted not in available_providers():
+                raise ConfigError("--device {}: ONNX models run on the CPU here{}; for the GPU install "
+                                  "onnxruntime-gpu (then --device cuda or --device tensorrt: ONNX Runtime's CUDA or "
+                                  "TensorRT execution provider), or give a .pt checkpoint or a TensorRT "
+                                  ".engine".format(device, "" if wanted is None else
+                                                   " (this onnxruntime has no {})".format(wanted)))
+        return OnnxRuntimeBackend(path, role, threads=threads, device=device or "cpu")
     if kind == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 

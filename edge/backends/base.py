@@ -150,6 +150,34 @@ class Backend(object):
                                                                  self.input_shape))
         return self._infer(array)
 
+    def infer_batch(self, arrays):
+        """Run several inputs, each a float32 array of exactly ``input_shape`` (the host's frames of several
+        streams); returns ``(outputs, timings)``: one output per input, each its own array (unlike ``infer``'s),
+        and the batch's timings (ms, as for ``infer``, for the whole batch). A backend whose model takes a batch
+        (:attr:`max_batch` > 1) runs them in one call, in chunks of at most ``max_batch`` inputs; others loop."""
+        if not self.loaded:
+            raise BackendError("{} backend for {} is not loaded: call load() or use it in a `with` block".format(
+                self.name, self.path))
+        for array in arrays:
+            if tuple(array.shape) != self.input_shape:
+                raise BackendError("{} input {!r}: got shape {}, expected {}".format(
+                    self.role, self.input_name, tuple(array.shape), self.input_shape))
+        outputs, total = [], {}
+        step = max(1, self.max_batch)
+        for start in range(0, len(arrays), step):
+            chunk = arrays[start:start + step]
+            if len(chunk) == 1:
+                output, timings = self._infer(chunk[0])
+                results = [output.copy()]
+            else:
+                results, timings = self._infer_batch(chunk)
+            outputs.extend(results)
+            for key, value in timings.items():
+                total[key] = total.get(key, 0.0) + value
+        return outputs, total
+
+    max_batch = 1  # inputs one call may take (a model with a dynamic batch axis: more); 1: infer_batch loops
+
     def close(self):
         if self.loaded:
             self._close()
@@ -168,6 +196,10 @@ class Backend(object):
         raise NotImplementedError
 
     def _infer(self, array):
+        raise NotImplementedError
+
+    def _infer_batch(self, arrays):
+        """Run ``arrays`` (2 to ``max_batch`` inputs) in one call; returns ``(outputs, timings)``."""
         raise NotImplementedError
 
     def _close(self):

@@ -31,6 +31,7 @@ class TensorRTBackend(Backend):
     """Runs a TensorRT engine on CUDA device ``device`` (an index).
 
     ``mapped``: use mapped page-locked host memory (zero-copy) instead of device buffers plus copies.
+    Engines are static: :meth:`infer_batch` runs the frames of a batch one at a time.
     """
 
     name = "tensorrt"
@@ -77,6 +78,10 @@ class TensorRTBackend(Backend):
         self.input_name = self._input.name
         expected_out = self.info.latent_shape if self.role == "encoder" else self.info.input_shape
         for tensor, expected in ((self._input, self.input_shape), (self._output, expected_out)):
+            if -1 in tensor.shape:
+                raise BackendError("{}: tensor {!r} has a dynamic shape {} in the engine (built by trtexec from a "
+                                   "decoder with a dynamic batch axis?); build it with `latentlink export engine`, "
+                                   "which makes it static".format(self.path, tensor.name, tensor.shape))
             if tensor.shape != tuple(expected):
                 raise BackendError("{}: tensor {!r} has shape {} in the engine but {} in its metadata {}; rebuild the "
                                    "engine from the ONNX beside that metadata".format(

@@ -138,4 +138,15 @@ def trtexec_command(onnx_path, engine_path, precision="fp16", workspace_mb=256):
         words.append("--fp16")
     words += ["--workspace={}".format(int(workspace_mb)), "--buildOnly", "--verbose"]
     model_json = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), "model.json")
+    if os.path.basename(onnx_path).startswith("decoder"):
+        # A decoder's batch axis is dynamic (export onnx): trtexec needs its shape. The engine it builds then
+        # has a dynamic input, which latentlink's TensorRT backend refuses: prefer `latentlink export engine`,
+        # which builds a static one (unverified here: no GPU).
+        try:
+            from .base import read_model_info
+
+            shape = "x".join(str(d) for d in read_model_info(onnx_path).latent_shape)
+            words[3:3] = ["--{}Shapes=latents:{}".format(kind, shape) for kind in ("min", "opt", "max")]
+        except Exception:  # no model.json: the command without shapes (a static decoder needs none)
+            pass
     return " ".join(words) + "\ncp {} {}.json".format(model_json, engine_path)
