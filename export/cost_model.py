@@ -59,9 +59,15 @@ TILE = 32
 
 
 def load(model):
-    """An ``onnx.ModelProto`` from a path or a ModelProto, with inferred shapes."""
+    """An ``onnx.ModelProto`` from a path or a ModelProto, with inferred shapes. A named dynamic batch axis (the
+    host's decoders have one) is costed at 1: one frame, as the per-frame estimates mean."""
+    from .onnx_check import fix_batch
+
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
+    else:
+        model = onnx.ModelProto.FromString(model.SerializeToString())  # the caller's model stays as it was
+    fix_batch(model)
     return onnx.shape_inference.infer_shapes(model)
 
 

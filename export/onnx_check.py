@@ -47,7 +47,7 @@ def check_onnx(path, trt=trt_ops.OLDEST, allow_dynamic_batch=None):
         problems.append("not a valid ONNX model: {}".format(str(exc).splitlines()[0] if str(exc) else exc))
         return report
     if allow_dynamic_batch:
-        report["dynamic_batch"] = _fix_batch(model)
+        report["dynamic_batch"] = fix_batch(model)
     graph = model.graph
     opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     report["opset"] = max(opsets) if opsets else None
@@ -102,7 +102,7 @@ def check_onnx(path, trt=trt_ops.OLDEST, allow_dynamic_batch=None):
     return report
 
 
-def _fix_batch(model):
+def fix_batch(model):
     """If the graph's inputs and outputs share a named first axis, set it to 1 in ``model`` (so that the static
     checks apply to the rest) and return its name; else None."""
     values = list(model.graph.input) + list(model.graph.output)
