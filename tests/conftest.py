@@ -6,6 +6,7 @@ PNG) is exercised without depending on the shipped weights, in well under a seco
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -116,3 +117,18 @@ def run_cli(*args, timeout=120, **kwargs):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m"] + list(args), cwd=kwargs.pop("cwd", ROOT), env=env,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture
+def procs():
+    """Every process a test starts; at teardown the ones still running are continued (if stopped) and killed."""
+    started = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            except OSError:
+                pass
+            proc.wait(timeout=10)

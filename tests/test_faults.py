@@ -32,21 +32,6 @@ WINDOW, QUEUE = 4, 2  # the edges' --window and --queue-size below (the host gra
 
 
 # Processes.
-@pytest.fixture
-def procs():
-    """Every process a test starts; at teardown the ones still running are continued (if stopped) and killed."""
-    started = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGCONT)
-                proc.kill()
-            except OSError:
-                pass
-            proc.wait(timeout=10)
-
-
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -21,16 +21,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 # Shutdown, as a separate process.
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 def start_host(procs, tmp_path, profile, *extra):
     """A host process (with its table: no --quiet); returns ``(process, "HOST:PORT")`` once it listens. Its
     stdout and stderr go to host.log, its report to host.json."""
