@@ -371,9 +371,13 @@ def command_of(main):
 
 def run_main(main, argv):
     """Run ``main(argv)``; a :class:`LatentlinkError` becomes ``error: ...`` on stderr and exit code 2, and so does
-    a missing dependency, with the extra that brings it."""
+    a missing dependency, with the extra that brings it. A Ctrl-C that the command does not handle itself (while a
+    model loads, say) is one line and exit code 130 (128 + SIGINT, as shells report it), not a traceback."""
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except LatentlinkError as exc:
         print("error: {}".format(exc), file=sys.stderr)
         return 2

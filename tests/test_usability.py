@@ -305,3 +305,13 @@ def test_export_onnx_shows_its_steps_on_a_terminal(tmp_path):
     assert status == 0, out + err
     assert "export onnx: encoder" in err and "export onnx: parity with PyTorch" in err
     assert "wrote {}/encoder.onnx".format(tmp_path) in out
+
+
+def test_ctrl_c_before_a_command_handles_it_is_one_line_not_a_traceback(capsys):
+    from latentlink.edge.cli import run_main
+
+    def loading_a_model(argv):
+        raise KeyboardInterrupt
+
+    assert run_main(loading_a_model, []) == 130
+    assert capsys.readouterr().err == "interrupted\n"
