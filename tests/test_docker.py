@@ -157,10 +157,10 @@ def test_compose_command_is_a_valid_host_command_writing_into_the_volume():
     service = compose()["services"]["host"]
     args = get_args_parser().parse_args(service["command"])  # exits (fails the test) on an unknown flag
     mounts = [volume.split(":")[1] for volume in service["volumes"]]
-    assert args.out in mounts
+    assert args.out and all(out in mounts for out in args.out)  # --out may be repeated (outputs as URIs)
     assert args.report and os.path.dirname(args.report) in mounts, "the report would be lost with the container"
-    # `docker compose down` sends stop_signal; only SIGINT (KeyboardInterrupt) makes the host write its report.
-    assert service.get("stop_signal") == "SIGINT"
+    # `docker compose down` sends stop_signal; SIGINT and SIGTERM both make the host finish and write its report.
+    assert service.get("stop_signal") in ("SIGINT", "SIGTERM")
 
 
 def test_compose_commented_edge_example_parses_with_the_edge_cli():
