@@ -1,0 +1,456 @@
+"""Context-model entropy coding of binary latents (``--entropy context``): integers and numpy only.
+
+The default model sends 8 bits per 4x4 block whatever the block shows. This module codes those bits with a
+probability for each one, taken from bits already coded, so a flat sky costs less than foliage.
+
+**The model.** The latents (N, C, H, W) are coded in ``4 * C`` *passes*: channel by channel, and within a channel
+the 2x2 sub-grids in the order (0, 0), (1, 1), (0, 1), (1, 0) (row parity, column parity). A pass codes all its
+symbols at once: each gets a *context* index from bits of earlier passes only:
+
+- the symbol's ordered-dither phase ``((y >> 1) & 1, (x >> 1) & 1)`` (4 values; with the pass's parities it
+  fixes the Bayer threshold the binarizer compared against, see export/models/lossy_cae.py);
+- counts of ones among already coded neighbours of the same channel: none in sub-grid (0, 0); the 4 diagonal
+  ones in (1, 1); north+south and west+east in (0, 1); those two and the diagonals in (1, 0);
+- the bits of the 4 previous channels at the same position (fewer for the first channels).
+
+Each pass has a table of P(bit = 1) for its contexts as 16-bit integers (units of 1/65536, 1 to 65535): the
+:class:`ContextModel`, stored as ``entropy.json`` beside the model's ONNX files, identified by the SHA-256 of
+its tables (:attr:`ContextModel.sha256`), which the edge's HELLO carries so that edge and host agree bit for bit.
+
+**The coder.** Every probability maps (integer comparisons only, :func:`rice_class`) to a class: which bit is the
+less probable one (LPS) and a Rice parameter k (0 to 15). Each class is coded as a whole: the gaps between its
+LPS (the runs of the probable bit, in coding order) as Rice codes, whose unary parts all go in one bit string and
+whose k-bit remainders in another, so that both coding and decoding are a handful of whole-array numpy operations
+per pass, never a Python step per symbol. Rice codes of runs are within 0 to 3 % of the ideal size (-log2 p)
+for such a class (at most 3.0 %, at P(LPS) = 0.4; the README has the measured total).
+
+Payload: ``NUM_CLASSES`` LEB128 varints (the number of LPS of each class), then the unary bits (each gap's
+quotient as that many ones and a zero), then the remainders (k bits each, most significant first), then zero
+bits to a whole byte. The symbol count always comes from the shape, never from the payload; decoding checks every
+count and length against it and raises :class:`ProtocolError` for anything but an exact, complete payload.
+
+Python 3.6 + numpy 1.19 compatible (the Jetson Nano); no floating point anywhere in coding or decoding.
+"""
+
+import base64
+import hashlib
+import io
+import json
+
+import numpy as np
+
+from .errors import ConfigError, ProtocolError
+
+FORMAT = "latentlink-entropy"
+VERSION = 1
+SCHEME = "dither-subgrid-v1"  # the pass order and contexts above; a new layout gets a new name
+PROB_BITS = 16
+PROB_ONE = 1 << PROB_BITS
+FILENAME = "entropy.json"  # beside model.json (or a TensorRT engine's sidecar)
+MAX_K = 15
+NUM_CLASSES = 2 * (MAX_K + 1)  # class = 2 * k + lps
+# Rice parameter k for a class whose LPS has probability pl (units of 1/65536): k = how many of these pl is below.
+# They are the crossovers of the expected Rice code lengths of k and k + 1 for geometric runs, p (k + 1 + Q/(1-Q))
+# bits per symbol with Q = (1 - p) ** (2 ** k), rounded up (tests/test_context_model.py derives them again).
+RICE_THRESHOLDS = (25033, 14015, 7429, 3826, 1942, 979, 491, 246, 124, 62, 31, 16, 8, 4, 2)
+SUBGRIDS = ((0, 0), (1, 1), (0, 1), (1, 0))  # coding order of the 2x2 sub-grids within a channel
+CROSS_CHANNELS = 4  # previous channels whose bit at the same position is part of the context
+_N, _S, _W, _E = (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)
+_DIAGONALS = ((0, -1, -1), (0, -1, 1), (0, 1, -1), (0, 1, 1))
+# Same-channel neighbours per sub-grid: each entry a group of taps (dc, dy, dx) whose ones are counted.
+_SPATIAL = {(0, 0): (), (1, 1): (_DIAGONALS,), (0, 1): ((_N, _S), (_W, _E)), (1, 0): ((_N, _S), (_W, _E), _DIAGONALS)}
+
+
+def passes(channels):
+    """The coding order: a list of ``(channel, (row parity, column parity), features)``; each feature is a tuple of
+    taps ``(dc, dy, dx)`` whose bits are summed (all of them in earlier passes)."""
+    out = []
+    for c in range(channels):
+        cross = tuple(((-k, 0, 0),) for k in range(1, min(CROSS_CHANNELS, c) + 1))
+        for grid in SUBGRIDS:
+            out.append((c, grid, _SPATIAL[grid] + cross))
+    return out
+
+
+def table_sizes(channels):
+    """Number of contexts of each pass: 4 dither phases times the product of (taps + 1) over its features."""
+    sizes = []
+    for _, _, features in passes(channels):
+        n = 4
+        for taps in features:
+            n *= len(taps) + 1
+        sizes.append(n)
+    return sizes
+
+
+def rice_class(p16):
+    """Class (``2 * k + lps``) of each probability of a one ``p16`` (int array, units of 1/65536, 1 to 65535)."""
+    p16 = np.asarray(p16, dtype=np.int64)
+    lps = (p16 < PROB_ONE // 2).astype(np.int64)  # the less probable bit: 1 if P(1) < 1/2
+    pl = np.where(lps == 1, p16, PROB_ONE - p16)
+    k = np.zeros(pl.shape, dtype=np.int64)
+    for t in RICE_THRESHOLDS:
+        k += pl < t
+    return (2 * k + lps).astype(np.uint8)
+
+
+def _class_k(cls):
+    return np.asarray(cls, dtype=np.int64) >> 1
+
+
+# --- contexts -----------------------------------------------------------------------------------------------------
+def _grid_shape(height, width, grid):
+    return (height - grid[0] + 1) // 2, (width - grid[1] + 1) // 2
+
+
+def _subphase(height, width, grid):
+    """The dither phase index (0 to 3) of each position of a sub-grid."""
+    h, w = _grid_shape(height, width, grid)
+    ys = (np.arange(h) * 2 + grid[0]) >> 1 & 1
+    xs = (np.arange(w) * 2 + grid[1]) >> 1 & 1
+    return (ys[:, None] * 2 + xs[None, :]).astype(np.int32)
+
+
+def _padded(bits):
+    """(N, C, H, W) bits -> uint8 (N, C, H + 2, W + 2) with a zero border (neighbours beyond the edge are 0)."""
+    n, c, h, w = bits.shape
+    out = np.zeros((n, c, h + 2, w + 2), dtype=np.uint8)
+    out[:, :, 1:h + 1, 1:w + 1] = bits
+    return out
+
+
+def _tap(padded, c, grid, tap, h, w):
+    dc, dy, dx = tap
+    y0, x0 = 1 + grid[0] + dy, 1 + grid[1] + dx
+    return padded[:, c + dc, y0:y0 + 2 * h - 1:2, x0:x0 + 2 * w - 1:2]
+
+
+def pass_contexts(padded, index, plan, phases):
+    """Context indices (int32, (N, h, w)) of pass ``index`` of ``plan`` (:func:`passes`), from ``padded``
+    (:func:`_padded` bits; only earlier passes are read). ``phases``: :func:`_subphase` per sub-grid."""
+    c, grid, features = plan[index]
+    height, width = padded.shape[2] - 2, padded.shape[3] - 2
+    h, w = _grid_shape(height, width, grid)
+    ctx = np.broadcast_to(phases[grid], (padded.shape[0], h, w)).astype(np.int32)
+    for taps in features:
+        count = _tap(padded, c, grid, taps[0], h, w).astype(np.int32)
+        for tap in taps[1:]:
+            count += _tap(padded, c, grid, tap, h, w)
+        ctx *= len(taps) + 1
+        ctx += count
+    return ctx
+
+
+def all_contexts(bits):
+    """For fitting and training: ``[(context indices, bits)]`` per pass of ``bits`` (N, C, H, W) in {0, 1}, each
+    a flat int32 and a flat uint8 array in coding order."""
+    bits = np.asarray(bits, dtype=np.uint8)
+    n, channels, height, width = bits.shape
+    plan = passes(channels)
+    padded = _padded(bits)
+    phases = dict((g, _subphase(height, width, g)) for g in SUBGRIDS)
+    out = []
+    for i, (c, grid, _) in enumerate(plan):
+        ctx = pass_contexts(padded, i, plan, phases)
+        out.append((ctx.ravel(), bits[:, c, grid[0]::2, grid[1]::2].ravel()))
+    return out
+
+
+# --- the model: tables, identity, JSON ------------------------------------------------------------------------------
+class ContextModel(object):
+    """The probability tables of one encoder: ``tables[i]`` holds P(bit = 1) of pass ``i``'s contexts as integers
+    in units of 1/65536 (1 to 65535). ``info``: how they were fitted (not part of the identity)."""
+
+    def __init__(self, channels, tables, info=None):
+        self.channels = int(channels)
+        sizes = table_sizes(self.channels)
+        if len(tables) != len(sizes):
+            raise ConfigError("entropy tables: %d tables for %d channels (expected %d)" % (
+                len(tables), self.channels, len(sizes)))
+        self.tables = []
+        for i, (table, size) in enumerate(zip(tables, sizes)):
+            table = np.asarray(table)
+            if table.shape != (size,) or table.dtype.kind not in "iu":
+                raise ConfigError("entropy table %d has shape %s and dtype %s (expected %d integers)" % (
+                    i, table.shape, table.dtype, size))
+            if size and (table.min() < 1 or table.max() >= PROB_ONE):
+                raise ConfigError("entropy table %d holds probabilities outside 1..65535" % i)
+            self.tables.append(table.astype(np.uint16))
+        self.classes = [rice_class(t) for t in self.tables]
+        self.info = dict(info or {})
+        self.sha256 = hashlib.sha256(json.dumps(self._identity(), sort_keys=True, separators=(",", ":"))
+                                     .encode("ascii")).hexdigest()
+
+    def _identity(self):
+        return {"format": FORMAT, "version": VERSION, "scheme": SCHEME, "prob_bits": PROB_BITS,
+                "channels": self.channels,
+                "tables": [base64.b64encode(t.astype("<u2").tobytes()).decode("ascii") for t in self.tables]}
+
+    def to_json(self):
+        """The ``entropy.json`` text: the identity fields, ``sha256`` and ``info``."""
+        obj = self._identity()
+        obj["sha256"] = self.sha256
+        obj["info"] = self.info
+        return json.dumps(obj, sort_keys=True, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text, where="entropy.json"):
+        """Parse :meth:`to_json` text; ConfigError naming ``where`` if it is not a valid, intact table file."""
+        try:
+            obj = json.loads(text)
+            if obj.get("format") != FORMAT or obj.get("version") != VERSION or obj.get("scheme") != SCHEME \
+                    or obj.get("prob_bits") != PROB_BITS:
+                raise ValueError("format %r version %r scheme %r prob_bits %r (expected %s %d %s %d)" % (
+                    obj.get("format"), obj.get("version"), obj.get("scheme"), obj.get("prob_bits"), FORMAT,
+                    VERSION, SCHEME, PROB_BITS))
+            tables = [np.frombuffer(base64.b64decode(t.encode("ascii"), validate=True), dtype="<u2")
+                      for t in obj["tables"]]
+            model = cls(obj["channels"], tables, obj.get("info"))
+        except ConfigError as exc:
+            raise ConfigError("%s: %s" % (where, exc))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ConfigError("%s is not a latentlink entropy table file (%s): write it with `latentlink export "
+                              "entropy`" % (where, exc))
+        if obj.get("sha256") not in (None, model.sha256):
+            raise ConfigError("%s: its tables hash to %s, not the sha256 it records (%s): the file was changed; "
+                              "fit it again with `latentlink export entropy`" % (where, model.sha256[:12],
+                                                                                  str(obj["sha256"])[:12]))
+        return model
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with io.open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, IOError, ValueError) as exc:
+            raise ConfigError("cannot read entropy tables %s (%s): write them with `latentlink export entropy`"
+                              % (path, exc))
+        return cls.from_json(text, path)
+
+    def save(self, path):
+        with io.open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    # --- coding ---------------------------------------------------------------------------------------------------
+    def _check_shape(self, shape, error):
+        if len(shape) != 4 or int(shape[1]) != self.channels or min(int(d) for d in shape) < 1:
+            raise error("context coding takes latents of shape (N, %d, H, W), not %r" % (self.channels,
+                                                                                           list(shape)))
+
+    def ideal_bits(self, bits):
+        """The model's ideal size of ``bits`` in bits, sum of -log2 p (float; for reports, not for coding)."""
+        total = 0.0
+        for i, (ctx, b) in enumerate(all_contexts(bits)):
+            p1 = self.tables[i][ctx].astype(np.float64) / PROB_ONE
+            total -= np.log2(np.where(b == 1, p1, 1.0 - p1)).sum()
+        return total
+
+    def encode(self, latents):
+        """Code binary latents (N, C, H, W), values > 0.5 read as one (as pack_latents does): returns bytes."""
+        a = np.asarray(latents)
+        self._check_shape(a.shape, ConfigError)
+        bits = (a > 0.5).astype(np.uint8) if a.dtype != np.uint8 else np.minimum(a, 1)
+        plan = passes(self.channels)
+        padded = _padded(bits)
+        phases = dict((g, _subphase(bits.shape[2], bits.shape[3], g)) for g in SUBGRIDS)
+        used = np.zeros(NUM_CLASSES, dtype=np.int64)
+        lps_cls, lps_pos = [], []
+        # Pass by pass, as the decoder goes: numpy is several times faster per element on arrays of one pass
+        # (a few thousand) than on the whole frame's, which leave the CPU's caches.
+        for i, (c, grid, _) in enumerate(plan):
+            cls = self.classes[i][pass_contexts(padded, i, plan, phases).ravel()]
+            rank = _ranks(cls, used)
+            hit = np.flatnonzero(bits[:, c, grid[0]::2, grid[1]::2].ravel() == (cls & 1))
+            lps_cls.append(cls[hit])
+            lps_pos.append(rank[hit])
+        return encode_runs(np.concatenate(lps_cls), np.concatenate(lps_pos))
+
+    def decode(self, payload, shape):
+        """The uint8 bits (``shape``: N, C, H, W) that ``payload`` codes; ProtocolError for anything but an exact,
+        complete payload. ``shape`` comes from the frame's metadata, already checked against the model."""
+        self._check_shape(shape, ProtocolError)
+        n, channels, height, width = (int(d) for d in shape)
+        total = n * channels * height * width
+        stream = _ClassStream(payload, total)
+        plan = passes(channels)
+        padded = np.zeros((n, channels, height + 2, width + 2), dtype=np.uint8)
+        phases = dict((g, _subphase(height, width, g)) for g in SUBGRIDS)
+        for i, (c, grid, _) in enumerate(plan):
+            ctx = pass_contexts(padded, i, plan, phases)
+            values = stream.take(self.classes[i][ctx.ravel()])
+            h, w = ctx.shape[1:]
+            padded[:, c, 1 + grid[0]:1 + grid[0] + 2 * h - 1:2, 1 + grid[1]:1 + grid[1] + 2 * w - 1:2] = \
+                values.reshape(ctx.shape)
+        stream.finish()
+        return np.ascontiguousarray(padded[:, :, 1:height + 1, 1:width + 1])
+
+
+# --- the class coder ------------------------------------------------------------------------------------------------
+def _varint(values):
+    out = bytearray()
+    for v in values:
+        v = int(v)
+        while v >= 0x80:
+            out.append(v & 0x7F | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def _ranks(classes, used):
+    """Each symbol's index among the symbols of its class so far: ``used`` (per class, updated) plus its rank among
+    this pass's symbols of the class (a stable sort by class, numpy's radix sort for uint8)."""
+    order = np.argsort(classes, kind="stable")
+    counts = np.bincount(classes, minlength=NUM_CLASSES)
+    cls_sorted = classes[order]
+    rank = np.empty(len(classes), dtype=np.int64)
+    rank[order] = np.arange(len(classes)) + (used - (np.cumsum(counts) - counts))[cls_sorted]
+    used += counts
+    return rank
+
+
+def encode_runs(lps_cls, lps_pos):
+    """The payload for the LPS (less probable symbols) of each class: their classes ``lps_cls`` (uint8) and
+    positions ``lps_pos`` within their class (increasing within a class), in any order of classes: bytes."""
+    order = np.argsort(lps_cls, kind="stable")
+    hit_cls = lps_cls[order].astype(np.int64)
+    pos = lps_pos[order]
+    m = np.bincount(hit_cls, minlength=NUM_CLASSES)
+    # Gap before each LPS: its position in its class minus the previous one's, minus 1.
+    prev = np.empty_like(pos)
+    prev[1:] = pos[:-1]
+    first = np.ones(len(pos), dtype=bool)
+    first[1:] = hit_cls[1:] != hit_cls[:-1]
+    prev[first] = -1
+    gaps = pos - prev - 1
+    k = hit_cls >> 1
+    q = gaps >> k
+    unary_len = int((q + 1).sum())
+    rem_len = int(k.sum())
+    bits = np.zeros(unary_len + rem_len + 7 >> 3 << 3, dtype=np.uint8)
+    bits[:unary_len] = 1
+    bits[np.cumsum(q + 1) - 1] = 0  # each quotient's terminating zero
+    if rem_len:
+        # The remainders, k bits each, most significant first. Classes 2k and 2k + 1 share k and are adjacent in
+        # class order, so the gaps of each k are one slice: one (gaps, k) bit matrix per k.
+        at, first_gap = unary_len, np.cumsum(m) - m
+        for kk in range(1, MAX_K + 1):
+            lo, hi = first_gap[2 * kk], first_gap[2 * kk] + m[2 * kk] + m[2 * kk + 1]
+            if hi > lo:
+                shifts = np.arange(kk - 1, -1, -1)
+                bits[at:at + (hi - lo) * kk] = ((gaps[lo:hi, None] >> shifts) & 1).ravel()
+                at += (hi - lo) * kk
+    return _varint(m) + np.packbits(bits).tobytes()
+
+
+class _ClassStream(object):
+    """The decoder's side of :func:`encode_runs`: parses and checks the whole payload up front (bounded by
+    ``total``, the symbol count from the shape), then hands out each pass's symbols by class with :meth:`take`."""
+
+    def __init__(self, payload, total):
+        data = np.frombuffer(bytes(payload), dtype=np.uint8)
+        # A valid payload is at most 16 bits a symbol (k + 1 bits for an LPS of a class with parameter k) plus the
+        # header; refuse anything longer before unpacking it.
+        limit = 2 * total + 3 * NUM_CLASSES * 4 + 8
+        if len(data) > limit:
+            raise ProtocolError("context-coded payload of %d bytes is longer than %d symbols can need (%d bytes)"
+                                % (len(data), total, limit))
+        m, at = [], 0
+        for c in range(NUM_CLASSES):
+            value, shift = 0, 0
+            while True:
+                if at >= len(data):
+                    raise ProtocolError("context-coded payload of %d bytes ends inside its header" % len(data))
+                byte = int(data[at])
+                at += 1
+                value |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+                if shift > 35:
+                    raise ProtocolError("context-coded payload: class %d's count is not a valid varint" % c)
+            if value > total:
+                raise ProtocolError("context-coded payload says class %d has %d rare symbols, more than the %d "
+                                    "symbols of the shape" % (c, value, total))
+            m.append(value)
+        m = np.array(m, dtype=np.int64)
+        count = int(m.sum())
+        if count > total:
+            raise ProtocolError("context-coded payload says %d rare symbols, more than the %d symbols of the shape"
+                                % (count, total))
+        bits = np.unpackbits(data[at:])
+        zeros = np.flatnonzero(bits == 0)[:count]  # the unary codes' terminators
+        if len(zeros) < count:
+            raise ProtocolError("context-coded payload is truncated: %d of its %d run lengths are there"
+                                % (len(zeros), count))
+        unary_end = int(zeros[-1]) + 1 if count else 0
+        k = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64) >> 1, m)
+        end = unary_end + int(k.sum())
+        if (end + 7) // 8 != len(bits) // 8:
+            raise ProtocolError("context-coded payload has %d bytes after its header, its codes need %d (%s)" % (
+                len(bits) // 8, (end + 7) // 8, "truncated" if end > len(bits) else "extra bytes"))
+        if bits[end:].any():
+            raise ProtocolError("context-coded payload: the padding after its codes is not zero")
+        q = np.diff(np.concatenate([[-1], zeros])) - 1
+        gaps = q << k
+        at, first_gap = unary_end, np.cumsum(m) - m
+        for kk in range(1, MAX_K + 1):  # the remainders: one (gaps, k) bit matrix per k, as encode_runs wrote
+            lo, hi = first_gap[2 * kk], first_gap[2 * kk] + m[2 * kk] + m[2 * kk + 1]
+            if hi > lo:
+                weights = np.left_shift(1, np.arange(kk - 1, -1, -1, dtype=np.int64))
+                gaps[lo:hi] |= bits[at:at + (hi - lo) * kk].reshape(hi - lo, kk).astype(np.int64).dot(weights)
+                at += (hi - lo) * kk
+        # Position of each LPS within its class: a running sum of gap + 1 that restarts at each class.
+        run = np.cumsum(gaps + 1)
+        class_ends = np.cumsum(m)
+        base = np.concatenate([[0], run])[class_ends - m]
+        pos = run - 1 - np.repeat(base, m)
+        # Each class's symbols up to its last LPS; later ones are its probable bit.
+        self.length = np.zeros(NUM_CLASSES, dtype=np.int64)
+        last = class_ends[m > 0] - 1
+        self.length[m > 0] = pos[last] + 1
+        if int(self.length.sum()) > total:
+            raise ProtocolError("context-coded payload's runs are longer than the %d symbols of the shape" % total)
+        self.offset = np.cumsum(self.length + 1) - (self.length + 1)  # one zero after each class: "not an LPS"
+        self.flags = np.zeros(int((self.length + 1).sum()), dtype=np.uint8)
+        self.flags[np.repeat(self.offset, m) + pos] = 1
+        self.used = np.zeros(NUM_CLASSES, dtype=np.int64)
+
+    def take(self, classes):
+        """The next symbols of these ``classes`` (uint8, one each, in order): uint8 0/1."""
+        cls = classes.astype(np.int64)
+        flag = self.flags[self.offset[cls] + np.minimum(_ranks(classes, self.used), self.length[cls])]
+        lps = classes & 1
+        return lps ^ (flag ^ 1)  # an LPS where flagged, else the probable bit, 1 - lps
+
+    def finish(self):
+        """Every LPS the payload codes must have been used."""
+        if (self.length > self.used).any():
+            c = int(np.flatnonzero(self.length > self.used)[0])
+            raise ProtocolError("context-coded payload codes class %d up to symbol %d, but the frame has only %d "
+                                "of them" % (c, int(self.length[c]), int(self.used[c])))
+
+
+# --- fitting ------------------------------------------------------------------------------------------------------
+def count_contexts(bits, counts=None):
+    """Add the context statistics of ``bits`` (N, C, H, W) to ``counts`` (a list per pass of int64 arrays
+    ``[contexts, 2]``: zeros and ones seen; None starts new ones); returns it."""
+    bits = np.asarray(bits, dtype=np.uint8)
+    sizes = table_sizes(bits.shape[1])
+    if counts is None:
+        counts = [np.zeros((size, 2), dtype=np.int64) for size in sizes]
+    for i, (ctx, b) in enumerate(all_contexts(bits)):
+        counts[i][:, 1] += np.bincount(ctx[b == 1], minlength=sizes[i])
+        counts[i][:, 0] += np.bincount(ctx[b == 0], minlength=sizes[i])
+    return counts
+
+
+def tables_from_counts(counts):
+    """P(1) per context from counts, as 16-bit integers: (ones + 1/2) / (all + 1) (the Krichevsky-Trofimov
+    estimate: an unseen context gets 1/2), in integer arithmetic, so every machine fits the same tables."""
+    tables = []
+    for c in counts:
+        ones, total = c[:, 1], c[:, 0] + c[:, 1]
+        p16 = ((2 * ones + 1) * PROB_ONE + total + 1) // (2 * total + 2)  # rounded to nearest
+        tables.append(np.clip(p16, 1, PROB_ONE - 1).astype(np.uint16))
+    return tables
