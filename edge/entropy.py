@@ -12,6 +12,10 @@ the ``lz4`` package), ``zstd`` (one Zstandard frame with its content size, level
 lz4 and zstandard are imported only when used; missing, they are a :class:`ConfigError` on the sending side and a
 :class:`ProtocolError` (that connection only) on the receiving side, both saying what to ``pip install``.
 
+``context`` is not a coder of bytes: it codes the binary latents themselves with the model's probability tables
+(:mod:`latentlink.edge.context_model`, ``entropy.json`` beside the model), so :func:`latentlink.edge.protocol.
+code_latents` and :func:`~latentlink.edge.protocol.decode_latents` call it, not :func:`compress`.
+
 Python 3.6 compatible (the Jetson Nano).
 """
 
@@ -20,7 +24,8 @@ import zlib
 
 from .errors import ConfigError, ProtocolError
 
-CODERS = ("none", "zlib", "lz4", "zstd")
+CODERS = ("none", "zlib", "lz4", "zstd", "context")
+BYTE_CODERS = ("zlib", "lz4", "zstd")  # the coders of packed bytes (compress / decompress)
 ZLIB_LEVEL = 6  # zlib's default: the default model's packed bits to 67 % in 0.69 ms (504x504, x86; README)
 ZSTD_LEVEL = 3  # zstd's default: to 68 % in 0.18 ms
 # coder -> (module to import, pip package that provides it)
@@ -62,6 +67,8 @@ def compress(data, coder):
     check_available(coder)
     if coder == "none":
         return data
+    if coder == "context":
+        raise ConfigError("entropy 'context' codes the latents, not packed bytes: use protocol.code_latents")
     if coder == "zlib":
         return zlib.compress(data, ZLIB_LEVEL)
     if coder == "lz4":
@@ -77,6 +84,8 @@ def decompress(data, coder, expected_len):
     Never produces more than ``expected_len`` + 1 bytes of output, whatever ``data`` says about its own size.
     """
     _check_coder(coder, ProtocolError)
+    if coder == "context":
+        raise ProtocolError("entropy 'context' payloads are decoded with the model's tables (decode_latents)")
     if coder == "none":
         out = data
     else:

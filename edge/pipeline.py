@@ -2,7 +2,8 @@
 per frame.
 
 ``serialize`` is packing and framing; ``entropy`` the optional lossless coding of the packed payload (timed apart:
-it runs on the Nano's CPU). All but ``send`` run in the calling thread; ``send`` runs in the :class:`Sender`'s
+it runs on the Nano's CPU), or with ``--entropy context`` the coding of the latents themselves with the model's
+tables (edge/context_model.py), which replaces packing. All but ``send`` run in the calling thread; ``send`` runs in the :class:`Sender`'s
 thread, so a slow network or host costs queue space (and, by policy, dropped frames), not capture time.
 
 Every frame processed keeps its stage timings, whatever became of it: the report of an edge whose host never
@@ -72,7 +73,8 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     settled = collections.deque()  # timers of frames the sender settled, not yet counted (appended by its threads)
     delivery = delivery or transport.delivery
     info = encoder.info
-    hello = {"model_id": info.model_id, "shape": [int(d) for d in info.latent_shape],
+    context_model = info.context_model() if entropy == "context" else None  # ConfigError now if it has none
+    hello = {"model_id": info.identity(entropy), "shape": [int(d) for d in info.latent_shape],
              "dtype": info.latent_dtype, "packing": packing, "entropy": entropy,
              "tiles": [int(n) for n in info.tiles]}
     sender = Sender(address, stream, hello=hello, queue_size=queue_size or transport.queue_size,
@@ -101,11 +103,15 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                 tensor = preprocess(frame)
             latents, timings = encoder.infer(tensor)
             timer.add_backend_timings("encode", "gpu_to_cpu", timings)
-            with timer.stage("serialize"):
-                payload = pack_latents(latents, packing)
-            if entropy != "none":
+            if entropy == "context":  # codes the latents themselves: nothing to pack first
                 with timer.stage("entropy"):
-                    payload = compress(payload, entropy)
+                    payload = context_model.encode(latents)
+            else:
+                with timer.stage("serialize"):
+                    payload = pack_latents(latents, packing)
+                if entropy != "none":
+                    with timer.stage("entropy"):
+                        payload = compress(payload, entropy)
             with timer.stage("serialize"):
                 if raw:
                     data = raw_pickle_message(payload)

@@ -8,6 +8,8 @@ bytes), then a payload for frames. Unknown extra keys are ignored (forward compa
 ``stream seq t_capture dtype shape packing payload_len`` and the optional ``entropy``.
 Payload: ``payload_len`` bytes holding the latent array packed as ``packing`` says (see :func:`pack_latents`), then,
 if ``entropy`` names a coder (``zlib``, ``lz4``, ``zstd``; see :mod:`latentlink.edge.entropy`), compressed with it.
+``entropy`` ``context`` (packing ``bits`` only) codes the latents themselves with the model's probability
+tables (:mod:`latentlink.edge.context_model`); the payload is then that coder's output.
 Without the key (or with ``"none"``, which senders leave out) ``payload_len`` is exactly the packed size implied by
 packing and shape; with it, ``payload_len`` is the compressed size and the packed size is what decompression must
 give exactly. ``max_payload_bytes`` bounds both. The ``pickle`` packing is never entropy-coded: it exists for the
@@ -175,6 +177,8 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
     if entropy != "none" and (end_of_stream or packing == "pickle"):
         raise error("packing %r cannot be entropy-coded (entropy %r): only bits, uint8, float16 and float32 "
                     "payloads can" % (packing, entropy))
+    if entropy == "context" and packing != "bits":
+        raise error("entropy 'context' codes binary latents: packing %r is not 'bits'" % (packing,))
     payload_len = obj["payload_len"]
     if not _is_int(payload_len) or payload_len < 0:
         raise error("bad payload_len %r (expected an integer >= 0)" % (payload_len,))
@@ -234,14 +238,27 @@ def pack_latents(array, packing):
     raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
 
 
-def encode_frame(stream, seq, t_capture, array, packing, entropy="none"):
+def encode_frame(stream, seq, t_capture, array, packing, entropy="none", context_model=None):
     """The whole frame (header + metadata + payload) as one bytes object, ready for ``sock.sendall``.
 
-    ``entropy``: compress the packed payload with this coder (see :mod:`edge.entropy`); "none" sends it as packed.
+    ``entropy``: compress the packed payload with this coder (see :mod:`edge.entropy`); "none" sends it as packed;
+    "context" codes the latents with ``context_model`` (:class:`edge.context_model.ContextModel`).
     """
     a = np.asarray(array)
     _check_sender_args(a, packing, entropy)
-    return frame_payload(stream, seq, t_capture, a, packing, compress(pack_latents(a, packing), entropy), entropy)
+    return frame_payload(stream, seq, t_capture, a, packing, code_latents(a, packing, entropy, context_model),
+                         entropy)
+
+
+def code_latents(array, packing, entropy="none", context_model=None):
+    """The payload of a frame: ``array`` packed (:func:`pack_latents`), then coded with ``entropy``; for
+    ``context``, coded by ``context_model`` straight from the latents (its ``encode``)."""
+    if entropy == "context":
+        if context_model is None:
+            raise ConfigError("entropy 'context' needs the model's probability tables (entropy.json beside the "
+                              "model: `latentlink export entropy`)")
+        return context_model.encode(array)
+    return compress(pack_latents(array, packing), entropy)
 
 
 def _check_sender_args(a, packing, entropy):
@@ -256,6 +273,9 @@ def check_coding(packing, entropy):
     """Raise ConfigError unless ``entropy`` is a known coder that ``packing`` can take (the sender's side)."""
     if entropy not in CODERS:
         raise ConfigError("unknown entropy coder %r (available: %s)" % (entropy, ", ".join(CODERS)))
+    if entropy == "context" and packing != "bits":
+        raise ConfigError("entropy 'context' codes binary latents (packing 'bits'), not %r latents: use another "
+                          "--entropy (zlib, zstd)" % (packing,))
     if packing == "pickle" and entropy != "none":
         raise ConfigError("--serializer pickle cannot be entropy-coded (entropy %r): it is for the seed "
                           "pipeline's receivers, which know no entropy coding; use --serializer framed or "
@@ -534,13 +554,21 @@ def unpack_latents(payload, meta):
     return flat.reshape(meta.shape).astype(dtype)  # astype copies: writable and independent of the buffer
 
 
-def decode_latents(meta, payload):
+def decode_latents(meta, payload, context_model=None):
     """The latent array a frame carries: decompressed (bounded by the packed size), then unpacked.
 
-    Pickle payloads are read by :func:`edge.safe_pickle.loads_ndarray`, which never unpickles them.
+    Pickle payloads are read by :func:`edge.safe_pickle.loads_ndarray`, which never unpickles them. ``context``
+    payloads are decoded by ``context_model`` (the receiver's tables; None: refused), bounded by the shape.
     """
     if meta.flags & FLAG_END_OF_STREAM:
         raise ProtocolError("an end-of-stream frame carries no latents")
+    if meta.entropy == "context":
+        if meta.packing != "bits":
+            raise ProtocolError("entropy 'context' with packing %r (only 'bits')" % (meta.packing,))
+        if context_model is None:
+            raise ProtocolError("a context-coded frame, and this receiver has no entropy tables (entropy.json "
+                                "beside its model)")
+        return context_model.decode(payload, meta.shape).astype(np.dtype(meta.dtype))
     if meta.entropy != "none":
         payload = decompress(payload, meta.entropy, payload_size(meta.packing, meta.shape))
     return unpack_latents(payload, meta)

@@ -1,6 +1,7 @@
 """``latentlink export`` / ``python -m latentlink.export``: turn a trained checkpoint into deployable model files.
 
 Subcommands: ``onnx`` (encoder and decoder as two ONNX files plus model.json, for one profile's input size),
+``entropy`` (the probability tables of ``--entropy context``, fitted to the encoder's bits on photos),
 ``check`` (will an ONNX file parse on the Nano's TensorRT 8.2?), ``engine`` (ONNX -> FP16 TensorRT engine, built on
 the GPU that runs it) and ``compare`` (the same inputs through two backends: how far apart are they?).
 
@@ -10,9 +11,10 @@ the GPU that runs it) and ``compare`` (the same inputs through two backends: how
 import argparse
 import json
 import math
+import os
 import sys
 
-from latentlink.edge.cli import (ArgumentParser, Number, check_input_file, check_model_file, check_output_dir,
+from latentlink.edge.cli import (ArgumentParser, Number, check_input_dir, check_input_file, check_model_file, check_output_dir,
                                  check_output_file, non_negative_float, positive_int, run_main, sentence)
 from latentlink.edge.backends import role_from_name
 from latentlink.edge.errors import BackendError, ConfigError
@@ -22,6 +24,7 @@ from latentlink.edge.tiles import parse_tiles
 EXAMPLES = """examples:
   latentlink export onnx --checkpoint runs/lossy-cae.pt --profile nano-504 --out models/nano-504
   latentlink export onnx --checkpoint runs/lossy-cae.pt --height 720 --width 1280 --out models/720p
+  latentlink export entropy --checkpoint runs/lossy-cae.pt --photos data/train data/extra --out models/nano-504
   latentlink export check models/nano-504/encoder.onnx models/nano-504/decoder.onnx
   latentlink export engine models/nano-504/encoder.onnx              (on the Nano: FP16, 256 MB workspace)
   latentlink export engine --profile nano-504 --out ~/engines --trtexec   (print the trtexec command only)
@@ -34,7 +37,7 @@ regenerate the shipped default models (and nano-1008 likewise):
 
 def get_args_parser():
     parser = ArgumentParser(prog="latentlink export", description=__doc__.split(":", 1)[1].strip(), epilog=EXAMPLES)
-    sub = parser.add_subparsers(dest="command", metavar="{onnx,check,engine,compare}")
+    sub = parser.add_subparsers(dest="command", metavar="{onnx,entropy,check,engine,compare}")
     sub.required = True
 
     def add(name, help_text):
@@ -50,6 +53,15 @@ def get_args_parser():
                              help="patch processing: the frame goes through the models as a batch of R x C equal "
                                   "tiles, e.g. 2x2 (the seed deck's 1008 -> 4 x 504); default: the checkpoint's "
                                   "training setting, else 1x1")
+
+    entropy_parser = add("entropy", "fit the tables of --entropy context to the encoder's bits on photos: "
+                                    "writes entropy.json beside model.json")
+    entropy_parser.add_argument("--checkpoint", required=True, help="the checkpoint the export in --out came from")
+    entropy_parser.add_argument("--photos", required=True, nargs="+", metavar="DIR",
+                                help="folders of photos (searched recursively), e.g. the training photos")
+    entropy_parser.add_argument("--out", required=True,
+                                help="the export folder (`export onnx --out`): its model.json gives the input size "
+                                     "and tiles; entropy.json goes there")
 
     check_parser = add("check", "will these ONNX files parse on TensorRT 8.2 (the Nano's)? exit 1 if not")
     check_parser.add_argument("onnx", nargs="+", help="ONNX files")
@@ -117,6 +129,12 @@ def check_args(args):
         if not args.profile and len(sizes) != 2:
             raise ConfigError("the input size is missing{}: give --profile NAME, or both --height and --width".format(
                 " (only {})".format(sizes[0]) if sizes else ""))
+    elif args.command == "entropy":
+        check_input_file("--checkpoint", args.checkpoint, "train one with `latentlink train`")
+        for folder in args.photos:
+            check_input_dir("--photos", folder, "give folders of photos")
+        check_input_file("--out", os.path.join(args.out, "model.json"), "export the model there first with "
+                         "`latentlink export onnx --out {}`".format(args.out))
     elif args.command in ("check", "engine"):
         for path in args.onnx:
             check_input_file("export " + args.command, path, "export one with `latentlink export onnx`")
@@ -137,7 +155,7 @@ def main(argv=None):
 def _main(argv):
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    return {"onnx": _onnx, "check": _check, "engine": _engine, "compare": _compare}[args.command](args)
+    return {"onnx": _onnx, "entropy": _entropy, "check": _check, "engine": _engine, "compare": _compare}[args.command](args)
 
 
 def _onnx(args):
@@ -166,6 +184,37 @@ def _onnx(args):
         latents, parity["decoder_max_abs_error"]))
     print("next: `latentlink export check {}/encoder.onnx`, then on the Nano `latentlink export engine "
           "{}/encoder.onnx`".format(args.out, args.out))
+    return 0
+
+
+def _entropy(args):
+    import hashlib
+
+    from latentlink.edge.backends.base import ModelInfo
+    from latentlink.edge.context_model import FILENAME
+
+    from .data import list_images
+    from .models import load_checkpoint
+    from .rate import fit_context_model
+
+    with open(os.path.join(args.out, "model.json"), encoding="utf-8") as f:
+        info = ModelInfo(json.load(f), os.path.join(args.out, "model.json"))
+    with open(args.checkpoint, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if info.model_id and info.model_id != digest:
+        raise ConfigError("{}/model.json was exported from checkpoint {}..., not {} ({}...): give the checkpoint of "
+                          "that export".format(args.out, info.model_id[:12], args.checkpoint, digest[:12]))
+    model, _ = load_checkpoint(args.checkpoint)
+    photos = sorted({path for folder in args.photos for path in list_images(folder)})
+    height, width = info.frame_shape[2], info.frame_shape[3]
+    tables = fit_context_model(model, photos, height, width, info.tiles,
+                               info={"checkpoint_sha256": digest, "photos_from": list(args.photos)})
+    path = os.path.join(args.out, FILENAME)
+    tables.save(path)
+    print("wrote {}: {} contexts in {} passes, fitted on {} photos at {}x{} ({} symbols); tables sha256 {}".format(
+        path, sum(len(t) for t in tables.tables), len(tables.tables), tables.info["photos"], width, height,
+        tables.info["symbols"], tables.sha256[:16]))
+    print("use: latentlink edge --entropy context (the host needs the same {} beside its decoder)".format(FILENAME))
     return 0
 
 

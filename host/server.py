@@ -721,7 +721,17 @@ class Host(object):
         if VERSION_2 not in hello["versions"]:
             return "version", "the edge speaks protocol {} and this host 1 and 2: upgrade the edge".format(
                 hello["versions"])
-        if hello["model_id"] and info.model_id and hello["model_id"] != info.model_id:
+        if hello["entropy"] == "context":
+            try:
+                identity = info.identity("context")  # reads the tables (entropy.json beside the decoder), once
+            except ConfigError as exc:
+                return "entropy_unavailable", "this host cannot decode --entropy context: {}".format(exc)
+            if hello["model_id"] != identity:
+                return "model_mismatch", ("the edge codes with entropy tables {} and this host has {} (model and "
+                                          "tables must come from the same export; copy the edge's entropy.json or "
+                                          "fit both with `latentlink export entropy`)".format(
+                                              hello["model_id"], identity))
+        elif hello["model_id"] and info.model_id and hello["model_id"] != info.model_id:
             return "model_mismatch", ("the edge's encoder comes from checkpoint {}... and this host's decoder from {}..."
                                       " (another training run: its images would be noise); give both the same "
                                       "profile or export".format(hello["model_id"][:12], info.model_id[:12]))
@@ -824,6 +834,16 @@ class Host(object):
                 stats.failed += 1
         return outcome, reason, False, t_done
 
+    def _context_model(self, meta):
+        """The decoder's entropy tables for a context-coded frame (None for others); a host without them refuses
+        the frame (protocol 2 refused the HELLO already)."""
+        if meta.entropy != "context":
+            return None
+        try:
+            return self.decoder.info.context_model()
+        except ConfigError as exc:
+            raise ProtocolError("a context-coded frame, and this host cannot decode it: {}".format(exc))
+
     def _handle_frame(self, where, meta, payload, timer, offset_s):
         """Decode, write and record one frame; returns ``(outcome, reason)``: "decoded" or "failed".
 
@@ -831,7 +851,8 @@ class Host(object):
         """
         stats = self.streams[meta.stream]
         with timer.stage("deserialize"):
-            latents = decode_latents(meta, payload)  # decompressed first if entropy-coded (bounded, edge/entropy.py)
+            # decompressed first if entropy-coded (bounded: edge/entropy.py, edge/context_model.py)
+            latents = decode_latents(meta, payload, self._context_model(meta))
         try:
             with self._decode_lock:
                 if self._stop.is_set():  # not acknowledged: the edge resends it (reliable) or counts it lost

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from latentlink.edge import entropy
-from latentlink.edge.entropy import CODERS, check_available, compress, decompress
+from latentlink.edge.entropy import BYTE_CODERS, check_available, compress, decompress
 from latentlink.edge.errors import ConfigError, ProtocolError
 from latentlink.edge.protocol import (FIXED_HEADER, PACKINGS, decode_latents, encode_frame, pack_latents, parse_meta,
                            payload_size)
@@ -36,8 +36,9 @@ def coder_param(coder):
     return pytest.param(coder, marks=marks, id=coder)
 
 
-ALL = [coder_param(c) for c in CODERS]
-CODED = [coder_param(c) for c in CODERS if c != "none"]
+# The coders of packed bytes; "context" codes latents with a model's tables: tests/test_context_model.py
+ALL = [coder_param(c) for c in ("none",) + BYTE_CODERS]
+CODED = [coder_param(c) for c in BYTE_CODERS]
 
 
 def latents(shape=(1, 8, 16, 16), seed=0):
@@ -84,7 +85,7 @@ def test_an_explicit_entropy_none_key_is_the_same_as_none():
 def test_unknown_coders_are_refused_on_both_sides():
     with pytest.raises(ConfigError) as info:
         encode_frame("cam0", 0, 0.0, latents(), "bits", entropy="brotli")
-    assert str(info.value) == "unknown entropy coder 'brotli' (available: none, zlib, lz4, zstd)"
+    assert str(info.value) == "unknown entropy coder 'brotli' (available: none, zlib, lz4, zstd, context)"
     with pytest.raises(ConfigError, match="'brotli'"):
         check_available("brotli")
     with pytest.raises(ProtocolError, match="unknown entropy coder 'brotli'"):

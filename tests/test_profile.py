@@ -36,7 +36,7 @@ def test_defaults_and_relative_model_paths(tmp_path):
 @pytest.mark.parametrize("text,message", [
     ("budgett_ms: 30\n", "unknown key 'budgett_ms'"),
     ("transport: {drop: latest}\n", "transport.drop must be one of oldest, newest, block, got 'latest'"),
-    ("transport: {entropy: brotli}\n", "transport.entropy must be one of none, zlib, lz4, zstd, got 'brotli'"),
+    ("transport: {entropy: brotli}\n", "transport.entropy must be one of none, zlib, lz4, zstd, context, got 'brotli'"),
     ("budget_ms: fast\n", "budget_ms must be a number, got 'fast'"),
     ("transport: {queue_size: 0}\n", "transport.queue_size must be between 1 and 1024, got 0"),
     ("precision: int8\n", "precision must be one of fp16, fp32"),

@@ -51,6 +51,32 @@ class ModelInfo(object):
         # None for exports that did not record their checkpoint: identity then goes unchecked.
         model_id = data.get("checkpoint_sha256")
         self.model_id = str(model_id) if model_id else None
+        self._context_model = None
+
+    def context_model(self):
+        """The model's entropy tables for ``--entropy context``: ``entropy.json`` beside this metadata, read once
+        (:class:`~latentlink.edge.context_model.ContextModel`); ConfigError if there is none or it does not fit."""
+        if self._context_model is None:
+            from ..context_model import FILENAME, ContextModel
+
+            path = os.path.join(os.path.dirname(self.path), FILENAME)
+            if not os.path.isfile(path):
+                raise ConfigError("--entropy context needs the model's probability tables, {} (none there): fit "
+                                  "them with `latentlink export entropy --checkpoint CKPT --photos DIR --out {}`"
+                                  .format(path, os.path.dirname(path) or "."))
+            model = ContextModel.load(path)
+            if len(self.latent_shape) != 4 or model.channels != self.latent_shape[1]:
+                raise ConfigError("{}: tables for {} channels, and the model's latents are {}".format(
+                    path, model.channels, list(self.latent_shape)))
+            self._context_model = model
+        return self._context_model
+
+    def identity(self, entropy):
+        """The model identity a HELLO carries: ``model_id``, and with ``entropy`` "context" the tables' hash after
+        it (``<model_id>+ctx-<16 hex digits>``), so that edge and host also agree on the tables."""
+        if entropy != "context":
+            return self.model_id
+        return "{}+ctx-{}".format(self.model_id or "", self.context_model().sha256[:16])
 
     def shape_for(self, role):
         """The input shape the ``role`` ("encoder" or "decoder") expects."""
