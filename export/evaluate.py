@@ -30,8 +30,8 @@ from latentlink.edge.cli import (ArgumentParser, Number, check_input_dir, check_
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.preprocess import Preprocessor, fit_frame, psnr, to_image
 from latentlink.edge.profile import load_profile
-from latentlink.edge.entropy import CODERS, check_available, compress, decompress
-from latentlink.edge.protocol import frame_payload, pack_latents
+from latentlink.edge.entropy import CODERS, check_available, decompress
+from latentlink.edge.protocol import code_latents, frame_payload, pack_latents
 
 from . import video_codecs
 from .data import list_images, read_bgr, readable_images
@@ -76,8 +76,10 @@ def get_args_parser():
     parser.add_argument("--encoder", default="default", help="encoder .onnx, .pt or .engine (default: the profile's)")
     parser.add_argument("--decoder", default="default", help="decoder .onnx, .pt or .engine (default: the profile's)")
     parser.add_argument("--checkpoints", nargs="+", metavar="CKPT",
-                        help="several models, each a checkpoint (.pt, encoder and decoder in one), e.g. one per "
-                             "--lmbda of `latentlink train`: each is measured, and they are plotted as one curve")
+                        help="several models, each a checkpoint (.pt, encoder and decoder in one) or an export "
+                             "folder (`latentlink export onnx --out`: its ONNX files, and its entropy.json for "
+                             "--entropy context), e.g. one per --lmbda of `latentlink train`: each is measured, "
+                             "and they are plotted as one curve")
     parser.add_argument("--codecs", type=codecs_type, default="jpeg,webp",
                         help="codecs to compare with, of {}; with --video also x264 and x265 (each all-intra and "
                              "low-delay, through ffmpeg) (default: %(default)s)".format(", ".join(CODECS)))
@@ -138,7 +140,11 @@ def check_args(args):
         raise ConfigError("--checkpoints gives each model's encoder and decoder (one checkpoint holds both): "
                           "leave out --encoder and --decoder")
     for path in args.checkpoints or []:
-        check_model_file("--checkpoints", path, "encoder")
+        if Path(path).is_dir():
+            for role in ("encoder", "decoder"):
+                check_model_file("--checkpoints", str(Path(path) / (role + ".onnx")), role)
+        else:
+            check_model_file("--checkpoints", path, "encoder")
     for option, path, role in (("--encoder", args.encoder, "encoder"), ("--decoder", args.decoder, "decoder")):
         if path != "default":
             check_model_file(option, path, role)
@@ -148,6 +154,17 @@ def check_args(args):
     for option, path in (("--compressai", args.compressai), ("--streams", args.streams)):
         if path:
             check_output_dir(option, path)
+
+
+def model_files(path):
+    """``(name, encoder, decoder)`` of a --checkpoints entry: a checkpoint (.pt, both halves in one file; named by
+    its file) or an export folder (encoder.onnx and decoder.onnx, and entropy.json for --entropy context; named
+    by the folder, or by the folder above for a profile's folder such as runs/l1/nano-504)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.stem, str(path), str(path)
+    name = path.parent.name if path.name.startswith("nano-") and path.parent.name else path.name
+    return name, str(path / "encoder.onnx"), str(path / "decoder.onnx")
 
 
 def read_video_frames(path, count):
@@ -248,6 +265,8 @@ def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"
     with open_backend(encoder_path, "encoder", **options) as enc, \
             open_backend(decoder_path, "decoder", **options) as dec:
         preprocess = Preprocessor(w, h, fit, enc.info.tiles)  # a tiled model: the frame as a batch of tiles
+        # --entropy context: the tables beside the encoder (entropy.json), as the edge reads them
+        context = enc.info.context_model() if entropy == "context" else None
         if isinstance(photos, (str, Path)):
             photos = list_images(photos)
         framed = bool(photos) and isinstance(photos[0], tuple)
@@ -258,14 +277,17 @@ def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"
             reference = fit_frame(frame, w, h, fit)
             start = time.perf_counter()
             latents, _ = enc.infer(preprocess(frame))
-            packed = pack_latents(latents, enc.info.packing)
             coding_start = time.perf_counter()
-            payload = compress(packed, entropy)
+            payload = code_latents(latents, enc.info.packing, entropy, context)  # packed, then coded
             entropy_encode_s = time.perf_counter() - coding_start
             wire = frame_payload("eval", 0, 0.0, latents, enc.info.packing, payload, entropy)
             encode_s = time.perf_counter() - start
             start = time.perf_counter()
-            decompress(payload, entropy, len(packed))  # lossless: it gives back exactly `packed` (tests check that)
+            if context is not None:
+                if not np.array_equal(context.decode(payload, latents.shape), latents):  # lossless, or a bug
+                    raise ConfigError("the context coder did not give back the latents of {}".format(name))
+            else:  # lossless: it gives back exactly the packed bytes (tests check that)
+                decompress(payload, entropy, len(pack_latents(latents, enc.info.packing)))
             entropy_decode_s = time.perf_counter() - start
             output, _ = dec.infer(latents.astype(np.float32))
             decoded = to_image(output, dec.info.tiles)
@@ -461,7 +483,7 @@ def _main(argv):
     if video_names:
         video_codecs.ffmpeg_path()  # before the models run: say now if ffmpeg is missing
     if args.checkpoints:
-        models = [(Path(c).stem, c, c) for c in args.checkpoints]
+        models = [model_files(c) for c in args.checkpoints]
     else:
         encoder = profile.model.encoder if args.encoder == "default" else args.encoder
         decoder = profile.model.decoder if args.decoder == "default" else args.decoder
