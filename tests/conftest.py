@@ -47,6 +47,19 @@ def tiny_profile(tmp_path_factory):
     return str(profile)
 
 
+@pytest.fixture(scope="session")
+def tiny_context_profile(tmp_path_factory, tiny_profile, photos_dir):
+    """The tiny profile, copied, with entropy tables (``--entropy context``) fitted on the test photos."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-context") / "model"
+    shutil.copytree(os.path.dirname(tiny_profile), str(folder))
+    run = run_cli("latentlink.export", "entropy", "--checkpoint", str(folder / "tiny.pt"), "--photos", photos_dir,
+                  "--out", str(folder / "onnx"))
+    assert run.returncode == 0, run.stderr
+    return str(folder / os.path.basename(tiny_profile))
+
+
 @contextlib.contextmanager
 def running_host(profile, tmp_path, **options):
     """A :class:`~latentlink.host.server.Host` with ``profile``'s decoder, serving a free loopback port from a thread,

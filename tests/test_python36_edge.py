@@ -50,6 +50,24 @@ def test_python36_edge_streams_to_this_host(tmp_path, tiny_profile, video_file, 
         assert edge_report["outcomes"]["sent"] == 24 and "latency" not in edge_report
 
 
+def test_python36_edge_codes_with_the_context_model_for_this_host(tmp_path, tiny_context_profile, video_file):
+    """--entropy context: the tables' coder on Python 3.6 + numpy 1.19, decoded here bit for bit (the host
+    saves what the model decodes from the edge's own latents; any difference would be another image)."""
+    from .test_end_to_end import assert_host_saved_what_the_model_decodes
+
+    host, address = start_host(tmp_path, tiny_context_profile)
+    edge = subprocess.run([PY36, "-m", "latentlink.edge", "--source", "file://" + video_file, "--connect", address,
+                           "--name", "nano", "--profile", tiny_context_profile, "--drop", "block", "--entropy",
+                           "context", "--report", str(tmp_path / "edge.json")],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=120)
+    host.communicate(timeout=60)
+    assert edge.returncode == 0, edge.stderr
+    report = json.loads((tmp_path / "host.json").read_text())
+    assert report["frames"] == 24 and report["failed"] == 0 and report["protocol_errors"] == 0
+    assert_host_saved_what_the_model_decodes(tmp_path, "nano", video_file, tiny_context_profile)
+
+
 PY36_ENGINE_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})

@@ -2,7 +2,7 @@
 
     python -m tests.fuzz.fuzz TARGET [libFuzzer options] [corpus folders]
 
-TARGET is one of ``frame``, ``messages``, ``pickle``, ``entropy`` (see tests/fuzz/targets.py). Run it from the
+TARGET is one of ``frame``, ``messages``, ``pickle``, ``entropy``, ``context`` (see tests/fuzz/targets.py). Run it from the
 repository root. libFuzzer writes the inputs it finds new into the first corpus folder: give it a scratch folder
 first and the committed seeds second, so the seeds stay as they are::
 
@@ -25,7 +25,7 @@ except ImportError:
     sys.exit("atheris is not installed: pip install atheris (Linux x86-64 wheels; the dev extra installs it there)")
 
 with atheris.instrument_imports(include=["latentlink"]):
-    from latentlink.edge import entropy, protocol, safe_pickle  # noqa: F401 (instrumented as they are imported)
+    from latentlink.edge import context_model, entropy, protocol, safe_pickle  # noqa: F401 (instrumented as they are imported)
 
 from . import targets  # noqa: E402 (after the instrumented imports: the targets need not be instrumented)
 

@@ -118,11 +118,30 @@ def payloads():
     return out
 
 
+def contexts():
+    from .targets import context_model
+
+    out = {}
+    for channels, tiles, h, w in ((8, 1, 16, 16), (3, 2, 5, 7), (1, 1, 1, 1), (8, 2, 3, 16)):
+        bits = (np.arange(tiles * channels * h * w).reshape(tiles, channels, h, w) % 7 < 3).astype(np.uint8)
+        payload = context_model(channels).encode(bits)
+        head = bytes([channels - 1, tiles - 1, h - 1, w - 1])
+        out["c%d-t%d-%dx%d" % (channels, tiles, h, w)] = head + payload
+        if channels == 8:
+            out["bad-truncated"] = head + payload[:-3]
+            out["bad-trailing-byte"] = head + payload + b"\x00"
+            out["bad-huge-count"] = head + b"\xff\xff\xff\xff\x0f" + payload[1:]
+            out["bad-long-payload"] = head + bytes(2048)
+            out["bad-zero-padding-is-not"] = head + payload[:-1] + bytes([payload[-1] | 1])
+            out["bad-empty"] = head
+    return out
+
+
 def main():
     if os.path.isdir(HERE):
         shutil.rmtree(HERE)
     for target, inputs in [("frame", frames()), ("messages", message_streams()), ("pickle", pickles()),
-                           ("entropy", payloads())]:
+                           ("entropy", payloads()), ("context", contexts())]:
         os.makedirs(os.path.join(HERE, target))
         for name, data in sorted(inputs.items()):
             with open(os.path.join(HERE, target, name), "wb") as f:

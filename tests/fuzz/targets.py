@@ -14,6 +14,9 @@ announced size).
   same bytes, with the round trip through ``encode_message``.
 - ``pickle``: ``safe_pickle.loads_ndarray``; the first byte picks the dtype, the next the number of dimensions,
   then one byte per dimension, then the pickle.
+- ``context``: ``ContextModel.decode`` (--entropy context) of fixed pseudo-random tables; the first 4 bytes pick
+  channels (1 to 8), tiles (1 or 2), height and width (1 to 16 latents), the rest is the payload; decoded bits must
+  code back to themselves, and the payload read as bits must round-trip through the coder.
 - ``entropy``: ``entropy.decompress`` with a bound; the first byte picks the coder (zlib, lz4, zstd), the next two
   the size it must unpack to (big-endian, at most 65535), the rest is the payload; and the coder's round trip.
 
@@ -26,6 +29,7 @@ import struct
 import numpy as np
 
 from latentlink.edge import entropy as _entropy
+from latentlink.edge.context_model import PROB_ONE, ContextModel, table_sizes
 from latentlink.edge.errors import ConnectionClosed, ProtocolError
 from latentlink.edge.protocol import (DTYPES, FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_FRAME, KIND_NAMES,
                                       MAX_SEQ, VERSION, VERSION_2, VERSIONS, decode_latents, encode_message,
@@ -146,7 +150,32 @@ def entropy(data):
     assert bytes(_entropy.decompress(packed, coder, len(payload))) == bytes(payload), coder
 
 
-TARGETS = {"frame": frame, "messages": messages, "pickle": pickle, "entropy": entropy}
+_CONTEXT_MODELS = {}
+
+
+def context_model(channels):
+    """Tables for ``channels`` channels: fixed pseudo-random probabilities, from near-certain to 1/2."""
+    if channels not in _CONTEXT_MODELS:
+        rng = np.random.RandomState(channels)
+        tables = [rng.randint(1, PROB_ONE, size=n) for n in table_sizes(channels)]
+        _CONTEXT_MODELS[channels] = ContextModel(channels, tables)
+    return _CONTEXT_MODELS[channels]
+
+
+def context(data):
+    """``ContextModel.decode(payload, shape)``: bits of exactly that shape or a ProtocolError; and round trips."""
+    if len(data) < 4:
+        return
+    channels, tiles, height, width = 1 + data[0] % 8, 1 + data[1] % 2, 1 + data[2] % 16, 1 + data[3] % 16
+    shape, payload, model = (tiles, channels, height, width), data[4:], context_model(1 + data[0] % 8)
+    n = tiles * channels * height * width
+    bits = np.unpackbits(np.frombuffer(payload + bytes(n // 8 + 1), dtype=np.uint8))[:n].reshape(shape)
+    assert (model.decode(model.encode(bits), shape) == bits).all()
+    bits = model.decode(payload, shape)  # a ProtocolError here is the refusal
+    assert bits.shape == shape and bits.dtype == np.uint8 and bits.max(initial=0) <= 1, (bits.shape, shape)
+    assert (model.decode(model.encode(bits), shape) == bits).all()
+
+TARGETS = {"frame": frame, "messages": messages, "pickle": pickle, "entropy": entropy, "context": context}
 
 
 def run_one(name, data):
