@@ -302,9 +302,9 @@ def _ranks(classes, used):
     this pass's symbols of the class (a stable sort by class, numpy's radix sort for uint8)."""
     order = np.argsort(classes, kind="stable")
     counts = np.bincount(classes, minlength=NUM_CLASSES)
-    cls_sorted = classes[order]
-    rank = np.empty(len(classes), dtype=np.int64)
-    rank[order] = np.arange(len(classes)) + (used - (np.cumsum(counts) - counts))[cls_sorted]
+    shift = (used - (np.cumsum(counts) - counts)).astype(np.int32)  # index in class = index in sorted order + shift
+    rank = np.empty(len(classes), dtype=np.int32)
+    rank[order] = np.arange(len(classes), dtype=np.int32) + shift[classes[order]]
     used += counts
     return rank
 
@@ -312,24 +312,27 @@ def _ranks(classes, used):
 def encode_runs(lps_cls, lps_pos):
     """The payload for the LPS (less probable symbols) of each class: their classes ``lps_cls`` (uint8) and
     positions ``lps_pos`` within their class (increasing within a class), in any order of classes: bytes."""
+    # int32 throughout (positions are below MAX_ELEMENTS = 2**27): half the memory traffic of int64.
     order = np.argsort(lps_cls, kind="stable")
-    hit_cls = lps_cls[order].astype(np.int64)
-    pos = lps_pos[order]
+    hit_cls = lps_cls[order]
+    pos = lps_pos[order].astype(np.int32)
     m = np.bincount(hit_cls, minlength=NUM_CLASSES)
-    # Gap before each LPS: its position in its class minus the previous one's, minus 1.
-    prev = np.empty_like(pos)
-    prev[1:] = pos[:-1]
-    first = np.ones(len(pos), dtype=bool)
-    first[1:] = hit_cls[1:] != hit_cls[:-1]
-    prev[first] = -1
-    gaps = pos - prev - 1
-    k = hit_cls >> 1
+    # Gap before each LPS: its position in its class minus the previous one's, minus 1 (its position, first in class).
+    gaps = np.empty_like(pos)
+    if len(pos):
+        gaps[0] = pos[0]
+        np.subtract(pos[1:], pos[:-1], out=gaps[1:])
+        gaps[1:] -= 1
+        firsts = (np.cumsum(m) - m)[m > 0]
+        gaps[firsts] = pos[firsts]
+    k = (hit_cls >> 1).astype(np.int32)
     q = gaps >> k
-    unary_len = int((q + 1).sum())
+    ends = np.cumsum(q + 1)  # each quotient's terminating zero is at end - 1
+    unary_len = int(ends[-1]) if len(ends) else 0
     rem_len = int(k.sum())
     bits = np.zeros(unary_len + rem_len + 7 >> 3 << 3, dtype=np.uint8)
     bits[:unary_len] = 1
-    bits[np.cumsum(q + 1) - 1] = 0  # each quotient's terminating zero
+    bits[ends - 1] = 0
     if rem_len:
         # The remainders, k bits each, most significant first. Classes 2k and 2k + 1 share k and are adjacent in
         # class order, so the gaps of each k are one slice: one (gaps, k) bit matrix per k.
