@@ -26,18 +26,20 @@ from .losses import LOSSES, bit_usage_penalty, get_loss
 from .models import MODELS, build_model, copy_matching_weights, load_checkpoint, save_checkpoint
 
 
+RATE_LR = 1e-2  # Adam learning rate of --lmbda's rate model (its logits), constant
+
+
 def get_args_parser(parser=None):
     parser = parser or ArgumentParser(prog="latentlink train")
     parser.description = "Train a model of the zoo on folders of photos."
     parser.epilog = ("example: latentlink train --data data/train data/extra --out runs/lossy-cae.pt --steps 20000\n"
                      "resume:  latentlink train --data data/train --out runs/lossy-cae.pt --resume runs/lossy-cae.pt\n"
+                     "rate:    latentlink train --data data/train --out runs/rd.pt --init-from runs/lossy-cae.pt --lmbda 0.05\n"
                      "grow:    latentlink train --data data/train --out runs/big.pt --init-from runs/lossy-cae.pt \\\n"
                      "             --hparam decoder_blocks=3 --freeze-encoder\n"
                      "zoo:     latentlink train --model crae --data data/train --out runs/crae.pt --crop 128\n"
                      "patches: latentlink train --model crae --data data/train --out runs/crae-tiles.pt --crop 128 "
-                     "--tiles 4x4\n"
-                     "rate:    latentlink train --data data/train data/extra --out runs/l4.pt --init-from "
-                     "profiles/default/lossy-cae.pt \\\n             --lmbda 0.004 --stochastic-fraction 0 --steps 3000")
+                     "--tiles 4x4")
     parser.formatter_class = HelpFormatter  # the examples as written, and every option's default
     parser.add_argument("--data", required=True, nargs="+", metavar="DIR",
                         help="one or more folders of training photos (searched recursively)")
@@ -63,12 +65,10 @@ def get_args_parser(parser=None):
     parser.add_argument("--bit-usage", type=Number(float, low=0, note="0: off"), default=0.0,
                         help="weight of the bit-usage penalty on binary latents (balanced, uncorrelated bits; "
                              "see losses.bit_usage_penalty); 0: off")
-    parser.add_argument("--lmbda", type=Number(float, low=0, note="0: off"), default=0.0,
-                        help="rate-distortion trade-off for binary latents: loss = distortion + LMBDA x estimated "
-                             "bpp under the context model of `--entropy context` (export/rate.py's RateModel, its "
-                             "tables fitted by counting on the first batches, then learned alongside); larger "
-                             "spends fewer bits. Distortion is in [0, 1] units: at 28 dB the MSE is 0.0016, so "
-                             "LMBDA 0.004 trades 1 dB for about 0.1 bpp; 0: off")
+    parser.add_argument("--lmbda", type=Number(float, low=0, note="0: off"), default=0.0, metavar="L",
+                        help="rate-distortion training of binary latents: loss = distortion + L * estimated bits per "
+                             "pixel under --entropy context's model (export/rate.py), learning its tables alongside; "
+                             "0: off. Fit the deployed tables afterwards with `latentlink export entropy`")
     parser.add_argument("--lr", type=positive_float, default=5e-4, help="peak Adam learning rate, cosine-decayed")
     parser.add_argument("--clip-grad", type=Number(float, low=0, note="0: off"), default=1.0,
                         help="clip the gradient norm to this (0: off); without it a run here diverged at step 3100")
@@ -120,7 +120,7 @@ def check_args(args):
                           "--init-from build a new model (use --init-from CKPT with them to change the "
                           "architecture)")
     if args.freeze_encoder and args.lmbda:
-        raise ConfigError("--lmbda trains the encoder to spend fewer bits: it cannot with --freeze-encoder")
+        raise ConfigError("--freeze-encoder keeps the encoder's bits as they are: --lmbda has nothing to shape")
     if args.freeze_encoder and (args.stochastic_fraction or args.bit_usage):
         raise ConfigError("--freeze-encoder keeps the encoder's bits as they are: it needs --stochastic-fraction 0 "
                           "(random bits would train the decoder on bits it never gets) and no --bit-usage "
@@ -209,52 +209,6 @@ def lr_scheduler(optimizer, lr, steps):
                                                final_div_factor=100)
 
 
-RATE_LR = 1e-3  # Adam's learning rate for the rate model's logits
-RATE_FIT_BATCHES = 16  # training batches whose bits the rate model's starting tables are counted on
-
-
-def fit_rate_model(model, sampler, batch_size, device):
-    """A :class:`~latentlink.export.rate.RateModel` for ``model``'s bits, its tables counted on
-    ``RATE_FIT_BATCHES`` batches of training crops (as `latentlink export entropy` counts them on photos), so the
-    rate term pushes the encoder from the first step (tables at P = 1/2 would give every bit a zero gradient)."""
-    from latentlink.edge.context_model import ContextModel, count_contexts, tables_from_counts
-
-    from .rate import RateModel
-
-    counts = None
-    model.eval()
-    with torch.no_grad():
-        for _ in range(RATE_FIT_BATCHES):
-            bits = model.encoder(torch.from_numpy(sampler.batch(batch_size)).to(device))
-            counts = count_contexts((bits.cpu().numpy() > 0.5).astype(np.uint8), counts)
-    model.train()
-    channels = int(bits.shape[1])
-    return RateModel(channels, init=ContextModel(channels, tables_from_counts(counts))).to(device)
-
-
-@torch.no_grad()
-def coded_bpp(model, images, tables, device):
-    """Bits per pixel of ``images`` (RGB uint8 crops) context-coded with ``tables`` (a ContextModel): the real
-    coder's output, the payload bytes without the frame header."""
-    model.eval()
-    total_bytes, pixels = 0, 0
-    for image in images:
-        image = image[:image.shape[0] // model.downscale * model.downscale,
-                      :image.shape[1] // model.downscale * model.downscale]
-        bits = model.encoder(torch.from_numpy(to_batch(image[None])).to(device)).cpu().numpy()
-        total_bytes += len(tables.encode((bits > 0.5).astype(np.float32)))
-        pixels += image.shape[0] * image.shape[1]
-    model.train()
-    return 8.0 * total_bytes / pixels
-
-
-def _best(facts):
-    if facts is None:
-        return "none yet"
-    val_psnr, val_bpp = facts
-    return f"{val_psnr:.2f} dB" + ("" if val_bpp is None else f" at {val_bpp:.3f} bpp")
-
-
 def main(argv=None):
     from latentlink.edge.cli import run_main
 
@@ -313,9 +267,8 @@ def train(args):
         raise ConfigError(f"--bit-usage shapes binary latents; model {model.name!r} sends {model.packing} latents "
                           f"(use it with lossy-cae)")
     if args.lmbda and model.packing != "bits":
-        raise ConfigError(f"--lmbda estimates the rate of binary latents under the context model; model "
-                          f"{model.name!r} sends {model.packing} latents (use it with lossy-cae)")
-    rate_model = fit_rate_model(model, sampler, args.batch_size, device) if args.lmbda else None
+        raise ConfigError(f"--lmbda estimates the rate of binary latents; model {model.name!r} sends {model.packing} "
+                          f"latents (use it with lossy-cae)")
     if args.crop % model.downscale:
         raise ConfigError(f"--crop {args.crop} is not a multiple of {model.downscale}, model {model.name}'s downscale")
     model.train()
@@ -327,11 +280,17 @@ def train(args):
     trained = [p for part in (model.encoder, model.decoder) for p in part.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=args.lr)
     scheduler = lr_scheduler(optimizer, args.lr, args.steps)
-    if rate_model is not None:  # the tables follow the bits at a fixed rate (they start fitted)
+    rate_model = rate_optimizer = None
+    if args.lmbda:
+        from .rate import RateModel
+
+        # Its own optimizer at a fixed, larger rate: the logits must reach +-5 or so within a few hundred steps,
+        # whatever the autoencoder's schedule does.
+        rate_model = RateModel(model.hparams["latent_channels"]).to(device)
         rate_optimizer = torch.optim.Adam(rate_model.parameters(), lr=RATE_LR)
     if adversarial:  # betas as Zhu et al.'s Cycle-GAN: a short momentum keeps the two games from oscillating
         critic_optimizer = torch.optim.Adam(model.discriminators.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    best, best_facts, started = None, None, time.time()
+    best, started = -1.0, time.time()
     best_path = Path(args.out).with_suffix(".best.pt")
     bar = progress(range(1, args.steps + 1), desc="train", unit="step", leave=True)
     for step in bar:
@@ -340,14 +299,14 @@ def train(args):
         out = model(x)
         x_hat = out["x_hat"]
         loss = model.generator_loss(x, out, loss_fn) if adversarial else loss_fn(x_hat, x)
-        if rate_model is not None:  # estimated bits per pixel of this batch, under the context model
-            bpp = rate_model(out["latents"]).sum() / (x.shape[0] * x.shape[2] * x.shape[3])
-            loss = loss + args.lmbda * bpp
         if args.bit_usage:
             loss = loss + args.bit_usage * bit_usage_penalty(out["latents"])
-        optimizer.zero_grad(set_to_none=True)
-        if rate_model is not None:
+        bpp = None
+        if rate_model is not None:  # estimated coded bits per pixel of each crop, averaged
+            bpp = rate_model(out["latents"]).mean() / (x.shape[2] * x.shape[3])
+            loss = loss + args.lmbda * bpp
             rate_optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             tqdm.write(f"step {step}: loss is {loss.item()}; skipping this batch")
             scheduler.step()
@@ -357,43 +316,36 @@ def train(args):
             torch.nn.utils.clip_grad_norm_(trained, args.clip_grad)
         optimizer.step()
         scheduler.step()
-        if rate_model is not None:
+        if rate_optimizer is not None:
             rate_optimizer.step()
         if adversarial:
             critic_optimizer.zero_grad(set_to_none=True)  # also drops what the generators' loss left on the critics
             model.discriminator_loss(x, out).backward()
             critic_optimizer.step()
         if step % 20 == 0:
-            rate = {} if rate_model is None else {"bpp": f"{bpp.item():.3f}"}
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(torch.mean((x_hat - x) ** 2).item()):.2f}",
-                            **rate)
+                            **({} if bpp is None else {"bpp": f"{bpp.item():.3f}"}))
         if step % args.val_every == 0 or step == args.steps:
             val_psnr = evaluate(model, val_images, device, tiles) if val_images else float("nan")
-            val_bpp = coded_bpp(model, val_images, rate_model.to_tables(), device) if rate_model and val_images \
-                else None
-            # With a rate term the best is the lowest validation loss, distortion + lmbda x rate, not the best PSNR.
-            score = val_psnr if val_bpp is None else -(10 ** (-val_psnr / 10) + args.lmbda * val_bpp)
             facts = dict(history=history, step=step, loss=args.loss, val_psnr_db=round(val_psnr, 3),
                          train_photos=[p.name for p in train_paths], val_photos=[p.name for p in val_paths],
                          scales=list(scales), crop=args.crop, tiles=list(tiles), batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         stochastic_fraction=args.stochastic_fraction, bit_usage=args.bit_usage,
+                         stochastic_fraction=args.stochastic_fraction, bit_usage=args.bit_usage, lmbda=args.lmbda,
                          init_from=args.init_from, freeze_encoder=args.freeze_encoder, clip_grad=args.clip_grad,
-                         lmbda=args.lmbda, val_bpp=None if val_bpp is None else round(val_bpp, 4),
                          minutes=round((time.time() - started) / 60, 1))
             # --out always holds the latest weights (the end of the schedule is what ships); the best by
             # validation is kept beside it, since a few validation crops are a noisy guide.
             save_checkpoint(args.out, model, **facts)
             wrote = [args.out]
-            if val_images and (best is None or score > best):
-                best, best_facts = score, (val_psnr, val_bpp)
+            if val_images and val_psnr > best:
+                best = val_psnr
                 save_checkpoint(best_path, model, **facts)
                 wrote.append(str(best_path))
-            rate = "" if val_bpp is None else f", {val_bpp:.3f} bpp context-coded"
-            tqdm.write(f"step {step}: validation PSNR {val_psnr:.2f} dB{rate} (best {_best(best_facts)}); wrote "
+            tqdm.write(f"step {step}: validation PSNR {val_psnr:.2f} dB (best {max(best, val_psnr):.2f}); wrote "
                        + " and ".join(wrote))
     bar.close()
     if val_images:
-        print(f"checkpoint: {args.out} (step {args.steps}); best validation {_best(best_facts)}: {best_path}")
+        print(f"checkpoint: {args.out} (step {args.steps}); best validation PSNR {best:.2f} dB: {best_path}")
     else:
         print(f"checkpoint: {args.out} (step {args.steps}); no validation photos, so no {best_path.name}")
     return 0

@@ -413,3 +413,20 @@ def test_export_entropy_writes_tables_that_match_the_export(tmp_path, tiny_conte
                   photos_dir, "--out", folder)
     assert run.returncode != 0 and "give the checkpoint of that export" in run.stderr
     del torch
+
+
+def test_train_with_a_rate_term(tmp_path, photos_dir):
+    """``train --lmbda``: the rate model's estimate joins the loss, its tables learn, the checkpoint records it."""
+    pytest.importorskip("torch")
+    from latentlink.cli import main
+    from latentlink.export.models import load_checkpoint
+
+    ckpt = tmp_path / "rd.pt"
+    assert main(["train", "--data", photos_dir, "--out", str(ckpt), "--steps", "4", "--batch-size", "2",
+                 "--crop", "32", "--scales", "64", "--val-every", "4", "--val-split", "0.25", "--lmbda", "0.5",
+                 "--hparam", "encoder_channels=8", "--hparam", "decoder_channels=8"]) == 0
+    _, meta = load_checkpoint(ckpt)
+    assert meta["lmbda"] == 0.5 and meta["step"] == 4
+    assert main(["train", "--data", photos_dir, "--out", str(ckpt), "--lmbda", "-1"]) == 2
+    assert main(["train", "--data", photos_dir, "--out", str(ckpt), "--steps", "1", "--model", "cae",
+                 "--lmbda", "0.5"]) == 2  # not binary latents: refused with the reason
