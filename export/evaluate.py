@@ -533,13 +533,16 @@ def _main(argv):
     if args.compressai or args.plot:
         readable = [p for p in photos if p not in skipped]
         codecs = image_codecs + video_names
-        print(f"rate-distortion curves: "
-              f"{', '.join(f'{c} at {len(SWEEPS[c]) if c in SWEEPS else len(video_codecs.SWEEP_CRFS)} qualities' for c in codecs)}"
-              f" over {len(readable)} {what} ...", flush=True)
+        counts = [len(SWEEPS[c]) if c in SWEEPS else len(video_codecs.SWEEP_CRFS) for c in codecs]
+        print(f"rate-distortion curves: {', '.join(f'{c} at {n} qualities' for c, n in zip(codecs, counts))} "
+              f"over {len(readable)} {what} ...", flush=True)
         curves = dict((codec, codec_sweep(readable, profile, codec, quiet=args.quiet, preset=args.preset))
                       for codec in codecs)
-        family = {"latentlink {}{}".format(profile.name, "" if args.entropy == "none" else ", " + args.entropy):
-                  [m["point"] for m in measured]} if len(measured) > 1 else {measured[0]["label"]: [measured[0]["point"]]}
+        if len(measured) > 1:  # one curve through the models' points
+            coder = "" if args.entropy == "none" else ", " + args.entropy
+            family = {f"latentlink {profile.name} ({len(measured)} models{coder})": [m["point"] for m in measured]}
+        else:
+            family = {measured[0]["label"]: [measured[0]["point"]]}
         if args.compressai:
             out = Path(args.compressai)
             out.mkdir(parents=True, exist_ok=True)

@@ -80,3 +80,38 @@ def test_a_missing_ffmpeg_is_one_line_with_the_fix(tiny_profile, video_file, cap
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert main(["eval", "--video", video_file, "--profile", tiny_profile, "--codecs", "x264"]) == 2
     assert "need ffmpeg" in capsys.readouterr().err
+
+
+def test_eval_checkpoints_measures_several_models_as_one_curve(tiny_profile, photos_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    from latentlink.cli import main
+
+    folder = Path(tiny_profile).parent  # the tiny model's checkpoint, and its ONNX export of the same weights
+    out, plot = tmp_path / "models.json", tmp_path / "rd.png"
+    assert main(["eval", "--photos", photos_dir, "--profile", tiny_profile, "--checkpoints", str(folder / "tiny.pt"),
+                 str(folder / "onnx"), "--codecs", "jpeg", "--json", str(out), "--plot", str(plot), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny (" in printed and "onnx (" in printed  # a table per model, then one line each
+    models = json.loads(out.read_text())["models"]
+    assert [m["name"] for m in models] == ["tiny", "onnx"]
+    assert models[0]["decoder"].endswith("tiny.pt") and models[1]["decoder"].endswith("decoder.onnx")
+    # The same weights through PyTorch and ONNX Runtime: the same frame sizes, nearly the same pictures.
+    assert models[0]["bytes"] == models[1]["bytes"]
+    assert models[0]["point"]["psnr"] == pytest.approx(models[1]["point"]["psnr"], abs=0.1)
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--video", "{tmp}/missing.avi"], "--video {tmp}/missing.avi: no such file"),
+    (["--photos", "{photos}", "--streams", "{tmp}/s"], "--streams keeps the video codecs' streams: it needs --video"),
+    (["--photos", "{photos}", "--checkpoints", "{tmp}/a.pt", "--encoder", "{tmp}/a.pt"],
+     "--checkpoints gives each model's encoder and decoder"),
+    (["--photos", "{photos}", "--video", "{tmp}/v.avi"], "argument --video: not allowed with argument --photos"),
+])
+def test_eval_refuses_bad_video_and_model_options(args, expected, photos_dir, tmp_path, capsys):
+    from latentlink.cli import main
+
+    paths = {"tmp": str(tmp_path), "photos": photos_dir}
+    assert main(["eval"] + [a.format(**paths) for a in args]) == 2
+    assert expected.format(**paths) in capsys.readouterr().err
