@@ -230,6 +230,22 @@ def codec_at_budget(image_bgr, codec, max_bytes):
     return best
 
 
+def psnr_at_bytes(image_bgr, codec, quality, size, decoded, target):
+    """PSNR (RGB, dB) of ``codec`` interpolated to exactly ``target`` bytes, between its encoding at ``quality``
+    (``size`` bytes, at most ``target``: :func:`codec_at_budget`) and the next quality up (over ``target``).
+
+    A codec at the budget gets fewer bytes than the model, by up to one quality step (a few percent); this says
+    what those bytes were worth. No interpolation at the codec's highest quality, or below its lowest.
+    """
+    value = psnr(image_bgr, decoded)
+    if quality >= CODECS[codec][3] or size > target:
+        return value
+    size_up, decoded_up, _, _ = encode_with_codec(image_bgr, codec, quality + 1)
+    if size_up <= size:
+        return value
+    return value + (psnr(image_bgr, decoded_up) - value) * (target - size) / float(size_up - size)
+
+
 def image_metrics(reference, test):
     """PSNR (RGB, Y), SSIM and MS-SSIM (RGB) of two BGR uint8 images; MS-SSIM is None below 161 pixels a side."""
     import torch
@@ -298,7 +314,9 @@ def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"
                 **image_metrics(reference, decoded))}
             for codec in codecs:
                 quality, size, image = codec_at_budget(reference, codec, len(wire))
-                row[codec] = dict(_rate(size, w, h), quality=quality, **image_metrics(reference, image))
+                row[codec] = dict(_rate(size, w, h), quality=quality, **image_metrics(reference, image),
+                                  psnr_at_model_bytes=psnr_at_bytes(reference, codec, quality, size, image,
+                                                                    len(wire)))
             results.append(row)
     if not results:
         raise ConfigError("none of the {} photos decodes (see the warnings above)".format(len(photos)))
@@ -428,6 +446,10 @@ def format_results(results, codecs, per_image=False, entropy="none"):
                        ("ratio", "mean ratio")):
         lines.append("{:<24}".format(label) + "".join(
             "{:>18}".format("-" if means[n][key] is None else "{:.4f}".format(means[n][key])) for n in names))
+    if codecs:
+        lines.append("{:<24}{:>18}".format("codec PSNR at the", "model's bytes:") + "".join(
+            "{:>18}".format("{:.2f}".format(means[n]["psnr_at_model_bytes"])) for n in codecs)
+            + "  (interpolated to the model's exact frame size)")
     model = means["model"]
     lines.append("model times: encode {:.1f} ms, decode {:.1f} ms (mean, this machine)".format(
         1000 * model["encoding_time"], 1000 * model["decoding_time"]))
