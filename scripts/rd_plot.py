@@ -8,9 +8,13 @@ sweeps of a clip take most of an eval's time, and do not change with the models)
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
-from latentlink.export.evaluate import plot_rd
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's latentlink
+
+from latentlink.export.evaluate import plot_rd  # noqa: E402
 
 KEYS = {"psnr-rgb": "psnr", "ms-ssim-rgb": "ms_ssim"}  # CompressAI's names -> eval's
 
@@ -42,7 +46,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     points = model_points(args.models)
     for name, point in points:
-        print("{:<24} {:.3f} bpp  {:.2f} dB  MS-SSIM {}".format(name, point["bpp"], point["psnr"], point["ms_ssim"]))
+        print("{:<24} {:.3f} bpp  {:.2f} dB  MS-SSIM {}".format(name, point["bpp"], point["psnr"], "-" if
+                                                                point["ms_ssim"] is None else
+                                                                "{:.4f}".format(point["ms_ssim"])))
     label = "{} ({})".format(args.label, ", ".join(name for name, _ in points))
     plot_rd(args.out, {label: [p for _, p in points]}, codec_curves(args.curves), args.title)
     print("wrote {}".format(args.out))
