@@ -9,6 +9,8 @@
 # people, streets, animals, objects) and matplotlib's portrait of Grace Hopper; small (0.1 to 1.4 megapixels) but
 # far more varied than the wallpapers.
 # Held out (never trained on): 3 more of those photos plus scikit-image's 5 colour sample photos.
+# Video clips, in DEST/video (for `latentlink eval --video`, never trained on): OpenCV's sample clips vtest.avi
+# (a fixed street-surveillance camera, 768x576, 795 frames: the product's own use), Megamind.avi and tree.avi.
 # Needs apt-get (Debian/Ubuntu) and the [export] extra (scikit-image, matplotlib). No root needed.
 set -euo pipefail
 dest=${1:-data}
@@ -20,7 +22,7 @@ packages="mate-backgrounds plasma-workspace-wallpapers lomiri-wallpapers-16.04 l
   || { echo "apt-get download failed: run on Debian/Ubuntu with package lists (sudo apt-get update)" >&2; exit 1; })
 for deb in "$work"/*.deb; do dpkg -x "$deb" "$work/x"; done
 share="$work/x/usr/share"
-mkdir -p "$dest/train" "$dest/extra" "$dest/holdout"
+mkdir -p "$dest/train" "$dest/extra" "$dest/holdout" "$dest/video"
 
 train=(mate/nature/Aqua mate/nature/Blinds mate/nature/Dune mate/nature/Garden mate/nature/GreenMeadow
        mate/nature/RainDrops mate/nature/Storm mate/nature/TwoWings mate/nature/Wood mate/nature/YellowFlower
@@ -56,6 +58,9 @@ for name in alphamat/input_images/plant.jpg data/aero1.jpg data/aloeL.jpg data/a
             text/scenetext04.jpg text/scenetext05.jpg text/scenetext06.jpg; do
   cp "$examples/$name" "$dest/extra/opencv-$(basename "$name")"
 done
+for name in vtest.avi Megamind.avi tree.avi; do  # Megamind_bugy.avi is left out: a deliberately broken file
+  cp "$examples/data/$name" "$dest/video/$name"
+done
 python3 -c 'import sys, shutil, matplotlib.cbook as c
 shutil.copy(c.get_sample_data("grace_hopper.jpg", asfileobj=False), sys.argv[1])' "$dest/extra/matplotlib-grace_hopper.jpg"
 
@@ -67,4 +72,4 @@ for name, rgb in photos.items():
     cv2.imwrite(f"{sys.argv[1]}/skimage-{name}.png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 PY
 echo "$(ls "$dest/train" | wc -l) training photos in $dest/train, $(ls "$dest/extra" | wc -l) in $dest/extra," \
-     "$(ls "$dest/holdout" | wc -l) held out in $dest/holdout"
+     "$(ls "$dest/holdout" | wc -l) held out in $dest/holdout, $(ls "$dest/video" | wc -l) clips in $dest/video"

@@ -133,3 +133,17 @@ def test_eval_size_overrides_the_profile_for_a_model_exported_at_another_size(ti
     assert json.loads(out.read_text())["results"][0]["model"]["bpp"] > 0
     assert main(["eval", "--photos", photos_dir, "--size", "64"]) == 2
     assert "argument --size: got '64'; expected WIDTHxHEIGHT in pixels" in capsys.readouterr().err
+
+
+def test_codec_psnr_is_interpolated_to_the_models_exact_bytes(photos_dir):
+    from latentlink.edge.preprocess import psnr
+    from latentlink.export.evaluate import encode_with_codec, psnr_at_bytes
+
+    image = cv2.imread(photos_dir + "/coffee.png")
+    quality, size, decoded = codec_at_budget(image, "jpeg", 4000)
+    size_up, decoded_up, _, _ = encode_with_codec(image, "jpeg", quality + 1)
+    at = psnr_at_bytes(image, "jpeg", quality, size, decoded, 4000)
+    low, high = psnr(image, decoded), psnr(image, decoded_up)
+    assert size < 4000 < size_up and min(low, high) <= at <= max(low, high)
+    assert at == pytest.approx(low + (high - low) * (4000 - size) / (size_up - size))
+    assert psnr_at_bytes(image, "jpeg", quality, size, decoded, size) == low  # no bytes left: no interpolation
