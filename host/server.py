@@ -1121,20 +1121,13 @@ class Host(object):
         if VERSION_2 not in hello["versions"]:
             return "version", "the edge speaks protocol {} and this host 1 and 2: upgrade the edge".format(
                 hello["versions"])
-        if hello["entropy"] == "context":
-            try:
-                identity = info.identity("context")  # reads the tables (entropy.json beside the decoder), once
-            except ConfigError as exc:
-                return "entropy_unavailable", "this host cannot decode --entropy context: {}".format(exc)
-            if hello["model_id"] != identity:
-                return "model_mismatch", ("the edge codes with entropy tables {} and this host has {} (model and "
-                                          "tables must come from the same export; copy the edge's entropy.json or "
-                                          "fit both with `latentlink export entropy`)".format(
-                                              hello["model_id"], identity))
-        elif hello["model_id"] and info.model_id and hello["model_id"] != info.model_id:
+        # The checkpoint first (a context-coded edge's identity adds its tables' hash: edge/backends/base.py), so
+        # that an edge of another model hears that, not what its coder needs.
+        edge_checkpoint = (hello["model_id"] or "").split("+ctx-")[0]
+        if edge_checkpoint and info.model_id and edge_checkpoint != info.model_id:
             return "model_mismatch", ("the edge's encoder comes from checkpoint {}... and this host's decoder from {}..."
                                       " (another training run: its images would be noise); give both the same "
-                                      "profile or export".format(hello["model_id"][:12], info.model_id[:12]))
+                                      "profile or export".format(edge_checkpoint[:12], info.model_id[:12]))
         if tuple(hello["shape"]) != tuple(self.decoder.input_shape):
             return "shape_mismatch", ("the edge sends latents of shape {} and this host's decoder takes {}: run the "
                                       "host with the edge's profile (or --decoder)".format(
@@ -1149,6 +1142,16 @@ class Host(object):
         elif hello["packing"] != info.packing:
             return "packing_mismatch", "the edge packs latents as {} and this host's decoder expects {}".format(
                 hello["packing"], info.packing)
+        if hello["entropy"] == "context":
+            try:
+                identity = info.identity("context")  # reads the tables (entropy.json beside the decoder), once
+            except ConfigError as exc:
+                return "entropy_unavailable", "this host cannot decode --entropy context: {}".format(exc)
+            if hello["model_id"] != identity:
+                return "model_mismatch", ("the edge codes with entropy tables {} and this host has {} (model and "
+                                          "tables must come from the same export; copy the edge's entropy.json or "
+                                          "fit both with `latentlink export entropy`)".format(
+                                              hello["model_id"], identity))
         try:
             check_available(hello["entropy"])
         except ConfigError as exc:

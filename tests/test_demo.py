@@ -22,5 +22,7 @@ def test_demo_streams_photos_and_reports(tmp_path):
     host = json.loads((tmp_path / "host.json").read_text())
     assert edge["frames"] == host["frames"] == 4
     assert sorted(os.listdir(str(tmp_path / "frames" / "demo"))) == ["{:06d}.png".format(i) for i in range(4)]
-    # 504x504 at 0.5 bpp: 15876 bytes of packed bits plus the frame header.
-    assert 15876 < edge["bytes_per_frame"] < 15876 + 200
+    # nano-504 sends context-coded bits (its profile's transport.entropy): fewer than the 15876 bytes of packed bits
+    # of a 504x504 frame (0.5 bpp), and timed as the edge's entropy stage.
+    assert edge["stages"]["entropy"]["frames"] == 4
+    assert 1000 < edge["bytes_per_frame"] < 15876
