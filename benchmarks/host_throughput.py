@@ -10,11 +10,10 @@ process with the profile's decoder, real decoding (no --decode-delay) and real P
 
 - ``serial``: ``Host(pipeline=False)``: each connection's thread decodes and writes its own frames one at a time
   under one lock (what the host did before the pipeline);
-- ``pipelined``: the decode queue, one decode stage batching across streams (``--batch-size`` 4) and two writers,
-  with the shipped decoder (a fixed batch of 1 in exports before the dynamic batch axis: a batch's frames are then
-  decoded one by one, and only the overlap of decoding with receiving and writing remains);
-- ``pipelined, dynamic batch``: the same with the decoder re-exported from the shipped checkpoint by today's
-  ``latentlink export onnx`` (dynamic batch axis: one run per batch), into a temporary folder.
+- ``pipelined, batch 1``: the decode queue, one decode stage and two writers, one frame per decoder run: what the
+  overlap of receiving, decoding and writing alone gives;
+- ``pipelined, batch N``: the same, batching across streams (``--batch-size``, 4: the host's default) through the
+  shipped decoder's dynamic batch axis (one decoder run per batch).
 
 Per backend found: ONNX Runtime on the CPU always; ONNX Runtime's CUDA execution provider and PyTorch on CUDA (FP16)
 only where present (it says plainly when none is). Figures, not tests: it prints what it measured, and never fails
@@ -113,29 +112,22 @@ def run(decoder, latents, streams, frames, pipeline, batch_size, work):
     return snapshot["frames"] / wall, mean
 
 
-def reexport(profile, folder):
-    """The shipped checkpoint's decoder exported with today's exporter (dynamic batch axis); its path, or None."""
-    checkpoint = os.path.join(ROOT, "profiles", "default", "lossy-cae.pt")
-    try:
-        from latentlink.export.models import load_checkpoint
-        from latentlink.export.onnx_export import export_onnx
-    except ImportError as exc:
-        print("no re-export ({}): the dynamic-batch rows are skipped".format(exc))
-        return None
-    model, meta = load_checkpoint(checkpoint)
-    export_onnx(model, profile.input.height, profile.input.width, folder, profile=profile.name,
-                checkpoint=checkpoint, tiles=tuple(meta.get("tiles", (1, 1))), quiet=True)
-    return os.path.join(folder, "decoder.onnx")
+def load_json_checkpoint(profile):
+    """The checkpoint file name model.json records beside the profile's decoder (e.g. lossy-cae.pt)."""
+    import json
+
+    with open(os.path.join(os.path.dirname(profile.model.decoder), "model.json")) as f:
+        return json.load(f)["checkpoint"]
 
 
-def gpu_backends(profile, dynamic):
+def gpu_backends(profile):
     """(label, open_backend arguments) for the GPU backends present; prints what is not."""
     found = []
     from latentlink.edge.backends.onnxruntime_backend import available_providers
 
     providers = available_providers()
-    if "CUDAExecutionProvider" in providers and dynamic:
-        found.append(("onnxruntime-cuda", dict(path=dynamic, device="cuda")))
+    if "CUDAExecutionProvider" in providers:
+        found.append(("onnxruntime-cuda", dict(path=profile.model.decoder, device="cuda")))
     else:
         print("ONNX Runtime: no CUDAExecutionProvider in this build ({}): no ONNX Runtime GPU rows".format(
             ", ".join(providers)))
@@ -146,7 +138,9 @@ def gpu_backends(profile, dynamic):
     except ImportError:
         cuda = False
     if cuda:
-        found.append(("pytorch-cuda-fp16", dict(path=os.path.join(ROOT, "profiles", "default", "lossy-cae.pt"),
+        # The checkpoint the profile's decoder was exported from (model.json names it, beside the ONNX files).
+        checkpoint = os.path.join(os.path.dirname(profile.model.decoder), "..", load_json_checkpoint(profile))
+        found.append(("pytorch-cuda-fp16", dict(path=checkpoint,
                                                 device="cuda", precision="fp16",
                                                 input_size=(profile.input.height, profile.input.width))))
     else:
@@ -171,18 +165,16 @@ def main(argv=None):
         write_sample_photos(photos)
     print("recording latents: {} through {} ...".format(photos, profile.model.encoder), flush=True)
     latents = record_latents(profile, photos)
-    dynamic = reexport(profile, os.path.join(work, "reexport"))
     print("{} ({} cores), Python {}; profile {}; {} frames per configuration; {} real photos' latents".format(
         platform.processor() or platform.machine(), os.cpu_count(), platform.python_version(), profile.name,
         args.frames, len(latents)))
-    rows = [("onnxruntime-cpu", "serial (batch 1, inline)", dict(path=profile.model.decoder), False, 1),
-            ("onnxruntime-cpu", "pipelined, shipped decoder", dict(path=profile.model.decoder), True,
-             args.batch_size)]
-    if dynamic:
-        rows.append(("onnxruntime-cpu", "pipelined, dynamic batch", dict(path=dynamic), True, args.batch_size))
-    for label, options in gpu_backends(profile, dynamic):
+    cpu = dict(path=profile.model.decoder)
+    rows = [("onnxruntime-cpu", "serial (batch 1, inline)", cpu, False, 1),
+            ("onnxruntime-cpu", "pipelined, batch 1", cpu, True, 1),
+            ("onnxruntime-cpu", "pipelined, batch {}".format(args.batch_size), cpu, True, args.batch_size)]
+    for label, options in gpu_backends(profile):
         rows.append((label, "serial (batch 1, inline)", options, False, 1))
-        rows.append((label, "pipelined, dynamic batch", options, True, args.batch_size))
+        rows.append((label, "pipelined, batch {}".format(args.batch_size), options, True, args.batch_size))
     print("| backend | path | streams | decoded frames/s | mean batch (frames) | vs serial |")
     print("|---|---|---|---|---|---|")
     results = {}
@@ -204,7 +196,7 @@ def main(argv=None):
     finally:
         for decoder in decoders:
             decoder.close()
-        shutil.rmtree(work, ignore_errors=True)  # the PNGs written and the re-exported decoder
+        shutil.rmtree(work, ignore_errors=True)  # the PNGs written
 
 if __name__ == "__main__":
     main()

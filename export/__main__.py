@@ -192,8 +192,8 @@ def _main(argv):
 
 
 def _onnx(args):
+    from .models import load_checkpoint  # PyTorch first: what a machine without the [export] extra lacks first
     from .cost_model import format_estimate
-    from .models import load_checkpoint
     from .onnx_export import export_onnx
 
     profile_name = budget_ms = None

@@ -33,7 +33,6 @@ from latentlink.edge.profile import load_profile
 from latentlink.edge.entropy import CODERS, check_available, decompress
 from latentlink.edge.protocol import code_latents, frame_payload, pack_latents
 
-from .cost_model import estimate_file, format_estimate
 from . import video_codecs
 from .data import list_images, read_bgr, readable_images
 
@@ -543,7 +542,10 @@ def _main(argv):
         print(format_results(results, image_codecs, per_image=args.per_image, entropy=args.entropy))
         if video:
             print(format_video(video, model_bytes))
-        # Beside the quality, what the encoder would cost on the Nano (export/cost_model.py: a model, not measured).
+        # Beside the quality, what the encoder would cost on the Nano (export/cost_model.py: a model, not measured;
+        # imported here, after PyTorch, which is what a machine without the [export] extra lacks first).
+        from .cost_model import estimate_file, format_estimate
+
         estimate, reason = estimate_file(encoder)
         measured[-1]["estimate"] = estimate
         print("Nano encoder " + (format_estimate(estimate, profile.budget_ms) if estimate else "estimate: none ("
