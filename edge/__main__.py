@@ -11,7 +11,7 @@ from .entropy import CODERS, check_available
 from .errors import ConfigError
 from .pipeline import check_raw, default_stream_name, edge_stages, run_edge
 from .profile import load_profile
-from .profiler import ReportWriter, format_table
+from .profiler import ReportWriter, emit, format_table
 from .protocol import SERIALIZERS
 from .protocol import DELIVERIES, PERMANENT_REFUSALS
 from .security import Credentials
@@ -178,7 +178,7 @@ def _main(argv):
             report.close()  # a run that failed leaves an unfinished report, readable up to its last record
     if not args.quiet:
         title = "edge {!r} ({}, {}, {})".format(stream, profile.name, encoder.name, source.uri)
-        print(format_table(summary, title))
+        emit(format_table(summary, title))  # never a UnicodeEncodeError under a C locale (Python 3.6, systemd)
         if args.report:
             print("report: {}".format(args.report))
     return exit_status(summary, args.drop or ("block" if delivery == "reliable" else profile.transport.drop))
