@@ -3,7 +3,7 @@
     python benchmarks/host_throughput.py                      # nano-504, 48 frames per configuration
     python benchmarks/host_throughput.py --frames 96 --streams 1 4 8 16 --profile nano-1008
 
-Real latents, recorded once: real photos (/work/photos/holdout, else the demo's sample photos) encoded by the
+Real latents, recorded once: real photos (data/holdout from scripts/get_photos.sh, else the demo's sample photos) encoded by the
 profile's shipped encoder and packed as an edge packs them. They are replayed by N client threads, each a protocol-2
 ``Sender`` with a window of 8, so the edges cost nothing and the host is the bottleneck. The host runs in this
 process with the profile's decoder, real decoding (no --decode-delay) and real PNG writes into a temporary folder:
@@ -44,7 +44,7 @@ from latentlink.edge.protocol import frame_payload, pack_latents  # noqa: E402
 from latentlink.edge.sender import Sender  # noqa: E402
 from latentlink.host.server import Host  # noqa: E402
 
-PHOTOS = "/work/photos/holdout"
+PHOTOS = os.path.join(ROOT, "data", "holdout")  # scripts/get_photos.sh data
 WINDOW = 8
 
 
