@@ -22,7 +22,6 @@ Runs on the workstation (needs a checkout of latentlink, since it builds the whe
 """
 
 import gzip
-import hashlib
 import io
 import os
 import shlex
@@ -34,6 +33,7 @@ import tempfile
 
 import yaml
 
+from latentlink.edge.backends.base import file_sha256
 from latentlink.edge.errors import ConfigError, LatentlinkError
 from latentlink.edge.profile import load_profile, resolve_profile_path
 
@@ -177,14 +177,6 @@ def _shell_assignments(values):
     return "".join("{}={}\n".format(key, shlex.quote(str(value))) for key, value in values)
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _git_commit(checkout):
     try:
         out = subprocess.run(["git", "-C", checkout, "describe", "--always", "--dirty", "--abbrev=12"],
@@ -286,7 +278,7 @@ def build_bundle(profile_name, out, checkout=None, check=True, check_args="", lo
             files.extend(os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/") for n in names)
         files.sort()
         with io.open(os.path.join(root, "SHA256SUMS"), "w", encoding="utf-8") as f:
-            f.write("".join("{}  {}\n".format(_sha256(os.path.join(root, name)), name) for name in files))
+            f.write("".join("{}  {}\n".format(file_sha256(os.path.join(root, name)), name) for name in files))
         write_tar(root, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
