@@ -112,14 +112,6 @@ def run(decoder, latents, streams, frames, pipeline, batch_size, work):
     return snapshot["frames"] / wall, mean
 
 
-def load_json_checkpoint(profile):
-    """The checkpoint file name model.json records beside the profile's decoder (e.g. lossy-cae.pt)."""
-    import json
-
-    with open(os.path.join(os.path.dirname(profile.model.decoder), "model.json")) as f:
-        return json.load(f)["checkpoint"]
-
-
 def gpu_backends(profile):
     """(label, open_backend arguments) for the GPU backends present; prints what is not."""
     found = []
@@ -139,7 +131,10 @@ def gpu_backends(profile):
         cuda = False
     if cuda:
         # The checkpoint the profile's decoder was exported from (model.json names it, beside the ONNX files).
-        checkpoint = os.path.join(os.path.dirname(profile.model.decoder), "..", load_json_checkpoint(profile))
+        from latentlink.edge.backends.base import read_model_info
+
+        checkpoint = os.path.join(os.path.dirname(profile.model.decoder), "..",
+                                  read_model_info(profile.model.decoder).data["checkpoint"])
         found.append(("pytorch-cuda-fp16", dict(path=checkpoint,
                                                 device="cuda", precision="fp16",
                                                 input_size=(profile.input.height, profile.input.width))))

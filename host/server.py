@@ -55,6 +55,7 @@ import time
 
 import cv2
 
+from latentlink.edge.backends.base import checkpoint_of
 from latentlink.edge.entropy import check_available
 from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, LatentlinkError, ProtocolError
 from latentlink.edge.preprocess import to_image
@@ -1123,7 +1124,7 @@ class Host(object):
                 hello["versions"])
         # The checkpoint first (a context-coded edge's identity adds its tables' hash: edge/backends/base.py), so
         # that an edge of another model hears that, not what its coder needs.
-        edge_checkpoint = (hello["model_id"] or "").split("+ctx-")[0]
+        edge_checkpoint = checkpoint_of(hello["model_id"])
         if edge_checkpoint and info.model_id and edge_checkpoint != info.model_id:
             return "model_mismatch", ("the edge's encoder comes from checkpoint {}... and this host's decoder from {}..."
                                       " (another training run: its images would be noise); give both the same "

@@ -81,7 +81,7 @@ class ModelInfo(object):
         it (``<model_id>+ctx-<16 hex digits>``), so that edge and host also agree on the tables."""
         if entropy != "context":
             return self.model_id
-        return "{}+ctx-{}".format(self.model_id or "", self.context_model().sha256[:16])
+        return "{}{}{}".format(self.model_id or "", CONTEXT_TAG, self.context_model().sha256[:16])
 
     def shape_for(self, role):
         """The input shape the ``role`` ("encoder" or "decoder") expects."""
@@ -89,6 +89,14 @@ class ModelInfo(object):
 
     def __repr__(self):
         return "ModelInfo({} {} -> {} {})".format(self.model, self.input_shape, self.latent_shape, self.packing)
+
+
+CONTEXT_TAG = "+ctx-"  # in a HELLO's model identity: the checkpoint's hash, then this, then the tables' (identity)
+
+
+def checkpoint_of(identity):
+    """The checkpoint part of a HELLO's model identity (:meth:`ModelInfo.identity`), without the tables' hash."""
+    return (identity or "").split(CONTEXT_TAG)[0]
 
 
 def read_model_info(model_path):
