@@ -25,6 +25,10 @@ EXTRAS = {
     "entropy": ["lz4", "zstandard>=0.19"],
     # `latentlink keys` (certificates for --tls), on the host or a workstation; edges read the files with ssl alone.
     "keys": ["cryptography"],
+    # `latentlink decode-service` (host/decode_service.py), on the machine that decodes for many hosts: PyTriton
+    # bundles Triton's server (a 55 MB wheel, about 215 MB installed with gRPC, gevent and aiohttp; Linux, glibc
+    # 2.35+) and pins numpy<2, so it is not in [dev]. Hosts decoding through it (triton://) need nothing more.
+    "triton": ["nvidia-pytriton>=0.7; platform_system == 'Linux' and python_version >= '3.8'"],
 }
 # atheris: the coverage-guided fuzzing in .ci/run (tests/fuzz/); its wheels are for Linux x86-64 only (elsewhere
 # it would need clang and libFuzzer to build), and CI skips the step where it is missing.

@@ -6,7 +6,6 @@ import signal
 import sys
 import threading
 
-from latentlink.edge.backends import open_backend
 from latentlink.edge.cli import (ArgumentParser, add_backend_options, add_run_options, address, backend_options,
                                  check_model_file, check_output_file, check_resolvable, is_loopback,
                                  peak_rss_mb, positive_float, positive_int, run_main, setup_logging)
@@ -19,6 +18,7 @@ from latentlink.edge.sender import parse_address
 from .outputs import check_display_available, open_outputs, parse_output, parse_outputs
 from .raw_pickle import check_stream_name
 from .server import Host
+from .triton_backend import is_service, open_decoder
 
 EXAMPLES = """examples:
   latentlink host --listen 0.0.0.0:5760 --out frames/ --report host.json
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   latentlink host --listen 0.0.0.0:5760 --view 0.0.0.0:8080 --metrics 9100    (watch in a browser; Prometheus)
   latentlink host --listen 127.0.0.1:0 --ready-file port.txt --max-frames 100
   latentlink host --decoder runs/lossy-cae.pt --device cuda --precision fp16   (decode on a GPU)
+  latentlink host --decoder triton://gpu-host:8000/decoder --out frames/   (a GPU machine's decode-service)
   latentlink host --listen 0.0.0.0:5760 --tls keys/ --out frames/      (keys/: latentlink keys init keys/)
   latentlink host --listen 0.0.0.0:5760 --token-file token.txt          (token.txt: latentlink keys token)
 
@@ -48,7 +49,8 @@ def get_args_parser():
     parser.add_argument("--profile", default="nano-504", help="profile name or YAML file (default: %(default)s)")
     parser.add_argument("--decoder", default="default",
                         help="decoder model: .onnx (ONNX Runtime), .pt (PyTorch checkpoint; see --device), .engine "
-                             "(TensorRT), or 'default' for the profile's ONNX (default: %(default)s)")
+                             "(TensorRT), triton://HOST:PORT/MODEL (a `latentlink decode-service`), or 'default' for "
+                             "the profile's ONNX (default: %(default)s)")
     parser.add_argument("--out", action="append", metavar="URI",
                         help="where decoded frames go; repeat for several: a folder (DIR or file://DIR/: PNGs), "
                              "file://NAME.mp4 (a video per stream, NAME-<stream>.mp4; file://NAME.mp4?fps=15), "
@@ -144,7 +146,7 @@ def main(argv=None):
 
 def check_args(args):
     """Checks of what argparse cannot check alone: the model file, the output paths, the address's name."""
-    if args.decoder != "default":
+    if args.decoder != "default" and not is_service(args.decoder):
         check_model_file("--decoder", args.decoder, "decoder")
     for option, path in (("--report", args.report), ("--ready-file", args.ready_file)):
         if path:
@@ -188,7 +190,7 @@ def _main(argv):
     credentials = Credentials.for_host(args.tls, args.token_file)  # missing files fail before the model loads
     report = None
     try:
-        with open_backend(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
+        with open_decoder(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
             meta = {"role": "host", "profile": profile.name, "backend": decoder.name, "decoder": decoder_path,
                     "out": ",".join(args.out) if args.out else None}
             if args.report:  # each decoded frame's record is written at once, not kept until the end

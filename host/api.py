@@ -20,7 +20,6 @@ import queue
 import threading
 import time
 
-from latentlink.edge.backends import open_backend
 from latentlink.edge.cli import check_output_dir, check_output_file, peak_rss_mb
 from latentlink.edge.errors import ConfigError, LatentlinkError
 from latentlink.edge.profile import load_profile
@@ -30,6 +29,7 @@ from latentlink.edge.sender import parse_address
 
 from .outputs import DecodedFrame, Output, OutputError
 from .server import Host
+from .triton_backend import open_decoder
 
 log = logging.getLogger("latentlink.host")
 POLL_S = 0.1  # how often a waiting consumer or a blocked write looks whether the receiver stopped
@@ -106,8 +106,8 @@ class Receiver:
         credentials = Credentials.for_host(tls, token_file)  # missing files fail before the model loads
         listen_host, listen_port = parse_address(listen)
         self.decoder_path = self.profile.model.decoder if decoder == "default" else decoder
-        self._decoder = open_backend(self.decoder_path, "decoder", threads=threads, device=device,
-                                     precision=precision,
+        self._decoder = open_decoder(self.decoder_path, "decoder", threads=threads, device=device,
+                                     precision=precision,  # a file, or a decode service's triton://HOST:PORT/MODEL
                                      input_size=(self.profile.input.height, self.profile.input.width)).load()
         self._frames = queue.Queue(maxsize=queue_size)
         self._closed = threading.Event()  # close() was called: blocked writes give up

@@ -18,6 +18,7 @@ COMMANDS = [
     ("export", "latentlink.export.__main__", "ONNX export, TensorRT 8.0-10 check, engine build, backend comparison"),
     ("eval", "latentlink.export.evaluate", "a model against JPEG, WebP and JPEG 2000: PSNR, MS-SSIM, bpp, RD plot"),
     ("report", "latentlink.edge.profiler", "print the per-stage table of an edge or host report; --plot, --csv"),
+    ("decode-service", "latentlink.host.decode_service", "serve a decoder to many hosts (Triton, dynamic batching)"),
     ("keys", "latentlink.keys", "credentials for --tls (a CA, host and edge certificates) or --token-file"),
 ]
 
