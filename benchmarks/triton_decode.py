@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from latentlink.host.triton_backend import open_decoder  # noqa: E402
 
-DEFAULT_DECODER = os.path.join(ROOT, "profiles", "default", "nano-504", "decoder.onnx")
+DEFAULT_DECODER = os.path.join("profiles", "default", "nano-504", "decoder.onnx")  # from the repository root
 
 
 def free_port():
@@ -43,7 +43,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_service(decoder_path, port, metrics_port, work, extra=()):
+def start_service(decoder_path, port, metrics_port, work, extra):
     """The service process (its own process group) and its start time in seconds, once its models are ready."""
     ready = os.path.join(work, "ready")
     log = open(os.path.join(work, "service.log"), "w")
@@ -51,8 +51,8 @@ def start_service(decoder_path, port, metrics_port, work, extra=()):
     proc = subprocess.Popen([sys.executable, "-m", "latentlink", "decode-service", "--decoder", decoder_path,
                              "--listen", "127.0.0.1:{}".format(port), "--metrics", "127.0.0.1:{}".format(metrics_port),
                              "--ready-file", ready] + list(extra),
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, PYTRITON_HOME=os.path.join(work, "pytriton")),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT, PYTRITON_HOME=os.path.join(work, "pytriton")))
     while not os.path.exists(ready):
         if proc.poll() is not None or time.perf_counter() - started > 300:
             stop_service(proc)
@@ -82,14 +82,21 @@ def triton_counts(metrics_port, model):
     return counter("nv_inference_count"), counter("nv_inference_exec_count")
 
 
-def measure(decoder_path=DEFAULT_DECODER, seconds=20.0, clients=8, extra=()):
-    """Start a service for ``decoder_path``, load it with ``clients`` threads for ``seconds``; returns a dict:
+def measure(decoder_path=DEFAULT_DECODER, seconds=20.0, clients=8, device=None, max_batch=16, profile="nano-504"):
+    """Start a service for ``decoder_path`` (on ``device``: the service's --device; ``profile``: a .pt's input size),
+    load it with ``clients`` threads for ``seconds``; returns a dict:
     ``start_s`` (service start to ready, s), ``requests``, ``requests_per_s``, ``round_trip_ms_p50`` / ``p95``,
     ``mean_batch`` (frames per decoder run, Triton's counters), ``errors`` (requests that failed),
     ``local_decode_ms_p50`` (one frame decoded in this process with ONNX Runtime / the file's backend, no service)."""
     from latentlink.edge.backends import open_backend
+    from latentlink.edge.profile import load_profile
 
-    with open_backend(decoder_path, "decoder") as local:  # the same frame decoded in this process, for comparison
+    size = load_profile(profile).input
+    extra = ["--max-batch", str(max_batch), "--profile", profile] + (["--device", device] if device else [])
+    path = decoder_path if os.path.exists(decoder_path) else os.path.join(ROOT, decoder_path)  # the default: ROOT's
+    path = os.path.abspath(path)
+    # the same frame decoded in this process, without the service, for comparison
+    with open_backend(path, "decoder", device=device, input_size=(size.height, size.width)) as local:
         latents = np.where(np.random.default_rng(0).random(local.input_shape) < 0.5, -1.0, 1.0).astype(np.float32)
         local_ms = []
         for _ in range(6):
@@ -98,7 +105,7 @@ def measure(decoder_path=DEFAULT_DECODER, seconds=20.0, clients=8, extra=()):
             local_ms.append((time.perf_counter() - start) * 1000.0)
     work = tempfile.mkdtemp(prefix="latentlink-triton-bench-")
     port, metrics_port = free_port(), free_port()
-    proc, start_s = start_service(decoder_path, port, metrics_port, work, extra)
+    proc, start_s = start_service(path, port, metrics_port, work, extra)
     spec = "triton://127.0.0.1:{}/decoder".format(port)
     try:
         decoders = [open_decoder(spec).load() for _ in range(clients)]
@@ -136,7 +143,8 @@ def measure(decoder_path=DEFAULT_DECODER, seconds=20.0, clients=8, extra=()):
         shutil.rmtree(work, ignore_errors=True)
     all_ms = np.array([ms for t in times for ms in t])
     runs = after[1] - before[1]
-    return {"decoder": os.path.relpath(decoder_path, ROOT), "clients": clients, "seconds": round(elapsed, 1),
+    return {"decoder": decoder_path, "clients": clients, "device": device or "cpu", "max_batch": max_batch,
+            "seconds": round(elapsed, 1),
             "start_s": round(start_s, 2), "requests": int(all_ms.size), "errors": errors[0],
             "requests_per_s": round(all_ms.size / elapsed, 2),
             "round_trip_ms_p50": round(float(np.percentile(all_ms, 50)), 1) if all_ms.size else None,
@@ -153,13 +161,14 @@ def main(argv=None):
                         "(and one service start) each (default: 8)")
     parser.add_argument("--device", help="the service's --device (cuda: a GPU; default the CPU)")
     parser.add_argument("--max-batch", type=int, default=16, help="the service's --max-batch (default: %(default)s)")
+    parser.add_argument("--profile", default="nano-504", help="a .pt decoder's input size (default: %(default)s)")
     args = parser.parse_args(argv)
-    extra = ["--max-batch", str(args.max_batch)] + (["--device", args.device] if args.device else [])
     for clients in args.clients:
-        result = measure(args.decoder, args.seconds, clients, extra)
+        result = measure(args.decoder, args.seconds, clients, args.device, args.max_batch, args.profile)
         print("{clients} clients, {seconds} s: {requests_per_s} requests/s ({requests} requests, {errors} errors); "
               "round trip p50 {round_trip_ms_p50} ms, p95 {round_trip_ms_p95} ms; mean dynamic batch {mean_batch} "
-              "frames; service started in {start_s} s; in-process decoding {local_decode_ms_p50} ms/frame ({decoder})".format(**result), flush=True)
+              "frames; service started in {start_s} s; in-process decoding {local_decode_ms_p50} ms/frame ({decoder}, "
+              "{device})".format(**result), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,11 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton", reason="PyTriton is not installed: pip install \".[triton]\" for decode-service")
+from latentlink.edge.backends import open_backend, read_model_info
+from latentlink.edge.errors import BackendError, ConfigError
+from latentlink.host.triton_backend import RemoteModelInfo, open_decoder, parse_spec
 
-from latentlink.edge.backends import open_backend, read_model_info  # noqa: E402
-from latentlink.edge.errors import BackendError, ConfigError  # noqa: E402
-from latentlink.host.triton_backend import RemoteModelInfo, open_decoder, parse_spec  # noqa: E402
-
-from .conftest import ROOT, run_cli  # noqa: E402
+from .conftest import ROOT, run_cli
 
 DECODER = os.path.join(ROOT, "profiles", "default", "nano-504", "decoder.onnx")
 
@@ -38,6 +36,7 @@ def free_port():
 def start_service(tmp_path, port, *extra):
     """``latentlink decode-service`` in its own process group (Triton's server and stubs die with it); returns
     the process once its models are ready."""
+    pytest.importorskip("pytriton", reason="PyTriton is not installed: pip install \".[triton]\" for decode-service")
     ready = tmp_path / "service-{}.address".format(port)
     if ready.exists():
         ready.unlink()  # a restart on the same port: wait for the new service's file
@@ -190,3 +189,112 @@ def test_a_killed_service_fails_the_frames_with_a_reason_and_the_host_stays_up(t
     outcomes = json.loads((tmp_path / "cam0.json").read_text())["outcomes"]
     assert outcomes["failed"] == 4 and outcomes["decoded"] == 0, (failed.stdout, failed.stderr)
     assert json.loads((tmp_path / "cam1.json").read_text())["outcomes"]["decoded"] == 4
+
+
+# --- a hostile or broken service: the client's checks, against a fake one (no PyTriton needed) ----------------------
+class FakeService(object):
+    """A loopback HTTP server answering each path with a canned (status, headers, body)."""
+
+    def __init__(self, answers):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                status, headers, body = answers.get(self.path, (404, {}, b'{"error": "unknown model"}'))
+                self.send_response(status)
+                headers = dict({"Content-Length": str(len(body))}, **headers)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.spec = "triton://127.0.0.1:{}/decoder".format(self.server.server_address[1])
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def info_answer(model=None, entropy=None, service=None, wrap=True):
+    """The ``decoder-info`` model's answer as Triton's JSON carries it."""
+    info = {"format": "latentlink-decode-service", "version": 1, "model": model or read_model_info(DECODER).data,
+            "entropy": entropy, "service": service or {"output_shape": [3, 504, 504]}}
+    text = json.dumps(info) if wrap else info
+    return (200, {}, json.dumps({"outputs": [{"name": "info", "datatype": "BYTES", "shape": [1],
+                                              "data": [text]}]}).encode())
+
+
+@pytest.mark.parametrize("answer, error, message", [
+    ((200, {}, b"<html>not Triton</html>"), ConfigError, "not a latentlink decode service's answer"),
+    (info_answer(wrap=False), ConfigError, "not a latentlink decode service's answer"),
+    ((200, {}, json.dumps({"outputs": [{"data": [json.dumps({"format": "other", "version": 1})]}]}).encode()),
+     ConfigError, "format 'other'"),
+    (info_answer(model=dict(read_model_info(DECODER).data, input_shape=[1, 3, 10 ** 6, 10 ** 6])), ConfigError,
+     "not an NCHW shape"),
+    (info_answer(model=dict(read_model_info(DECODER).data, bits_per_pixel="many")), ConfigError,
+     "not a latentlink model description"),
+    (info_answer(model=dict(read_model_info(DECODER).data, packing="gzip")), ConfigError, "packing 'gzip'"),
+    ((200, {"Content-Length": str(10 ** 10)}, b"{}"), BackendError, "more than"),
+    ((500, {}, b'{"error": "out of memory"}'), BackendError, "out of memory"),
+])
+def test_a_service_that_answers_nonsense_about_its_model_is_a_clear_error(answer, error, message):
+    fake = FakeService({"/v2/models/decoder-info/infer": answer})
+    try:
+        with pytest.raises(error, match=message):
+            open_decoder(fake.spec)
+    finally:
+        fake.close()
+
+
+def test_context_coded_frames_need_the_services_tables_and_bad_tables_are_refused():
+    fake = FakeService({"/v2/models/decoder-info/infer": info_answer(entropy=None)})
+    try:
+        with pytest.raises(ConfigError, match="has none"):
+            open_decoder(fake.spec).info.context_model()
+    finally:
+        fake.close()
+    fake = FakeService({"/v2/models/decoder-info/infer": info_answer(entropy='{"format": "latentlink-entropy"}')})
+    try:
+        with pytest.raises(ConfigError, match="its entropy tables"):
+            open_decoder(fake.spec).info.context_model()
+    finally:
+        fake.close()
+
+
+def decoded_answer(shape, data=None):
+    header = json.dumps({"outputs": [{"name": "image", "datatype": "FP32", "shape": list(shape),
+                                      "parameters": {"binary_data_size": 4 * int(np.prod(shape))}}]}).encode()
+    body = np.zeros(shape, np.float32).tobytes() if data is None else data
+    return (200, {"Inference-Header-Content-Length": str(len(header))}, header + body)
+
+
+@pytest.mark.parametrize("answer, message", [
+    (decoded_answer((1, 3, 504, 504)), None),
+    (decoded_answer((1, 3, 252, 252)), r"malformed answer .*\[1, 3, 252, 252\] \(expected FP32 \[1, 3, 504, 504\]\)"),
+    (decoded_answer((1, 3, 504, 504), data=b"\0" * 100), "malformed answer"),
+    (decoded_answer((1, 3, 504, 504), data=b"\0" * (4 * 3 * 504 * 504 + 10 ** 6)), "more than"),
+    ((400, {}, b'{"error": "input latents: wrong shape"}'), "refused 1 frame.*wrong shape"),
+])
+def test_a_service_that_answers_nonsense_to_a_frame_fails_that_frame_clearly(answer, message):
+    fake = FakeService({"/v2/models/decoder-info/infer": info_answer(), "/v2/models/decoder/ready": (200, {}, b""),
+                        "/v2/models/decoder/infer": answer})
+    try:
+        with open_decoder(fake.spec) as decoder:
+            latents = np.ones(decoder.input_shape, np.float32)
+            if message is None:
+                assert decoder.infer(latents)[0].shape == (1, 3, 504, 504)
+            else:
+                with pytest.raises(BackendError, match=message):
+                    decoder.infer(latents)
+    finally:
+        fake.close()
