@@ -21,6 +21,7 @@ from latentlink.edge.errors import BackendError, ConfigError
 
 SCHEME = "triton://"
 TIMEOUT_S = 30.0  # a request's connect and each read; a service that hangs costs the frames, not the host
+HOLD_OFF_S = 2.0  # after a connection failure, requests fail at once this long with its reason (see _request)
 MAX_INFO_BYTES = 4 << 20  # the metadata response (model.json + entropy tables: about 130 kB for the default)
 MAX_HEADER_BYTES = 64 << 10  # an inference response's JSON header
 MAX_ELEMENTS = 1 << 28  # a model's tensors: 1 GiB of float32 at most
@@ -107,6 +108,7 @@ class TritonBackend(Backend):
         self.host, self.port, self.model = parse_spec(spec)
         self.url = "http://{}:{}".format("[{}]".format(self.host) if ":" in self.host else self.host, self.port)
         self._conn = None
+        self._failed = (0.0, None)  # (monotonic time, BackendError) of the last connection failure
         info = self._fetch_info(spec)
         super(TritonBackend, self).__init__(spec, "decoder", info)
         self._frame = tuple(self.input_shape[1:]) if self.input_shape[0] == 1 else tuple(self.input_shape)
@@ -114,7 +116,20 @@ class TritonBackend(Backend):
     # --- HTTP ----------------------------------------------------------------------------------------------------
     def _request(self, method, path, body=None, headers=None, limit=MAX_INFO_BYTES):
         """One request on the kept-alive connection; returns (status, headers, body bytes), the body at most
-        ``limit`` bytes (BackendError beyond). A connection the service closed while idle is retried once."""
+        ``limit`` bytes (BackendError beyond). A connection the service closed while idle is retried once. For
+        :data:`HOLD_OFF_S` after a connection failure, requests fail at once with that failure: the host retries a
+        failed batch frame by frame, and a service that hangs must not cost the timeout for each of them."""
+        when, error = self._failed
+        if error is not None and time.monotonic() - when < HOLD_OFF_S:
+            raise BackendError(str(error))  # a new one: re-raising one object would grow its traceback each time
+        try:
+            return self._request_once(method, path, body, headers, limit)
+        except BackendError as exc:
+            if self._conn is None:  # a connection failure (not a refused request): hold off
+                self._failed = (time.monotonic(), exc)
+            raise
+
+    def _request_once(self, method, path, body, headers, limit):
         for attempt in (0, 1):
             reused = self._conn is not None
             if self._conn is None:

@@ -217,6 +217,7 @@ class FakeService(object):
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.handle_error = lambda request, address: None  # a client that stopped reading an oversized answer
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.spec = "triton://127.0.0.1:{}/decoder".format(self.server.server_address[1])
 
