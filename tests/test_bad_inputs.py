@@ -57,6 +57,13 @@ CASES = [
     ("host --decoder {encoder}", "--decoder {encoder} is an encoder, not a decoder: pass it to the edge"),
     ("host --out {file}", "--out {file}: a file of that name is in the way"),
     ("host --report {tmp}", "--report {tmp}: that is a folder; give a file name"),
+    ("host --decoder triton://127.0.0.1/decoder", "a decode service is triton://HOST:PORT/MODEL"),
+    ("host --decoder triton://127.0.0.1:1/decoder", "no decode service at http://127.0.0.1:1 (connection refused)"),
+    ("host --decoder triton://127.0.0.1:1/decoder --device cuda", "the service decides where its decoder runs"),
+    ("decode-service --listen 127.0.0.1:0", "--listen 127.0.0.1:0: Triton needs a fixed port"),
+    ("decode-service --decoder {encoder}", "--decoder {encoder} is an encoder, not a decoder"),
+    ("decode-service --model-name a/b", "argument --model-name: 'a/b': letters, digits"),
+    ("decode-service --max-batch 0", "argument --max-batch: got 0"),
     # train
     (TRAIN + "--steps 0", "argument --steps: got 0; expected a whole number >= 1"),
     (TRAIN + "--steps -4", "argument --steps: got -4"),
@@ -194,12 +201,16 @@ def tripwires(monkeypatch):
     import latentlink.demo
     import latentlink.edge.__main__
     import latentlink.host.__main__
+    import latentlink.host.decode_service
+    import latentlink.host.triton_backend
 
     def reached(*args, **kwargs):
         raise ReachedTheWork("the bad input was not refused")
 
     monkeypatch.setattr(latentlink.edge.__main__, "open_source", reached)
-    monkeypatch.setattr(latentlink.host.__main__, "open_backend", reached)
+    # the host's decoders open through open_decoder: a model file's backend there; a triton:// one is the real client
+    monkeypatch.setattr(latentlink.host.triton_backend, "open_backend", reached)
+    monkeypatch.setattr(latentlink.host.decode_service, "open_backend", reached)
     monkeypatch.setattr(latentlink.demo, "subprocess", types.SimpleNamespace(
         Popen=reached, TimeoutExpired=subprocess.TimeoutExpired))
     pytest.importorskip("torch")
