@@ -163,6 +163,18 @@ def test_a_host_process_decodes_an_edges_frames_through_the_service(service, tmp
     assert edge_report["outcomes"] == {"decoded": 4, "failed": 0, "refused": 0, "dropped": 0, "lost": 0}
 
 
+def test_the_python_api_receiver_decodes_through_the_service(service, photos_dir):
+    import cv2
+
+    from latentlink import Receiver, Sender
+
+    with Receiver("127.0.0.1:0", decoder=service, max_streams=1) as hub:
+        with Sender(hub.address, name="api") as sender:
+            sender.send_image(cv2.imread(os.path.join(photos_dir, "coffee.png")))
+        name, image = hub.recv_image(timeout=120)
+    assert name == "api" and image.shape == (504, 504, 3) and image.dtype == np.uint8
+
+
 def test_a_killed_service_fails_the_frames_with_a_reason_and_the_host_stays_up(tmp_path, photos_dir):
     port = free_port()
     spec = "triton://127.0.0.1:{}/decoder".format(port)
