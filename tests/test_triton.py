@@ -42,7 +42,8 @@ def start_service(tmp_path, port, *extra):
         ready.unlink()  # a restart on the same port: wait for the new service's file
     log = open(str(tmp_path / "service-{}.log".format(port)), "w")
     # PyTriton's workspace (a copy of Triton's server, and its Unix sockets: a short path) of its own, removed by
-    # stop_service even after a SIGKILL, which leaves it behind
+    # stop_service even after a SIGKILL, which leaves it behind (Triton's /tmp/folderXXXXXX copies of the two
+    # models, 300 kB each, stay: Triton names them itself, ignoring TMPDIR)
     home = tempfile.mkdtemp(prefix="pytriton-")
     proc = subprocess.Popen([sys.executable, "-m", "latentlink", "decode-service", "--decoder", DECODER, "--listen",
                              "127.0.0.1:{}".format(port), "--ready-file", str(ready), "--threads", "1"] + list(extra),
