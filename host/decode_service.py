@@ -16,10 +16,12 @@ Two models are served over Triton's HTTP/REST protocol (KServe v2):
   client decodes exactly what a local decoder would (host/triton_backend.py reads it).
 """
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -28,7 +30,7 @@ import numpy as np
 from latentlink.edge.backends import open_backend
 from latentlink.edge.cli import (ArgumentParser, address, backend_options, check_model_file, check_output_file,
                                  check_resolvable, is_loopback, positive_int, run_main, setup_logging)
-from latentlink.edge.errors import ConfigError
+from latentlink.edge.errors import BackendError, ConfigError
 from latentlink.edge.profile import load_profile
 from latentlink.edge.sender import parse_address
 
@@ -119,6 +121,8 @@ def _main(argv):
     args = get_args_parser().parse_args(argv)
     setup_logging(args.verbose)
     log = logging.getLogger("latentlink.decode_service")
+    if not args.verbose:  # PyTriton's own progress lines; Triton's server log (I/W/E lines) stays on the console
+        logging.getLogger("pytriton").setLevel(logging.WARNING)
     if args.decoder != "default":
         check_model_file("--decoder", args.decoder, "decoder")
     if args.ready_file:
@@ -133,6 +137,9 @@ def _main(argv):
     if metrics and metrics[0] != host:
         raise ConfigError("--metrics {}: Triton serves metrics on --listen's address ({}): give {}:{}".format(
             args.metrics, host, host, metrics[1]))
+    for option, address_ in (("--listen", (host, port)), ("--metrics", metrics)):
+        if address_:
+            check_free(option, *address_)  # before the model loads: Triton itself would only log it and exit
     try:
         from pytriton.decorators import batch
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -164,7 +171,7 @@ def _main(argv):
         config = TritonConfig(http_address=host, http_port=port, allow_grpc=False, allow_metrics=bool(metrics),
                               metrics_port=metrics[1] if metrics else None, log_verbose=1 if args.verbose else 0,
                               exit_timeout_secs=5)
-        with Triton(config=config) as triton:
+        with Triton(config=config) as triton, triton_errors():
             triton.bind(model_name=args.model_name, infer_func=decode, strict=True,
                         inputs=[Tensor(name="latents", dtype=np.float32, shape=frame_dims(shape))],
                         outputs=[Tensor(name="image", dtype=np.float32, shape=output_shape)],
@@ -190,6 +197,32 @@ def _main(argv):
             triton.serve()
     log.info("stopped")
     return 0
+
+
+def check_free(option, host, port):
+    """ConfigError when ``host:port`` cannot be listened on (another service has it, or the address is not this
+    machine's)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: a recently closed port is free
+            s.bind((host, port))
+    except OSError as exc:
+        raise ConfigError("{} {}:{}: cannot listen there ({}); another program (an earlier decode-service?) may "
+                          "have it: pick another port".format(option, host, port, exc.strerror or exc))
+
+
+@contextlib.contextmanager
+def triton_errors():
+    """PyTriton's and Triton's failures (a model that does not load, a server that exits) as one BackendError line;
+    their details are in Triton's log above it."""
+    from pytriton.exceptions import PyTritonError
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        yield
+    except (PyTritonError, InferenceServerException) as exc:
+        raise BackendError("Triton failed: {} (Triton's log above has the details; --verbose for more)".format(
+            str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__))
 
 
 def use_own_libpython():
