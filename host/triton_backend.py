@@ -31,8 +31,9 @@ SERVICE_FIX = "start it with `latentlink decode-service --decoder MODEL --listen
 
 
 def open_decoder(spec, role="decoder", **options):
-    """An unloaded decoder backend: a :class:`TritonBackend` for ``triton://HOST:PORT/MODEL``, else the model
-    file's backend (:func:`latentlink.edge.backends.open_backend` with ``options``). A service decides its own
+    """An unloaded decoder backend: a :class:`TritonBackend` for ``triton://HOST:PORT/MODEL`` (the service is asked
+    for its model's metadata now: BackendError if it is down), else the model file's backend
+    (:func:`latentlink.edge.backends.open_backend` with ``options``). A service decides its own
     device and precision: options other than the defaults are refused for it (ConfigError), not ignored."""
     if not is_service(spec):
         return open_backend(spec, role, **options)
