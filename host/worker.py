@@ -391,10 +391,10 @@ class Worker(object):
                 await item.msg.term()
                 self._count(meta.stream, "failed")
         except Exception as exc:  # the broker unreachable: redelivered after the ack-wait, and found marked
-            log.warning("stream %r frame %d: cannot mark or acknowledge it (%s: %s); it is redelivered and then "
-                        "found written", meta.stream, meta.seq, type(exc).__name__, exc)
-            if item.outcome == "written":
-                self._count(meta.stream, "written")  # it is written; the redelivery counts as a duplicate
+            # Not counted: the redelivery finds the mark "written" (a duplicate), or still our claim (the broker
+            # went down before the mark), and then writes the frame again (the same PNG) and counts it.
+            log.warning("stream %r frame %d: cannot mark or acknowledge it (%s: %s); it is redelivered after the "
+                        "ack-wait", meta.stream, meta.seq, type(exc).__name__, exc)
 
 
 async def _quietly(coro):
