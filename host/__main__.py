@@ -16,7 +16,7 @@ from latentlink.edge.profiler import HOST_STAGES, ReportWriter, format_table
 from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
-from .jetstream import parse_bytes, parse_duration
+from .jetstream import check_url, parse_bytes, parse_duration
 from .outputs import check_display_available, open_outputs, parse_output, parse_outputs
 from .raw_pickle import check_stream_name
 from .server import Host
@@ -191,6 +191,8 @@ def _main(argv):
         raise ConfigError("a gateway (--jetstream) decodes nothing: give --out to the workers (latentlink worker "
                           "--jetstream URL --out DIR), and drop --out, --display, --view, --max-frames and "
                           "--accept-pickle-raw here")
+    if args.jetstream:
+        check_url(args.jetstream)  # before the model loads
     if (args.jetstream_max_age or args.jetstream_max_bytes) and not args.jetstream:
         raise ConfigError("--jetstream-max-age and --jetstream-max-bytes are for a gateway: add --jetstream URL")
     if args.raw_stream_name and not args.accept_pickle_raw:

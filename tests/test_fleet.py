@@ -253,3 +253,54 @@ def _records(path):
     except OSError:
         return 0
 
+
+
+# Without a broker.
+def test_compose_fleet_services_parse_with_their_clis():
+    """docker/compose.yaml's fleet profile: the gateway's command is a host command with --jetstream, the workers'
+    a worker command writing into their volume, both at the broker service."""
+    import yaml
+
+    from latentlink.host.__main__ import get_args_parser as host_parser
+    from latentlink.host.worker import get_args_parser as worker_parser
+
+    from .conftest import ROOT
+
+    with open(os.path.join(ROOT, "docker", "compose.yaml")) as f:
+        services = yaml.safe_load(f)["services"]
+    assert all(services[name]["profiles"] == ["fleet"] for name in ("nats", "gateway", "worker"))
+    assert "-js" in services["nats"]["command"]
+    gateway = host_parser().parse_args(services["gateway"]["command"])
+    assert gateway.jetstream == "nats://nats:4222" and not gateway.out
+    assert services["worker"]["entrypoint"] == ["latentlink", "worker"]
+    worker = worker_parser().parse_args(services["worker"]["command"])
+    assert worker.jetstream == "nats://nats:4222"
+    assert worker.out == ["/frames"] and "./frames:/frames" in services["worker"]["volumes"]
+
+
+def test_a_gateway_refuses_what_only_a_decoder_does(capsys):
+    """A gateway decodes nothing: --out and the like are refused with the fix; a URL without its scheme too."""
+    from latentlink.host.__main__ import main
+
+    assert main(["--jetstream", "nats://127.0.0.1:1", "--out", "frames"]) == 2
+    assert "give --out to the workers" in capsys.readouterr().err
+    assert main(["--jetstream", "127.0.0.1:4222"]) == 2
+    assert "nats://HOST:PORT" in capsys.readouterr().err
+
+
+def test_frame_messages_round_trip_and_subjects_never_collide():
+    import numpy as np
+
+    from latentlink.edge.errors import ProtocolError
+    from latentlink.edge.protocol import frame_payload, parse_meta
+
+    payload = np.packbits(np.ones(64, "uint8")).tobytes()
+    wire = frame_payload("a.b", 7, 12.5, np.ones((1, 1, 8, 8), "float32"), "bits", payload, version=2)
+    meta = parse_meta(wire[8:-len(payload)], 0)
+    assert fleet.frame_message(meta, payload) == wire  # byte for byte what the edge sent
+    assert fleet.parse_frame_message(wire, 1 << 20) == (meta, payload)
+    for bad in (wire[:-1], wire + b"x", wire[:7], b"LLNK\x01\x00\x00\x02{}"):
+        with pytest.raises(ProtocolError):
+            fleet.parse_frame_message(bad, 1 << 20)
+    assert fleet.subject("a.b") == "latentlink.frames.a=b" != fleet.subject("a_b")
+    assert fleet.mark_key("a.b", "00ff", 3) == "a=b.00ff.3"
