@@ -151,6 +151,17 @@ def ingest(address, profile, senders, frames, tag):
 
 
 # JetStream -> workers.
+async def purge(url):
+    """Empty the frames' stream (the gateway row's frames are not the workers' to drain)."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().purge_stream(fleet.STREAM)
+    finally:
+        await nc.close()
+
+
 async def backlog(url):
     import nats
 
@@ -218,6 +229,7 @@ def main():
         stored, seconds, shape = ingest(address, args.profile, args.senders, args.frames, "cam")
         rows.append(("gateway ingest ({} senders -> stored)".format(args.senders), stored / seconds, "frames/s",
                      "{} frames of latents {}, reliable".format(stored, list(shape))))
+        asyncio.run(purge(broker.url))
         for workers in (1, 2):
             ingest(address, args.profile, 1, args.worker_frames, "w{}-".format(workers))
             written, rate = drain(work, broker.url, args.profile, workers, args.worker_frames)

@@ -282,9 +282,10 @@ class Worker(object):
                 self._count(item.meta.stream, "duplicate")
                 await item.msg.ack_sync()
                 return False
-            if entry.value != mine and item.msg.metadata.num_delivered <= 1:
-                # A first delivery, and another worker holds the frame: a second copy of it in the stream (published
-                # again after the duplicate window); it comes back once that worker is done or gone.
+            if item.msg.metadata.num_delivered <= 1:
+                # A first delivery, and the frame is claimed already: a second copy of it in the stream (published
+                # again after the duplicate window, or after a broker restart); it comes back after the ack-wait,
+                # when the claim is written, or is taken over from a worker that is gone.
                 await item.msg.nak(delay=self.ack_wait_s)
                 return False
             item.revision = await kv.update(item.key, mine, last=entry.revision)
