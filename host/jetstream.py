@@ -118,12 +118,12 @@ def parse_headers(headers):
 
 
 def _nats():
+    """The nats-py package, or a ConfigError that says how to install it."""
     try:
-        import nats  # noqa: F401
+        import nats
     except ImportError:
         raise ConfigError("--jetstream needs the nats-py package: pip install nats-py (the [fleet] extra installs "
                           "it)")
-    import nats
     return nats
 
 

@@ -49,7 +49,7 @@ BACKLOG_EVERY_S = 5.0  # how often the worker reads the broker's backlog (metric
 
 EXAMPLES = """examples:
   latentlink worker --jetstream nats://127.0.0.1:4222 --out frames/
-  latentlink worker --jetstream nats://broker:4222 --decoder runs/lossy-cae.pt --device cuda --out frames/ --metrics 9101
+  latentlink worker --jetstream nats://broker:4222 --decoder runs/lossy-cae.pt --device cuda --out frames/
   latentlink worker --jetstream nats://127.0.0.1:4222 --out frames/ --idle-exit 10 --report worker.json
 
 start as many as the decoders keep up with, on any machines that reach the broker; a gateway feeds them:
