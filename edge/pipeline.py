@@ -190,6 +190,10 @@ class EdgeStream(object):
         wall_s = time.perf_counter() - self._started
         _count_settled(self.settled, self.stats, self.on_record)  # every frame: the sender settled them all
         notes = {"gpu_to_cpu": self.encoder.copy_note} if self.encoder.copy_note else {}
+        if sender.counts["stored"]:
+            notes["stored"] = ("frames a gateway (latentlink host --jetstream) stored durably in its broker for decode "
+                               "workers: queued, not yet decoded, when acknowledged (the workers' reports say what "
+                               "became of them); no latency for them")
         if sender.clock.error_s is not None:
             notes["latency"] = ("capture to decoded on the host; host clock offset {:+.3f} ms, estimated to within "
                                 "{:.3f} ms (NTP-style, from the acknowledgements)".format(
@@ -197,7 +201,9 @@ class EdgeStream(object):
         protocol = self.protocol
         self.summary = self.stats.summary(wall_s, dropped=sender.counts["dropped"], extra={
             "captured": self.captured,
-            "outcomes": dict((k, sender.counts[k]) for k in OUTCOMES if k != "sent" or protocol == 1),
+            # "sent" with protocol 1 only, "stored" with a gateway only: other reports keep their usual buckets
+            "outcomes": dict((k, sender.counts[k]) for k in OUTCOMES if (k != "sent" or protocol == 1) and (
+                k != "stored" or sender.counts["stored"])),
             "protocol": protocol, "serializer": self.serializer, "delivery": self.delivery, "window": sender.window,
             "session": sender.session,
             "reconnects": sender.reconnects, "connection_losses": sender.connection_losses, "resent": sender.resent,

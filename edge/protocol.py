@@ -381,7 +381,9 @@ KIND_NAMES = {KIND_HELLO: "HELLO", KIND_ACCEPT: "ACCEPT", KIND_REFUSE: "REFUSE",
 DELIVERIES = ("live", "reliable")  # live: frames lost with a connection stay lost; reliable: resent until acked
 # What the host says of a frame in an ACK. "decoded" includes a frame it had already decoded (a resent duplicate:
 # the ACK then says "duplicate": true and nothing is decoded or written again); "end" acknowledges END.
-ACK_OUTCOMES = ("decoded", "failed", "end")
+# "stored": a gateway (latentlink host --jetstream) stored the frame durably in its broker, for decode workers: it is
+# not decoded yet, and the edge's report says so.
+ACK_OUTCOMES = ("decoded", "failed", "end", "stored")
 # Reasons a host refuses a HELLO. Permanent ones stop the edge at once (nothing it can retry would change them);
 # the others ("busy", "shutting_down") are retried with backoff.
 # "unauthorized": the edge lacks the credentials the host requires (a token, a certificate for the stream's name), or
@@ -486,8 +488,8 @@ def _validate_fields(kind, obj, error):
         pairs = []
         for pair in acked:
             if (not isinstance(pair, list) or len(pair) != 2 or not _is_int(pair[0]) or not 0 <= pair[0] < MAX_SEQ
-                    or pair[1] not in ("decoded", "failed")):
-                raise error("ACCEPT acked holds %r, not [seq, 'decoded' or 'failed']" % (pair,))
+                    or pair[1] not in ("decoded", "failed", "stored")):
+                raise error("ACCEPT acked holds %r, not [seq, 'decoded', 'failed' or 'stored']" % (pair,))
             pairs.append((int(pair[0]), pair[1]))
         return {"version": _integer(obj, "version", error, 2, 255), "window": _integer(obj, "window", error, 1,
                                                                                        MAX_WINDOW),

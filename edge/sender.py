@@ -47,8 +47,9 @@ log = logging.getLogger("latentlink.edge")
 
 DROP_POLICIES = ("oldest", "newest", "block")
 # The buckets of the edge's account: every frame it submits ends in exactly one. "sent" is protocol 1 only (written
-# to a host that never acknowledges: its fate is unknown).
-OUTCOMES = ("decoded", "failed", "refused", "dropped", "lost", "sent")
+# to a host that never acknowledges: its fate is unknown). "stored": a gateway (latentlink host --jetstream) stored it
+# durably in its broker for decode workers (not decoded yet when acknowledged).
+OUTCOMES = ("decoded", "failed", "refused", "dropped", "lost", "sent", "stored")
 NO_ANSWER_LIMIT = 3  # handshakes in a row that got no answer at all before the edge stops (an old or foreign peer)
 SOFTWARE = "latentlink 0.1.0"
 

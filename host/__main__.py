@@ -15,6 +15,7 @@ from latentlink.edge.profiler import HOST_STAGES, ReportWriter, format_table
 from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
+from .jetstream import check_url, parse_bytes, parse_duration
 from .outputs import check_display_available, open_outputs, parse_output, parse_outputs
 from .raw_pickle import check_stream_name
 from .server import Host
@@ -30,6 +31,8 @@ EXAMPLES = """examples:
   latentlink host --decoder triton://gpu-host:8000/decoder --out frames/   (a GPU machine's decode-service)
   latentlink host --listen 0.0.0.0:5760 --tls keys/ --out frames/      (keys/: latentlink keys init keys/)
   latentlink host --listen 0.0.0.0:5760 --token-file token.txt          (token.txt: latentlink keys token)
+  latentlink host --listen 0.0.0.0:5760 --jetstream nats://127.0.0.1:4222     (a gateway: decode workers do the rest,
+                                                                              latentlink worker --jetstream ...)
 
 decoded frames are saved as OUT/<stream>/<seq:06d>.png (seq: the edge's sequence number, from 0); --out takes URIs,
 several allowed: file://DIR/ (or a plain DIR: PNGs; the first folder also keeps the delivery journal), file://NAME.mp4
@@ -125,6 +128,18 @@ def get_args_parser():
     parser.add_argument("--decode-delay", type=float, default=0.0, metavar="SECONDS",
                         help="for testing and benchmarks only: sleep this long per frame decoded, simulating a "
                              "slower decoder (default: %(default)s, off)")
+    fleet = parser.add_argument_group("fleet (a gateway to decode workers: README, Fleets)")
+    fleet.add_argument("--jetstream", metavar="URL",
+                       help="be a gateway: store each accepted frame in the NATS JetStream server at URL "
+                            "(nats://HOST:PORT) for `latentlink worker` processes to decode, instead of decoding "
+                            "here; edges are acknowledged once the broker stored the frame (outcome 'stored')")
+    fleet.add_argument("--jetstream-max-age", type=parse_duration, metavar="DURATION",
+                       help="the broker drops frames older than this (seconds, or 90s, 30m, 12h, 7d; default 24h "
+                            "for a new stream, else unchanged)")
+    fleet.add_argument("--jetstream-max-bytes", type=parse_bytes, metavar="SIZE",
+                       help="the most the broker keeps (bytes, or 500MB, 10GB; default 10GB for a new stream, else "
+                            "unchanged); when full, new frames are refused and the gateway retries, so the edges "
+                            "wait")
     add_backend_options(parser)
     add_run_options(parser)
     return parser
@@ -174,6 +189,14 @@ def _main(argv):
     args = get_args_parser().parse_args(argv)
     check_args(args)
     setup_logging(args.verbose)
+    if args.jetstream and (args.out or args.display or args.view or args.max_frames or args.accept_pickle_raw):
+        raise ConfigError("a gateway (--jetstream) decodes nothing: give --out to the workers (latentlink worker "
+                          "--jetstream URL --out DIR), and drop --out, --display, --view, --max-frames and "
+                          "--accept-pickle-raw here")
+    if args.jetstream:
+        check_url(args.jetstream)  # before the model loads
+    if (args.jetstream_max_age or args.jetstream_max_bytes) and not args.jetstream:
+        raise ConfigError("--jetstream-max-age and --jetstream-max-bytes are for a gateway: add --jetstream URL")
     if args.raw_stream_name and not args.accept_pickle_raw:
         raise ConfigError("--raw-stream-name names the frames of --accept-pickle-raw clients: add --accept-pickle-raw")
     loopback_note(args.listen)
@@ -213,6 +236,8 @@ def _main(argv):
             print("{streams} older streams not listed: {frames} frames decoded, {failed} failed to decode, {gaps} "
                   "never received, {duplicates} resent duplicates".format(**summary["forgotten_streams"]))
         print(problems_line(summary))
+        if "jetstream" in summary:
+            print(gateway_line(summary["jetstream"]))
         if args.report:
             print("report: {}".format(args.report))
     elif failed:
@@ -238,6 +263,15 @@ def problems_line(summary):
                                                                         frames / float(sum(batches.values()))))
     return "host: {} frames decoded; {}{}".format(summary.get("frames", 0), "; ".join(parts),
                                                   "; exit code 1" if summary.get("failed") else "")
+
+
+def gateway_line(counts):
+    """What a gateway stored in JetStream (``Forwarder.snapshot``)."""
+    return ("gateway: {} frames stored in JetStream for the workers ({}), {} of them already there (a resend the "
+            "broker dropped as a duplicate), {} publishes retried, {} too large for the broker".format(
+                sum(counts["stored"].values()), ", ".join("{} {}".format(name, n) for name, n in sorted(
+                    counts["stored"].items())) or "no streams", sum(counts["duplicates"].values()),
+                counts["retries"], counts["failed"]))
 
 
 def handle_signals(host):
@@ -287,6 +321,12 @@ def _serve(args, profile, decoder, listen, report, credentials, outputs, service
         view = LiveView(*parse_address(args.view), title="latentlink host ({})".format(profile.name))
         view.open()
         services.append(view)
+    forward = None
+    if args.jetstream:
+        from .jetstream import Forwarder
+
+        forward = Forwarder(args.jetstream, args.jetstream_max_age, args.jetstream_max_bytes)
+        services.append(forward)
     host = Host(decoder, budget_ms=profile.budget_ms, out_dir=outputs.out_dir, display=outputs.display,
                 max_frames=args.max_frames, max_streams=args.max_streams,
                 max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
@@ -297,15 +337,17 @@ def _serve(args, profile, decoder, listen, report, credentials, outputs, service
                 on_record=report.add if report is not None else None, accept_pickle_raw=args.accept_pickle_raw,
                 raw_stream_name=args.raw_stream_name, outputs=outputs.outputs + ([view] if view else []),
                 batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
-                queue_size=args.queue_size, write_workers=args.write_workers, progress_s=args.progress)
+                queue_size=args.queue_size, write_workers=args.write_workers, progress_s=args.progress,
+                forward=forward)
     if view is not None:
         view.snapshot = host.snapshot
         host.add_record_listener(view.add_record)
         warn_if_exposed("--view", view.address, "sees every decoded frame")
     if args.metrics:
-        from .metrics import Metrics
+        from .metrics import GatewayCollector, Metrics
 
-        metrics = Metrics(host.snapshot, *parse_address(args.metrics))
+        metrics = Metrics(host.snapshot, *parse_address(args.metrics),
+                          collectors=[GatewayCollector(forward.snapshot)] if forward else [])
         host.add_record_listener(metrics.add_record)
         metrics.open()
         services.append(metrics)
@@ -332,7 +374,10 @@ def _serve(args, profile, decoder, listen, report, credentials, outputs, service
         host.serve()
     finally:
         restore()
-    return host.summary()
+    summary = host.summary()
+    if forward is not None:
+        summary["jetstream"] = forward.snapshot()
+    return summary
 
 
 def warn_if_exposed(option, bound, what):

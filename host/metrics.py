@@ -24,6 +24,14 @@ starts with ``latentlink_``:
 ``latentlink_latency_milliseconds``                histogram  capture (edge clock) to decoded, ms
 =================================================  =========  =====================================================
 
+A fleet (README: Fleets) adds its own, on the same kind of endpoint: a gateway (``latentlink host --jetstream
+--metrics``) ``latentlink_gateway_frames_stored_total{stream}``, ``_duplicates_total{stream}`` (resends the broker
+dropped), ``latentlink_gateway_publish_retries_total`` and ``_too_large_total`` (:class:`GatewayCollector`); a worker
+(``latentlink worker --metrics``) ``latentlink_worker_frames_total{stream,outcome}`` (written, duplicate: already
+written by a worker, failed, terminated: bad bytes), ``latentlink_worker_redelivered_total``,
+``latentlink_worker_batches_total``, the stage and latency histograms above, and the broker's backlog as it last saw it:
+``latentlink_jetstream_messages``, ``_bytes``, ``_ack_pending``, ``_redelivered`` (:class:`WorkerCollector`).
+
 Counts and gauges are read from ``Host.snapshot()`` at each scrape (:class:`HostCollector`); the histograms are fed
 by a record listener (:meth:`Metrics.add_record`). The per-stream metrics list at most ``max_streams`` streams
 (:data:`MAX_STREAMS`): the connected ones, then the most recently connected. The host keeps the counts of up to
@@ -100,6 +108,63 @@ class HostCollector(object):
         yield batches
 
 
+class GatewayCollector(object):
+    """A gateway's counts (``Forwarder.snapshot``): frames stored in JetStream per stream, and the rest."""
+
+    def __init__(self, snapshot, max_streams=MAX_STREAMS):
+        self.snapshot, self.max_streams = snapshot, max_streams
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        snap = self.snapshot()
+        for key, doc in (("stored", "frames stored in JetStream (acknowledged by the broker)"),
+                         ("duplicates", "frames the broker already had (a resend after a restart), not stored twice")):
+            family = CounterMetricFamily("latentlink_gateway_frames_" + key, doc, labels=["stream"])
+            for stream in sorted(snap[key])[:self.max_streams]:
+                family.add_metric([stream], snap[key][stream])
+            yield family
+        yield CounterMetricFamily("latentlink_gateway_publish_retries", "publishes retried (the broker did not "
+                                  "answer in time)", value=snap["retries"])
+        yield CounterMetricFamily("latentlink_gateway_too_large", "frames larger than the broker's max_payload",
+                                  value=snap["failed"])
+
+
+class WorkerCollector(object):
+    """A decode worker's counts (``Worker.snapshot``): frames per stream and outcome, redeliveries, batches, and the
+    broker's backlog as the worker last read it."""
+
+    def __init__(self, snapshot, max_streams=MAX_STREAMS):
+        self.snapshot, self.max_streams = snapshot, max_streams
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self.snapshot()
+        frames = CounterMetricFamily("latentlink_worker_frames", "frames this worker handled, by stream and outcome "
+                                     "(written; duplicate: written already; failed; terminated: bad bytes)",
+                                     labels=["stream", "outcome"])
+        for stream in sorted(snap["streams"])[:self.max_streams]:
+            for outcome, n in sorted(snap["streams"][stream].items()):
+                frames.add_metric([stream, outcome], n)
+        yield frames
+        yield CounterMetricFamily("latentlink_worker_redelivered", "messages delivered to this worker again (a "
+                                  "worker died or was too slow: ack-wait)", value=snap["redelivered"])
+        yield CounterMetricFamily("latentlink_worker_batches", "batches decoded", value=snap["batches"])
+        for key, doc in (("messages", "frames waiting in the JetStream stream"),
+                         ("bytes", "bytes of frames in the JetStream stream"),
+                         ("ack_pending", "frames delivered to workers and not yet acknowledged"),
+                         ("redelivered", "frames the consumer is redelivering")):
+            if key in snap["backlog"]:
+                yield GaugeMetricFamily("latentlink_jetstream_" + key, doc, value=snap["backlog"][key])
+
+
 def listed_streams(streams, limit):
     """``(name, counts)`` of at most ``limit`` of ``streams`` (``Host.snapshot``'s, least recently connected first),
     by name: the connected ones, then the most recently connected."""
@@ -113,11 +178,14 @@ class Metrics(object):
     port; :attr:`address` is the bound one) from :meth:`open` to :meth:`close`. Add :meth:`add_record` as a record
     listener (``Host.add_record_listener``)."""
 
-    def __init__(self, snapshot, host="127.0.0.1", port=0, max_streams=MAX_STREAMS):
+    def __init__(self, snapshot, host="127.0.0.1", port=0, max_streams=MAX_STREAMS, collectors=()):
         prometheus = _prometheus()
         self.bind = (host, port)
         self.registry = prometheus.CollectorRegistry()
-        self.registry.register(HostCollector(snapshot, max_streams))
+        if snapshot is not None:  # None: a worker, which has no Host
+            self.registry.register(HostCollector(snapshot, max_streams))
+        for collector in collectors:  # a gateway's or a worker's own (GatewayCollector, WorkerCollector)
+            self.registry.register(collector)
         self.stages = prometheus.Histogram("latentlink_stage_milliseconds", "host stages of each decoded frame, ms",
                                            ["stage"], buckets=STAGE_BUCKETS_MS, registry=self.registry)
         self.latency = prometheus.Histogram("latentlink_latency_milliseconds",

@@ -182,7 +182,7 @@ class Session(object):
             for line in f:
                 words = line.split()
                 if (len(words) == 3 and words[0] == self.id and words[1].isdigit() and len(words[1]) <= 16
-                        and words[2] in ("decoded", "failed")):  # 16 digits: below 2**53, like every seq
+                        and words[2] in ("decoded", "failed", "stored")):  # 16 digits: below 2**53, like every seq
                     self._remember(int(words[1]), words[2])
         if self.outcomes:
             log.info("stream %r session %s: %d frames already handled by an earlier host process (from %s)",
@@ -325,6 +325,10 @@ class Host(object):
     edges must match (None: any edge is served, as before).
     ``outputs``: :class:`~latentlink.host.outputs.Output` objects that take each decoded frame after the PNG folder
     of ``out_dir`` (an output's :class:`~latentlink.host.outputs.OutputError` makes that frame count as failed).
+    ``forward``: a gateway's forward step instead of decoding (``latentlink host --jetstream``:
+    :class:`~latentlink.host.jetstream.Forwarder`): the decode stage hands it each batch, frames undecoded (their
+    payload as received in ``job.latents``), and it sets each job's outcome ("stored", "failed" or "dropped"); the
+    write stage then acknowledges them with that outcome, and writes nothing.
 
     Memory does not grow with the frames or the streams served: the summary is aggregated as frames are decoded
     (:class:`~latentlink.edge.profiler.FrameStats`), and each decoded frame's record goes to ``on_record(record)``
@@ -340,12 +344,13 @@ class Host(object):
                  accept_pickle=False, window=8, handshake_timeout_s=5.0, max_connections_per_peer=4,
                  decode_delay_s=0.0, credentials=None, on_record=None, max_stream_stats=MAX_STREAM_STATS,
                  accept_pickle_raw=False, raw_stream_name=None, outputs=(), batch_size=4, batch_wait_ms=5.0,
-                 queue_size=64, write_workers=2, pipeline=True, progress_s=5.0):
+                 queue_size=64, write_workers=2, pipeline=True, progress_s=5.0, forward=None):
         if batch_size < 1 or queue_size < 1 or write_workers < 1 or batch_wait_ms < 0:
             raise ConfigError("bad pipeline settings: batch size {}, queue size {} and write workers {} must be at "
                               "least 1, and the batch wait {} ms at least 0".format(batch_size, queue_size,
                                                                                    write_workers, batch_wait_ms))
         self.decoder = decoder
+        self.forward = forward  # a gateway: frames are forwarded (published), not decoded
         self.budget_ms = budget_ms
         self.out_dir, self.display = out_dir, display
         self.out = OutDir(out_dir) if out_dir else None  # symlinks inside it are refused, never followed
@@ -622,9 +627,26 @@ class Host(object):
                     take.append(job)
             if job.outcome == "dropped":
                 self._drop(job)
-        if take:
+        if take and self.forward is not None:
+            self._forward(take)
+        elif take:
             with self._decode_lock:
                 self._decode(take)
+
+    def _forward(self, jobs):
+        """A gateway's decode stage: the forward step publishes the batch and sets each job's outcome."""
+        started = time.perf_counter()
+        self.forward.forward(jobs, self._stop.is_set, self._abort.is_set)
+        if self.decode_delay_s:  # tests and benchmarks: a slower stage, so that frames are in flight for a fault
+            time.sleep(self.decode_delay_s * len(jobs))
+        per_frame = (time.perf_counter() - started) * 1000.0 / len(jobs)
+        with self._lock:
+            self._batches[len(jobs)] += 1
+        for job in jobs:
+            job.batch = len(jobs)
+            job.timer.add("decode", per_frame)  # the forward step's time, in the decode column
+            if job.outcome == "dropped":
+                self._drop(job)
 
     def _decode(self, jobs):
         """Run the decoder on ``jobs`` (one call for the batch; under the decode lock); each job gets its own
@@ -1222,8 +1244,10 @@ class Host(object):
         in flight (a resend after a reconnect), else handed to the pipeline (acknowledged after its write)."""
         session = me.session
         with timer.stage("deserialize"):
-            # decompressed first if entropy-coded (bounded: edge/entropy.py, edge/context_model.py)
-            latents = decode_latents(meta, payload, self._context_model(meta))
+            # decompressed first if entropy-coded (bounded: edge/entropy.py, edge/context_model.py); a gateway
+            # forwards the payload as received (its workers decode it, with the same bounded functions)
+            latents = payload if self.forward is not None else decode_latents(meta, payload,
+                                                                               self._context_model(meta))
         new = None
         with session.lock:
             if me.evicted:
@@ -1258,7 +1282,8 @@ class Host(object):
     def _receive_frame(self, me, meta, payload, timer):
         """A protocol-1 frame or a raw pickle: to the pipeline, without acknowledgement."""
         with timer.stage("deserialize"):
-            latents = decode_latents(meta, payload, self._context_model(meta))
+            latents = payload if self.forward is not None else decode_latents(meta, payload,
+                                                                               self._context_model(meta))
         if not self._submit(_Job(me, meta, latents, timer)):
             raise ConnectionClosed("the host is stopping")
 

@@ -14,6 +14,8 @@ COMMANDS = [
     ("demo", "latentlink.demo", "edge and host on loopback, streaming photos through the default model"),
     ("edge", "latentlink.edge.__main__", "capture frames, encode them and send the latents to a host"),
     ("host", "latentlink.host.__main__", "receive latents from edges, decode them, save or show the images"),
+    ("worker", "latentlink.host.worker", "a fleet's decode worker: frames from NATS JetStream to images"),
+    ("fleet", "latentlink.host.fleet", "a fleet's state: frames waiting in the broker, workers' backlog"),
     ("train", "latentlink.export.train", "train a model on a folder of photos"),
     ("export", "latentlink.export.__main__", "ONNX export, TensorRT 8.0-10 check, engine build, backend comparison"),
     ("eval", "latentlink.export.evaluate", "a model against JPEG, WebP and JPEG 2000: PSNR, MS-SSIM, bpp, RD plot"),
