@@ -13,6 +13,9 @@ What each row measures (frames/s or messages/s, wall clock):
 - ``gateway ingest``: ``--senders`` Python-API senders (``latentlink.Sender.send_latents``: ready latents, no encoder
   run, reliable delivery) in this process -> ``latentlink host --jetstream`` (batch 16) -> stored; from the first
   frame to the last acknowledgement (outcome ``stored``).
+- ``triton decode service``: the decoder served by ``latentlink decode-service`` (Triton, dynamic batching, CPU
+  here), loaded by ``--triton-clients`` threads for ``--triton-seconds`` (benchmarks/triton_decode.py): requests/s,
+  the round trip (ms) and the mean dynamic batch (frames per decoder run).
 - ``workers, N``: ``--worker-frames`` frames stored first, then N ``latentlink worker`` processes (ONNX Runtime on
   the CPU, batch 8, PNGs to a temporary folder) drain them; from the first frame acknowledged to the last (the
   workers' start-up, model load, is not counted).
@@ -23,6 +26,7 @@ store (``nats-server -js``, Debian's 2.9.10 here).
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import shutil
 import socket
@@ -200,11 +204,28 @@ def drain(work, url, profile, workers, total):
     return written, (first_left / (now - first)) if now > first else float("nan")
 
 
-# A decode service (Triton) for comparison: the coordinator hooks it in here.
+# A decode service (Triton) beside the workers: what one batched service answers on the same machine.
 def triton_rows(args):
-    """TRITON HOOK: rows ``(what, rate, unit, note)`` from the Triton decode service's benchmark function, once it is
-    merged (another branch); none until then."""
-    return []
+    """Rows ``(what, rate, unit, note)`` of the Triton decode service (benchmarks/triton_decode.py's ``measure``: a
+    service process, ``--triton-clients`` client threads for ``--triton-seconds``): requests/s, the round trip and
+    the dynamic batch's mean size. None where PyTriton is not installed (the [triton] extra) or with
+    ``--triton-seconds 0``."""
+    if not args.triton_seconds:
+        return []
+    if importlib.util.find_spec("pytriton") is None:
+        print("no Triton rows: PyTriton is not installed (pip install \".[triton]\")", file=sys.stderr)
+        return []
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from triton_decode import measure
+
+    got = measure(seconds=args.triton_seconds, clients=args.triton_clients, profile=args.profile,
+                  decoder_path=os.path.join("profiles", "default", args.profile, "decoder.onnx"))
+    note = "{} clients, CPU, {} errors".format(got["clients"], got["errors"])
+    return [("triton decode service: requests", got["requests_per_s"], "req/s", note),
+            ("triton decode service: round trip p50", got["round_trip_ms_p50"], "ms",
+             "p95 {} ms; in-process decode {} ms".format(got["round_trip_ms_p95"], got["local_decode_ms_p50"])),
+            ("triton decode service: mean dynamic batch", got["mean_batch"] or 0.0, "frames",
+             "Triton's counters; service start {} s".format(got["start_s"]))]
 
 
 def main():
@@ -215,6 +236,9 @@ def main():
     parser.add_argument("--worker-frames", type=int, default=48, help="frames the workers drain, per row")
     parser.add_argument("--messages", type=int, default=2000, help="messages for the broker rows")
     parser.add_argument("--message-bytes", type=int, default=15900, help="bytes per message for the broker rows")
+    parser.add_argument("--triton-seconds", type=float, default=10.0,
+                        help="seconds of the Triton decode service's rows (0: none; needs the [triton] extra)")
+    parser.add_argument("--triton-clients", type=int, default=8, help="client threads for the Triton rows")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="latentlink-fleet-")
     broker = Broker(work)
