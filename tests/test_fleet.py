@@ -107,6 +107,28 @@ def broker_state(url, keys=()):
     return asyncio.run(read_status(url)), asyncio.run(marks())
 
 
+def claims_of(url, pid):
+    """How many frames the worker process ``pid`` holds now: marks ``claimed <host>-<pid>-<random>`` (not yet
+    ``written``) in the marks bucket (host/worker.py names itself so)."""
+    import nats
+    from nats.js.errors import BucketNotFoundError, NoKeysError
+
+    async def count():
+        nc = await nats.connect(url)
+        try:
+            try:
+                kv = await nc.jetstream().key_value(fleet.MARKS)
+                keys = await kv.keys()
+            except (BucketNotFoundError, NoKeysError):
+                return 0
+            values = [(await kv.get(key)).value.decode() for key in keys]
+            return sum(value.startswith("claimed ") and "-{}-".format(pid) in value for value in values)
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
 def drained(url):
     """True once the broker holds no frame, and none is delivered and unacknowledged."""
     status, _ = broker_state(url)
@@ -146,9 +168,12 @@ def test_worker_killed_mid_run(procs, tmp_path, tiny_profile, nats_server):  # n
     doomed = start_worker(procs, tmp_path, tiny_profile, url, "worker-a", "--decode-delay", "0.1")
     survivor = start_worker(procs, tmp_path, tiny_profile, url, "worker-b", "--decode-delay", "0.02")
     edges = start_edges(procs, tmp_path, tiny_profile, port, 4)
-    # Killed once it wrote a few frames of its own (its report has records): it is mid-batch, holding frames.
+    # Killed once it wrote a few frames of its own (its report has records) and while it holds frames it claimed
+    # and has not written (the bucket says so: a batch takes it 0.4 s to decode), so that they must be redelivered.
     wait_for(lambda: _records(tmp_path / "worker-a.json") >= 3 or doomed.poll() is not None, 120,
              "worker a to write frames")
+    wait_for(lambda: claims_of(url, doomed.pid) > 0 or doomed.poll() is not None, 120,
+             "worker a to hold claimed frames")
     doomed.kill()
     doomed.wait()
     assert png_count(tmp_path) < 4 * FRAMES, "the fault came too late: every frame was written already"
