@@ -42,6 +42,7 @@ import numpy as np
 
 from .entropy import CODERS, compress, decompress
 from .errors import ConfigError, ConnectionClosed, ProtocolError
+from .lossless import decode as decode_lossless
 from .safe_pickle import loads_ndarray
 
 MAGIC = b"LLNK"
@@ -51,7 +52,10 @@ VERSIONS = (VERSION, VERSION_2)
 FIXED_HEADER = struct.Struct(">4sBBH")  # magic, version (uint8), flags or kind (uint8), metadata bytes (uint16)
 FLAG_END_OF_STREAM = 0x01
 _KNOWN_FLAGS = FLAG_END_OF_STREAM
-PACKINGS = ("bits", "uint8", "float16", "float32", "pickle")
+PACKINGS = ("bits", "uint8", "float16", "float32", "pickle", "lossless")
+# lossless: not latents but the captured frame itself, (H, W, 3) uint8 BGR, predictively coded (edge/lossless.py);
+# the decoded image is at most this many times the frame's payload limit (a bound on the host's memory per frame)
+LOSSLESS_EXPANSION = 8
 # framed: the model's packing; pickle: the seed pipeline's pickled arrays in latentlink frames; pickle-raw: no
 # latentlink framing at all, what the seed pipeline's plain sockets carry (see raw_pickle_message)
 SERIALIZERS = ("framed", "pickle", "pickle-raw")
@@ -115,7 +119,7 @@ def payload_size(packing, shape):
     for dim in shape:
         n *= int(dim)
     sizes = {"bits": (n + 7) // 8, "uint8": n, "float16": 2 * n, "float32": 4 * n, "none": 0}
-    if packing == "pickle":
+    if packing in ("pickle", "lossless"):
         return None
     if packing not in sizes:
         raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
@@ -179,6 +183,8 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
                     "payloads can" % (packing, entropy))
     if entropy == "context" and packing != "bits":
         raise error("entropy 'context' codes binary latents: packing %r is not 'bits'" % (packing,))
+    if packing == "lossless":
+        _check_lossless(shape, dtype, entropy, max_payload_bytes, error)
     payload_len = obj["payload_len"]
     if not _is_int(payload_len) or payload_len < 0:
         raise error("bad payload_len %r (expected an integer >= 0)" % (payload_len,))
@@ -197,6 +203,20 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
                                                                   max_payload_bytes))
     return FrameMeta(obj["stream"], int(seq), t_capture, dtype, tuple(int(d) for d in shape), packing,
                      int(payload_len), flags, 0, entropy)
+
+
+def _check_lossless(shape, dtype, entropy, max_payload_bytes, error):
+    """A lossless frame is a (H, W, 3) uint8 image, coded by edge/lossless.py alone, no bigger than
+    LOSSLESS_EXPANSION times the payload limit once decoded."""
+    if len(shape) != 3 or shape[2] != 3 or dtype != "uint8":
+        raise error("a lossless frame is a (H, W, 3) uint8 image, not %s %r" % (dtype, shape))
+    if entropy != "none":
+        raise error("a lossless frame is coded by its predictor, not by entropy %r" % (entropy,))
+    pixels = shape[0] * shape[1] * shape[2]
+    if max_payload_bytes is not None and pixels > LOSSLESS_EXPANSION * max_payload_bytes:
+        raise error("a lossless frame of %dx%d pixels (%d bytes) is more than %d times the payload limit of %d bytes "
+                    "(raise --max-frame-bytes if this is legitimate)" % (shape[1], shape[0], pixels,
+                                                                        LOSSLESS_EXPANSION, max_payload_bytes))
 
 
 def _sender_numbers(seq, t_capture):
@@ -235,6 +255,8 @@ def pack_latents(array, packing):
     if packing == "pickle":
         # What the old pipeline sent (numpy's unpickling turns any byte order into the receiver's native one).
         return pickle.dumps(a, protocol=3)
+    if packing == "lossless":
+        raise ConfigError("packing 'lossless' codes images with a predictor: use edge.lossless.LosslessCodec.encode")
     raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
 
 
@@ -276,6 +298,9 @@ def check_coding(packing, entropy):
     if entropy == "context" and packing != "bits":
         raise ConfigError("entropy 'context' codes binary latents (packing 'bits'), not %r latents: use another "
                           "--entropy (zlib, zstd)" % (packing,))
+    if packing == "lossless" and entropy != "none":
+        raise ConfigError("--lossless frames are coded by their predictor, not by --entropy %s: leave --entropy out"
+                          % (entropy,))
     if packing == "pickle" and entropy != "none":
         raise ConfigError("--serializer pickle cannot be entropy-coded (entropy %r): it is for the seed "
                           "pipeline's receivers, which know no entropy coding; use --serializer framed or "
@@ -539,6 +564,8 @@ def unpack_latents(payload, meta):
     """Decode a payload according to ``meta``; returns a writable array of meta.dtype and meta.shape."""
     if meta.packing not in PACKINGS or meta.dtype not in DTYPES:
         raise ProtocolError("cannot unpack latents with packing %r and dtype %r" % (meta.packing, meta.dtype))
+    if meta.packing == "lossless":
+        return decode_lossless(payload, meta.shape)
     dtype = np.dtype(meta.dtype)
     expected = payload_size(meta.packing, meta.shape)
     if expected is not None and len(payload) != expected:
@@ -562,6 +589,8 @@ def decode_latents(meta, payload, context_model=None):
     """
     if meta.flags & FLAG_END_OF_STREAM:
         raise ProtocolError("an end-of-stream frame carries no latents")
+    if meta.packing == "lossless":  # the captured image itself, rebuilt bit for bit (checked by its CRC-32)
+        return decode_lossless(payload, meta.shape)
     if meta.entropy == "context":
         if meta.packing != "bits":
             raise ProtocolError("entropy 'context' with packing %r (only 'bits')" % (meta.packing,))
