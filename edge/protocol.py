@@ -13,7 +13,9 @@ tables (:mod:`latentlink.edge.context_model`); the payload is then that coder's 
 Without the key (or with ``"none"``, which senders leave out) ``payload_len`` is exactly the packed size implied by
 packing and shape; with it, ``payload_len`` is the compressed size and the packed size is what decompression must
 give exactly. ``max_payload_bytes`` bounds both. The ``pickle`` packing is never entropy-coded: it exists for the
-seed pipeline's receivers, which know no entropy coding, and its size is not implied by the shape. Flag
+seed pipeline's receivers, which know no entropy coding, and its size is not implied by the shape. Packing
+``lossless`` carries no latents but the captured frame itself (dtype uint8, shape [H, W, 3], BGR), coded by
+:mod:`latentlink.edge.lossless` (``--lossless``; never entropy-coded, its size not implied by the shape). Flag
 ``END_OF_STREAM`` (packing ``none``, no payload) ends a stream.
 
 **Protocol 2** (``version`` 2; the byte is the message ``kind``): see the "protocol 2" section below and the README.
@@ -52,9 +54,11 @@ VERSIONS = (VERSION, VERSION_2)
 FIXED_HEADER = struct.Struct(">4sBBH")  # magic, version (uint8), flags or kind (uint8), metadata bytes (uint16)
 FLAG_END_OF_STREAM = 0x01
 _KNOWN_FLAGS = FLAG_END_OF_STREAM
-PACKINGS = ("bits", "uint8", "float16", "float32", "pickle", "lossless")
-# lossless: not latents but the captured frame itself, (H, W, 3) uint8 BGR, predictively coded (edge/lossless.py);
-# the decoded image is at most this many times the frame's payload limit (a bound on the host's memory per frame)
+PACKINGS = ("bits", "uint8", "float16", "float32", "pickle")
+# What a frame may carry: latents packed as PACKINGS says, or (lossless) no latents but the captured frame itself,
+# (H, W, 3) uint8 BGR, predictively coded (edge/lossless.py); the decoded image is at most LOSSLESS_EXPANSION times
+# the frame's payload limit (a bound on the host's memory per frame).
+FRAME_PACKINGS = PACKINGS + ("lossless",)
 LOSSLESS_EXPANSION = 8
 # framed: the model's packing; pickle: the seed pipeline's pickled arrays in latentlink frames; pickle-raw: no
 # latentlink framing at all, what the seed pipeline's plain sockets carry (see raw_pickle_message)
@@ -173,8 +177,8 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
     if end_of_stream:
         if packing != "none":
             raise error("end-of-stream frame has packing %r (expected 'none')" % (packing,))
-    elif packing not in PACKINGS:
-        raise error("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
+    elif packing not in FRAME_PACKINGS:
+        raise error("unknown packing %r (available: %s)" % (packing, ", ".join(FRAME_PACKINGS)))
     entropy = obj.get("entropy", "none")  # optional: frames from edges older than the key have none
     if entropy not in CODERS:
         raise error("unknown entropy coder %r (available: %s)" % (entropy, ", ".join(CODERS)))
@@ -283,9 +287,9 @@ def code_latents(array, packing, entropy="none", context_model=None):
     return compress(pack_latents(array, packing), entropy)
 
 
-def _check_sender_args(a, packing, entropy):
-    if packing not in PACKINGS:
-        raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
+def _check_sender_args(a, packing, entropy, packings=PACKINGS):
+    if packing not in packings:
+        raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(packings)))
     if a.dtype.name not in DTYPES:
         raise ConfigError("array dtype %r is not supported (supported: %s)" % (a.dtype.name, ", ".join(DTYPES)))
     check_coding(packing, entropy)
@@ -314,7 +318,7 @@ def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none
     ``version``: 1 for a protocol-1 frame, 2 for protocol 2's FRAME message (the same metadata and payload).
     """
     a = np.asarray(array)
-    _check_sender_args(a, packing, entropy)
+    _check_sender_args(a, packing, entropy, FRAME_PACKINGS)  # lossless too: its payload comes ready
     seq, t_capture = _sender_numbers(seq, t_capture)
     meta = {"stream": stream, "seq": seq, "t_capture": t_capture, "dtype": a.dtype.name,
             "shape": [int(d) for d in a.shape], "packing": packing, "payload_len": len(payload)}
@@ -496,7 +500,7 @@ def _validate_fields(kind, obj, error):
             raise error("HELLO tiles %r is not [rows, columns] of 1 to 64" % (tiles,))
         return {"versions": [int(v) for v in versions], "stream": stream, "session": session, "model_id": model_id,
                 "shape": [int(d) for d in shape], "dtype": _text(obj, "dtype", error, DTYPES),
-                "packing": _text(obj, "packing", error, PACKINGS),
+                "packing": _text(obj, "packing", error, FRAME_PACKINGS),
                 "entropy": _text(obj, "entropy", error, CODERS) if "entropy" in obj else "none",
                 "tiles": [int(t) for t in tiles], "delivery": _text(obj, "delivery", error, DELIVERIES),
                 "window": _integer(obj, "window", error, 1, MAX_WINDOW), "unacked": _seq_list(obj, "unacked", error),
@@ -562,7 +566,7 @@ def parse_fields(kind, meta_bytes):
 
 def unpack_latents(payload, meta):
     """Decode a payload according to ``meta``; returns a writable array of meta.dtype and meta.shape."""
-    if meta.packing not in PACKINGS or meta.dtype not in DTYPES:
+    if meta.packing not in FRAME_PACKINGS or meta.dtype not in DTYPES:
         raise ProtocolError("cannot unpack latents with packing %r and dtype %r" % (meta.packing, meta.dtype))
     if meta.packing == "lossless":
         return decode_lossless(payload, meta.shape)
