@@ -1,7 +1,7 @@
 """Lossless mode (``--lossless``): bits per pixel on photos against PNG, JPEG-LS and JPEG XL, and coding speed.
 
     python benchmarks/lossless.py --photos /work/photos/holdout          # here (x86): the README's tables
-    python3 benchmarks/lossless.py --photos data/holdout --nano-factor 1 --no-decode   # on the Nano: its own times
+    python3 benchmarks/lossless.py --photos data/holdout --speed-only --no-decode --nano-factor 1   # on the Nano
 
 For each photo (at its own size, as ``--source folder`` sends it): the payload of ``--lossless med`` and
 ``--lossless mlp`` (checked to decode bit for bit unless ``--no-decode``), PNG from OpenCV at maximum compression
@@ -111,6 +111,7 @@ def main(argv=None):
     parser.add_argument("--nano-factor", type=float, default=6.0,
                         help="estimated Cortex-A57 / this CPU time ratio (default: %(default)s; 1 on the Nano)")
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding checks and times")
+    parser.add_argument("--speed-only", action="store_true", help="skip the bpp table (the slow part)")
     args = parser.parse_args(argv)
     paths = sorted(p for p in glob.glob(os.path.join(args.photos, "*"))
                    if os.path.splitext(p)[1].lower() in (".png", ".jpg", ".jpeg"))
@@ -118,7 +119,8 @@ def main(argv=None):
         raise SystemExit("no .png or .jpg photos in {}".format(args.photos))
     print("python {}.{}, numpy {}; bits per pixel (24 = raw BGR), lower is better\n".format(
         sys.version_info[0], sys.version_info[1], np.__version__))
-    bpp_table(paths, not args.no_decode)
+    if not args.speed_only:
+        bpp_table(paths, not args.no_decode)
     speed_table(paths, args.repeat, args.nano_factor, not args.no_decode)
     print("\nNano column: this machine's time x {:g}, an ESTIMATE (not measured on a Nano); the budget is {:g} ms "
           "a frame".format(args.nano_factor, BUDGET_MS))

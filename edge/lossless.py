@@ -101,7 +101,8 @@ class MLP(object):
             if (np.abs(w1).max() > WEIGHT_LIMIT or np.abs(w2).max() > WEIGHT_LIMIT or np.abs(b1).max() > BIAS_LIMIT
                     or abs(b2) > BIAS_LIMIT):
                 raise ConfigError("lossless MLP channel %d: a weight beyond the exact-arithmetic bounds" % c)
-            self.layers.append({"w1": w1.astype(np.float32), "b1": b1.astype(np.float32),
+            self.layers.append({"w1": np.ascontiguousarray(w1.T, dtype=np.float32),
+                                "b1": b1.astype(np.float32)[:, None],
                                 "w2": w2.astype(np.float32), "b2": np.float32(b2),
                                 "s1": np.float32(2.0 ** -s1), "s2": np.float32(2.0 ** -s2),
                                 "raw": {"w1": w1.tolist(), "b1": b1.tolist(), "w2": w2.tolist(), "b2": b2,
@@ -131,15 +132,15 @@ class MLP(object):
         return model
 
     def delta(self, feats, c):
-        """The integer correction to MED of channel ``c`` for ``feats`` (n, FEATURES) float32 integers."""
+        """The integer correction to MED of channel ``c`` for ``feats`` (FEATURES, n) float32 integers."""
         layer = self.layers[c]
-        h = np.dot(feats, layer["w1"])
+        h = np.dot(layer["w1"], feats)  # (hidden, n)
         h += layer["b1"]
         np.maximum(h, 0, out=h)
         h *= layer["s1"]  # a power of two: exact
         np.floor(h, out=h)
         np.minimum(h, HIDDEN_CLIP, out=h)
-        out = np.dot(h, layer["w2"])
+        out = np.dot(layer["w2"], h)
         out += layer["b2"]
         out *= layer["s2"]
         np.clip(out, -1024, 1024, out=out)  # int16 below, whatever the input
@@ -147,12 +148,17 @@ class MLP(object):
 
 
 def _features(w, n, nw, ne, ww, nn, m, p1, p2):
-    """The MLP's inputs (n, FEATURES) float32: the neighbours minus MED, and for the previous two channels ``p1``,
-    ``p2`` (tuples x, W, N, x - MED; zeros before the first channel) their offsets."""
-    cols = [w - m, n - m, nw - m, ne - m, ww - m, nn - m]
-    for x, xw, xn, d in (p1, p2):
-        cols += [d, x - xw, x - xn]
-    return np.stack(cols, axis=-1).astype(np.float32)
+    """The MLP's inputs (FEATURES, ...) float32, one row per input, from int16 arrays of any one shape: the
+    neighbours minus MED, and for the previous two channels ``p1``, ``p2`` (tuples x, W, N, x - MED; zeros before the
+    first channel) their offsets."""
+    out = np.empty((FEATURES,) + m.shape, dtype=np.float32)
+    for i, a in enumerate((w, n, nw, ne, ww, nn)):
+        np.subtract(a, m, out=out[i], casting="unsafe")
+    for j, (x, xw, xn, d) in enumerate((p1, p2)):
+        out[6 + 3 * j] = d
+        np.subtract(x, xw, out=out[7 + 3 * j], casting="unsafe")
+        np.subtract(x, xn, out=out[8 + 3 * j], casting="unsafe")
+    return out
 
 
 def activity_class(ne, n, nw, w, dprev):
@@ -174,7 +180,7 @@ def unfold(v):
 
 def frame_features(image, with_features=True):
     """For every sample of ``image`` (H, W, 3) uint8: ``(MED prediction, class, MLP inputs)``, int16 (3, H, W),
-    uint8 (3, H, W) and float32 (3, H, W, FEATURES) (None without ``with_features``). The encoder's (and the
+    uint8 (3, H, W) and float32 (FEATURES, 3, H, W) (None without ``with_features``). The encoder's (and the
     training's) whole-frame version of what the decoder computes step by step."""
     h, w = image.shape[:2]
     planes = np.zeros((CHANNELS + 2, h + _PAD_TOP, w + _PAD_LEFT + _PAD_RIGHT), dtype=np.int16)
@@ -239,7 +245,7 @@ class LosslessCodec(object):
             return m, cls
         pred = np.empty_like(m)
         for c in range(CHANNELS):
-            pred[c] = m[c] + self.mlp.delta(feats[c].reshape(-1, FEATURES), c).reshape(h, w)
+            pred[c] = m[c] + self.mlp.delta(feats[:, c].reshape(FEATURES, h * w), c).reshape(h, w)
         np.clip(pred, 0, 255, out=pred)
         return pred, cls
 
@@ -318,7 +324,7 @@ class LosslessCodec(object):
                 for c in range(CHANNELS):
                     sel = chan == c
                     if sel.any():
-                        pred[sel] += self.mlp.delta(feats[sel], c)
+                        pred[sel] += self.mlp.delta(feats[:, sel], c)
                 np.clip(pred, 0, 255, out=pred)
             at = _ranks(cls, used)
             at += starts[cls]
@@ -424,20 +430,21 @@ def _varint(values):
 def _rice(values, counts, k):
     """``values`` (uint8, sorted by class; ``counts`` per class) as Rice codes with each class's ``k``: the unary
     parts, then the remainders, padded to a whole byte."""
-    kv = np.repeat(k, counts)
-    q = values.astype(np.int64) >> kv
-    ends = np.cumsum(q + 1)
+    kv = np.repeat(k.astype(np.uint8), counts)
+    q = values >> kv  # uint8
+    ends = np.cumsum(q, dtype=np.int64)
+    ends += np.arange(1, len(q) + 1)
     unary_len = int(ends[-1]) if len(ends) else 0
     rem_len = int(kv.sum())
     bits = np.zeros((unary_len + rem_len + 7) // 8 * 8, dtype=np.uint8)
     bits[:unary_len] = 1
     bits[ends - 1] = 0
     at, first = unary_len, np.cumsum(counts) - counts
-    for c in range(NUM_CLASSES):  # the remainders: one (samples, k) bit matrix per class
+    planes = np.unpackbits(values[:, None], axis=1)  # (samples, 8): each value's bits, most significant first
+    for c in range(NUM_CLASSES):  # the remainders: each class's values' last k bits
         kk, n = int(k[c]), int(counts[c])
         if kk and n:
-            shifts = np.arange(kk - 1, -1, -1)
-            bits[at:at + n * kk] = ((values[first[c]:first[c] + n, None] >> shifts) & 1).ravel()
+            bits[at:at + n * kk] = planes[first[c]:first[c] + n, 8 - kk:].ravel()
             at += n * kk
     return np.packbits(bits).tobytes()
 

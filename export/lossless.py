@@ -62,7 +62,7 @@ def samples(crops, per_channel, rng):
         m, _, f = frame_features(crop)
         x = crop.transpose(2, 0, 1).astype(np.int16)
         for c in range(CHANNELS):
-            feats[c].append(f[c].reshape(-1, FEATURES))
+            feats[c].append(f[:, c].reshape(FEATURES, -1).T)
             targets[c].append((x[c] - m[c]).ravel())
     out = []
     for c in range(CHANNELS):
