@@ -7,8 +7,8 @@ For each photo (at its own size, as ``--source folder`` sends it): the payload o
 ``--lossless mlp`` (checked to decode bit for bit unless ``--no-decode``), PNG from OpenCV at maximum compression
 (level 9), and JPEG-LS (CharLS) and JPEG XL lossless (libjxl, effort 7) through the ``imagecodecs`` package when it
 is installed (``pip install imagecodecs``; columns left blank otherwise). bpp = bits per pixel of the BGR image
-(24 for raw). Then the time to code and decode centre crops of a large photo at common camera sizes, median of
-``--repeat`` runs, and the Nano column: this machine's encode time times ``--nano-factor`` (default 6, the README's
+(24 for raw). Then the time to code and decode centre crops of a large photo at common camera sizes, the best of
+``--repeat`` runs (decoding: one run), and the Nano column: this machine's encode time times ``--nano-factor`` (default 6, the README's
 assumed Cortex-A57 / x86 ratio, "Entropy coding of the latents"): an ESTIMATE, not a measurement.
 
 Python 3.6 compatible (numpy and OpenCV only, imagecodecs optional), so it runs on the Nano too.
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from latentlink.edge.lossless import LosslessCodec, decode  # noqa: E402
 
-SIZES = ((504, 504), (640, 480), (1280, 720), (1920, 1080))
+SIZES = ((320, 240), (504, 504), (640, 480), (1280, 720), (1920, 1080))
 BUDGET_MS = 33.0
 
 
@@ -39,13 +39,15 @@ def _imagecodecs():
     return imagecodecs
 
 
-def median_ms(fn, repeat):
+def best_ms(fn, repeat):
+    """The fastest of ``repeat`` runs, in ms: what the code costs, less what other processes took (a shared
+    machine's load only ever adds)."""
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
         fn()
         times.append((time.perf_counter() - started) * 1000.0)
-    return float(np.median(times))
+    return min(times)
 
 
 def bpp_table(paths, check):
@@ -95,9 +97,9 @@ def speed_table(paths, repeat, nano_factor, check):
         for name in ("med", "mlp"):
             coder = LosslessCodec(name)
             payload = coder.encode(crop)  # also warms the caches (the coding order is computed once per size)
-            row[name] = (median_ms(lambda: coder.encode(crop), repeat),
-                         median_ms(lambda: decode(payload, crop.shape), 1) if check else float("nan"))
-        png = median_ms(lambda: cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 9]), repeat)
+            row[name] = (best_ms(lambda: coder.encode(crop), repeat),
+                         best_ms(lambda: decode(payload, crop.shape), 1) if check else float("nan"))
+        png = best_ms(lambda: cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 9]), repeat)
         print("| {}x{} | {:.0f} / {:.0f} | {:.0f} / {:.0f} | {:.0f} | {:.0f} / {:.0f} |".format(
             w, h, row["med"][0], row["med"][1], row["mlp"][0], row["mlp"][1], png,
             row["med"][0] * nano_factor, row["mlp"][0] * nano_factor))

@@ -205,13 +205,14 @@ def _run_edge(address, source, *extra):
                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("predictor", PREDICTORS)
-def test_edge_to_host_reproduces_real_photos_pixel_for_pixel(tmp_path, photos_dir, predictor):
+@pytest.mark.parametrize("predictor, protocol", [("med", "2"), ("mlp", "2"), ("med", "1")])
+def test_edge_to_host_reproduces_real_photos_pixel_for_pixel(tmp_path, photos_dir, predictor, protocol):
     """Real photos of different sizes through --source folder; the host (with its default model, which these
-    frames do not use) writes PNGs that are the photos exactly."""
+    frames do not use) writes PNGs that are the photos exactly. Protocol 1 (no HELLO) too."""
     sources = sorted(glob.glob(os.path.join(photos_dir, "*.png")))
     host, address = start_host(tmp_path, "nano-504")
-    edge = _run_edge(address, photos_dir, "--lossless", predictor, "--report", str(tmp_path / "edge.json"))
+    edge = _run_edge(address, photos_dir, "--lossless", predictor, "--protocol", protocol,
+                     "--report", str(tmp_path / "edge.json"))
     host_out, _ = host.communicate(timeout=120)
     assert edge.returncode == 0, edge.stderr + host_out
     assert "encode" in edge.stdout and "preprocess" not in edge.stdout
@@ -226,3 +227,21 @@ def test_edge_refuses_lossless_with_a_coder_or_an_encoder(tmp_path, photos_dir):
     for extra in (["--entropy", "zlib"], ["--serializer", "pickle"], ["--encoder", "x.onnx"]):
         edge = _run_edge("127.0.0.1:9", photos_dir, "--lossless", "med", *extra)
         assert edge.returncode == 2 and "--lossless" in edge.stderr, edge.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("LATENTLINK_PY36"), reason="set LATENTLINK_PY36 to a Python 3.6 interpreter")
+def test_python36_edge_codes_lossless_for_this_host(tmp_path, photos_dir):
+    """The edge on Python 3.6 + numpy 1.19 (the Nano's), the host on this Python and numpy: the learned predictor
+    must agree bit for bit across them (its float32 sums are exact integers), or the CRC refuses the frame."""
+    host, address = start_host(tmp_path, "nano-504")
+    edge = subprocess.run([os.environ["LATENTLINK_PY36"], "-m", "latentlink.edge", "--source", photos_dir,
+                           "--connect", address, "--name", "inspect", "--drop", "block", "--lossless", "mlp"],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=300)
+    host_out, _ = host.communicate(timeout=120)
+    assert edge.returncode == 0, edge.stderr + host_out
+    sources = sorted(glob.glob(os.path.join(photos_dir, "*.png")))
+    written = sorted(glob.glob(str(tmp_path / "frames" / "inspect" / "*.png")))
+    assert len(written) == len(sources)
+    for source, out in zip(sources, written):
+        assert (cv2.imread(source) == cv2.imread(out)).all(), (source, out)
