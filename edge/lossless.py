@@ -306,10 +306,9 @@ class LosslessCodec(object):
         used = counts * 0
         ends = starts + counts
         base = (np.arange(CHANNELS, dtype=np.uint8) * BINS)
-        for t in range(w + 2 * h + CHANNELS - 2):
-            idx, chan = _step(t, h, w, wp, plane)
-            if not len(idx):
-                continue
+        samples, channels, bounds = _decoding_order(h, w)
+        for t in range(len(bounds) - 1):
+            idx, chan = samples[bounds[t]:bounds[t + 1]], channels[bounds[t]:bounds[t + 1]]
             xw, xn, xnw, xne = xs[idx - 1], xs[idx - wp], xs[idx - wp - 1], xs[idx - wp + 1]
             m = med(xw, xn, xnw)
             cls = activity_class(xne, xn, xnw, xw, dmed[idx - plane]) + base[chan]
@@ -366,21 +365,20 @@ def decode(payload, shape):
     return receiver.decode(payload, shape)
 
 
-def _step(t, h, w, wp, plane):
-    """The flat indices (into the decoder's padded planes) and channels of the samples of wavefront ``t``: channel
-    by channel, row by row."""
-    idx, chan = [], []
-    for c in range(CHANNELS):
-        s = t - c  # x + 2 y = s
-        y_lo, y_hi = max(0, (s - w + 2) // 2), min(h - 1, s // 2)
-        if y_hi < y_lo:
-            continue
-        ys = np.arange(y_lo, y_hi + 1)
-        idx.append((c + 2) * plane + (ys + _PAD_TOP) * wp + (s - 2 * ys + _PAD_LEFT))
-        chan.append(np.full(len(ys), c, dtype=np.uint8))
-    if not idx:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint8)
-    return np.concatenate(idx), np.concatenate(chan)
+def _decoding_order(h, w):
+    """The decoder's plan for an (H, W, 3) frame: the flat indices into its padded planes of every sample in coding
+    order, their channels, and where each wavefront starts and ends in them (``bounds[t]:bounds[t + 1]``). Cached
+    per shape, as :func:`wavefront_order`, which it is made from."""
+    key = ("decoder", h, w)
+    if key not in _order_cache:
+        order = wavefront_order(h, w)
+        wp = w + _PAD_LEFT + _PAD_RIGHT
+        c, rest = np.divmod(order, h * w)
+        y, x = np.divmod(rest, w)
+        samples = (c + 2) * ((h + _PAD_TOP) * wp) + (y + _PAD_TOP) * wp + (x + _PAD_LEFT)
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(x + 2 * y + c))])
+        _order_cache[key] = (samples, c.astype(np.uint8), bounds)
+    return _order_cache[key]
 
 
 _order_cache = {}
