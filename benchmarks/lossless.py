@@ -83,12 +83,12 @@ def bpp_table(paths, check):
         ("med", "mlp", "png", "jpegls", "jpegxl"))))
 
 
-def speed_table(paths, repeat, nano_factor, check):
+def speed_table(paths, sizes, repeat, nano_factor, check):
     big = max((cv2.imread(p) for p in paths), key=lambda a: a.shape[0] * a.shape[1])
     print("\n| size | MED encode / decode ms | MLP encode / decode ms | PNG level 9 encode ms | "
           "Nano est. encode MED / MLP ms (x{:g}) |".format(nano_factor))
     print("|---|---|---|---|---|")
-    for w, h in SIZES:
+    for w, h in sizes:
         if big.shape[0] < h or big.shape[1] < w:
             continue
         y, x = (big.shape[0] - h) // 2, (big.shape[1] - w) // 2
@@ -98,10 +98,11 @@ def speed_table(paths, repeat, nano_factor, check):
             coder = LosslessCodec(name)
             payload = coder.encode(crop)  # also warms the caches (the coding order is computed once per size)
             row[name] = (best_ms(lambda: coder.encode(crop), repeat),
-                         best_ms(lambda: decode(payload, crop.shape), 1) if check else float("nan"))
+                         best_ms(lambda: decode(payload, crop.shape), 1) if check else None)
         png = best_ms(lambda: cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 9]), repeat)
-        print("| {}x{} | {:.0f} / {:.0f} | {:.0f} / {:.0f} | {:.0f} | {:.0f} / {:.0f} |".format(
-            w, h, row["med"][0], row["med"][1], row["mlp"][0], row["mlp"][1], png,
+        dec = dict((name, "{:.0f}".format(row[name][1]) if check else "-") for name in row)
+        print("| {}x{} | {:.0f} / {} | {:.0f} / {} | {:.0f} | {:.0f} / {:.0f} |".format(
+            w, h, row["med"][0], dec["med"], row["mlp"][0], dec["mlp"], png,
             row["med"][0] * nano_factor, row["mlp"][0] * nano_factor))
 
 
@@ -114,6 +115,8 @@ def main(argv=None):
                         help="estimated Cortex-A57 / this CPU time ratio (default: %(default)s; 1 on the Nano)")
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding checks and times")
     parser.add_argument("--speed-only", action="store_true", help="skip the bpp table (the slow part)")
+    parser.add_argument("--sizes", nargs="+", default=["%dx%d" % s for s in SIZES], metavar="WxH",
+                        help="crop sizes for the speed table (default: %(default)s)")
     args = parser.parse_args(argv)
     paths = sorted(p for p in glob.glob(os.path.join(args.photos, "*"))
                    if os.path.splitext(p)[1].lower() in (".png", ".jpg", ".jpeg"))
@@ -123,7 +126,8 @@ def main(argv=None):
         sys.version_info[0], sys.version_info[1], np.__version__))
     if not args.speed_only:
         bpp_table(paths, not args.no_decode)
-    speed_table(paths, args.repeat, args.nano_factor, not args.no_decode)
+    sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes]
+    speed_table(paths, sizes, args.repeat, args.nano_factor, not args.no_decode)
     print("\nNano column: this machine's time x {:g}, an ESTIMATE (not measured on a Nano); the budget is {:g} ms "
           "a frame".format(args.nano_factor, BUDGET_MS))
 

@@ -29,7 +29,7 @@ sent in the header: semi-static, not adaptive per sample, so that both sides sta
 **Coding order.** The samples of a class are coded in *wavefront* order: sample ``(c, y, x)`` belongs to step
 ``t = x + 2 y + c``, and every sample a prediction or a class reads (W, WW, N, NN, NW, NE, the earlier channels of
 the pixel) belongs to an earlier step. Within a step: channel, then row. The decoder rebuilds one step at a time,
-all its samples at once (``W + 2 H + 2`` numpy steps per frame, not one Python step per sample); the encoder, which
+all its samples at once (``W + 2 H`` numpy steps per frame, not one Python step per sample); the encoder, which
 has every sample, codes the whole frame at once.
 
 **Payload** (all integers big-endian): version (1 byte, :data:`VERSION`), predictor id (1 byte: 0 med, 1 mlp),
