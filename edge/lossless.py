@@ -71,6 +71,7 @@ FEATURES = 12  # the MLP's inputs (see mlp_features)
 HIDDEN_CLIP = 2047  # the hidden units' integer range: with |w| <= 127 and 16 units, sums stay below 2**23
 WEIGHT_LIMIT = 127
 BIAS_LIMIT = 1 << 21
+MLP_CHUNK = 1 << 16  # samples per MLP evaluation on the edge (bounds its working memory: 4 MB of hidden units)
 
 
 # --- prediction ---------------------------------------------------------------------------------------------------
@@ -243,11 +244,13 @@ class LosslessCodec(object):
         m, cls, feats = frame_features(image, self.mlp is not None)
         if self.mlp is None:
             return m, cls
-        pred = np.empty_like(m)
+        pred = m.reshape(CHANNELS, h * w).copy()
         for c in range(CHANNELS):
-            pred[c] = m[c] + self.mlp.delta(feats[:, c].reshape(FEATURES, h * w), c).reshape(h, w)
+            for lo in range(0, h * w, MLP_CHUNK):  # in chunks: a frame's hidden units would be 64 bytes a sample
+                pred[c, lo:lo + MLP_CHUNK] += self.mlp.delta(feats[:, c].reshape(FEATURES, h * w)[:, lo:lo + MLP_CHUNK],
+                                                             c)
         np.clip(pred, 0, 255, out=pred)
-        return pred, cls
+        return pred.reshape(CHANNELS, h, w), cls
 
     def encode(self, image):
         """The payload (bytes) coding ``image``: (H, W, 3) uint8, C-contiguous or not."""
@@ -257,9 +260,11 @@ class LosslessCodec(object):
         _check_shape(image.shape, ConfigError)
         pred, cls = self.predict_all(image)
         values = fold(image.transpose(2, 0, 1) - pred)
-        order = wavefront_order(image.shape[0], image.shape[1])
-        cls = cls.ravel()[order]
-        values = values.ravel()[order]
+        pos = coding_positions(image.shape[0], image.shape[1]).ravel()
+        coded = np.empty((2, len(pos)), dtype=np.uint8)
+        coded[0, pos] = cls.ravel()
+        coded[1, pos] = values.ravel()
+        cls, values = coded
         counts = np.bincount(cls, minlength=NUM_CLASSES)
         sums = np.bincount(cls, weights=values, minlength=NUM_CLASSES)
         k = np.zeros(NUM_CLASSES, dtype=np.int64)
@@ -365,41 +370,61 @@ def decode(payload, shape):
     return receiver.decode(payload, shape)
 
 
+_plans = {}  # (kind, H, W) -> a coding plan; the two most recent shapes are kept (a stream's frames share one)
+
+
+def _cached(key, make):
+    if key not in _plans:
+        if len(_plans) >= 2:
+            _plans.clear()  # a peer that varies its shapes costs time, never memory
+        _plans[key] = make()
+    return _plans[key]
+
+
+def _wavefront_starts(h, w):
+    """Where the samples of channel ``c`` in wavefront ``t`` start in coding order, less their first row:
+    ``(start (3, T), bounds (T + 1,))``; sample ``(c, y, x)`` is at ``start[c, x + 2 y + c] + y``, and wavefront
+    ``t`` is ``bounds[t]:bounds[t + 1]``. Small tables (T = W + 2 H + 1 wavefronts), computed, never sorted."""
+    t = np.arange(w + 2 * h + CHANNELS - 2, dtype=np.int64)
+    counts, first = np.zeros((CHANNELS, len(t)), np.int64), np.zeros((CHANNELS, len(t)), np.int64)
+    for c in range(CHANNELS):  # rows y with 0 <= t - c - 2 y < W
+        first[c] = np.maximum(0, (t - c - w + 2) // 2)
+        counts[c] = np.maximum(0, np.minimum(h - 1, (t - c) // 2) - first[c] + 1)
+    bounds = np.concatenate([[0], np.cumsum(counts.sum(axis=0))])
+    start = bounds[:-1] + (np.cumsum(counts, axis=0) - counts) - first
+    return start, bounds
+
+
+def coding_positions(h, w):
+    """The position in coding order (wavefront, channel, row) of each sample of a (3, H, W) array, int32 (3, H, W).
+    Cached per shape."""
+    def make():
+        start, _ = _wavefront_starts(h, w)
+        ys, xs = np.arange(h, dtype=np.int64)[:, None], np.arange(w, dtype=np.int64)[None, :]
+        pos = np.empty((CHANNELS, h, w), dtype=np.int32)
+        for c in range(CHANNELS):
+            pos[c] = start[c][xs + 2 * ys + c] + ys
+        return pos
+    return _cached(("encoder", h, w), make)
+
+
 def _decoding_order(h, w):
     """The decoder's plan for an (H, W, 3) frame: the flat indices into its padded planes of every sample in coding
-    order, their channels, and where each wavefront starts and ends in them (``bounds[t]:bounds[t + 1]``). Cached
-    per shape, as :func:`wavefront_order`, which it is made from."""
-    key = ("decoder", h, w)
-    if key not in _order_cache:
-        order = wavefront_order(h, w)
+    order (int32), their channels (uint8), and where each wavefront starts and ends in them (``bounds[t]:bounds[t +
+    1]``). About 5 bytes a sample, cached per shape."""
+    def make():
+        start, bounds = _wavefront_starts(h, w)
         wp = w + _PAD_LEFT + _PAD_RIGHT
-        c, rest = np.divmod(order, h * w)
-        y, x = np.divmod(rest, w)
-        samples = (c + 2) * ((h + _PAD_TOP) * wp) + (y + _PAD_TOP) * wp + (x + _PAD_LEFT)
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(x + 2 * y + c))])
-        _order_cache[key] = (samples, c.astype(np.uint8), bounds)
-    return _order_cache[key]
-
-
-_order_cache = {}
-
-
-def wavefront_order(h, w):
-    """Indices into a (3, H, W) array's flat samples, in coding order (step, channel, row): the skew of each row
-    ``(c, y)`` by ``2 y + c`` written through a strided view, then read step by step. Cached per shape."""
-    key = (h, w)
-    if key not in _order_cache:
-        steps = w + 2 * h + CHANNELS
-        skew = np.full(CHANNELS * h * steps + 1, -1, dtype=np.int64)
-        view = np.lib.stride_tricks.as_strided(skew, shape=(CHANNELS, h, w), strides=(
-            (h * steps + 1) * skew.itemsize, (steps + 2) * skew.itemsize, skew.itemsize))
-        view[...] = np.arange(CHANNELS * h * w, dtype=np.int64).reshape(CHANNELS, h, w)
-        order = skew[:-1].reshape(CHANNELS, h, steps).transpose(2, 0, 1).ravel()
-        order = order[order >= 0]
-        if len(_order_cache) > 8:
-            _order_cache.clear()
-        _order_cache[key] = order
-    return _order_cache[key]
+        plane = (h + _PAD_TOP) * wp
+        ys, xs = np.arange(h, dtype=np.int64)[:, None], np.arange(w, dtype=np.int64)[None, :]
+        samples = np.empty(CHANNELS * h * w, dtype=np.int32)
+        channels = np.empty(CHANNELS * h * w, dtype=np.uint8)
+        for c in range(CHANNELS):
+            pos = start[c][xs + 2 * ys + c] + ys
+            samples[pos] = (c + 2) * plane + (ys + _PAD_TOP) * wp + (xs + _PAD_LEFT)
+            channels[pos] = c
+        return samples, channels, bounds
+    return _cached(("decoder", h, w), make)
 
 
 def _ranks(classes, used):
@@ -473,26 +498,39 @@ def _unrice(data, at, k, total):
     if len(data) - at > limit:
         raise ProtocolError("lossless payload of %d bytes is longer than %d samples can need" % (len(data), total))
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, offset=at))
-    zeros = np.flatnonzero(bits == 0)[:total]
+    # The unary part ends at the total-th zero: find the chunk it is in first, so that the positions of zeros (8
+    # bytes each) are taken of the unary part only, not of the remainders that follow.
+    chunk, seen, cut = 1 << 20, 0, len(bits)
+    for lo in range(0, len(bits), chunk):
+        seen += len(bits[lo:lo + chunk]) - int(np.count_nonzero(bits[lo:lo + chunk]))
+        if seen >= total:
+            cut = min(len(bits), lo + chunk)
+            break
+    zeros = np.flatnonzero(bits[:cut] == 0)[:total]
     if len(zeros) < total:
         raise ProtocolError("lossless payload is truncated: %d of its %d codes are there" % (len(zeros), total))
-    kv = np.repeat(k, counts)
-    q = np.diff(np.concatenate([[-1], zeros])) - 1
+    kv = np.repeat(k.astype(np.uint8), counts)
+    unary_end = int(zeros[-1]) + 1
+    q = np.diff(zeros)
+    q -= 1
+    q = np.concatenate([zeros[:1], q])  # ones before each terminating zero
+    del zeros
     if (q > (255 >> kv)).any():
         raise ProtocolError("lossless payload codes a residual beyond 255")
-    unary_end = int(zeros[-1]) + 1
-    end = unary_end + int(kv.sum())
+    end = unary_end + int(kv.sum(dtype=np.int64))
     if (end + 7) // 8 != len(bits) // 8:
         raise ProtocolError("lossless payload has %d bytes of codes, they need %d (%s)" % (
             len(bits) // 8, (end + 7) // 8, "truncated" if end > len(bits) else "extra bytes"))
     if bits[end:].any():
         raise ProtocolError("lossless payload: the padding after its codes is not zero")
-    values = q << kv
+    values = q.astype(np.uint8)
+    del q
+    values <<= kv
     pos, first = unary_end, np.cumsum(counts) - counts
-    for c in range(NUM_CLASSES):
+    for c in range(NUM_CLASSES):  # each class's remainders: k bits a value, packed back into bytes
         kk, n = int(k[c]), int(counts[c])
         if kk and n:
-            weights = np.left_shift(1, np.arange(kk - 1, -1, -1, dtype=np.int64))
-            values[first[c]:first[c] + n] |= bits[pos:pos + n * kk].reshape(n, kk).astype(np.int64).dot(weights)
+            packed = np.packbits(bits[pos:pos + n * kk].reshape(n, kk), axis=1)[:, 0]
+            values[first[c]:first[c] + n] |= packed >> (8 - kk)
             pos += n * kk
-    return values.astype(np.uint8), first, counts
+    return values, first, counts

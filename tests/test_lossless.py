@@ -180,7 +180,7 @@ def test_lossless_metadata_is_checked():
         assert old in meta_bytes
         with pytest.raises(ProtocolError):
             parse_meta(meta_bytes.replace(old, new), 0)
-    # the decoded image is bounded by the frame limit: 20 * 33 * 3 bytes is over 8 times 200 bytes
+    # the decoded image is bounded by the frame limit: 20 * 33 * 3 bytes is over twice 200 bytes
     with pytest.raises(ProtocolError, match="max-frame-bytes"):
         parse_meta(meta_bytes, 0, max_payload_bytes=200)
     parse_meta(meta_bytes, 0, max_payload_bytes=1000)
