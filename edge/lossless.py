@@ -67,7 +67,7 @@ NUM_CLASSES = CHANNELS * BINS
 HEADER = struct.Struct(">BB8sI")  # version, predictor id, predictor identity, CRC-32 of the image
 WEIGHTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lossless_mlp.json")
 WEIGHTS_FORMAT = "latentlink-lossless-mlp"
-FEATURES = 12  # the MLP's inputs (see mlp_features)
+FEATURES = 12  # the MLP's inputs (see _features)
 HIDDEN_CLIP = 2047  # the hidden units' integer range: with |w| <= 127 and 16 units, sums stay below 2**23
 WEIGHT_LIMIT = 127
 BIAS_LIMIT = 1 << 21
