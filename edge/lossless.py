@@ -22,9 +22,13 @@ that those bounds hold for any input, even a hostile payload's.
 
 **Residuals.** ``(x - prediction) mod 256``, taken as -128..127 and folded to 0..255 (0, -1, 1, -2, ...). Each sample
 belongs to a *class*: its channel, and its local activity ``|NE - N| + |N - NW| + |NW - W|`` plus twice the
-previous channel's MED residual at the pixel, quantized (:data:`ACTIVITY_BINS`). Each class has one Rice parameter
-``k`` (0 to 7), chosen by the encoder for the frame (JPEG-LS's rule: the least ``k`` with ``n * 2**k >= sum``) and
-sent in the header: semi-static, not adaptive per sample, so that both sides stay whole-array numpy.
+previous channel's MED residual at the pixel, quantized (:data:`ACTIVITY_BINS`). Each class has a *mode*, chosen
+by the encoder for the frame and sent in the header (semi-static, not adaptive per sample, so that both sides stay
+whole-array numpy): *plain*, every value a Rice code with one parameter ``k`` (0 to 7, JPEG-LS's rule: the least
+``k`` with ``n * 2**k >= sum``); or, for classes of mostly zeros (flat areas, where a plain code costs at least a
+bit a sample), *run mode*: the run of zeros before each non-zero value as a Rice code with parameter ``kz`` (0 to
+15), and the non-zero values less one with ``k``; the zeros after the last non-zero value cost nothing. The
+encoder takes whichever is smaller (:func:`_choose_mode`).
 
 **Coding order.** The samples of a class are coded in *wavefront* order: sample ``(c, y, x)`` belongs to step
 ``t = x + 2 y + c``, and every sample a prediction or a class reads (W, WW, N, NN, NW, NE, the earlier channels of
@@ -34,10 +38,12 @@ has every sample, codes the whole frame at once.
 
 **Payload** (all integers big-endian): version (1 byte, :data:`VERSION`), predictor id (1 byte: 0 med, 1 mlp),
 the predictor's identity (8 bytes: the first bytes of the SHA-256 of the MLP's weights; zeros for med), CRC-32 of
-the image's bytes (4 bytes; the decoder checks it, so any disagreement is an error, never a wrong image), the
-``k`` of each class (one byte each), the number of samples of each class (LEB128 varints), then the unary parts of
-every code (each quotient as that many ones and a zero; class after class, each in coding order), then the ``k``-bit
-remainders (most significant first), then zero bits to a whole byte. The image's shape comes from the frame's
+the image's bytes (4 bytes; the decoder checks it, so any disagreement is an error, never a wrong image), the mode
+of each class (one byte each: ``k``, or ``RUN_MODE | kz << 3 | k``), the number of samples of each class (LEB128
+varints), the number of non-zero values of each run-mode class (varints), then the unary parts of every code
+(each quotient as that many ones and a zero; class after class, each in coding order, a run-mode class's runs
+before its values), then the remainders in the same order (``k`` or ``kz`` bits, most significant first), then
+zero bits to a whole byte. The image's shape comes from the frame's
 metadata, never from the payload; decoding checks every count and length against it and raises
 :class:`ProtocolError` for anything but an exact, complete payload whose image matches its CRC.
 
@@ -58,7 +64,9 @@ from .errors import ConfigError, ProtocolError
 VERSION = 1
 PREDICTORS = ("med", "mlp")
 CHANNELS = 3  # frames are BGR (the sources' format)
-MAX_K = 7
+MAX_K = 7  # Rice parameter of residuals (values 0..255)
+MAX_KZ = 15  # of runs of zeros (run mode)
+RUN_MODE = 0x80  # a class's mode byte: RUN_MODE | kz << 3 | k, or k alone (plain)
 # Thresholds of the activity (see above) that separate a channel's classes: len + 1 classes per channel.
 ACTIVITY_BINS = (1, 3, 5, 8, 12, 17, 24, 33, 45, 62, 85, 120, 170)
 BINS = len(ACTIVITY_BINS) + 1
@@ -67,6 +75,7 @@ NUM_CLASSES = CHANNELS * BINS
 HEADER = struct.Struct(">BB8sI")  # version, predictor id, predictor identity, CRC-32 of the image
 WEIGHTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lossless_mlp.json")
 WEIGHTS_FORMAT = "latentlink-lossless-mlp"
+WEIGHTS_VERSION = 1
 FEATURES = 12  # the MLP's inputs (see _features)
 HIDDEN_CLIP = 2047  # the hidden units' integer range: with |w| <= 127 and 16 units, sums stay below 2**23
 WEIGHT_LIMIT = 127
@@ -113,15 +122,15 @@ class MLP(object):
         self.sha256 = hashlib.sha256(text.encode("ascii")).hexdigest()
 
     def to_json(self):
-        return json.dumps({"format": WEIGHTS_FORMAT, "version": VERSION, "sha256": self.sha256, "info": self.info,
-                           "layers": [layer["raw"] for layer in self.layers]}, sort_keys=True) + "\n"
+        return json.dumps({"format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "sha256": self.sha256,
+                           "info": self.info, "layers": [layer["raw"] for layer in self.layers]}, sort_keys=True) + "\n"
 
     @classmethod
     def load(cls, path=WEIGHTS_FILE):
         try:
             with io.open(path, encoding="utf-8") as f:
                 obj = json.load(f)
-            if obj.get("format") != WEIGHTS_FORMAT or obj.get("version") != VERSION:
+            if obj.get("format") != WEIGHTS_FORMAT or obj.get("version") != WEIGHTS_VERSION:
                 raise ValueError("format %r version %r" % (obj.get("format"), obj.get("version")))
             model = cls(obj["layers"], obj.get("info"))
         except (OSError, IOError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -266,14 +275,16 @@ class LosslessCodec(object):
         coded[1, pos] = values.ravel()
         cls, values = coded
         counts = np.bincount(cls, minlength=NUM_CLASSES)
-        sums = np.bincount(cls, weights=values, minlength=NUM_CLASSES)
-        k = np.zeros(NUM_CLASSES, dtype=np.int64)
-        for kk in range(1, MAX_K + 1):  # JPEG-LS: the least k with n * 2**k >= sum of the values
-            k += (counts << (kk - 1)) < sums
-        by_class = np.argsort(cls, kind="stable")
-        values = values[by_class]
+        values = values[np.argsort(cls, kind="stable")]
+        modes, nonzeros, streams, at = [], [], [], 0
+        for n in counts:
+            mode, m, class_streams = _choose_mode(values[at:at + n])
+            modes.append(mode)
+            nonzeros += [] if m is None else [m]
+            streams += class_streams
+            at += n
         header = HEADER.pack(VERSION, PREDICTORS.index(self.predictor), self.tag, zlib.crc32(image.tobytes()))
-        return header + bytes(bytearray(k.astype(np.uint8))) + _varint(counts) + _rice(values, counts, k)
+        return header + bytes(bytearray(modes)) + _varint(counts) + _varint(nonzeros) + _rice(streams)
 
     # The decoder: one wavefront at a time.
     def decode(self, payload, shape):
@@ -293,10 +304,8 @@ class LosslessCodec(object):
                                 "host need the same predictor and weights" % (
                                     PREDICTORS[predictor] if predictor < len(PREDICTORS) else predictor,
                                     tag.hex(), self.identity))
-        k = np.frombuffer(data[HEADER.size:HEADER.size + NUM_CLASSES], dtype=np.uint8).astype(np.int64)
-        if k.max() > MAX_K:
-            raise ProtocolError("lossless payload: Rice parameter %d (at most %d)" % (k.max(), MAX_K))
-        values, starts, counts = _unrice(data, HEADER.size + NUM_CLASSES, k, total)
+        modes = bytearray(data[HEADER.size:HEADER.size + NUM_CLASSES])
+        values, starts, counts = _unrice(data, HEADER.size + NUM_CLASSES, modes, total)
         image = self._reconstruct(values, starts, counts, h, w)
         if zlib.crc32(image.tobytes()) != crc:
             raise ProtocolError("lossless payload decodes to an image whose CRC-32 is not the one it carries "
@@ -450,33 +459,65 @@ def _varint(values):
     return bytes(out)
 
 
-def _rice(values, counts, k):
-    """``values`` (uint8, sorted by class; ``counts`` per class) as Rice codes with each class's ``k``: the unary
-    parts, then the remainders, padded to a whole byte."""
-    kv = np.repeat(k.astype(np.uint8), counts)
-    q = values >> kv  # uint8
-    ends = np.cumsum(q, dtype=np.int64)
+def _rice_k(count, total, limit):
+    """JPEG-LS's Rice parameter: the least k (at most ``limit``) with ``count * 2**k >= total``."""
+    k = 0
+    while k < limit and count << k < total:
+        k += 1
+    return k
+
+
+def _choose_mode(v):
+    """How to code one class's values ``v`` (uint8, in coding order): ``(mode byte, nonzeros or None, streams)``.
+
+    Plain: every value as a Rice code with parameter k (mode = k). Run mode, for classes of mostly zeros (flat
+    areas, where a plain code costs at least a bit a sample): the runs of zeros before each non-zero value as Rice
+    codes with parameter kz, and the non-zero values less one with parameter k (mode = RUN_MODE | kz << 3 | k);
+    the zeros after the last non-zero value cost nothing. Whichever is smaller."""
+    n = len(v)
+    k = _rice_k(n, int(v.sum(dtype=np.int64)), MAX_K)
+    plain = int((v >> k).sum(dtype=np.int64)) + n * (k + 1)
+    if 2 * np.count_nonzero(v) < n:
+        nz = np.flatnonzero(v)
+        gaps = np.diff(np.concatenate([[-1], nz]))
+        gaps -= 1
+        rest = v[nz] - 1
+        m = len(nz)
+        kz = _rice_k(m, int(gaps.sum()), MAX_KZ)
+        kv = _rice_k(m, int(rest.sum(dtype=np.int64)), MAX_K)
+        runs = (int((gaps >> kz).sum()) + m * (kz + 1) + int((rest >> kv).sum(dtype=np.int64)) + m * (kv + 1))
+        if runs < plain:
+            return RUN_MODE | kz << 3 | kv, m, [(gaps, kz), (rest, kv)]
+    return k, None, [(v, k)]
+
+
+def _rice(streams):
+    """Rice codes of ``streams`` (a list of ``(integers >= 0, k)``): the unary parts of all, then the remainders of
+    all, padded to a whole byte."""
+    q = np.concatenate([np.asarray(a, dtype=np.int64) >> k for a, k in streams] + [np.zeros(0, np.int64)])
+    ends = np.cumsum(q)
     ends += np.arange(1, len(q) + 1)
+    del q
     unary_len = int(ends[-1]) if len(ends) else 0
-    rem_len = int(kv.sum())
+    rem_len = sum(len(a) * k for a, k in streams)
     bits = np.zeros((unary_len + rem_len + 7) // 8 * 8, dtype=np.uint8)
     bits[:unary_len] = 1
     bits[ends - 1] = 0
-    at, first = unary_len, np.cumsum(counts) - counts
-    planes = np.unpackbits(values[:, None], axis=1)  # (samples, 8): each value's bits, most significant first
-    for c in range(NUM_CLASSES):  # the remainders: each class's values' last k bits
-        kk, n = int(k[c]), int(counts[c])
-        if kk and n:
-            bits[at:at + n * kk] = planes[first[c]:first[c] + n, 8 - kk:].ravel()
-            at += n * kk
+    at = unary_len
+    for a, k in streams:  # the remainders: each code's last k bits, most significant first
+        if k and len(a):
+            if a.dtype == np.uint8:
+                bits[at:at + len(a) * k] = np.unpackbits(a[:, None], axis=1)[:, 8 - k:].ravel()
+            else:
+                bits[at:at + len(a) * k] = ((a[:, None] >> np.arange(k - 1, -1, -1)) & 1).ravel()
+            at += len(a) * k
     return np.packbits(bits).tobytes()
 
 
-def _unrice(data, at, k, total):
-    """The decoder's side of :func:`_rice` from ``data[at:]``: ``(values, starts, counts)``, every value 0..255,
-    the counts adding up to ``total``; ProtocolError otherwise."""
-    counts = []
-    for c in range(NUM_CLASSES):
+def _varints(data, at, count, what):
+    """``count`` LEB128 varints from ``data[at:]``: ``(list, next offset)``; ProtocolError if they do not fit."""
+    out = []
+    for i in range(count):
         value, shift = 0, 0
         while True:
             if at >= len(data):
@@ -488,49 +529,89 @@ def _unrice(data, at, k, total):
             if not byte & 0x80:
                 break
             if shift > 35:
-                raise ProtocolError("lossless payload: class %d's count is not a valid varint" % c)
-        counts.append(value)
+                raise ProtocolError("lossless payload: %s %d is not a valid varint" % (what, i))
+        out.append(value)
+    return out, at
+
+
+def _unrice(data, at, modes, total):
+    """The decoder's side of the encoder's classes from ``data[at:]`` (after the ``modes``): ``(values, starts,
+    counts)``, every class's values 0..255 in coding order, the counts adding up to ``total``; ProtocolError
+    otherwise."""
+    counts, at = _varints(data, at, NUM_CLASSES, "the count of class")
     counts = np.array(counts, dtype=np.int64)
     if int(counts.sum()) != total:
         raise ProtocolError("lossless payload codes %d samples, the image has %d" % (int(counts.sum()), total))
-    # A valid code is at most 256 + 7 bits: refuse a longer payload before unpacking it.
-    limit = (total * (256 + MAX_K) + 7) // 8
-    if len(data) - at > limit:
+    run = [int(mode) & RUN_MODE != 0 for mode in modes]
+    nonzeros, at = _varints(data, at, sum(run), "the non-zero count of run class")
+    streams, it = [], iter(nonzeros)  # (codes, k, class, kind): kind 0 values, 1 runs of zeros, 2 values - 1
+    for c in range(NUM_CLASSES):
+        mode, n = int(modes[c]), int(counts[c])
+        if not run[c]:
+            if mode > MAX_K:
+                raise ProtocolError("lossless payload: class %d has mode %d (a plain class's k is at most %d)" % (
+                    c, mode, MAX_K))
+            streams.append((n, mode, c, 0))
+        else:
+            m = next(it)
+            if m > n:
+                raise ProtocolError("lossless payload: class %d has %d non-zero values of %d" % (c, m, n))
+            streams += [(m, (mode >> 3) & MAX_KZ, c, 1), (m, mode & MAX_K, c, 2)]
+    codes = sum(s[0] for s in streams)
+    # A valid code is at most 256 + 15 bits, a run's unary part at most a class's samples: refuse a longer payload
+    # before unpacking it.
+    if len(data) - at > (codes * (256 + MAX_KZ) + total + 7) // 8:
         raise ProtocolError("lossless payload of %d bytes is longer than %d samples can need" % (len(data), total))
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, offset=at))
-    # The unary part ends at the total-th zero: find the chunk it is in first, so that the positions of zeros (8
+    # The unary part ends at the codes-th zero: find the chunk it is in first, so that the positions of zeros (8
     # bytes each) are taken of the unary part only, not of the remainders that follow.
     chunk, seen, cut = 1 << 20, 0, len(bits)
     for lo in range(0, len(bits), chunk):
         seen += len(bits[lo:lo + chunk]) - int(np.count_nonzero(bits[lo:lo + chunk]))
-        if seen >= total:
+        if seen >= codes:
             cut = min(len(bits), lo + chunk)
             break
-    zeros = np.flatnonzero(bits[:cut] == 0)[:total]
-    if len(zeros) < total:
-        raise ProtocolError("lossless payload is truncated: %d of its %d codes are there" % (len(zeros), total))
-    kv = np.repeat(k.astype(np.uint8), counts)
-    unary_end = int(zeros[-1]) + 1
+    zeros = np.flatnonzero(bits[:cut] == 0)[:codes]
+    if len(zeros) < codes:
+        raise ProtocolError("lossless payload is truncated: %d of its %d codes are there" % (len(zeros), codes))
+    unary_end = int(zeros[-1]) + 1 if codes else 0
     q = np.diff(zeros)
     q -= 1
     q = np.concatenate([zeros[:1], q])  # ones before each terminating zero
     del zeros
-    if (q > (255 >> kv)).any():
-        raise ProtocolError("lossless payload codes a residual beyond 255")
-    end = unary_end + int(kv.sum(dtype=np.int64))
+    end = unary_end + sum(s[0] * s[1] for s in streams)
     if (end + 7) // 8 != len(bits) // 8:
         raise ProtocolError("lossless payload has %d bytes of codes, they need %d (%s)" % (
             len(bits) // 8, (end + 7) // 8, "truncated" if end > len(bits) else "extra bytes"))
     if bits[end:].any():
         raise ProtocolError("lossless payload: the padding after its codes is not zero")
-    values = q.astype(np.uint8)
-    del q
-    values <<= kv
-    pos, first = unary_end, np.cumsum(counts) - counts
-    for c in range(NUM_CLASSES):  # each class's remainders: k bits a value, packed back into bytes
-        kk, n = int(k[c]), int(counts[c])
-        if kk and n:
-            packed = np.packbits(bits[pos:pos + n * kk].reshape(n, kk), axis=1)[:, 0]
-            values[first[c]:first[c] + n] |= packed >> (8 - kk)
-            pos += n * kk
+    values = np.zeros(total, dtype=np.uint8)
+    first = np.cumsum(counts) - counts
+    at_q, at_r, gaps = 0, unary_end, None
+    for n, k, c, kind in streams:
+        qs = q[at_q:at_q + n]
+        if kind != 1 and (qs > (255 >> k)).any():
+            raise ProtocolError("lossless payload codes a residual beyond 255 in class %d" % c)
+        if kind == 1:
+            codes_ = qs << k
+            if k:
+                weights = np.left_shift(1, np.arange(k - 1, -1, -1, dtype=np.int64))
+                codes_ |= bits[at_r:at_r + n * k].reshape(n, k).astype(np.int64).dot(weights)
+        else:
+            codes_ = qs.astype(np.uint8) << k
+            if k:
+                codes_ |= np.packbits(bits[at_r:at_r + n * k].reshape(n, k), axis=1)[:, 0] >> (8 - k)
+        at_q, at_r = at_q + n, at_r + n * k
+        if kind == 0:
+            values[first[c]:first[c] + n] = codes_
+        elif kind == 1:
+            gaps = codes_
+        else:  # the non-zero values of a run class, after its gaps
+            where = np.cumsum(gaps + 1) - 1
+            if n and int(where[-1]) >= counts[c]:
+                raise ProtocolError("lossless payload: class %d's runs are longer than its %d samples" % (
+                    c, counts[c]))
+            if (codes_ == 255).any():
+                raise ProtocolError("lossless payload codes a residual beyond 255 in class %d" % c)
+            values[first[c] + where] = codes_ + 1
     return values, first, counts

@@ -55,6 +55,29 @@ def test_real_photos_round_trip_and_the_mlp_codes_them_smaller(photos_dir, predi
     assert sizes["mlp"] < sizes["med"]  # the learned predictor earns its keep (README: the bpp table)
 
 
+def inspection_image(h=48, w=64, noise=False):
+    """A flat background (exactly flat, or with sensor-like noise) and an object: where run mode matters."""
+    image = np.full((h, w, 3), 128, np.uint8)
+    if noise:
+        image = np.clip(image + np.random.RandomState(3).normal(0, 1, image.shape), 0, 255).astype(np.uint8)
+    image[h // 4:h // 2, w // 3:w // 2] = (40, 90, 200)
+    return image
+
+
+@pytest.mark.parametrize("predictor", PREDICTORS)
+def test_run_mode_codes_flat_areas_for_almost_nothing(predictor):
+    """A plain Rice code costs at least a bit a sample: 3 bpp on a flat background. Run mode codes the runs of
+    zeros instead."""
+    image = inspection_image(240, 320)
+    payload = codec(predictor).encode(image)
+    assert (decode(payload, image.shape) == image).all()
+    assert len(payload) * 8.0 / (240 * 320) < 0.3
+    modes = bytearray(payload[HEADER.size:HEADER.size + NUM_CLASSES])
+    assert any(mode & lossless.RUN_MODE for mode in modes)
+    noisy = inspection_image(60, 80, noise=True)
+    assert (decode(codec(predictor).encode(noisy), noisy.shape) == noisy).all()
+
+
 def test_a_non_contiguous_frame_codes_as_its_copy():
     image = images()[5]
     view = image[:, ::-1]
@@ -133,8 +156,7 @@ def test_random_mutations_decode_or_are_refused():
     """Flipped bits, cut and spliced bytes: a ProtocolError, or (rarely) another valid image, never anything else,
     and never a wrong image that passes its CRC silently for the original's shape."""
     rng = np.random.RandomState(1)
-    image = images()[5]
-    for predictor in PREDICTORS:
+    for predictor, image in [(p, a) for p in PREDICTORS for a in (images()[5], inspection_image())]:
         good = bytearray(codec(predictor).encode(image))
         for trial in range(150):
             bad = bytearray(good)

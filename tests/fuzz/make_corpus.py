@@ -158,6 +158,10 @@ def lossless_seeds():
                     out["bad-huge-count"] = head + payload[:counts] + b"\xff\xff\xff\xff\x0f" + payload[counts + 1:]
                     out["bad-long-payload"] = head + payload[:counts] + bytes(1024)
                     out["bad-empty"] = head
+    flat = np.full((16, 16, 3), 128, np.uint8)  # flat with a square: run mode
+    flat[4:9, 5:11] = (40, 90, 200)
+    for predictor in ("med", "mlp"):
+        out["%s-flat-16x16" % predictor] = bytes([15, 15]) + codec(predictor).encode(flat)
     return out
 
 
