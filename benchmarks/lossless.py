@@ -8,8 +8,10 @@ For each photo (at its own size, as ``--source folder`` sends it): the payload o
 (level 9), and JPEG-LS (CharLS) and JPEG XL lossless (libjxl, effort 7) through the ``imagecodecs`` package when it
 is installed (``pip install imagecodecs``; columns left blank otherwise). bpp = bits per pixel of the BGR image
 (24 for raw). Then the time to code and decode centre crops of a large photo at common camera sizes, the best of
-``--repeat`` runs (decoding: one run), and the Nano column: this machine's encode time times ``--nano-factor`` (default 6, the README's
-assumed Cortex-A57 / x86 ratio, "Entropy coding of the latents"): an ESTIMATE, not a measurement.
+``--repeat`` runs (decoding: one run), and the Nano column: this machine's encode time times ``--nano-factor``
+(default 6, the README's assumed Cortex-A57 / x86 ratio, "Entropy coding of the latents"): an ESTIMATE, not a
+measurement. ``--synthetic``: the bpp table of two synthetic inspection frames (a part on a flat background, and on
+a noisy one) instead.
 
 Python 3.6 compatible (numpy and OpenCV only, imagecodecs optional), so it runs on the Nano too.
 """
@@ -50,21 +52,34 @@ def best_ms(fn, repeat):
     return min(times)
 
 
-def bpp_table(paths, check):
+def inspection_images():
+    """Synthetic inspection frames, 640x480: a part (a filled circle) on an exactly flat background, and on one with
+    sensor-like noise (Gaussian, sigma 1 grey level)."""
+    flat = np.full((480, 640, 3), 128, np.uint8)
+    noisy = np.clip(128 + np.random.RandomState(0).normal(0, 1.0, flat.shape), 0, 255).astype(np.uint8)
+    out = []
+    for name, image in (("flat background + part", flat), ("noisy background (sigma 1) + part", noisy)):
+        image = image.copy()
+        cv2.circle(image, (320, 240), 100, (40, 90, 200), -1)
+        out.append((name, image))
+    return out
+
+
+def bpp_table(paths, check, synthetic=False):
     codecs = dict((name, LosslessCodec(name)) for name in ("med", "mlp"))
     ic = _imagecodecs()
     print("| photo | size | MED | MLP | PNG (OpenCV, level 9) | JPEG-LS (CharLS) | JPEG XL lossless (effort 7) |")
     print("|---|---|---|---|---|---|---|")
     totals, pixels = {}, 0
-    for path in paths:
-        image = cv2.imread(path)
+    items = inspection_images() if synthetic else [(os.path.basename(p), cv2.imread(p)) for p in paths]
+    for name, image in items:
         h, w = image.shape[:2]
         sizes = {}
-        for name, coder in codecs.items():
+        for predictor, coder in codecs.items():
             payload = coder.encode(image)
             if check and not (decode(payload, image.shape) == image).all():
-                raise SystemExit("%s: %s did not decode to the image" % (path, name))
-            sizes[name] = len(payload)
+                raise SystemExit("%s: %s did not decode to the image" % (name, predictor))
+            sizes[predictor] = len(payload)
         sizes["png"] = len(cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 9])[1])
         if ic is not None:
             rgb = np.ascontiguousarray(image[:, :, ::-1])
@@ -75,9 +90,11 @@ def bpp_table(paths, check):
         pixels += h * w
         for k, v in sizes.items():
             totals[k] = totals.get(k, 0) + v
-        print("| {} | {}x{} | {} |".format(os.path.basename(path), w, h, " | ".join(
+        print("| {} | {}x{} | {} |".format(name, w, h, " | ".join(
             "{:.2f}".format(sizes[k] * 8.0 / (h * w)) if k in sizes else "" for k in
             ("med", "mlp", "png", "jpegls", "jpegxl"))))
+    if synthetic:
+        return
     print("| **all {} photos** (total bits / total pixels) | | {} |".format(len(paths), " | ".join(
         "**{:.2f}**".format(totals[k] * 8.0 / pixels) if k in totals else "" for k in
         ("med", "mlp", "png", "jpegls", "jpegxl"))))
@@ -115,6 +132,8 @@ def main(argv=None):
                         help="estimated Cortex-A57 / this CPU time ratio (default: %(default)s; 1 on the Nano)")
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding checks and times")
     parser.add_argument("--speed-only", action="store_true", help="skip the bpp table (the slow part)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="the bpp table of two synthetic inspection frames instead of --photos, and no speed table")
     parser.add_argument("--sizes", nargs="+", default=["%dx%d" % s for s in SIZES], metavar="WxH",
                         help="crop sizes for the speed table (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -124,6 +143,9 @@ def main(argv=None):
         raise SystemExit("no .png or .jpg photos in {}".format(args.photos))
     print("python {}.{}, numpy {}; bits per pixel (24 = raw BGR), lower is better\n".format(
         sys.version_info[0], sys.version_info[1], np.__version__))
+    if args.synthetic:
+        bpp_table(paths, not args.no_decode, synthetic=True)
+        return
     if not args.speed_only:
         bpp_table(paths, not args.no_decode)
     sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes]
