@@ -71,7 +71,7 @@ def get_args_parser():
     parser.add_argument("--lossless", choices=PREDICTORS, default=None,
                         help="send each frame as captured (its native size, no encoder), coded losslessly: the host "
                              "rebuilds it bit for bit. The predictor: med (JPEG-LS's median edge detector) or mlp "
-                             "(a small learned one, about 20 %% fewer bits on photos, slower); numpy only")
+                             "(a small learned one, about 25 %% fewer bits on photos, slower); numpy only")
     parser.add_argument("--drop", choices=DROP_POLICIES, default=None,
                         help="when the send queue is full drop the oldest frame (live view), the newest, or block "
                              "(never drop); default from the profile")

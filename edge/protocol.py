@@ -57,8 +57,8 @@ _KNOWN_FLAGS = FLAG_END_OF_STREAM
 PACKINGS = ("bits", "uint8", "float16", "float32", "pickle")
 # What a frame may carry: latents packed as PACKINGS says, or (lossless) no latents but the captured frame itself,
 # (H, W, 3) uint8 BGR, predictively coded (edge/lossless.py); the decoded image is at most LOSSLESS_EXPANSION times
-# the frame's payload limit: decoding takes about 35 bytes of memory per byte of image (README, "Lossless mode"), so
-# this bounds what one frame can make a host allocate to about 70 times its --max-frame-bytes.
+# the frame's payload limit: decoding takes about 30 bytes of memory per byte of image (README, "Lossless mode"), so
+# this bounds what one frame can make a host allocate to about 60 times its --max-frame-bytes.
 FRAME_PACKINGS = PACKINGS + ("lossless",)
 LOSSLESS_EXPANSION = 2
 # framed: the model's packing; pickle: the seed pipeline's pickled arrays in latentlink frames; pickle-raw: no
