@@ -54,7 +54,8 @@ setup(
               "latentlink.export.models", "latentlink.profiles"],
     package_dir={"latentlink.edge": "edge", "latentlink.host": "host", "latentlink.export": "export",
                  "latentlink.profiles": "profiles"},
-    package_data={"latentlink.profiles": ["*.yaml", "default/*.pt", "default/*/*.onnx", "default/*/*.json"]},
+    package_data={"latentlink.profiles": ["*.yaml", "default/*.pt", "default/*/*.onnx", "default/*/*.json"],
+                  "latentlink.edge": ["lossless_mlp.json"]},  # --lossless mlp's weights (3 KB)
     install_requires=["numpy>=1.19", "pyyaml>=3.12"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["latentlink = latentlink.cli:main"]},

@@ -9,6 +9,7 @@ from .cli import (ArgumentParser, add_backend_options, add_run_options, address,
                   run_main, setup_logging)
 from .entropy import CODERS, check_available
 from .errors import ConfigError
+from .lossless import PREDICTORS
 from .pipeline import check_raw, default_stream_name, edge_stages, run_edge
 from .profile import load_profile
 from .profiler import ReportWriter, emit, format_table
@@ -28,6 +29,8 @@ EXAMPLES = """examples:
   latentlink edge --source csi://0 --connect 192.168.1.20:5760 --name cam0 --tls keys/
         (keys/ca.pem and keys/edges/cam0.pem + cam0.key, from `latentlink keys init` / `latentlink keys edge`)
   latentlink edge --source csi://0 --connect 192.168.1.20:5760 --token-file token.txt
+  latentlink edge --source csi://0 --connect 192.168.1.20:5760 --lossless mlp
+        (each frame as captured, rebuilt bit for bit on the host: no encoder, no loss)
 
 sources: csi://N (Jetson CSI camera), v4l2:///dev/videoN (USB camera), file://clip.mp4 (video),
          file://photos/ (images in name order), file://img.png, rtsp://..., synthetic:// (test pattern)
@@ -65,6 +68,10 @@ def get_args_parser():
                              "there), lz4 (pip install lz4), zstd (pip install zstandard), context (binary latents "
                              "coded with the model's probability tables, entropy.json beside it: the smallest; "
                              "numpy only); default: the profile's transport.entropy (none unless it says)")
+    parser.add_argument("--lossless", choices=PREDICTORS, default=None,
+                        help="send each frame as captured (its native size, no encoder), coded losslessly: the host "
+                             "rebuilds it bit for bit. The predictor: med (JPEG-LS's median edge detector) or mlp "
+                             "(a small learned one, about 25 %% fewer bits on photos, slower); numpy only")
     parser.add_argument("--drop", choices=DROP_POLICIES, default=None,
                         help="when the send queue is full drop the oldest frame (live view), the newest, or block "
                              "(never drop); default from the profile")
@@ -118,6 +125,8 @@ def check_args(parser, args):
     if args.loop and scheme != "file":
         parser.error("--loop restarts files, folders and images at their end; {} has no end: leave --loop "
                      "out".format(args.source))
+    if args.lossless and args.encoder != "default":
+        parser.error("--lossless sends frames without an encoder: leave --encoder {} out".format(args.encoder))
     if args.encoder != "default":
         check_model_file("--encoder", args.encoder, "encoder")
     if args.report:
@@ -138,6 +147,12 @@ def _main(argv):
     stream = args.name or default_stream_name()
     capture = profile.capture
     entropy = args.entropy or profile.transport.entropy
+    if args.lossless:
+        if args.entropy not in (None, "none") or args.serializer not in (None, "framed"):
+            raise ConfigError("--lossless frames are coded by their predictor and framed by latentlink: leave "
+                              "--entropy and --serializer out")
+        entropy = "none"
+        encoder_path = "lossless-" + args.lossless
     check_available(entropy)  # before the camera and the model are opened: a missing library fails at once
     delivery = args.delivery or profile.transport.delivery
     if delivery == "reliable" and args.drop not in (None, "block"):
@@ -154,22 +169,30 @@ def _main(argv):
     report = None
     try:
         with open_source(args.source, capture.width, capture.height, capture.fps, loop=args.loop) as source, \
-                open_backend(encoder_path, "encoder", **backend_options(args, profile)) as encoder:
-            logging.getLogger("latentlink.edge").info(
-                "stream %r: %s -> %s (%s, %s packing, entropy %s) -> %s:%d", stream, source.description,
-                encoder_path, encoder.name, encoder.info.packing, entropy, address[0], address[1])
-            meta = {"role": "edge", "stream": stream, "profile": profile.name, "backend": encoder.name,
-                    "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing,
-                    "entropy": entropy, "input_shape": list(encoder.info.input_shape),
-                    "latent_shape": list(encoder.info.latent_shape)}
+                (_NoEncoder() if args.lossless else open_backend(encoder_path, "encoder",
+                                                                 **backend_options(args, profile))) as encoder:
+            if args.lossless:
+                logging.getLogger("latentlink.edge").info(
+                    "stream %r: %s -> lossless (%s predictor, frames as captured) -> %s:%d", stream,
+                    source.description, args.lossless, address[0], address[1])
+                meta = {"role": "edge", "stream": stream, "profile": profile.name, "backend": encoder.name,
+                        "encoder": encoder_path, "source": source.uri, "packing": "lossless", "entropy": entropy}
+            else:
+                logging.getLogger("latentlink.edge").info(
+                    "stream %r: %s -> %s (%s, %s packing, entropy %s) -> %s:%d", stream, source.description,
+                    encoder_path, encoder.name, encoder.info.packing, entropy, address[0], address[1])
+                meta = {"role": "edge", "stream": stream, "profile": profile.name, "backend": encoder.name,
+                        "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing,
+                        "entropy": entropy, "input_shape": list(encoder.info.input_shape),
+                        "latent_shape": list(encoder.info.latent_shape)}
             if args.report:  # each frame's record is written as its outcome arrives, not kept until the end
-                report = ReportWriter(args.report, edge_stages(entropy), profile.budget_ms, meta)
+                report = ReportWriter(args.report, edge_stages(entropy, args.lossless), profile.budget_ms, meta)
             summary = run_edge(source, encoder, profile, address, stream, frames=args.frames,
                                serializer=args.serializer, drop=args.drop, queue_size=args.queue_size,
                                send_buffer_bytes=args.send_buffer, entropy=entropy, window=args.window,
                                delivery=delivery, wait_for_host_s=args.wait_for_host, spool=spool,
                                protocol=args.protocol, credentials=credentials,
-                               on_record=report.add if report else None)
+                               on_record=report.add if report else None, lossless=args.lossless)
         meta["peak_rss_mb"] = peak_rss_mb()
         if report is not None:
             report.finish(summary, meta)
@@ -182,6 +205,18 @@ def _main(argv):
         if args.report:
             print("report: {}".format(args.report))
     return exit_status(summary, args.drop or ("block" if delivery == "reliable" else profile.transport.drop))
+
+
+class _NoEncoder(object):
+    """--lossless: in place of the encoder's backend (nothing to load or run)."""
+    name = "none"
+    copy_note = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
 
 
 def exit_status(summary, drop):

@@ -25,6 +25,7 @@ import time
 
 from .entropy import check_available, compress
 from .errors import ConfigError
+from .lossless import LosslessCodec
 from .preprocess import Preprocessor
 from .profiler import EDGE_STAGES, FrameStats, FrameTimer
 from .protocol import SERIALIZERS, VERSION, check_coding, frame_payload, pack_latents, raw_pickle_message
@@ -35,8 +36,11 @@ log = logging.getLogger("latentlink.edge")
 
 def run_edge(source, encoder, profile, address, stream, frames=None, serializer=None, drop=None, queue_size=None,
              send_buffer_bytes=None, status_every_s=10.0, entropy=None, window=None, delivery=None,
-             wait_for_host_s=None, spool=None, protocol=2, credentials=None, on_record=None):
+             wait_for_host_s=None, spool=None, protocol=2, credentials=None, on_record=None, lossless=None):
     """Stream ``source`` through ``encoder`` to the host at ``address``; returns the summary (a dict).
+
+    ``lossless`` (``med`` or ``mlp``): send each frame as captured, coded losslessly (edge/lossless.py), instead
+    of encoding it; ``encoder`` is then unused (None).
 
     ``frames``: stop after this many captured frames (None: until the source ends or Ctrl-C). ``serializer``,
     ``drop``, ``queue_size``, ``send_buffer_bytes``, ``entropy`` (a coder of :mod:`latentlink.edge.entropy`),
@@ -52,7 +56,7 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     edge = EdgeStream(encoder, profile, address, stream, serializer=serializer, drop=drop, queue_size=queue_size,
                       send_buffer_bytes=send_buffer_bytes, entropy=entropy, window=window, delivery=delivery,
                       wait_for_host_s=wait_for_host_s, spool=spool, protocol=protocol, credentials=credentials,
-                      on_record=on_record)
+                      on_record=on_record, lossless=lossless)
     started = last_status = time.perf_counter()
     try:
         while (frames is None or edge.captured < frames) and not edge.stopped:
@@ -91,12 +95,23 @@ class EdgeStream(object):
 
     def __init__(self, encoder, profile, address, stream, serializer=None, drop=None, queue_size=None,
                  send_buffer_bytes=None, entropy=None, window=None, delivery=None, wait_for_host_s=None, spool=None,
-                 protocol=2, credentials=None, on_record=None):
+                 protocol=2, credentials=None, on_record=None, lossless=None):
         transport = profile.transport
         serializer = serializer or transport.serializer
         if serializer not in SERIALIZERS:
             raise ConfigError("unknown serializer {!r} (available: {})".format(serializer, ", ".join(SERIALIZERS)))
-        packing = "pickle" if serializer in ("pickle", "pickle-raw") else encoder.info.packing
+        self.lossless = None
+        if lossless is not None:  # the frame as captured, coded losslessly: no preprocessing, no encoder
+            self.lossless = LosslessCodec(lossless)
+            if serializer != "framed":
+                raise ConfigError("--lossless frames are framed by latentlink, not sent as --serializer {}: leave "
+                                  "--serializer out".format(serializer))
+            if entropy not in (None, "none"):
+                raise ConfigError("--lossless frames are coded by their predictor, not by --entropy {}: leave "
+                                  "--entropy out".format(entropy))
+            entropy = "none"  # not the profile's coder: a lossless frame has its own
+        packing = "pickle" if serializer in ("pickle", "pickle-raw") else (
+            "lossless" if self.lossless is not None else encoder.info.packing)
         entropy = entropy or transport.entropy
         delivery = delivery or transport.delivery
         # pickle-raw: an 8-byte length and a pickle per frame, for the seed pipeline's plain sockets: no latentlink
@@ -106,7 +121,8 @@ class EdgeStream(object):
         protocol = VERSION if raw else protocol
         check_coding(packing, entropy)  # refused here, not at the first frame
         check_available(entropy)  # a missing library too
-        frame_hw = tuple(encoder.info.frame_shape[2:])
+        frame_hw = (profile.input.height, profile.input.width) if self.lossless is not None else tuple(
+            encoder.info.frame_shape[2:])
         if frame_hw != (profile.input.height, profile.input.width):
             raise ConfigError("the encoder takes {}x{} frames{} but profile {!r} says {}x{}: use the profile it was "
                               "exported for".format(frame_hw[1], frame_hw[0], " (as {}x{} tiles)".format(
@@ -116,15 +132,23 @@ class EdgeStream(object):
         self.serializer, self.packing, self.entropy, self.delivery = serializer, packing, entropy, delivery
         self.raw, self.protocol, self.on_record = raw, protocol, on_record
         # With patch processing (edge/tiles.py) preprocessing also cuts the frame into the encoder's batch of tiles.
-        self.preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit,
-                                       encoder.info.tiles)
-        self.stats = FrameStats(edge_stages(entropy), profile.budget_ms)
+        if self.lossless is None:
+            self.preprocess = Preprocessor(profile.input.width, profile.input.height, profile.input.fit,
+                                           encoder.info.tiles)
+        self.stats = FrameStats(edge_stages(entropy, lossless), profile.budget_ms)
         self.settled = collections.deque()  # timers of frames the sender settled, not yet counted (its threads)
-        info = encoder.info
-        self.context_model = info.context_model() if entropy == "context" else None  # ConfigError now if it has none
-        hello = {"model_id": info.identity(entropy), "shape": [int(d) for d in info.latent_shape],
-                 "dtype": info.latent_dtype, "packing": packing, "entropy": entropy,
-                 "tiles": [int(n) for n in info.tiles]}
+        if self.lossless is not None:
+            # The host needs no model for these frames: the predictor's identity instead, and the capture size (each
+            # frame's metadata has its own; the host bounds it by its --max-frame-bytes).
+            self.context_model = None
+            hello = {"model_id": self.lossless.identity, "shape": [profile.capture.height, profile.capture.width, 3],
+                     "dtype": "uint8", "packing": packing, "entropy": "none", "tiles": [1, 1]}
+        else:
+            info = encoder.info
+            self.context_model = info.context_model() if entropy == "context" else None  # ConfigError if none
+            hello = {"model_id": info.identity(entropy), "shape": [int(d) for d in info.latent_shape],
+                     "dtype": info.latent_dtype, "packing": packing, "entropy": entropy,
+                     "tiles": [int(n) for n in info.tiles]}
         self.sender = Sender(address, stream, hello=hello, queue_size=queue_size or transport.queue_size,
                              drop=drop or ("block" if delivery == "reliable" else transport.drop),
                              window=window or transport.window, delivery=delivery, protocol=protocol,
@@ -150,11 +174,26 @@ class EdgeStream(object):
         """Preprocess, encode and send one BGR uint8 frame captured at ``t_capture`` (UNIX seconds); returns False
         when it (or, under ``oldest``, an older frame) was dropped, or nothing more can be sent."""
         timer = timer or FrameTimer(self.captured)
+        if self.lossless is not None:
+            return self._send_lossless(frame, t_capture, timer)
         with timer.stage("preprocess"):
             tensor = self.preprocess(frame)
         latents, timings = self.encoder.infer(tensor)
         timer.add_backend_timings("encode", "gpu_to_cpu", timings)
         return self.send_latents(latents, t_capture, timer)
+
+    def _send_lossless(self, frame, t_capture, timer):
+        """``--lossless``: the frame itself, predictively coded (the ``encode`` stage), framed and sent."""
+        timer.extra["t_capture"] = t_capture
+        with timer.stage("encode"):
+            payload = self.lossless.encode(frame)
+        with timer.stage("serialize"):
+            data = frame_payload(self.stream, timer.seq, t_capture, frame, "lossless", payload, version=self.protocol)
+        timer.extra["bytes"] = len(data)
+        queued = self.sender.submit(data, timer)
+        self.captured += 1
+        _count_settled(self.settled, self.stats, self.on_record)
+        return queued
 
     def send_latents(self, latents, t_capture, timer=None):
         """Pack and send latents of the encoder's shape (as its ``infer`` returns them); see :meth:`send_image`."""
@@ -189,7 +228,8 @@ class EdgeStream(object):
         sender.close()
         wall_s = time.perf_counter() - self._started
         _count_settled(self.settled, self.stats, self.on_record)  # every frame: the sender settled them all
-        notes = {"gpu_to_cpu": self.encoder.copy_note} if self.encoder.copy_note else {}
+        copy_note = self.encoder.copy_note if self.encoder is not None else None
+        notes = {"gpu_to_cpu": copy_note} if copy_note else {}
         if sender.counts["stored"]:
             notes["stored"] = ("frames a gateway (latentlink host --jetstream) stored durably in its broker for decode "
                                "workers: queued, not yet decoded, when acknowledged (the workers' reports say what "
@@ -216,8 +256,11 @@ class EdgeStream(object):
         return self.summary
 
 
-def edge_stages(entropy):
-    """The stages the edge times: :data:`EDGE_STAGES`, without ``entropy`` when there is no coder (``"none"``)."""
+def edge_stages(entropy, lossless=None):
+    """The stages the edge times: :data:`EDGE_STAGES`, without ``entropy`` when there is no coder (``"none"``);
+    with ``lossless``, capture, encode (the lossless coder), serialize and send."""
+    if lossless:
+        return ("capture", "encode", "serialize", "send")
     return EDGE_STAGES if entropy != "none" else tuple(s for s in EDGE_STAGES if s != "entropy")
 
 

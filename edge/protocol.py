@@ -13,7 +13,9 @@ tables (:mod:`latentlink.edge.context_model`); the payload is then that coder's 
 Without the key (or with ``"none"``, which senders leave out) ``payload_len`` is exactly the packed size implied by
 packing and shape; with it, ``payload_len`` is the compressed size and the packed size is what decompression must
 give exactly. ``max_payload_bytes`` bounds both. The ``pickle`` packing is never entropy-coded: it exists for the
-seed pipeline's receivers, which know no entropy coding, and its size is not implied by the shape. Flag
+seed pipeline's receivers, which know no entropy coding, and its size is not implied by the shape. Packing
+``lossless`` carries no latents but the captured frame itself (dtype uint8, shape [H, W, 3], BGR), coded by
+:mod:`latentlink.edge.lossless` (``--lossless``; never entropy-coded, its size not implied by the shape). Flag
 ``END_OF_STREAM`` (packing ``none``, no payload) ends a stream.
 
 **Protocol 2** (``version`` 2; the byte is the message ``kind``): see the "protocol 2" section below and the README.
@@ -42,6 +44,7 @@ import numpy as np
 
 from .entropy import CODERS, compress, decompress
 from .errors import ConfigError, ConnectionClosed, ProtocolError
+from .lossless import decode as decode_lossless
 from .safe_pickle import loads_ndarray
 
 MAGIC = b"LLNK"
@@ -52,6 +55,12 @@ FIXED_HEADER = struct.Struct(">4sBBH")  # magic, version (uint8), flags or kind 
 FLAG_END_OF_STREAM = 0x01
 _KNOWN_FLAGS = FLAG_END_OF_STREAM
 PACKINGS = ("bits", "uint8", "float16", "float32", "pickle")
+# What a frame may carry: latents packed as PACKINGS says, or (lossless) no latents but the captured frame itself,
+# (H, W, 3) uint8 BGR, predictively coded (edge/lossless.py); the decoded image is at most LOSSLESS_EXPANSION times
+# the frame's payload limit: decoding takes about 30 bytes of memory per byte of image (README, "Lossless mode"), so
+# this bounds what one frame can make a host allocate to about 60 times its --max-frame-bytes.
+FRAME_PACKINGS = PACKINGS + ("lossless",)
+LOSSLESS_EXPANSION = 2
 # framed: the model's packing; pickle: the seed pipeline's pickled arrays in latentlink frames; pickle-raw: no
 # latentlink framing at all, what the seed pipeline's plain sockets carry (see raw_pickle_message)
 SERIALIZERS = ("framed", "pickle", "pickle-raw")
@@ -115,7 +124,7 @@ def payload_size(packing, shape):
     for dim in shape:
         n *= int(dim)
     sizes = {"bits": (n + 7) // 8, "uint8": n, "float16": 2 * n, "float32": 4 * n, "none": 0}
-    if packing == "pickle":
+    if packing in ("pickle", "lossless"):
         return None
     if packing not in sizes:
         raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
@@ -169,8 +178,8 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
     if end_of_stream:
         if packing != "none":
             raise error("end-of-stream frame has packing %r (expected 'none')" % (packing,))
-    elif packing not in PACKINGS:
-        raise error("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
+    elif packing not in FRAME_PACKINGS:
+        raise error("unknown packing %r (available: %s)" % (packing, ", ".join(FRAME_PACKINGS)))
     entropy = obj.get("entropy", "none")  # optional: frames from edges older than the key have none
     if entropy not in CODERS:
         raise error("unknown entropy coder %r (available: %s)" % (entropy, ", ".join(CODERS)))
@@ -179,6 +188,8 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
                     "payloads can" % (packing, entropy))
     if entropy == "context" and packing != "bits":
         raise error("entropy 'context' codes binary latents: packing %r is not 'bits'" % (packing,))
+    if packing == "lossless":
+        _check_lossless(shape, dtype, entropy, max_payload_bytes, error)
     payload_len = obj["payload_len"]
     if not _is_int(payload_len) or payload_len < 0:
         raise error("bad payload_len %r (expected an integer >= 0)" % (payload_len,))
@@ -197,6 +208,20 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
                                                                   max_payload_bytes))
     return FrameMeta(obj["stream"], int(seq), t_capture, dtype, tuple(int(d) for d in shape), packing,
                      int(payload_len), flags, 0, entropy)
+
+
+def _check_lossless(shape, dtype, entropy, max_payload_bytes, error):
+    """A lossless frame is a (H, W, 3) uint8 image, coded by edge/lossless.py alone, no bigger than
+    LOSSLESS_EXPANSION times the payload limit once decoded."""
+    if len(shape) != 3 or shape[2] != 3 or dtype != "uint8":
+        raise error("a lossless frame is a (H, W, 3) uint8 image, not %s %r" % (dtype, shape))
+    if entropy != "none":
+        raise error("a lossless frame is coded by its predictor, not by entropy %r" % (entropy,))
+    pixels = shape[0] * shape[1] * shape[2]
+    if max_payload_bytes is not None and pixels > LOSSLESS_EXPANSION * max_payload_bytes:
+        raise error("a lossless frame of %dx%d pixels (%d bytes) is more than %d times the payload limit of %d bytes "
+                    "(raise --max-frame-bytes if this is legitimate)" % (shape[1], shape[0], pixels,
+                                                                        LOSSLESS_EXPANSION, max_payload_bytes))
 
 
 def _sender_numbers(seq, t_capture):
@@ -235,6 +260,8 @@ def pack_latents(array, packing):
     if packing == "pickle":
         # What the old pipeline sent (numpy's unpickling turns any byte order into the receiver's native one).
         return pickle.dumps(a, protocol=3)
+    if packing == "lossless":
+        raise ConfigError("packing 'lossless' codes images with a predictor: use edge.lossless.LosslessCodec.encode")
     raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
 
 
@@ -261,9 +288,9 @@ def code_latents(array, packing, entropy="none", context_model=None):
     return compress(pack_latents(array, packing), entropy)
 
 
-def _check_sender_args(a, packing, entropy):
-    if packing not in PACKINGS:
-        raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(PACKINGS)))
+def _check_sender_args(a, packing, entropy, packings=PACKINGS):
+    if packing not in packings:
+        raise ConfigError("unknown packing %r (available: %s)" % (packing, ", ".join(packings)))
     if a.dtype.name not in DTYPES:
         raise ConfigError("array dtype %r is not supported (supported: %s)" % (a.dtype.name, ", ".join(DTYPES)))
     check_coding(packing, entropy)
@@ -276,6 +303,9 @@ def check_coding(packing, entropy):
     if entropy == "context" and packing != "bits":
         raise ConfigError("entropy 'context' codes binary latents (packing 'bits'), not %r latents: use another "
                           "--entropy (zlib, zstd)" % (packing,))
+    if packing == "lossless" and entropy != "none":
+        raise ConfigError("--lossless frames are coded by their predictor, not by --entropy %s: leave --entropy out"
+                          % (entropy,))
     if packing == "pickle" and entropy != "none":
         raise ConfigError("--serializer pickle cannot be entropy-coded (entropy %r): it is for the seed "
                           "pipeline's receivers, which know no entropy coding; use --serializer framed or "
@@ -289,7 +319,7 @@ def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none
     ``version``: 1 for a protocol-1 frame, 2 for protocol 2's FRAME message (the same metadata and payload).
     """
     a = np.asarray(array)
-    _check_sender_args(a, packing, entropy)
+    _check_sender_args(a, packing, entropy, FRAME_PACKINGS)  # lossless too: its payload comes ready
     seq, t_capture = _sender_numbers(seq, t_capture)
     meta = {"stream": stream, "seq": seq, "t_capture": t_capture, "dtype": a.dtype.name,
             "shape": [int(d) for d in a.shape], "packing": packing, "payload_len": len(payload)}
@@ -473,7 +503,7 @@ def _validate_fields(kind, obj, error):
             raise error("HELLO tiles %r is not [rows, columns] of 1 to 64" % (tiles,))
         return {"versions": [int(v) for v in versions], "stream": stream, "session": session, "model_id": model_id,
                 "shape": [int(d) for d in shape], "dtype": _text(obj, "dtype", error, DTYPES),
-                "packing": _text(obj, "packing", error, PACKINGS),
+                "packing": _text(obj, "packing", error, FRAME_PACKINGS),
                 "entropy": _text(obj, "entropy", error, CODERS) if "entropy" in obj else "none",
                 "tiles": [int(t) for t in tiles], "delivery": _text(obj, "delivery", error, DELIVERIES),
                 "window": _integer(obj, "window", error, 1, MAX_WINDOW), "unacked": _seq_list(obj, "unacked", error),
@@ -539,8 +569,10 @@ def parse_fields(kind, meta_bytes):
 
 def unpack_latents(payload, meta):
     """Decode a payload according to ``meta``; returns a writable array of meta.dtype and meta.shape."""
-    if meta.packing not in PACKINGS or meta.dtype not in DTYPES:
+    if meta.packing not in FRAME_PACKINGS or meta.dtype not in DTYPES:
         raise ProtocolError("cannot unpack latents with packing %r and dtype %r" % (meta.packing, meta.dtype))
+    if meta.packing == "lossless":
+        return decode_lossless(payload, meta.shape)
     dtype = np.dtype(meta.dtype)
     expected = payload_size(meta.packing, meta.shape)
     if expected is not None and len(payload) != expected:
@@ -564,6 +596,8 @@ def decode_latents(meta, payload, context_model=None):
     """
     if meta.flags & FLAG_END_OF_STREAM:
         raise ProtocolError("an end-of-stream frame carries no latents")
+    if meta.packing == "lossless":  # the captured image itself, rebuilt bit for bit (checked by its CRC-32)
+        return decode_lossless(payload, meta.shape)
     if meta.entropy == "context":
         if meta.packing != "bits":
             raise ProtocolError("entropy 'context' with packing %r (only 'bits')" % (meta.packing,))

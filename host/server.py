@@ -58,6 +58,7 @@ import cv2
 from latentlink.edge.backends.base import checkpoint_of
 from latentlink.edge.entropy import check_available
 from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, LatentlinkError, ProtocolError
+from latentlink.edge.lossless import PREDICTORS as LOSSLESS_PREDICTORS, codec as lossless_codec
 from latentlink.edge.preprocess import to_image
 from latentlink.edge.profiler import HOST_STAGES, FrameStats, FrameTimer
 from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_AUTH,
@@ -627,6 +628,11 @@ class Host(object):
                     take.append(job)
             if job.outcome == "dropped":
                 self._drop(job)
+        if self.forward is None:  # a gateway forwards lossless frames as they came, for the workers
+            lossless = [job for job in take if job.meta.packing == "lossless"]
+            for job in lossless:  # the image itself, rebuilt on receipt: no decoder run
+                job.output = job.latents
+            take = [job for job in take if job.meta.packing != "lossless"]
         if take and self.forward is not None:
             self._forward(take)
         elif take:
@@ -976,7 +982,9 @@ class Host(object):
         if meta.packing == "pickle" and not self.accept_pickle:
             raise ProtocolError("pickle frames are refused by this host (start it with --accept-pickle to accept the "
                                 "seed pipeline's pickled arrays, or send with --serializer framed)")
-        if not meta.flags & FLAG_END_OF_STREAM and tuple(meta.shape) != tuple(self.decoder.input_shape):
+        # (a lossless frame is an image of any size, bounded by the frame limit: edge/protocol.py)
+        if (not meta.flags & FLAG_END_OF_STREAM and meta.packing != "lossless"
+                and tuple(meta.shape) != tuple(self.decoder.input_shape)):
             if session is None:
                 self._wait_idle(me)  # the frames before it accounted first, in order (gaps count from them)
             with self._lock:
@@ -1144,6 +1152,8 @@ class Host(object):
         if VERSION_2 not in hello["versions"]:
             return "version", "the edge speaks protocol {} and this host 1 and 2: upgrade the edge".format(
                 hello["versions"])
+        if hello["packing"] == "lossless":
+            return _check_lossless_hello(hello)
         # The checkpoint first (a context-coded edge's identity adds its tables' hash: edge/backends/base.py), so
         # that an edge of another model hears that, not what its coder needs.
         edge_checkpoint = checkpoint_of(hello["model_id"])
@@ -1291,13 +1301,16 @@ class Host(object):
         """Write and record one decoded frame; returns ``(outcome, reason)``: "decoded" or "failed"."""
         meta, timer = job.meta, job.timer
         stats = self.streams[meta.stream]
+        lossless = meta.packing == "lossless"
         with timer.stage("write"):
-            image = to_image(job.output, self.decoder.info.tiles)  # a tiled model's tiles are joined here
+            # a tiled model's tiles are joined here; a lossless frame is the image already (BGR uint8)
+            image = job.output if lossless else to_image(job.output, self.decoder.info.tiles)
         latency = None if meta.t_capture is None else latency_ms(time.time() - job.offset_s, meta.t_capture)
         with timer.stage("write"):
             if self.display:
                 self._latest[meta.stream] = image
-            frame = DecodedFrame(stream=meta.stream, seq=meta.seq, image=image, latents=job.latents,
+            frame = DecodedFrame(stream=meta.stream, seq=meta.seq, image=image,
+                                 latents=None if lossless else job.latents,
                                  t_capture=meta.t_capture, latency_ms=latency, timings=dict(timer.stages),
                                  bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
             for output in self.outputs:
@@ -1423,6 +1436,24 @@ class Host(object):
                 extra["forgotten_streams"] = dict(streams=self.forgotten_streams, **forgotten)
             extra["notes"] = notes
             return self._frames.summary(per_frame_wall, dropped=gaps, extra=extra)
+
+
+def _check_lossless_hello(hello):
+    """A lossless stream (``--lossless``) needs no model: its frames are images, whatever this host decodes. Only
+    the predictor must be the edge's (its HELLO's model_id; for ``mlp``, the hash of the weights)."""
+    predictor = (hello["model_id"] or "").partition("lossless-")[2].partition("-")[0]
+    if predictor not in LOSSLESS_PREDICTORS or hello["entropy"] != "none":
+        return "bad_hello", "a lossless stream with predictor {!r} and entropy {!r} (this host knows {})".format(
+            hello["model_id"], hello["entropy"], ", ".join("lossless-" + p for p in LOSSLESS_PREDICTORS))
+    try:
+        identity = lossless_codec(predictor).identity
+    except ConfigError as exc:
+        return "entropy_unavailable", "this host cannot decode --lossless {}: {}".format(predictor, exc)
+    if hello["model_id"] != identity:
+        return "model_mismatch", ("the edge predicts with {} and this host with {} (the weights in "
+                                  "edge/lossless_mlp.json differ: give both the same latentlink version)".format(
+                                      hello["model_id"], identity))
+    return None
 
 
 def _shutdown(sock, how=socket.SHUT_RDWR):

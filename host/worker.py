@@ -256,7 +256,7 @@ class Worker(object):
         session, offset_s, _ = fleet.parse_headers(msg.headers)
         if msg.subject != fleet.subject(meta.stream):
             raise ProtocolError("a frame of stream {!r} on subject {}".format(meta.stream, msg.subject[:200]))
-        if tuple(meta.shape) != tuple(self.decoder.input_shape):
+        if meta.packing != "lossless" and tuple(meta.shape) != tuple(self.decoder.input_shape):
             raise ProtocolError("latents of shape {} do not fit this worker's decoder input {}: run the workers with "
                                 "the gateway's profile".format(list(meta.shape), list(self.decoder.input_shape)))
         return _Item(msg, meta, payload, session, offset_s)
@@ -313,7 +313,10 @@ class Worker(object):
                 good.append(item)
             except (ProtocolError, ConfigError) as exc:
                 item.outcome, item.reason = "failed", str(exc)
-        self._decode(good)
+        lossless = [item for item in good if item.meta.packing == "lossless"]
+        for item in lossless:  # the image itself, rebuilt by decode_latents: no decoder run (edge/lossless.py)
+            item.output = item.latents
+        self._decode([item for item in good if item.meta.packing != "lossless"])
         for item in good:
             if item.outcome is None:
                 self._write(item)
@@ -345,10 +348,12 @@ class Worker(object):
 
     def _write(self, item):
         meta, timer = item.meta, item.timer
+        lossless = meta.packing == "lossless"
         with timer.stage("write"):
-            image = to_image(item.output, self.decoder.info.tiles)
+            image = item.output if lossless else to_image(item.output, self.decoder.info.tiles)
             latency = latency_ms(time.time() - item.offset_s, meta.t_capture)
-            frame = DecodedFrame(stream=meta.stream, seq=meta.seq, image=image, latents=item.latents,
+            frame = DecodedFrame(stream=meta.stream, seq=meta.seq, image=image,
+                                 latents=None if lossless else item.latents,
                                  t_capture=meta.t_capture, latency_ms=latency, timings=dict(timer.stages),
                                  bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
             for output in self.outputs:

@@ -2,9 +2,9 @@
 
     python -m tests.fuzz.fuzz TARGET [libFuzzer options] [corpus folders]
 
-TARGET is one of ``frame``, ``messages``, ``pickle``, ``entropy``, ``context`` (see tests/fuzz/targets.py). Run it from the
-repository root. libFuzzer writes the inputs it finds new into the first corpus folder: give it a scratch folder
-first and the committed seeds second, so the seeds stay as they are::
+TARGET is one of ``frame``, ``messages``, ``pickle``, ``entropy``, ``context``, ``lossless`` (see
+tests/fuzz/targets.py). Run it from the repository root. libFuzzer writes the inputs it finds new into the first
+corpus folder: give it a scratch folder first and the committed seeds second, so the seeds stay as they are::
 
     python -m tests.fuzz.fuzz frame -max_total_time=3600 -timeout=10 -rss_limit_mb=2048 \\
         /tmp/corpus-frame tests/fuzz/corpus/frame

@@ -137,11 +137,39 @@ def contexts():
     return out
 
 
+def lossless_seeds():
+    from latentlink.edge.lossless import HEADER, NUM_CLASSES, codec
+
+    counts = HEADER.size + NUM_CLASSES  # where the counts of the classes start (after the k of each)
+
+    out = {}
+    for h, w in ((16, 16), (5, 7), (1, 1), (3, 16)):
+        y, x, c = np.indices((h, w, 3))
+        image = (y * 8 + x * 5 + c * 40 + (y * 7 + x * 3) % 5).astype(np.uint8)  # a gradient, a little texture
+        head = bytes([h - 1, w - 1])
+        for predictor in ("med", "mlp"):
+            payload = codec(predictor).encode(image)
+            out["%s-%dx%d" % (predictor, h, w)] = head + payload
+            if (h, w) == (16, 16):
+                out["bad-%s-crc" % predictor] = head + payload[:10] + bytes([payload[10] ^ 1]) + payload[11:]
+                if predictor == "med":
+                    out["bad-truncated"] = head + payload[:-3]
+                    out["bad-trailing-byte"] = head + payload + b"\x00"
+                    out["bad-huge-count"] = head + payload[:counts] + b"\xff\xff\xff\xff\x0f" + payload[counts + 1:]
+                    out["bad-long-payload"] = head + payload[:counts] + bytes(1024)
+                    out["bad-empty"] = head
+    flat = np.full((16, 16, 3), 128, np.uint8)  # flat with a square: run mode
+    flat[4:9, 5:11] = (40, 90, 200)
+    for predictor in ("med", "mlp"):
+        out["%s-flat-16x16" % predictor] = bytes([15, 15]) + codec(predictor).encode(flat)
+    return out
+
+
 def main():
     if os.path.isdir(HERE):
         shutil.rmtree(HERE)
     for target, inputs in [("frame", frames()), ("messages", message_streams()), ("pickle", pickles()),
-                           ("entropy", payloads()), ("context", contexts())]:
+                           ("entropy", payloads()), ("context", contexts()), ("lossless", lossless_seeds())]:
         os.makedirs(os.path.join(HERE, target))
         for name, data in sorted(inputs.items()):
             with open(os.path.join(HERE, target, name), "wb") as f:

@@ -17,6 +17,8 @@ announced size).
 - ``context``: ``ContextModel.decode`` (--entropy context) of fixed pseudo-random tables; the first 4 bytes pick
   channels (1 to 8), tiles (1 or 2), height and width (1 to 16 latents), the rest is the payload; decoded bits must
   code back to themselves, and the payload read as bits must round-trip through the coder.
+- ``lossless``: ``lossless.decode`` (--lossless); the first 2 bytes pick height and width (1 to 16 pixels, 3
+  channels), the rest is the payload (its header picks med or mlp); a decoded image must code and decode back.
 - ``entropy``: ``entropy.decompress`` with a bound; the first byte picks the coder (zlib, lz4, zstd), the next two
   the size it must unpack to (big-endian, at most 65535), the rest is the payload; and the coder's round trip.
 
@@ -29,6 +31,7 @@ import struct
 import numpy as np
 
 from latentlink.edge import entropy as _entropy
+from latentlink.edge import lossless as _lossless
 from latentlink.edge.context_model import PROB_ONE, ContextModel, table_sizes
 from latentlink.edge.errors import ConnectionClosed, ProtocolError
 from latentlink.edge.protocol import (DTYPES, FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_FRAME, KIND_NAMES,
@@ -175,7 +178,19 @@ def context(data):
     assert bits.shape == shape and bits.dtype == np.uint8 and bits.max(initial=0) <= 1, (bits.shape, shape)
     assert (model.decode(model.encode(bits), shape) == bits).all()
 
-TARGETS = {"frame": frame, "messages": messages, "pickle": pickle, "entropy": entropy, "context": context}
+def lossless(data):
+    """``lossless.decode(payload, shape)``: the image of exactly that shape or a ProtocolError; and round trips."""
+    if len(data) < 2:
+        return
+    shape = (1 + data[0] % 16, 1 + data[1] % 16, 3)
+    image = _lossless.decode(data[2:], shape)  # a ProtocolError here is the refusal
+    assert image.shape == shape and image.dtype == np.uint8, (image.shape, image.dtype)
+    # it decoded: the image codes and decodes back to itself (the payload may differ: its Rice parameters are free)
+    assert (_lossless.decode(_lossless.codec(_lossless.PREDICTORS[data[3]]).encode(image), shape) == image).all()
+
+
+TARGETS = {"frame": frame, "messages": messages, "pickle": pickle, "entropy": entropy, "context": context,
+           "lossless": lossless}
 
 
 def run_one(name, data):
