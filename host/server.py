@@ -83,6 +83,7 @@ JOURNAL_DIR = ".latentlink"  # under out_dir: <stream>.delivered, "session seq o
 # seq_jumps instead, so that no absurd "dropped" reaches a report.
 MAX_SEQ_JUMP = 2 ** 24
 BUSY_REFUSERS = 8  # under TLS, connections over --max-connections answered "busy" at once (each needs a handshake)
+LOSSLESS_DECODES = 2  # lossless frames decoded at once, across connections: each may take 60x --max-frame-bytes
 TLS_RECORD = b"\x16"  # the first byte of a TLS ClientHello (a handshake record)
 
 
@@ -384,6 +385,7 @@ class Host(object):
         self.address = None
         self._lock = threading.Lock()  # guards the counters above, the streams dict and the live names
         self._decode_lock = threading.Lock()  # one decode at a time: ONNX Runtime already uses every core
+        self._lossless_slots = threading.BoundedSemaphore(LOSSLESS_DECODES)  # their memory: _decode_payload
         self._stop = threading.Event()  # no new connections or frames; the frames queued are still finished
         self._abort = threading.Event()  # stop at once: the frames queued are dropped, not acknowledged
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000.0
@@ -1256,8 +1258,7 @@ class Host(object):
         with timer.stage("deserialize"):
             # decompressed first if entropy-coded (bounded: edge/entropy.py, edge/context_model.py); a gateway
             # forwards the payload as received (its workers decode it, with the same bounded functions)
-            latents = payload if self.forward is not None else decode_latents(meta, payload,
-                                                                               self._context_model(meta))
+            latents = self._decode_payload(meta, payload)
         new = None
         with session.lock:
             if me.evicted:
@@ -1279,6 +1280,19 @@ class Host(object):
             self._send_on(me, encode_message(KIND_ACK, seq=meta.seq, outcome=known, duplicate=True, t_recv=t_recv,
                                              t_done=time.time(), t_ack=time.time()))
 
+    def _decode_payload(self, meta, payload):
+        """A frame's latents from its payload, undoing its entropy coding (bounded: edge/entropy.py,
+        edge/context_model.py), or a lossless frame's image (edge/lossless.py). A gateway forwards the payload as
+        received (its workers decode it, with the same bounded functions). Lossless decoding needs about 30 bytes of
+        memory per byte of image for seconds, so at most :data:`LOSSLESS_DECODES` frames decode at once, whatever
+        the number of connections: the others wait their turn (their edges' windows fill)."""
+        if self.forward is not None:
+            return payload
+        if meta.packing != "lossless":
+            return decode_latents(meta, payload, self._context_model(meta))
+        with self._lossless_slots:
+            return decode_latents(meta, payload)
+
     def _context_model(self, meta):
         """The decoder's entropy tables for a context-coded frame (None for others); a host without them refuses
         the frame (protocol 2 refused the HELLO already)."""
@@ -1292,8 +1306,7 @@ class Host(object):
     def _receive_frame(self, me, meta, payload, timer):
         """A protocol-1 frame or a raw pickle: to the pipeline, without acknowledgement."""
         with timer.stage("deserialize"):
-            latents = payload if self.forward is not None else decode_latents(meta, payload,
-                                                                               self._context_model(meta))
+            latents = self._decode_payload(meta, payload)
         if not self._submit(_Job(me, meta, latents, timer)):
             raise ConnectionClosed("the host is stopping")
 
