@@ -6,13 +6,13 @@ import signal
 import sys
 import threading
 
-from latentlink.edge.backends import open_backend
 from latentlink.edge.cli import (ArgumentParser, add_backend_options, add_run_options, address, backend_options,
                                  check_model_file, check_output_file, check_resolvable, is_loopback,
                                  peak_rss_mb, positive_float, positive_int, run_main, setup_logging)
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.profile import load_profile
 from latentlink.edge.profiler import HOST_STAGES, ReportWriter, format_table
+from latentlink.edge.rate import open_model
 from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
@@ -188,7 +188,8 @@ def _main(argv):
     credentials = Credentials.for_host(args.tls, args.token_file)  # missing files fail before the model loads
     report = None
     try:
-        with open_backend(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
+        # open_model: a progressive model's decoder too (edge/rate.py), which decodes each frame's iterations
+        with open_model(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
             meta = {"role": "host", "profile": profile.name, "backend": decoder.name, "decoder": decoder_path,
                     "out": ",".join(args.out) if args.out else None}
             if args.report:  # each decoded frame's record is written at once, not kept until the end

@@ -20,11 +20,11 @@ import queue
 import threading
 import time
 
-from latentlink.edge.backends import open_backend
 from latentlink.edge.cli import check_output_dir, check_output_file, peak_rss_mb
 from latentlink.edge.errors import ConfigError, LatentlinkError
 from latentlink.edge.profile import load_profile
 from latentlink.edge.profiler import HOST_STAGES, ReportWriter
+from latentlink.edge.rate import open_model
 from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
@@ -106,9 +106,9 @@ class Receiver:
         credentials = Credentials.for_host(tls, token_file)  # missing files fail before the model loads
         listen_host, listen_port = parse_address(listen)
         self.decoder_path = self.profile.model.decoder if decoder == "default" else decoder
-        self._decoder = open_backend(self.decoder_path, "decoder", threads=threads, device=device,
-                                     precision=precision,
-                                     input_size=(self.profile.input.height, self.profile.input.width)).load()
+        self._decoder = open_model(self.decoder_path, "decoder", threads=threads, device=device,
+                                   precision=precision,
+                                   input_size=(self.profile.input.height, self.profile.input.width)).load()
         self._frames = queue.Queue(maxsize=queue_size)
         self._closed = threading.Event()  # close() was called: blocked writes give up
         self._served = threading.Event()  # the host thread has ended

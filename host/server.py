@@ -954,7 +954,8 @@ class Host(object):
         if meta.packing == "pickle" and not self.accept_pickle:
             raise ProtocolError("pickle frames are refused by this host (start it with --accept-pickle to accept the "
                                 "seed pipeline's pickled arrays, or send with --serializer framed)")
-        if not meta.flags & FLAG_END_OF_STREAM and tuple(meta.shape) != tuple(self.decoder.input_shape):
+        problem = None if meta.flags & FLAG_END_OF_STREAM else self._latents_problem(meta)
+        if problem is not None:
             if session is None:
                 self._wait_idle(me)  # the frames before it accounted first, in order (gaps count from them)
             with self._lock:
@@ -962,8 +963,29 @@ class Host(object):
                     self.streams[meta.stream].fail(meta.seq)
                 else:
                     self.streams[meta.stream].failed += 1
-            raise ProtocolError("latents of shape {} do not fit the decoder's input {}: run the host with the "
-                                "edge's profile or decoder".format(list(meta.shape), list(self.decoder.input_shape)))
+            raise ProtocolError(problem)
+
+    def _latents_problem(self, meta):
+        """Why a frame's latents do not fit the decoder (None if they do). A progressive decoder (edge/rate.py)
+        takes 1 to K codes of its code shape, with the frame's ``iterations`` saying how many; others their one
+        input shape, and no ``iterations``."""
+        progressive = getattr(self.decoder, "progressive", None)
+        if progressive is None:
+            if meta.iterations is not None:
+                return ("a progressive model's frame ({} iterations), and this host's decoder is not progressive: run "
+                        "the host with the edge's profile or decoder".format(meta.iterations))
+            if tuple(meta.shape) != tuple(self.decoder.input_shape):
+                return ("latents of shape {} do not fit the decoder's input {}: run the host with the edge's profile "
+                        "or decoder".format(list(meta.shape), list(self.decoder.input_shape)))
+            return None
+        if meta.iterations is None:
+            return ("a frame without iterations, and this host's decoder is progressive ({} iterations of codes {}): "
+                    "run the host with the edge's profile or decoder".format(progressive["iterations"],
+                                                                            progressive["code_shape"]))
+        if meta.iterations > progressive["iterations"] or list(meta.shape[1:]) != progressive["code_shape"]:
+            return ("{} iterations of codes {} do not fit the decoder's {} iterations of {}".format(
+                meta.iterations, list(meta.shape[1:]), progressive["iterations"], progressive["code_shape"]))
+        return None
 
     def _end_stream(self, stream, seq, where, session=None):
         """The edge said end-of-stream after ``seq`` frames (numbered 0 .. seq - 1)."""
@@ -1129,6 +1151,11 @@ class Host(object):
             return "model_mismatch", ("the edge's encoder comes from checkpoint {}... and this host's decoder from {}..."
                                       " (another training run: its images would be noise); give both the same "
                                       "profile or export".format(edge_checkpoint[:12], info.model_id[:12]))
+        progressive = getattr(self.decoder, "progressive", None)  # edge/rate.py: up to K codes per frame
+        if hello["progressive"] != progressive:
+            return "shape_mismatch", ("the edge's model is {} and this host's decoder {}: run the host with the edge's "
+                                      "profile (or --decoder)".format(_progressive_text(hello["progressive"]),
+                                                                      _progressive_text(progressive)))
         if tuple(hello["shape"]) != tuple(self.decoder.input_shape):
             return "shape_mismatch", ("the edge sends latents of shape {} and this host's decoder takes {}: run the "
                                       "host with the edge's profile (or --decoder)".format(
@@ -1140,9 +1167,9 @@ class Host(object):
             if not self.accept_pickle:
                 return "pickle_refused", ("pickle frames are refused by this host (start it with --accept-pickle, "
                                           "or send with --serializer framed)")
-        elif hello["packing"] != info.packing:
+        elif hello["packing"] != ("bits" if progressive else info.packing):  # progressive codes travel as bits
             return "packing_mismatch", "the edge packs latents as {} and this host's decoder expects {}".format(
-                hello["packing"], info.packing)
+                hello["packing"], "bits" if progressive else info.packing)
         if hello["entropy"] == "context":
             try:
                 identity = info.identity("context")  # reads the tables (entropy.json beside the decoder), once
@@ -1287,6 +1314,8 @@ class Host(object):
         record = timer.record()
         record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len,
                       batch=job.batch)
+        if meta.iterations is not None:  # a progressive model's frame: the codes it carried
+            record["iterations"] = meta.iterations
         # The host's clock read on the edge's; raw pickles carry no capture time.
         record["latency_ms"] = latency  # null: no capture time, or one too far from this host's clock
         with self._lock:
@@ -1398,6 +1427,13 @@ class Host(object):
                 extra["forgotten_streams"] = dict(streams=self.forgotten_streams, **forgotten)
             extra["notes"] = notes
             return self._frames.summary(per_frame_wall, dropped=gaps, extra=extra)
+
+
+def _progressive_text(progressive):
+    """A HELLO's or a decoder's ``progressive`` in words."""
+    if progressive is None:
+        return "not progressive"
+    return "progressive ({} iterations of codes {})".format(progressive["iterations"], progressive["code_shape"])
 
 
 def _shutdown(sock, how=socket.SHUT_RDWR):
