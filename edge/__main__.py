@@ -4,9 +4,8 @@ import logging
 import sys
 
 from .cli import (ArgumentParser, add_backend_options, add_run_options, address, backend_options, check_model_file,
-                  check_output_dir, check_output_file, check_resolvable, non_negative_float, peak_rss_mb, positive_float,
-                  positive_int,
-                  run_main, setup_logging)
+                  check_output_dir, check_output_file, check_resolvable, non_negative_float, peak_rss_mb,
+                  positive_float, positive_int, run_main, setup_logging)
 from .entropy import CODERS, check_available
 from .errors import ConfigError
 from .pipeline import check_raw, default_stream_name, edge_stages, run_edge
