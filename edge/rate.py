@@ -51,23 +51,24 @@ class AdaptiveRate(object):
     - ``fill`` = (frames in flight + frames queued) / window (a fraction; above 1 once frames queue beyond it);
     - ``srtt`` (ms): an average of the acknowledgements' round trips (send to ACK on this edge's clock), each new
       one weighing ``smoothing`` (1/4); ``base`` (ms): the smallest of the last ``base_samples`` (128) round trips,
-      what the link takes when nothing queues; ``delay`` (ms) = max(srtt, age of the oldest frame in flight), so a
-      host that stops answering raises it even while no ACK comes.
+      what the link and the host take when nothing queues.
 
-    The link is **congested** when ``fill >= high_fill`` (0.75) or ``delay > rtt_factor * base + margin_ms``
-    (2 x base + 20 ms); it is **clear** when ``fill <= low_fill`` (0.5) and ``delay <= clear_factor * base +
-    margin_ms / 4`` (1.25 x base + 5 ms). Congested: k halves (``k // 2``, not below ``min_iterations``), at most
+    The link is **congested** when ``fill >= high_fill`` (1.0: the window is full) or ``srtt > rtt_factor * base +
+    margin_ms`` (2 x base + 50 ms); it is **clear** when ``fill <= low_fill`` (0.5) and ``srtt <= clear_factor *
+    base + margin_ms`` (1.5 x base + 50 ms). Congested: k halves (``k // 2``, not below ``min_iterations``), at most
     once per ``cooldown`` frames (the window: the frames sent before a decrease must drain before it shows). Clear
     for ``raise_after`` (8) frames in a row: k grows by one (not above ``max_iterations``). Between the two (the
     dead band) or without a connection, k holds and the clear count restarts. So one late ACK does not move k (it
-    moves ``srtt`` by a quarter of its excess), nor does a window that fills for a frame; k starts at
-    ``max_iterations`` (``start``).
+    moves ``srtt`` by a quarter of its excess), nor does a window half full; k starts at ``max_iterations``
+    (``start``). A host that stops answering fills the window within ``window`` frames: congested. The margin is
+    50 ms because round trips through a loaded host jitter by tens of ms from frame to frame; a slow link's queue
+    grows by a frame's transmission time per frame.
     """
 
     name = "adaptive"
 
-    def __init__(self, min_iterations, max_iterations, start=None, high_fill=0.75, low_fill=0.5, rtt_factor=2.0,
-                 clear_factor=1.25, margin_ms=20.0, smoothing=0.25, base_samples=128, raise_after=8, cooldown=4):
+    def __init__(self, min_iterations, max_iterations, start=None, high_fill=1.0, low_fill=0.5, rtt_factor=2.0,
+                 clear_factor=1.5, margin_ms=50.0, smoothing=0.25, base_samples=128, raise_after=8, cooldown=4):
         if not 1 <= min_iterations <= max_iterations:
             raise ConfigError("bad iterations {}..{}: need 1 <= --min-iterations <= --max-iterations".format(
                 min_iterations, max_iterations))
@@ -98,11 +99,10 @@ class AdaptiveRate(object):
         if not link.connected:
             return "hold"
         fill = (link.in_flight + link.waiting) / float(max(1, link.window))
-        base = self.base_ms
-        delay = max(self.srtt_ms or 0.0, link.oldest_ms)
-        if fill >= self.high_fill or (base is not None and delay > self.rtt_factor * base + self.margin_ms):
+        base, srtt = self.base_ms, self.srtt_ms
+        if fill >= self.high_fill or (base is not None and srtt > self.rtt_factor * base + self.margin_ms):
             return "congested"
-        if fill <= self.low_fill and (base is None or delay <= self.clear_factor * base + self.margin_ms / 4.0):
+        if fill <= self.low_fill and (base is None or srtt <= self.clear_factor * base + self.margin_ms):
             return "clear"
         return "hold"
 

@@ -55,9 +55,8 @@ RTT_SAMPLES = 256  # acknowledgement round trips kept for link_state() between t
 
 # What the sender tells a rate controller (edge/rate.py) before each frame is encoded. Counts are frames;
 # ``window``: the frames the host lets be in flight now; ``rtts_ms``: send-to-ACK round trips (ms, this edge's
-# clock) of the acknowledgements that came since the last call, oldest first; ``oldest_ms``: how long the oldest
-# frame in flight has waited for its ACK (0.0 when none is in flight); ``connected``: a link is up.
-LinkState = collections.namedtuple("LinkState", "in_flight waiting window rtts_ms oldest_ms connected")
+# clock) of the acknowledgements that came since the last call, oldest first; ``connected``: a link is up.
+LinkState = collections.namedtuple("LinkState", "in_flight waiting window rtts_ms connected")
 
 
 def parse_address(text, default_port=5760):
@@ -414,12 +413,10 @@ class Sender(object):
         """The link as a rate controller sees it now (a :data:`LinkState`); the round trips it returns are not
         returned again."""
         with self._cond:
-            oldest = next(iter(self._in_flight.values()))[2] if self._in_flight else None
             rtts = list(self._rtts)
             self._rtts.clear()
             return LinkState(in_flight=len(self._in_flight), waiting=len(self._waiting), window=self._window_now,
-                             rtts_ms=rtts, oldest_ms=max(0.0, (time.time() - oldest) * 1000.0) if oldest else 0.0,
-                             connected=self._link is not None)
+                             rtts_ms=rtts, connected=self._link is not None)
 
     def submit(self, data, timer):
         """Queue a frame; returns False if it (or, under ``oldest``, another frame) was dropped."""

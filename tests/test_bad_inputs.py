@@ -199,7 +199,7 @@ def tripwires(monkeypatch):
         raise ReachedTheWork("the bad input was not refused")
 
     monkeypatch.setattr(latentlink.edge.__main__, "open_source", reached)
-    monkeypatch.setattr(latentlink.host.__main__, "open_backend", reached)
+    monkeypatch.setattr(latentlink.host.__main__, "open_model", reached)
     monkeypatch.setattr(latentlink.demo, "subprocess", types.SimpleNamespace(
         Popen=reached, TimeoutExpired=subprocess.TimeoutExpired))
     pytest.importorskip("torch")
