@@ -318,3 +318,27 @@ def test_a_frame_with_more_iterations_than_the_model_is_a_protocol_error_closing
     finally:
         host.stop()
         thread.join(10)
+
+
+def test_the_python_api_sends_a_progressive_models_frames_at_a_fixed_rate(double_model, tmp_path):
+    from latentlink.edge.api import Sender
+    from latentlink.host.server import Host
+
+    records = []
+    host = Host(open_double(double_model, "decoder"), idle_timeout_s=5, frame_timeout_s=2, on_record=records.append)
+    host.bind("127.0.0.1", 0)
+    thread = threading.Thread(target=host.serve, daemon=True)
+    thread.start()
+    try:
+        image = np.full((48, 80, 3), 120, np.uint8)
+        with Sender("{}:{}".format(*host.address), name="api", profile=double_model, drop="block", rate="fixed",
+                    iterations=3) as sender:
+            for _ in range(5):
+                sender.send_image(image)
+        assert sender.summary["outcomes"]["decoded"] == 5 and sender.summary["iterations"]["mean"] == 3.0
+        with pytest.raises(ConfigError):
+            Sender("{}:{}".format(*host.address), profile=double_model, rate="fixed", iterations=K + 1)
+    finally:
+        host.stop()
+        thread.join(10)
+    assert sorted(r["iterations"] for r in records) == [3] * 5
