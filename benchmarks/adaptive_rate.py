@@ -3,12 +3,14 @@ partway.
 
     python benchmarks/adaptive_rate.py --profile progressive.yaml --plot docs/adaptive-rate.png
     python benchmarks/adaptive_rate.py --double          # the tests' stand-in model: the mechanism, not a codec
+    python benchmarks/adaptive_rate.py --double --fault stop --slow 3    # the host stopped (SIGSTOP) for 3 s
 
 One edge process streams photos (``--photos``, looped, paced at ``--fps`` like a camera) live to one host process on
 loopback, through a TCP proxy in this process that carries the edge's bytes at full speed for ``--before`` seconds,
 then at ``--slow-fraction`` of the bytes per second that full-quality frames need (K iterations at ``--fps``) for
 ``--slow`` seconds, then at full speed again for ``--after`` seconds (a link that degrades, then recovers: what the
-rate controller is for; a host that decodes slower per frame is no case for fewer bytes). Two runs, the same frames:
+rate controller is for; a host that decodes slower per frame is no case for fewer bytes). ``--fault stop``: the host
+process is stopped (SIGSTOP) for the ``--slow`` seconds instead, then continued (SIGCONT). Two runs, the same frames:
 
 - ``--rate fixed``: every frame gets the model's K iterations;
 - ``--rate adaptive``: each frame's iterations follow the link (edge/rate.py), from 1 to K.
@@ -22,6 +24,7 @@ Figures, not a test: the processes share this machine's cores.
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -151,9 +154,14 @@ def run(work, label, args, profile_path, rate_args, slow_rate):
             time.sleep(0.01)
         t0 = proxy.t_first or time.monotonic()
         time.sleep(max(0.0, t0 + args.before - time.monotonic()))
-        proxy.rate = slow_rate
+        if args.fault == "stop":
+            host.send_signal(signal.SIGSTOP)
+        else:
+            proxy.rate = slow_rate
         time.sleep(max(0.0, t0 + args.before + args.slow - time.monotonic()))
         proxy.rate = None
+        if args.fault == "stop":
+            host.send_signal(signal.SIGCONT)
         status = edge.wait(args.before + args.slow + args.after + 300)
         host.wait(60)
         proxy.close()
@@ -161,6 +169,7 @@ def run(work, label, args, profile_path, rate_args, slow_rate):
             raise SystemExit("the edge failed: see {}".format(os.path.join(work, label + "-edge.log")))
     finally:
         if host.poll() is None:
+            host.send_signal(signal.SIGCONT)
             host.kill()
     with open(os.path.join(work, label + ".json")) as f:
         return json.load(f)
@@ -222,15 +231,15 @@ def plot(path, runs, args):
         ax.set_ylabel(name)
         ax.legend(loc="best")
     axes[1].set_yscale("log")
-    axes[2].set_xlabel("capture time (s); shaded: the link at {:.0%} of full-quality frames' rate".format(
-        args.slow_fraction))
+    axes[2].set_xlabel("capture time (s); shaded: " + ("the host stopped (SIGSTOP)" if args.fault == "stop" else
+                       "the link at {:.0%} of full-quality frames' rate".format(args.slow_fraction)))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", help="the progressive model's profile (model.json with \"progressive\")")
     parser.add_argument("--double", action="store_true",
                         help="the tests' stand-in progressive model (tests/progressive_double.py) at 256x256: "
@@ -240,6 +249,8 @@ def main(argv=None):
     parser.add_argument("--before", type=float, default=6.0, help="seconds at full speed first (default: %(default)s)")
     parser.add_argument("--slow", type=float, default=12.0, help="seconds of the slow link (default: %(default)s)")
     parser.add_argument("--after", type=float, default=8.0, help="seconds at full speed after (default: %(default)s)")
+    parser.add_argument("--fault", choices=("link", "stop"), default="link",
+                        help="link: the proxy slows the link (default); stop: the host is stopped (SIGSTOP)")
     parser.add_argument("--slow-fraction", type=float, default=0.3,
                         help="the slow link's bytes/s as a fraction of full-quality frames' (default: %(default)s)")
     parser.add_argument("--entropy", default=None, help="the edge's --entropy (default: the profile's)")
@@ -266,11 +277,12 @@ def main(argv=None):
     frame_bytes, k = full_rate_bytes(profile, profile.model.encoder, args.photos, entropy)
     slow_rate = args.slow_fraction * frame_bytes * args.fps
     references = source_frames(args.photos, profile)
+    fault = ("the host is stopped" if args.fault == "stop" else "the slow link carries {:,.0f} bytes/s ({:.0%})".format(
+        slow_rate, args.slow_fraction))
     print("{}: K = {} iterations, {:,} bytes per full-quality frame ({}), {:g} fps: {:,.0f} bytes/s at full "
-          "quality; the slow link carries {:,.0f} bytes/s ({:.0%}) from {:g} s to {:g} s of {:g} s".format(
-              "double" if args.double else profile.name, k, frame_bytes, entropy, args.fps,
-              frame_bytes * args.fps, slow_rate, args.slow_fraction, args.before, args.before + args.slow,
-              args.before + args.slow + args.after))
+          "quality; {} from {:g} s to {:g} s of {:g} s".format(
+              "double" if args.double else profile.name, k, frame_bytes, entropy, args.fps, frame_bytes * args.fps,
+              fault, args.before, args.before + args.slow, args.before + args.slow + args.after))
     runs, table = [], []
     for label, rate_args in (("fixed", ["--rate", "fixed"]),
                              ("adaptive", ["--rate", "adaptive", "--min-iterations", str(args.min_iterations)])):

@@ -16,7 +16,6 @@ progressive codec to the edge's pipeline and the host's decode stage as a backen
 ``infer_batch``...), and :func:`open_model` opens either kind of model from its file. Python 3.6 (the Jetson Nano).
 """
 
-import collections
 import time
 
 import numpy as np
@@ -49,26 +48,31 @@ class AdaptiveRate(object):
     Before each frame, from the sender's :data:`~latentlink.edge.sender.LinkState`:
 
     - ``fill`` = (frames in flight + frames queued) / window (a fraction; above 1 once frames queue beyond it);
-    - ``srtt`` (ms): an average of the acknowledgements' round trips (send to ACK on this edge's clock), each new
-      one weighing ``smoothing`` (1/4); ``base`` (ms): the smallest of the last ``base_samples`` (128) round trips,
-      what the link and the host take when nothing queues.
+    - ``srtt`` (ms): a short average of the acknowledgements' round trips (send to ACK on this edge's clock), each
+      new one weighing ``smoothing`` (1/4); ``long`` (ms): a long one, each weighing ``long_smoothing`` (1/32), what
+      round trips have been lately. ``srtt`` well above ``long``: round trips are *growing*, frames queue somewhere.
 
-    The link is **congested** when ``fill >= high_fill`` (1.0: the window is full) or ``srtt > rtt_factor * base +
-    margin_ms`` (2 x base + 50 ms); it is **clear** when ``fill <= low_fill`` (0.5) and ``srtt <= clear_factor *
-    base + margin_ms`` (1.5 x base + 50 ms). Congested: k halves (``k // 2``, not below ``min_iterations``), at most
-    once per ``cooldown`` frames (the window: the frames sent before a decrease must drain before it shows). Clear
-    for ``raise_after`` (8) frames in a row: k grows by one (not above ``max_iterations``). Between the two (the
-    dead band) or without a connection, k holds and the clear count restarts. So one late ACK does not move k (it
-    moves ``srtt`` by a quarter of its excess), nor does a window half full; k starts at ``max_iterations``
-    (``start``). A host that stops answering fills the window within ``window`` frames: congested. The margin is
-    50 ms because round trips through a loaded host jitter by tens of ms from frame to frame; a slow link's queue
-    grows by a frame's transmission time per frame.
+    The link is **congested** when ``fill >= high_fill`` (0.75: 3 frames of a window of 4) or ``srtt > rtt_factor *
+    long + margin_ms`` (1.5 x long + 20 ms); it is **clear** when ``fill <= low_fill`` (0.5) and ``srtt <=
+    clear_factor * long + margin_ms`` (1.25 x long + 20 ms). Congested: k halves (``k // 2``, not below
+    ``min_iterations``), at most once per ``cooldown`` frames (the window: the frames sent before a decrease must
+    drain before it shows). Clear for ``raise_after`` (8) frames in a row: k grows by one (not above
+    ``max_iterations``). Between the two (the dead band) or without a connection, k holds and the clear count
+    restarts. So one late ACK does not move k (it moves ``srtt`` by a quarter of its excess), nor does a window half
+    full; k starts at ``max_iterations`` (``start``). A host that stops answering fills the window within a few
+    frames: congested.
+
+    Why growth and not a floor: round trips through a loaded host jitter by tens of ms from frame to frame, and
+    a frame of more iterations takes longer to send and decode without anything queueing; both move ``long``
+    with them. What a live stream cannot afford is frames queueing, which the window's fill and a sudden growth
+    show.
     """
 
     name = "adaptive"
 
-    def __init__(self, min_iterations, max_iterations, start=None, high_fill=1.0, low_fill=0.5, rtt_factor=2.0,
-                 clear_factor=1.5, margin_ms=50.0, smoothing=0.25, base_samples=128, raise_after=8, cooldown=4):
+    def __init__(self, min_iterations, max_iterations, start=None, high_fill=0.75, low_fill=0.5, rtt_factor=1.5,
+                 clear_factor=1.25, margin_ms=20.0, smoothing=0.25, long_smoothing=1.0 / 32, raise_after=8,
+                 cooldown=4):
         if not 1 <= min_iterations <= max_iterations:
             raise ConfigError("bad iterations {}..{}: need 1 <= --min-iterations <= --max-iterations".format(
                 min_iterations, max_iterations))
@@ -79,30 +83,27 @@ class AdaptiveRate(object):
                                                                         self.max_iterations)
         self.high_fill, self.low_fill = high_fill, low_fill
         self.rtt_factor, self.clear_factor, self.margin_ms = rtt_factor, clear_factor, margin_ms
-        self.smoothing, self.raise_after, self.cooldown = smoothing, raise_after, cooldown
-        self.srtt_ms = None
-        self._recent = collections.deque(maxlen=base_samples)  # ms: the last round trips, for ``base``
+        self.smoothing, self.long_smoothing = smoothing, long_smoothing
+        self.raise_after, self.cooldown = raise_after, cooldown
+        self.srtt_ms = self.long_ms = None  # ms; None before the first acknowledgement
         self._clear = 0  # clear frames in a row
         self._since_decrease = cooldown  # frames since the last decrease
         self.decreases = self.increases = 0
 
-    @property
-    def base_ms(self):
-        """The smallest recent round trip (ms); None before the first acknowledgement."""
-        return min(self._recent) if self._recent else None
-
     def state(self, link):
         """``"congested"``, ``"clear"`` or ``"hold"`` for ``link`` (updates the round-trip estimates)."""
         for rtt in link.rtts_ms:
-            self._recent.append(rtt)
-            self.srtt_ms = rtt if self.srtt_ms is None else self.srtt_ms + self.smoothing * (rtt - self.srtt_ms)
+            if self.srtt_ms is None:
+                self.srtt_ms = self.long_ms = rtt
+            self.srtt_ms += self.smoothing * (rtt - self.srtt_ms)
+            self.long_ms += self.long_smoothing * (rtt - self.long_ms)
         if not link.connected:
             return "hold"
         fill = (link.in_flight + link.waiting) / float(max(1, link.window))
-        base, srtt = self.base_ms, self.srtt_ms
-        if fill >= self.high_fill or (base is not None and srtt > self.rtt_factor * base + self.margin_ms):
+        srtt, long_ms = self.srtt_ms, self.long_ms
+        if fill >= self.high_fill or (srtt is not None and srtt > self.rtt_factor * long_ms + self.margin_ms):
             return "congested"
-        if fill <= self.low_fill and (base is None or srtt <= self.clear_factor * base + self.margin_ms):
+        if fill <= self.low_fill and (srtt is None or srtt <= self.clear_factor * long_ms + self.margin_ms):
             return "clear"
         return "hold"
 
