@@ -115,8 +115,9 @@ def full_rate_bytes(profile, encoder_path, photos, entropy):
         frame = source.read()[0]
     with open_model(encoder_path, "encoder") as encoder:
         k = encoder.max_iterations
-        codes = encoder.encode(Preprocessor(profile.input.width, profile.input.height, profile.input.fit)(frame), k)
-        context = encoder.info.context_model() if entropy == "context" else None
+        codes, _ = encoder.encode(Preprocessor(profile.input.width, profile.input.height, profile.input.fit)(frame),
+                                  k)
+        context = encoder.context_model(k) if entropy == "context" else None
         payload = code_latents(codes, "bits", entropy, context)
         return len(frame_payload("cam", 0, 0.0, codes, "bits", payload, entropy, VERSION_2, iterations=k)), k
 

@@ -174,8 +174,8 @@ class EdgeStream(object):
             tensor = self.preprocess(frame)
         if self.rate is not None:  # k chosen from the link's state now, before the frame is encoded
             iterations = self.rate.choose(self.sender.link_state())
-            with timer.stage("encode"):
-                latents = self.encoder.encode(tensor, iterations)
+            latents, timings = self.encoder.encode(tensor, iterations)
+            timer.add_backend_timings("encode", "gpu_to_cpu", timings)
             return self.send_latents(latents, t_capture, timer)
         latents, timings = self.encoder.infer(tensor)
         timer.add_backend_timings("encode", "gpu_to_cpu", timings)
@@ -185,13 +185,15 @@ class EdgeStream(object):
         """Pack and send latents of the encoder's shape (as its ``infer`` returns them); see :meth:`send_image`."""
         timer = timer or FrameTimer(self.captured)
         timer.extra["t_capture"] = t_capture
-        iterations = None
+        iterations, context_model = None, self.context_model
         if self.progressive is not None:  # its first k codes, (k, C, h, w): k is the frame's iterations
             iterations = int(latents.shape[0])
             timer.extra["iterations"] = iterations
-        if self.context_model is not None:  # codes the latents themselves: nothing to pack first
+            if context_model is not None:  # the tables of the first k iterations (edge/progressive.py)
+                context_model = self.encoder.context_model(iterations)
+        if context_model is not None:  # codes the latents themselves: nothing to pack first
             with timer.stage("entropy"):
-                payload = self.context_model.encode(latents)
+                payload = context_model.encode(latents)
         else:
             with timer.stage("serialize"):
                 payload = pack_latents(latents, self.packing)

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from .errors import BackendError, ConfigError
+from .errors import BackendError, ConfigError, LatentlinkError
 from .protocol import MAX_ITERATIONS
 
 RATES = ("fixed", "adaptive")
@@ -195,7 +195,8 @@ class ProgressiveBackend(object):
             raise ConfigError("{}: model.json says {} iterations of codes {}, and the model codes {} of {}".format(
                 info.path, spec[0], list(spec[1]), self.max_iterations, list(self.code_shape)))
         self.progressive = {"iterations": self.max_iterations, "code_shape": list(self.code_shape)}
-        self.name = "progressive {}".format(getattr(codec, "name", None) or type(codec).__name__)
+        steps = getattr(codec, "decoder", None)  # the runtime of its steps (onnxruntime, tensorrt, torch)
+        self.name = "progressive {}".format(getattr(steps, "name", None) or getattr(codec, "name", "model"))
         self.loaded = False
 
     @property
@@ -211,13 +212,25 @@ class ProgressiveBackend(object):
         return (self.max_iterations,) + self.code_shape
 
     def encode(self, tensor, iterations):
-        """The first ``iterations`` codes of ``tensor``: uint8 0/1, shape (iterations, C, h, w)."""
-        codes, _ = self.codec.encode(tensor, int(iterations))
+        """The first ``iterations`` codes of ``tensor``: ``(codes, timings)``, codes uint8 0/1 of shape (iterations,
+        C, h, w); timings in ms as a backend's ``infer``: ``run_ms`` (the encoder steps and the decoder steps the
+        residuals need) and ``copy_ms`` (outputs to host memory, the codec's ``gpu_to_cpu``)."""
+        started = time.perf_counter()
+        codes, timings = self.codec.encode(tensor, int(iterations))
+        wall_ms = (time.perf_counter() - started) * 1000.0
         codes = np.asarray(codes)
         if codes.shape != (int(iterations),) + self.code_shape:
             raise BackendError("the progressive encoder gave codes of shape {} for {} iterations (expected {})".format(
                 codes.shape, iterations, (int(iterations),) + self.code_shape))
-        return codes.astype(np.uint8, copy=False)
+        copy_ms = float(timings.get("gpu_to_cpu", 0.0)) if isinstance(timings, dict) else 0.0
+        return codes.astype(np.uint8, copy=False), {"run_ms": max(0.0, wall_ms - copy_ms), "copy_ms": copy_ms}
+
+    def context_model(self, iterations):
+        """The ``--entropy context`` coder of ``iterations`` codes (k, C, h, w): the model's tables for its first k
+        iterations (edge/progressive.py's IterationContextModel); ConfigError if it has none."""
+        if not hasattr(self.codec, "context_model"):
+            raise ConfigError("this progressive model has no context coder; use --entropy zlib or zstd")
+        return self.codec.context_model(int(iterations))
 
     def infer_batch(self, arrays):
         """Decode each frame's codes (k, C, h, w) to its image (1, 3, H, W) float32; ``(outputs, timings)`` with
@@ -230,7 +243,7 @@ class ProgressiveBackend(object):
                     bits.shape, self.max_iterations, list(self.code_shape)))
             try:
                 image, _ = self.codec.decode(bits)
-            except (ValueError, RuntimeError) as exc:
+            except (ValueError, RuntimeError, LatentlinkError) as exc:
                 raise BackendError("progressive decode of {} iterations failed: {}".format(bits.shape[0], exc))
             outputs.append(np.array(image, dtype=np.float32))  # its own array, as infer_batch promises
         return outputs, {"run_ms": (time.perf_counter() - started) * 1000.0, "copy_ms": 0.0}

@@ -1278,6 +1278,8 @@ class Host(object):
         if meta.entropy != "context":
             return None
         try:
+            if meta.iterations is not None and hasattr(self.decoder, "context_model"):
+                return self.decoder.context_model(meta.iterations)  # a progressive model's first k iterations'
             return self.decoder.info.context_model()
         except ConfigError as exc:
             raise ProtocolError("a context-coded frame, and this host cannot decode it: {}".format(exc))

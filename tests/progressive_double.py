@@ -60,16 +60,22 @@ def write_model(folder, iterations=6, size=64, window=4, queue_size=2):
     under ``folder``; returns the profile's path."""
     os.makedirs(os.path.join(folder, "model"), exist_ok=True)
     code_shape = [3, size // CELL, size // CELL]
-    data = {"model": "progressive-double", "input_shape": [1, 3, size, size], "latent_shape": [1] + code_shape,
-            "packing": "bits", "latent_dtype": "uint8", "checkpoint_sha256": "ab" * 32,
-            "progressive": {"iterations": iterations, "code_shape": code_shape}}
+    image, codes, state = [1, 3, size, size], [1] + code_shape, [1, 4] + code_shape[1:]
+    steps = {"encoder_step": {"file": "encoder_step.onnx", "inputs": [["residual", image], ["state", state]],
+                              "outputs": [["codes", codes], ["new_state", state]]},
+             "decoder_step": {"file": "decoder_step.onnx", "inputs": [["codes", codes], ["state", state]],
+                              "outputs": [["increment", image], ["new_state", state]]}}
+    data = {"model": "progressive-double", "input_shape": image, "latent_shape": codes, "packing": "bits",
+            "latent_dtype": "uint8", "checkpoint_sha256": "ab" * 32,
+            "progressive": dict(steps, iterations=iterations, code_shape=code_shape, state_shape=state[1:])}
     with open(os.path.join(folder, "model", "model.json"), "w") as f:
         json.dump(data, f)
-    for name in ("encoder.onnx", "decoder.onnx"):
+    for name in ("encoder_step.onnx", "decoder_step.onnx"):  # placeholders: the double computes without them
         open(os.path.join(folder, "model", name), "wb").close()
     profile = os.path.join(folder, "progressive.yaml")
     with open(profile, "w") as f:
-        f.write("name: progressive-double\nmodel:\n  encoder: model/encoder.onnx\n  decoder: model/decoder.onnx\n"
+        f.write("name: progressive-double\nmodel:\n  encoder: model/encoder_step.onnx\n"
+                "  decoder: model/decoder_step.onnx\n"
                 "input:\n  width: {0}\n  height: {0}\nbudget_ms: 33\ntransport:\n  queue_size: {1}\n  window: {2}\n"
                 "  max_backoff_s: 0.5\n".format(size, queue_size, window))
     return profile

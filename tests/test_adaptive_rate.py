@@ -236,7 +236,7 @@ def test_progressive_codes_decode_to_a_better_image_with_more_iterations(double_
     reference = to_image(np.repeat(np.repeat(image[0].reshape(3, 8, 8, 8, 8).mean(axis=(2, 4)), 8, 1), 8, 2)[None])
     scores = []
     for k in range(1, K + 1):
-        outputs, _ = decoder.infer_batch([encoder.encode(image, k)])
+        outputs, _ = decoder.infer_batch([encoder.encode(image, k)[0]])
         scores.append(psnr(reference, to_image(outputs[0])))
     assert scores == sorted(scores) and scores[-1] > scores[0] + 10
 
