@@ -350,3 +350,50 @@ def test_the_python_api_sends_a_progressive_models_frames_at_a_fixed_rate(double
         host.stop()
         thread.join(10)
     assert sorted(r["iterations"] for r in records) == [3] * 5
+
+
+def test_a_real_progressive_model_end_to_end_through_the_host(tmp_path):
+    """The zoo's progressive model (small, untrained, exported at 64x64): the edge's k codes, zstd-coded on the
+    wire, decode on the host to exactly the image the codec gives for those k codes."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from latentlink.edge.api import Sender
+    from latentlink.edge.preprocess import Preprocessor, to_image
+    from latentlink.edge.progressive import open_progressive
+    from latentlink.export.models import build_model, save_checkpoint
+    from latentlink.export.onnx_export import export_progressive
+    from latentlink.host.server import Host
+
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    model = build_model("progressive", iterations=3, channels=16, state_channels=8)
+    save_checkpoint(str(tmp_path / "tiny.pt"), model)
+    export_progressive(model, SIZE, SIZE, str(folder), checkpoint=str(tmp_path / "tiny.pt"), quiet=True)
+    profile = tmp_path / "progressive.yaml"
+    profile.write_text("name: tiny-progressive\nmodel:\n  encoder: model/encoder_step.onnx\n  decoder: "
+                       "model/decoder_step.onnx\ninput:\n  width: {0}\n  height: {0}\nbudget_ms: 33\n".format(SIZE))
+    rng = np.random.RandomState(1)
+    images = [cv2.GaussianBlur(rng.randint(0, 256, (SIZE, SIZE, 3)).astype(np.uint8), (9, 9), 3) for _ in range(3)]
+    from latentlink.edge.rate import open_model
+
+    host = Host(open_model(str(folder / "decoder_step.onnx"), "decoder").load(), out_dir=str(tmp_path / "out"),
+                idle_timeout_s=5, frame_timeout_s=5)
+    host.bind("127.0.0.1", 0)
+    thread = threading.Thread(target=host.serve, daemon=True)
+    thread.start()
+    try:
+        with Sender("{}:{}".format(*host.address), name="real", profile=str(profile), drop="block", entropy="zstd",
+                    rate="fixed", iterations=2) as sender:
+            for image in images:
+                sender.send_image(image)
+        assert sender.summary["outcomes"]["decoded"] == 3 and sender.summary["iterations"]["max"] == 2
+    finally:
+        host.stop()
+        thread.join(10)
+        host.decoder.close()
+    with open_progressive(str(folder), "encoder") as codec:
+        for seq, image in enumerate(images):
+            codes, _ = codec.encode(Preprocessor(SIZE, SIZE)(image), 2)
+            expected = to_image(codec.decode(codes)[0])
+            got = cv2.imread(str(tmp_path / "out" / "real" / "{:06d}.png".format(seq)))
+            assert np.array_equal(got, expected)
