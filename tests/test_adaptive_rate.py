@@ -287,6 +287,12 @@ def test_edge_with_adaptive_rate_to_host_every_frame_accounted_for(procs, tmp_pa
     # Bytes follow the iterations: the header, the metadata, and k * 3 * 8 * 8 bits.
     for record in edge_report["records"]:
         assert record["bytes"] > record["iterations"] * 3 * 8 * 8 // 8
+    from latentlink.report_views import frame_rows, join_by_seq
+
+    columns, rows = frame_rows(edge_report)
+    assert "iterations" in columns and [row["iterations"] for row in rows] == [sent[r["seq"]] for r in rows]
+    columns, rows, _ = join_by_seq(edge_report, host_report)
+    assert "iterations" in columns and dict((row["seq"], row["iterations"]) for row in rows) == sent
     pngs = sorted(os.listdir(str(tmp_path / "out" / "cam")))
     assert len(pngs) == frames
     for name in pngs:
