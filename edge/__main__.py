@@ -169,10 +169,8 @@ def _main(argv):
                           "--protocol 1, or use --tls DIR")
     credentials = Credentials.for_edge(args.tls, stream, args.tls_ca, args.token_file)
     rate_options = (args.rate, args.iterations, args.min_iterations, args.max_iterations)
-    if any(option is not None for option in rate_options) and not is_progressive(encoder_path):
-        raise ConfigError("--rate, --iterations, --min-iterations and --max-iterations choose a progressive model's "
-                          "iterations per frame, and {} is not progressive (its model.json has no \"progressive\")"
-                          .format(encoder_path))
+    if any(option is not None for option in rate_options) and is_progressive(encoder_path) is False:
+        raise ConfigError(not_progressive(encoder_path))  # before the camera opens (a checkpoint: once loaded)
     report = None
     try:
         with open_source(args.source, capture.width, capture.height, capture.fps, loop=args.loop) as source, \
@@ -189,6 +187,8 @@ def _main(argv):
                 rate = make_rate(*(rate_options[:1] + (encoder.max_iterations,) + rate_options[1:]),
                                  window=args.window or profile.transport.window)
                 meta.update(rate=rate.describe(), progressive=encoder.progressive, packing="bits")
+            elif any(option is not None for option in rate_options):
+                raise ConfigError(not_progressive(encoder_path))
             if args.report:  # each frame's record is written as its outcome arrives, not kept until the end
                 report = ReportWriter(args.report, edge_stages(entropy), profile.budget_ms, meta)
             summary = run_edge(source, encoder, profile, address, stream, frames=args.frames,
@@ -209,6 +209,11 @@ def _main(argv):
         if args.report:
             print("report: {}".format(args.report))
     return exit_status(summary, args.drop or ("block" if delivery == "reliable" else profile.transport.drop))
+
+
+def not_progressive(encoder_path):
+    return ("--rate, --iterations, --min-iterations and --max-iterations choose a progressive model's iterations per "
+            "frame, and {} is not progressive (its model.json has no \"progressive\")".format(encoder_path))
 
 
 def exit_status(summary, drop):

@@ -16,6 +16,7 @@ progressive codec to the edge's pipeline and the host's decode stage as a backen
 ``infer_batch``...), and :func:`open_model` opens either kind of model from its file. Python 3.6 (the Jetson Nano).
 """
 
+import os
 import time
 
 import numpy as np
@@ -24,6 +25,7 @@ from .errors import BackendError, ConfigError, LatentlinkError
 from .protocol import MAX_ITERATIONS
 
 RATES = ("fixed", "adaptive")
+CHECKPOINTS = (".pt", ".pth")  # PyTorch checkpoints: what model they hold is known once loaded
 
 
 class FixedRate(object):
@@ -267,23 +269,35 @@ class ProgressiveBackend(object):
 
 
 def is_progressive(model_path):
-    """True when the model file's metadata (model.json) describes a progressive model."""
+    """True when the model file's metadata (model.json) describes a progressive model; None for a PyTorch
+    checkpoint (known once loaded)."""
     from .backends.base import read_model_info
 
+    if os.path.splitext(model_path)[1].lower() in CHECKPOINTS:
+        return None
     try:
         return progressive_spec(read_model_info(model_path)) is not None
     except ConfigError:
-        return False  # no metadata (a .pt checkpoint): not progressive; open_backend says what it lacks
+        return False  # no metadata: open_backend says what it lacks
 
 
 def open_model(model_path, role, **options):
-    """An unloaded backend for ``model_path``: a :class:`ProgressiveBackend` when its metadata says progressive
-    (opened with ``open_progressive``), else :func:`~latentlink.edge.backends.open_backend`'s."""
+    """A backend for ``model_path``: a :class:`ProgressiveBackend` when it is a progressive model (opened with
+    ``open_progressive``), else :func:`~latentlink.edge.backends.open_backend`'s (unloaded; a PyTorch checkpoint
+    is loaded to tell which it is)."""
     from .backends import open_backend
     from .backends.base import read_model_info
 
-    if not is_progressive(model_path):
+    progressive = is_progressive(model_path)
+    if progressive is None:  # a checkpoint says what it is once loaded
+        backend = open_backend(model_path, role, **options).load()
+        if backend.info.progressive is None:
+            return backend
+        backend.close()
+    elif not progressive:
         return open_backend(model_path, role, **options)
     from .progressive import open_progressive  # the progressive model's own module
 
-    return ProgressiveBackend(open_progressive(model_path, role, **options), read_model_info(model_path), role)
+    codec = open_progressive(model_path, role, **options)
+    info = getattr(codec, "info", None) or read_model_info(model_path)
+    return ProgressiveBackend(codec, info, role)
