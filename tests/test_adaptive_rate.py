@@ -382,6 +382,8 @@ def test_a_real_progressive_model_end_to_end_through_the_host(tmp_path):
     images = [cv2.GaussianBlur(rng.randint(0, 256, (SIZE, SIZE, 3)).astype(np.uint8), (9, 9), 3) for _ in range(3)]
     from latentlink.edge.rate import open_model
 
+    with open_model(str(tmp_path / "tiny.pt"), "decoder", input_size=(SIZE, SIZE)) as checkpoint:  # a .pt too
+        assert isinstance(checkpoint, ProgressiveBackend) and checkpoint.input_shape == (3, 8, 8, 8)
     host = Host(open_model(str(folder / "decoder_step.onnx"), "decoder").load(), out_dir=str(tmp_path / "out"),
                 idle_timeout_s=5, frame_timeout_s=5)
     host.bind("127.0.0.1", 0)
