@@ -89,6 +89,23 @@ class ThrottledProxy(object):
         self.server.close()
 
 
+def shrink_photos(folder, out, size):
+    """Copies of the images in ``folder`` at most ``size`` pixels a side (PNG, same names and order) in ``out``."""
+    import cv2
+
+    os.makedirs(out, exist_ok=True)
+    for name in sorted(os.listdir(folder)):
+        image = cv2.imread(os.path.join(folder, name))
+        if image is None:
+            continue
+        scale = min(1.0, float(size) / max(image.shape[:2]))
+        if scale < 1.0:
+            image = cv2.resize(image, (int(round(image.shape[1] * scale)), int(round(image.shape[0] * scale))),
+                               interpolation=cv2.INTER_AREA)
+        cv2.imwrite(os.path.join(out, os.path.splitext(name)[0] + ".png"), image)
+    return out
+
+
 def source_frames(photos, profile):
     """The source's frames as the edge sees them after preprocessing: BGR uint8 images, in the source's order."""
     from latentlink.edge.preprocess import Preprocessor, to_image
@@ -131,7 +148,8 @@ def run(work, label, args, profile_path, rate_args, slow_rate):
     host = subprocess.Popen(command + ["host" if args.double else "latentlink.host", "--listen", "127.0.0.1:0",
                                        "--ready-file", ready, "--profile", profile_path, "--out",
                                        os.path.join(work, label), "--report", os.path.join(work, label + "-host.json"),
-                                       "--max-streams", "1", "--quiet", "--progress", "0"],
+                                       "--max-streams", "1", "--quiet", "--progress", "0", "--threads",
+                                       str(args.threads)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(
                                 work, label + "-host.log"), "w"))
     try:
@@ -145,6 +163,7 @@ def run(work, label, args, profile_path, rate_args, slow_rate):
         frames = int(round(args.fps * (args.before + args.slow + args.after)))
         edge_cmd = command + ["edge" if args.double else "latentlink.edge", "--source", "file://" + args.photos,
                               "--loop", "--fps", str(args.fps), "--frames", str(frames), "--connect", proxy.address,
+                              "--threads", str(args.threads),
                               "--profile", profile_path, "--name", "cam", "--report",
                               os.path.join(work, label + ".json"), "--quiet", "--drop", "oldest"] + rate_args
         if args.entropy:
@@ -256,6 +275,12 @@ def main(argv=None):
                         help="the slow link's bytes/s as a fraction of full-quality frames' (default: %(default)s)")
     parser.add_argument("--entropy", default=None, help="the edge's --entropy (default: the profile's)")
     parser.add_argument("--min-iterations", type=int, default=1, help="adaptive: --min-iterations (default: 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="the edge's and the host's --threads (default: %(default)s: on a small shared machine, "
+                             "ONNX Runtime's spinning threads would slow both more than they help)")
+    parser.add_argument("--source-size", type=int, default=640,
+                        help="the photos are first shrunk to at most this many pixels a side (default: %(default)s), "
+                             "so that reading them keeps up with --fps as a camera would; 0: as they are")
     parser.add_argument("--plot", help="write iterations, latency and PSNR per frame over time to this PNG")
     parser.add_argument("--keep", help="keep the runs' reports and PNGs in this folder")
     args = parser.parse_args(argv)
@@ -263,6 +288,8 @@ def main(argv=None):
         parser.error("give --profile (a progressive model's) or --double")
     work = args.keep or tempfile.mkdtemp(prefix="adaptive-rate-")
     os.makedirs(work, exist_ok=True)
+    if args.source_size:
+        args.photos = shrink_photos(args.photos, os.path.join(work, "photos"), args.source_size)
     if args.double:
         from tests import progressive_double
 
@@ -291,7 +318,9 @@ def main(argv=None):
         rows = per_frame(report, os.path.join(work, label), references, args.fps)
         runs.append((label, rows))
         table += phase_table(label, rows, args)
-        print("{}: {} captured, outcomes {}".format(label, report["captured"], report["outcomes"]))
+        print("{}: {} captured, outcomes {}; the edge ran at {:.1f} fps (asked {:g}){}".format(
+            label, report["captured"], report["outcomes"], report["fps"], args.fps,
+            "" if report["fps"] >= 0.9 * args.fps else ": it could not keep up, so the phases (seq / fps) are off"))
     print("| rate | phase | frames | decoded | dropped | latency p50 ms | latency p95 ms | iterations/frame | "
           "bytes/frame | PSNR dB |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -57,13 +57,14 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
                       send_buffer_bytes=send_buffer_bytes, entropy=entropy, window=window, delivery=delivery,
                       wait_for_host_s=wait_for_host_s, spool=spool, protocol=protocol, credentials=credentials,
                       on_record=on_record, rate=rate)
-    started = last_status = time.perf_counter()
+    started = last_status = next_at = time.perf_counter()
     try:
         while (frames is None or edge.captured < frames) and not edge.stopped:
-            if fps:  # the next frame's time on a camera's clock; a late loop does not catch up in a burst
-                wait = started + edge.captured / float(fps) - time.perf_counter()
+            if fps:  # a camera's clock: a frame every 1/fps s; a late loop goes on from now, not in a burst
+                wait = next_at - time.perf_counter()
                 if wait > 0:
                     time.sleep(wait)
+                next_at = max(next_at, time.perf_counter() - 1.0 / fps) + 1.0 / fps
             timer = FrameTimer(edge.captured)
             with timer.stage("capture"):
                 got = source.read()
