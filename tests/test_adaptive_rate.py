@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from latentlink.edge.errors import ConfigError, ProtocolError
-from latentlink.edge.protocol import (KIND_FRAME, KIND_HELLO, MAX_ITERATIONS, VERSION_2, FIXED_HEADER, encode_frame,
-                                      encode_message, frame_payload, pack_latents, parse_fields, parse_meta)
+from latentlink.edge.protocol import (FIXED_HEADER, KIND_HELLO, MAX_ITERATIONS, VERSION_2, encode_frame, encode_message,
+                                      frame_payload, pack_latents, parse_fields, parse_meta)
 from latentlink.edge.rate import AdaptiveRate, FixedRate, ProgressiveBackend, make_rate
 from latentlink.edge.sender import LinkState
 
