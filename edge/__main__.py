@@ -3,10 +3,9 @@
 import logging
 import sys
 
-from .backends import open_backend
 from .cli import (ArgumentParser, add_backend_options, add_run_options, address, backend_options, check_model_file,
-                  check_output_dir, check_output_file, check_resolvable, non_negative_float, peak_rss_mb, positive_int,
-                  run_main, setup_logging)
+                  check_output_dir, check_output_file, check_resolvable, non_negative_float, peak_rss_mb,
+                  positive_float, positive_int, run_main, setup_logging)
 from .entropy import CODERS, check_available
 from .errors import ConfigError
 from .lossless import PREDICTORS
@@ -15,6 +14,7 @@ from .profile import load_profile
 from .profiler import ReportWriter, emit, format_table
 from .protocol import SERIALIZERS
 from .protocol import DELIVERIES, PERMANENT_REFUSALS
+from .rate import RATES, is_progressive, make_rate, open_model
 from .security import Credentials
 from .sender import DROP_POLICIES, Spool, parse_address
 from .sources import open_source
@@ -31,6 +31,9 @@ EXAMPLES = """examples:
   latentlink edge --source csi://0 --connect 192.168.1.20:5760 --token-file token.txt
   latentlink edge --source csi://0 --connect 192.168.1.20:5760 --lossless mlp
         (each frame as captured, rebuilt bit for bit on the host: no encoder, no loss)
+  latentlink edge --source csi://0 --encoder progressive/encoder.onnx --rate adaptive --min-iterations 2
+        (a progressive model: each frame's iterations follow the link; --rate fixed --iterations 4 for a fixed rate)
+  latentlink edge --source file://clip.mp4 --fps 15 --connect 127.0.0.1:5760    (a file paced like a camera)
 
 sources: csi://N (Jetson CSI camera), v4l2:///dev/videoN (USB camera), file://clip.mp4 (video),
          file://photos/ (images in name order), file://img.png, rtsp://..., synthetic:// (test pattern)
@@ -101,6 +104,20 @@ def get_args_parser():
     parser.add_argument("--token-file", metavar="FILE",
                         help="prove to the host that this edge has the token in FILE, and make the host prove it too "
                              "(the host's --token-file; protocol 2)")
+    parser.add_argument("--rate", choices=RATES, default=None,
+                        help="a progressive model's iterations per frame: fixed (--iterations N for every frame; "
+                             "default) or adaptive (each frame's follow the link: fewer when acknowledgements lag, "
+                             "more when they come back fast, within --min-iterations and --max-iterations)")
+    parser.add_argument("--iterations", type=positive_int, default=None, metavar="N",
+                        help="with --rate fixed: iterations per frame (default: all the model has)")
+    parser.add_argument("--min-iterations", type=positive_int, default=None, metavar="N",
+                        help="with --rate adaptive: the fewest iterations a frame gets (default: 1)")
+    parser.add_argument("--max-iterations", type=positive_int, default=None, metavar="N",
+                        help="with --rate adaptive: the most iterations a frame gets, and the first frames' "
+                             "(default: all the model has)")
+    parser.add_argument("--fps", type=positive_float, default=None,
+                        help="read the source at most this many frames per second, as a camera would deliver them "
+                             "(files and synthetic:// are otherwise read as fast as frames are encoded)")
     parser.add_argument("--send-buffer", type=positive_int, default=None, metavar="BYTES",
                         help="socket send buffer (SO_SNDBUF); default from the profile")
     add_backend_options(parser)
@@ -166,11 +183,18 @@ def _main(argv):
         raise ConfigError("--token-file is proved in protocol 2's handshake, which protocol 1 does not have: drop "
                           "--protocol 1, or use --tls DIR")
     credentials = Credentials.for_edge(args.tls, stream, args.tls_ca, args.token_file)
+    rate_options = (args.rate, args.iterations, args.min_iterations, args.max_iterations)
+    if args.lossless and any(option is not None for option in rate_options):
+        raise ConfigError("--rate and --iterations choose a progressive model's iterations per frame; --lossless "
+                          "sends each frame whole: leave them out")
+    if any(option is not None for option in rate_options) and is_progressive(encoder_path) is False:
+        raise ConfigError(not_progressive(encoder_path))  # before the camera opens (a checkpoint: once loaded)
     report = None
     try:
         with open_source(args.source, capture.width, capture.height, capture.fps, loop=args.loop) as source, \
-                (_NoEncoder() if args.lossless else open_backend(encoder_path, "encoder",
-                                                                 **backend_options(args, profile))) as encoder:
+                (_NoEncoder() if args.lossless else open_model(encoder_path, "encoder",
+                                                               **backend_options(args, profile))) as encoder:
+            rate = None
             if args.lossless:
                 logging.getLogger("latentlink.edge").info(
                     "stream %r: %s -> lossless (%s predictor, frames as captured) -> %s:%d", stream,
@@ -185,6 +209,12 @@ def _main(argv):
                         "encoder": encoder_path, "source": source.uri, "packing": encoder.info.packing,
                         "entropy": entropy, "input_shape": list(encoder.info.input_shape),
                         "latent_shape": list(encoder.info.latent_shape)}
+                if getattr(encoder, "progressive", None) is not None:  # edge/rate.py: k of K codes per frame
+                    rate = make_rate(*(rate_options[:1] + (encoder.max_iterations,) + rate_options[1:]),
+                                     window=args.window or profile.transport.window)
+                    meta.update(rate=rate.describe(), progressive=encoder.progressive, packing="bits")
+                elif any(option is not None for option in rate_options):
+                    raise ConfigError(not_progressive(encoder_path))
             if args.report:  # each frame's record is written as its outcome arrives, not kept until the end
                 report = ReportWriter(args.report, edge_stages(entropy, args.lossless), profile.budget_ms, meta)
             summary = run_edge(source, encoder, profile, address, stream, frames=args.frames,
@@ -192,7 +222,8 @@ def _main(argv):
                                send_buffer_bytes=args.send_buffer, entropy=entropy, window=args.window,
                                delivery=delivery, wait_for_host_s=args.wait_for_host, spool=spool,
                                protocol=args.protocol, credentials=credentials,
-                               on_record=report.add if report else None, lossless=args.lossless)
+                               on_record=report.add if report else None, lossless=args.lossless, rate=rate,
+                               fps=args.fps)
         meta["peak_rss_mb"] = peak_rss_mb()
         if report is not None:
             report.finish(summary, meta)
@@ -217,6 +248,11 @@ class _NoEncoder(object):
 
     def __exit__(self, *exc_info):
         pass
+
+
+def not_progressive(encoder_path):
+    return ("--rate, --iterations, --min-iterations and --max-iterations choose a progressive model's iterations per "
+            "frame, and {} is not progressive (its model.json has no \"progressive\")".format(encoder_path))
 
 
 def exit_status(summary, drop):

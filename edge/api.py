@@ -26,12 +26,12 @@ import time
 
 import numpy as np
 
-from .backends import open_backend
 from .cli import check_output_file, peak_rss_mb
 from .errors import ConfigError
 from .pipeline import EdgeStream, default_stream_name, edge_stages
 from .profile import load_profile
 from .profiler import ReportWriter
+from .rate import make_rate, open_model
 from .security import Credentials
 from .sender import Spool, parse_address
 
@@ -56,6 +56,10 @@ class Sender(object):
     ``name``), ``tls_ca``, ``token_file``. ``report``: write each frame's record to this JSON file as its outcome
     arrives, and the summary at close (``latentlink report FILE`` prints it).
 
+    A progressive model (edge/rate.py): ``rate`` "fixed" (``iterations`` per frame; default all the model has) or
+    "adaptive" (each frame's iterations follow the link, from ``min_iterations`` to ``max_iterations``), as
+    ``latentlink edge``'s options of those names.
+
     The model is loaded and the arguments are checked in the constructor (a ``ConfigError`` names the bad value);
     the connection is made in the background, and reconnects as the profile says, like the CLI's. Several threads may
     share a Sender: their frames are taken one at a time, each with its own sequence number.
@@ -64,7 +68,8 @@ class Sender(object):
     def __init__(self, connect="127.0.0.1:5760", name=None, profile="nano-504", encoder="default", drop=None,
                  queue_size=None, window=None, delivery=None, entropy=None, serializer=None, wait_for_host_s=None,
                  spool=None, spool_bytes=100 << 20, protocol=2, tls=None, tls_ca=None, token_file=None, report=None,
-                 threads=0, device=None, precision=None, mapped=False):
+                 threads=0, device=None, precision=None, mapped=False, rate=None, iterations=None, min_iterations=None,
+                 max_iterations=None):
         self.profile = load_profile(profile)
         self.name = name or default_stream_name()
         address = parse_address(connect)
@@ -78,9 +83,9 @@ class Sender(object):
             check_output_file("report", report)
         credentials = Credentials.for_edge(tls, self.name, tls_ca, token_file)
         self.encoder_path = self.profile.model.encoder if encoder == "default" else encoder
-        self._encoder = open_backend(self.encoder_path, "encoder", threads=threads, device=device,
-                                     precision=precision, mapped=mapped,
-                                     input_size=(self.profile.input.height, self.profile.input.width))
+        self._encoder = open_model(self.encoder_path, "encoder", threads=threads, device=device,
+                                   precision=precision, mapped=mapped,
+                                   input_size=(self.profile.input.height, self.profile.input.width))
         self._report = None
         self._lock = threading.Lock()  # one frame at a time: a frame's sequence number is taken as it is sent
         self._encoder.load()
@@ -92,11 +97,18 @@ class Sender(object):
                           "backend": self._encoder.name, "encoder": self.encoder_path, "source": "python-api",
                           "packing": info.packing, "input_shape": list(info.input_shape),
                           "latent_shape": list(info.latent_shape)}
+            policy = None
+            if getattr(self._encoder, "progressive", None) is not None:
+                policy = make_rate(rate, self._encoder.max_iterations, iterations, min_iterations, max_iterations,
+                                   window=window or self.profile.transport.window)
+            elif (rate, iterations, min_iterations, max_iterations) != (None,) * 4:
+                raise ConfigError("rate and iterations choose a progressive model's iterations per frame, and {} is "
+                                  "not progressive".format(self.encoder_path))
             self._stream = EdgeStream(self._encoder, self.profile, address, self.name, serializer=serializer,
                                       drop=drop, queue_size=queue_size, window=window, delivery=delivery,
                                       entropy=entropy, wait_for_host_s=wait_for_host_s,
                                       spool=Spool(spool, spool_bytes) if spool else None, protocol=protocol,
-                                      credentials=credentials, on_record=self._on_record)
+                                      credentials=credentials, on_record=self._on_record, rate=policy)
             self._meta["entropy"] = self._stream.entropy
             if report:  # each frame's record is written as its outcome arrives, not kept until the end
                 self._report = ReportWriter(report, edge_stages(self._stream.entropy), self.profile.budget_ms,

@@ -29,6 +29,7 @@ from .lossless import LosslessCodec
 from .preprocess import Preprocessor
 from .profiler import EDGE_STAGES, FrameStats, FrameTimer
 from .protocol import SERIALIZERS, VERSION, check_coding, frame_payload, pack_latents, raw_pickle_message
+from .rate import FixedRate
 from .sender import OUTCOMES, Sender
 
 log = logging.getLogger("latentlink.edge")
@@ -36,7 +37,8 @@ log = logging.getLogger("latentlink.edge")
 
 def run_edge(source, encoder, profile, address, stream, frames=None, serializer=None, drop=None, queue_size=None,
              send_buffer_bytes=None, status_every_s=10.0, entropy=None, window=None, delivery=None,
-             wait_for_host_s=None, spool=None, protocol=2, credentials=None, on_record=None, lossless=None):
+             wait_for_host_s=None, spool=None, protocol=2, credentials=None, on_record=None, lossless=None,
+             rate=None, fps=None):
     """Stream ``source`` through ``encoder`` to the host at ``address``; returns the summary (a dict).
 
     ``lossless`` (``med`` or ``mlp``): send each frame as captured, coded losslessly (edge/lossless.py), instead
@@ -52,14 +54,22 @@ def run_edge(source, encoder, profile, address, stream, frames=None, serializer=
     not be reached within ``wait_for_host_s``; the summary's ``refused`` and ``gave_up`` say so.
     ``on_record(record)`` is called in this thread with each frame's record (a dict) once its outcome is known
     (:meth:`latentlink.edge.profiler.ReportWriter.add` writes them to a report); nothing per frame is kept.
+    ``rate``: a progressive model's rate policy (:mod:`latentlink.edge.rate`). ``fps``: read the source at most
+    this many frames per second, as a camera delivers them (files and synthetic:// are otherwise read as fast as
+    the loop goes); None: unpaced.
     """
     edge = EdgeStream(encoder, profile, address, stream, serializer=serializer, drop=drop, queue_size=queue_size,
                       send_buffer_bytes=send_buffer_bytes, entropy=entropy, window=window, delivery=delivery,
                       wait_for_host_s=wait_for_host_s, spool=spool, protocol=protocol, credentials=credentials,
-                      on_record=on_record, lossless=lossless)
-    started = last_status = time.perf_counter()
+                      on_record=on_record, lossless=lossless, rate=rate)
+    started = last_status = next_at = time.perf_counter()
     try:
         while (frames is None or edge.captured < frames) and not edge.stopped:
+            if fps:  # a camera's clock: a frame every 1/fps s; a late loop goes on from now, not in a burst
+                wait = next_at - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                next_at = max(next_at, time.perf_counter() - 1.0 / fps) + 1.0 / fps
             timer = FrameTimer(edge.captured)
             with timer.stage("capture"):
                 got = source.read()
@@ -95,7 +105,7 @@ class EdgeStream(object):
 
     def __init__(self, encoder, profile, address, stream, serializer=None, drop=None, queue_size=None,
                  send_buffer_bytes=None, entropy=None, window=None, delivery=None, wait_for_host_s=None, spool=None,
-                 protocol=2, credentials=None, on_record=None, lossless=None):
+                 protocol=2, credentials=None, on_record=None, lossless=None, rate=None):
         transport = profile.transport
         serializer = serializer or transport.serializer
         if serializer not in SERIALIZERS:
@@ -110,8 +120,22 @@ class EdgeStream(object):
                 raise ConfigError("--lossless frames are coded by their predictor, not by --entropy {}: leave "
                                   "--entropy out".format(entropy))
             entropy = "none"  # not the profile's coder: a lossless frame has its own
-        packing = "pickle" if serializer in ("pickle", "pickle-raw") else (
-            "lossless" if self.lossless is not None else encoder.info.packing)
+        # A progressive model (edge/rate.py) sends k of its K codes per frame, k chosen by ``rate`` (default: K).
+        self.progressive = getattr(encoder, "progressive", None) if self.lossless is None else None
+        if self.progressive is not None and serializer != "framed":
+            raise ConfigError("a progressive model's frames say their iterations in latentlink framing: use "
+                              "--serializer framed, not {}".format(serializer))
+        if rate is not None and self.progressive is None:
+            raise ConfigError("--rate and --iterations choose a progressive model's iterations per frame, and {} is "
+                              "not progressive (its model.json has no \"progressive\")".format(
+                                  "--lossless" if self.lossless is not None else encoder.info.path))
+        self.rate = rate if rate is not None or self.progressive is None else FixedRate(encoder.max_iterations)
+        if serializer in ("pickle", "pickle-raw"):
+            packing = "pickle"
+        elif self.lossless is not None:
+            packing = "lossless"
+        else:
+            packing = "bits" if self.progressive is not None else encoder.info.packing
         entropy = entropy or transport.entropy
         delivery = delivery or transport.delivery
         # pickle-raw: an 8-byte length and a pickle per frame, for the seed pipeline's plain sockets: no latentlink
@@ -149,6 +173,8 @@ class EdgeStream(object):
             hello = {"model_id": info.identity(entropy), "shape": [int(d) for d in info.latent_shape],
                      "dtype": info.latent_dtype, "packing": packing, "entropy": entropy,
                      "tiles": [int(n) for n in info.tiles]}
+        if self.progressive is not None:  # up to K codes of uint8 bits per frame
+            hello.update(shape=[int(d) for d in encoder.wire_shape], dtype="uint8", progressive=self.progressive)
         self.sender = Sender(address, stream, hello=hello, queue_size=queue_size or transport.queue_size,
                              drop=drop or ("block" if delivery == "reliable" else transport.drop),
                              window=window or transport.window, delivery=delivery, protocol=protocol,
@@ -178,6 +204,11 @@ class EdgeStream(object):
             return self._send_lossless(frame, t_capture, timer)
         with timer.stage("preprocess"):
             tensor = self.preprocess(frame)
+        if self.rate is not None:  # k chosen from the link's state now, before the frame is encoded
+            iterations = self.rate.choose(self.sender.link_state())
+            latents, timings = self.encoder.encode(tensor, iterations)
+            timer.add_backend_timings("encode", "gpu_to_cpu", timings)
+            return self.send_latents(latents, t_capture, timer)
         latents, timings = self.encoder.infer(tensor)
         timer.add_backend_timings("encode", "gpu_to_cpu", timings)
         return self.send_latents(latents, t_capture, timer)
@@ -199,9 +230,15 @@ class EdgeStream(object):
         """Pack and send latents of the encoder's shape (as its ``infer`` returns them); see :meth:`send_image`."""
         timer = timer or FrameTimer(self.captured)
         timer.extra["t_capture"] = t_capture
-        if self.context_model is not None:  # codes the latents themselves: nothing to pack first
+        iterations, context_model = None, self.context_model
+        if self.progressive is not None:  # its first k codes, (k, C, h, w): k is the frame's iterations
+            iterations = int(latents.shape[0])
+            timer.extra["iterations"] = iterations
+            if context_model is not None:  # the tables of the first k iterations (edge/progressive.py)
+                context_model = self.encoder.context_model(iterations)
+        if context_model is not None:  # codes the latents themselves: nothing to pack first
             with timer.stage("entropy"):
-                payload = self.context_model.encode(latents)
+                payload = context_model.encode(latents)
         else:
             with timer.stage("serialize"):
                 payload = pack_latents(latents, self.packing)
@@ -213,7 +250,7 @@ class EdgeStream(object):
                 data = raw_pickle_message(payload)
             else:
                 data = frame_payload(self.stream, timer.seq, t_capture, latents, self.packing, payload, self.entropy,
-                                     version=self.protocol)
+                                     version=self.protocol, iterations=iterations)
         timer.extra["bytes"] = len(data)
         queued = self.sender.submit(data, timer)
         self.captured += 1
@@ -253,6 +290,8 @@ class EdgeStream(object):
                                                  "error_ms": None if sender.clock.error_s is None else
                                                  round(sender.clock.error_s * 1000.0, 3)},
             "notes": notes})
+        if self.rate is not None:  # a progressive model's policy (its iterations per frame: the summary's)
+            self.summary["rate"] = self.rate.describe()
         return self.summary
 
 

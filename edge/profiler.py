@@ -48,7 +48,8 @@ HISTOGRAM_BUCKETS = 2 + int(math.ceil(math.log(HISTOGRAM_HIGH_MS / HISTOGRAM_LOW
 
 _STAT_KEYS = ("min_ms", "median_ms", "mean_ms", "p95_ms", "p99_ms", "max_ms")
 _SUMMARY_KEYS = ("frames", "budget_ms", "over_budget", "fps", "t200_s", "bytes_per_frame", "dropped", "stages")
-_RESERVED = frozenset(_SUMMARY_KEYS + ("gpu_stages", "latency", "kind", "version", "meta", "records", "started"))
+_RESERVED = frozenset(_SUMMARY_KEYS + ("gpu_stages", "latency", "iterations", "kind", "version", "meta", "records",
+                                       "started"))
 log = logging.getLogger("latentlink.report")
 _HOW_TO_MAKE = "write one with `latentlink edge --report FILE.json` or `latentlink host --report FILE.json`"
 
@@ -253,6 +254,7 @@ class FrameStats(object):
         self._total = Distribution()  # the sum of a frame's stage times
         self._gpu = {}  # stage -> Distribution of its CUDA-event times, once a record has one
         self._latency = Distribution()
+        self._iterations = {}  # a progressive model's iterations per frame -> [frames, bytes of those that say]
 
     def add(self, record):
         rec_stages = record.get("stages") or {}
@@ -276,6 +278,11 @@ class FrameStats(object):
                 self._gpu[name].add(ms)
         if record.get("latency_ms") is not None:
             self._latency.add(record["latency_ms"])
+        k = record.get("iterations")
+        if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 64:  # protocol.MAX_ITERATIONS: bounded
+            counts = self._iterations.setdefault(k, [0, 0.0])
+            counts[0] += 1
+            counts[1] += float(record.get("bytes", 0.0))
 
     def summary(self, wall_s, dropped=0, extra=None):
         """The summary dict; ``wall_s``: seconds the frames took (fps = frames / wall_s); ``extra``: more keys."""
@@ -305,8 +312,20 @@ class FrameStats(object):
         if self._latency.count:
             summary["latency"] = self._latency.stats()
             summary["latency"]["frames"] = self._latency.count
+        if self._iterations:
+            summary["iterations"] = self._iteration_stats()
         summary.update(extra)
         return summary
+
+
+    def _iteration_stats(self):
+        """A progressive model's iterations per frame: ``frames``, ``mean``, ``min``, ``max``, and ``by_iterations``
+        ({"k": {"frames", "bytes_per_frame"}}, JSON keys) for the frames whose records say them."""
+        frames = sum(n for n, _ in self._iterations.values())
+        return {"frames": frames, "mean": _r(sum(k * n for k, (n, _) in self._iterations.items()) / float(frames)),
+                "min": min(self._iterations), "max": max(self._iterations),
+                "by_iterations": dict((str(k), {"frames": n, "bytes_per_frame": _r(b / n)})
+                                      for k, (n, b) in sorted(self._iterations.items()))}
 
 
 def summarize(records, stages, budget_ms, wall_s, dropped=0, extra=None):
@@ -636,6 +655,12 @@ def format_table(summary, title=""):
         lines.append("%s%7s%11.2f%9.2f%9.2f   capture to decoded (glass to glass)" % (
             "latency".ljust(w), latency.get("frames", ""), float(latency.get("median_ms", 0.0)),
             float(latency.get("p95_ms", 0.0)), float(latency.get("max_ms", 0.0))))
+    iterations = summary.get("iterations")
+    if isinstance(iterations, dict):
+        lines.append("iterations per frame: mean %.2f, min %s, max %s over %s frames (%s)" % (
+            float(iterations.get("mean", 0.0)), iterations.get("min"), iterations.get("max"),
+            iterations.get("frames"), ", ".join("%s: %s" % (k, v.get("frames")) for k, v in (
+                iterations.get("by_iterations") or {}).items() if isinstance(v, dict))))
     frames, over = int(summary.get("frames", 0)), int(summary.get("over_budget", 0))
     lines.append("over budget: %d of %d frames (%.1f%%)" % (over, frames, 100.0 * over / frames if frames else 0.0))
     lines.append("fps {:.1f} \u00b7 T200 {:.2f} s \u00b7 {:,.0f} bytes/frame on the wire \u00b7 dropped {:d}".format(

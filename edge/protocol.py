@@ -5,7 +5,8 @@ byte, metadata length in bytes. Then a UTF-8 JSON object (sorted keys, no spaces
 bytes), then a payload for frames. Unknown extra keys are ignored (forward compatibility).
 
 **Protocol 1** (``version`` 1; the byte is ``flags``): the edge only sends frames. Metadata keys
-``stream seq t_capture dtype shape packing payload_len`` and the optional ``entropy``.
+``stream seq t_capture dtype shape packing payload_len`` and the optional ``entropy`` and ``iterations`` (a
+progressive model's frame: k of its K residual codes, shape (k, C, h, w); see :data:`MAX_ITERATIONS`).
 Payload: ``payload_len`` bytes holding the latent array packed as ``packing`` says (see :func:`pack_latents`), then,
 if ``entropy`` names a coder (``zlib``, ``lz4``, ``zstd``; see :mod:`latentlink.edge.entropy`), compressed with it.
 ``entropy`` ``context`` (packing ``bits`` only) codes the latents themselves with the model's probability
@@ -88,10 +89,15 @@ _META_KEYS = ("stream", "seq", "t_capture", "dtype", "shape", "packing", "payloa
 # The stream name becomes a directory on the host: a closed character set, and no "." / ".." (path traversal).
 _STREAM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 
-FrameMeta = collections.namedtuple("FrameMeta",
-                                   "stream seq t_capture dtype shape packing payload_len flags meta_len entropy")
-# meta_len: bytes of the metadata block, known once a frame is parsed; entropy: the coder, "none" if absent
-FrameMeta.__new__.__defaults__ = (0, "none")
+FrameMeta = collections.namedtuple("FrameMeta", "stream seq t_capture dtype shape packing payload_len flags "
+                                                "meta_len entropy iterations")
+# meta_len: bytes of the metadata block, known once a frame is parsed; entropy: the coder, "none" if absent;
+# iterations: a progressive model's frame (see MAX_ITERATIONS), None for every other frame
+FrameMeta.__new__.__defaults__ = (0, "none", None)
+# A progressive model's frame (edge/rate.py) carries ``iterations`` k in its metadata: its latents are the first k of
+# the model's K residual binary codes, shape (k, C, h, w), packing "bits". K is at most this; the HELLO says K and
+# (C, h, w) ("progressive"), and the host checks every frame against its decoder's.
+MAX_ITERATIONS = 64
 
 
 def _is_int(value):
@@ -206,8 +212,26 @@ def _validate_meta(obj, flags, max_payload_bytes, error):
         raise error("%s payload unpacks to %d bytes (shape %r, packing %r), over the limit of %d bytes (raise "
                     "--max-frame-bytes if this is legitimate)" % (entropy, expected, shape, packing,
                                                                   max_payload_bytes))
+    iterations = _check_iterations(obj, shape, packing, end_of_stream, error)
     return FrameMeta(obj["stream"], int(seq), t_capture, dtype, tuple(int(d) for d in shape), packing,
-                     int(payload_len), flags, 0, entropy)
+                     int(payload_len), flags, 0, entropy, iterations)
+
+
+def _check_iterations(obj, shape, packing, end_of_stream, error):
+    """A progressive frame's ``iterations`` k (optional; None when absent): 1 to MAX_ITERATIONS, packing "bits",
+    and latents of shape (k, C, h, w)."""
+    if "iterations" not in obj:
+        return None
+    k = obj["iterations"]
+    if not _is_int(k) or not 1 <= k <= MAX_ITERATIONS:
+        raise error("bad iterations %r (expected an integer from 1 to %d)" % (k, MAX_ITERATIONS))
+    if end_of_stream or packing != "bits":
+        raise error("iterations %d on a frame packed %r: a progressive model's codes travel as packing 'bits'"
+                    % (k, packing))
+    if len(shape) != 4 or shape[0] != k:
+        raise error("iterations %d with latents of shape %r: expected (%d, C, h, w), one code per iteration"
+                    % (k, list(shape), k))
+    return int(k)
 
 
 def _check_lossless(shape, dtype, entropy, max_payload_bytes, error):
@@ -312,11 +336,13 @@ def check_coding(packing, entropy):
                           "--entropy none" % (entropy,))
 
 
-def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none", version=VERSION):
+def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none", version=VERSION,
+                  iterations=None):
     """The frame carrying ``payload``: ``array`` packed with :func:`pack_latents` and coded with ``entropy``.
 
     :func:`encode_frame` in steps, for a caller that times packing, entropy coding and framing apart.
     ``version``: 1 for a protocol-1 frame, 2 for protocol 2's FRAME message (the same metadata and payload).
+    ``iterations``: a progressive model's frame, ``array`` its first k codes (k, C, h, w) (see MAX_ITERATIONS).
     """
     a = np.asarray(array)
     _check_sender_args(a, packing, entropy, FRAME_PACKINGS)  # lossless too: its payload comes ready
@@ -325,6 +351,8 @@ def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none
             "shape": [int(d) for d in a.shape], "packing": packing, "payload_len": len(payload)}
     if entropy != "none":  # absent means none: frames without a coder stay byte-identical for older hosts
         meta["entropy"] = entropy
+    if iterations is not None:  # absent for every other model: those frames stay byte-identical too
+        meta["iterations"] = iterations
     _validate_meta(meta, 0, None, ConfigError)  # refuse here what the host would refuse
     if version == VERSION_2:
         return _encode(meta, KIND_FRAME, payload, VERSION_2)
@@ -481,6 +509,26 @@ def _seq_list(obj, key, error):
     return [int(seq) for seq in value]
 
 
+def _progressive(obj, shape, error):
+    """A HELLO's optional ``progressive``: ``{"iterations": K, "code_shape": [C, h, w]}`` (the edge's model sends
+    up to K codes of that shape per frame), consistent with the HELLO's ``shape`` [K, C, h, w]; None if absent."""
+    value = obj.get("progressive")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise error("HELLO progressive %r is not an object {iterations, code_shape}" % (value,))
+    k, code_shape = value.get("iterations"), value.get("code_shape")
+    if not _is_int(k) or not 1 <= k <= MAX_ITERATIONS:
+        raise error("HELLO progressive iterations %r is not an integer from 1 to %d" % (k, MAX_ITERATIONS))
+    if not isinstance(code_shape, list) or len(code_shape) != 3:
+        raise error("HELLO progressive code_shape %r is not [C, h, w]" % (code_shape,))
+    _check_shape(code_shape, error)
+    if list(shape) != [k] + list(code_shape):
+        raise error("HELLO shape %r does not match progressive iterations %d of codes %r (expected %r)"
+                    % (shape, k, code_shape, [k] + list(code_shape)))
+    return {"iterations": int(k), "code_shape": [int(d) for d in code_shape]}
+
+
 def _validate_fields(kind, obj, error):
     """Check a protocol-2 control message's fields (everything but FRAME); returns a clean dict."""
     if not isinstance(obj, dict):
@@ -510,7 +558,8 @@ def _validate_fields(kind, obj, error):
                 "t_send": _number(obj, "t_send", error), "software": _text(obj, "software", error, limit=64)
                 if "software" in obj else "",
                 # An edge with a token sends its nonce (the host then answers CHALLENGE); others none.
-                "nonce": _nonce(obj, "nonce", error) if obj.get("nonce") is not None else None}
+                "nonce": _nonce(obj, "nonce", error) if obj.get("nonce") is not None else None,
+                "progressive": _progressive(obj, shape, error)}
     if kind == KIND_ACCEPT:
         acked = obj.get("acked", [])
         if not isinstance(acked, list) or len(acked) > 4 * MAX_WINDOW:

@@ -52,6 +52,12 @@ DROP_POLICIES = ("oldest", "newest", "block")
 OUTCOMES = ("decoded", "failed", "refused", "dropped", "lost", "sent", "stored")
 NO_ANSWER_LIMIT = 3  # handshakes in a row that got no answer at all before the edge stops (an old or foreign peer)
 SOFTWARE = "latentlink 0.1.0"
+RTT_SAMPLES = 256  # acknowledgement round trips kept for link_state() between two calls (the newest)
+
+# What the sender tells a rate controller (edge/rate.py) before each frame is encoded. Counts are frames;
+# ``window``: the frames the host lets be in flight now; ``rtts_ms``: send-to-ACK round trips (ms, this edge's
+# clock) of the acknowledgements that came since the last call, oldest first; ``connected``: a link is up.
+LinkState = collections.namedtuple("LinkState", "in_flight waiting window rtts_ms connected")
 
 
 def parse_address(text, default_port=5760):
@@ -386,6 +392,7 @@ class Sender(object):
         self._link_seen = False
         self._down_since = time.monotonic()  # when the host was last not connected: --wait-for-host counts from it
         self._window_now = window
+        self._rtts = collections.deque(maxlen=RTT_SAMPLES)  # ms, send to ACK, since the last link_state()
         self._clock_to_send = False
         self._cond = threading.Condition()
         self._closing = self._aborting = False
@@ -402,6 +409,15 @@ class Sender(object):
     @property
     def in_flight(self):
         return len(self._in_flight)
+
+    def link_state(self):
+        """The link as a rate controller sees it now (a :data:`LinkState`); the round trips it returns are not
+        returned again."""
+        with self._cond:
+            rtts = list(self._rtts)
+            self._rtts.clear()
+            return LinkState(in_flight=len(self._in_flight), waiting=len(self._waiting), window=self._window_now,
+                             rtts_ms=rtts, connected=self._link is not None)
 
     def submit(self, data, timer):
         """Queue a frame; returns False if it (or, under ``oldest``, another frame) was dropped."""
@@ -667,6 +683,7 @@ class Sender(object):
                 if entry is None:
                     return  # an ACK for a frame already settled (e.g. by an earlier connection's ACCEPT)
                 _, timer, t_sent = entry
+                self._rtts.append(max(0.0, (t4 - t_sent) * 1000.0))
                 if self.clock.add(t_sent, fields["t_recv"], fields["t_ack"], t4):
                     self._clock_to_send = True
                 if fields["duplicate"]:

@@ -204,6 +204,8 @@ def _onnx(args):
     else:
         height, width = args.height, args.width
     model, meta = load_checkpoint(args.checkpoint)
+    if model.name == "progressive":
+        return _onnx_progressive(args, model, height, width, profile_name)
     tiles = args.tiles or tuple(meta.get("tiles", (1, 1)))
     info = export_onnx(model, height, width, args.out, profile=profile_name, checkpoint=args.checkpoint, tiles=tiles,
                        budget_ms=budget_ms)
@@ -221,6 +223,23 @@ def _onnx(args):
     print("encoder " + format_estimate(info["estimate"], budget_ms))
     print("next: `latentlink export check {}/encoder.onnx`, then on the Nano `latentlink export engine "
           "{}/encoder.onnx`".format(args.out, args.out))
+    return 0
+
+
+def _onnx_progressive(args, model, height, width, profile_name):
+    from .onnx_export import export_progressive
+
+    if args.tiles and tuple(args.tiles) != (1, 1):
+        raise ConfigError("--tiles {}x{}: the progressive model codes whole frames (its steps carry state at 1/8 of "
+                          "the frame); leave --tiles out".format(*args.tiles))
+    info = export_progressive(model, height, width, args.out, profile=profile_name, checkpoint=args.checkpoint)
+    section = info["progressive"]
+    print("wrote {0}/encoder_step.onnx, decoder_step.onnx, model.json: {1[model]} {1[input_shape]} -> {2[iterations]} "
+          "iterations of {2[code_shape]} bits ({2[bits_per_pixel_per_iteration]} bpp each)".format(
+              args.out, info, section))
+    print("parity with PyTorch (ONNX Runtime, CPU), every iteration: {0[code_mismatch_fraction]:.2e} of bits differ; "
+          "max |error| {0[max_abs_error]:.2e}".format(info["parity"]))
+    print("next: `latentlink export check {0}/encoder_step.onnx {0}/decoder_step.onnx`".format(args.out))
     return 0
 
 

@@ -39,6 +39,11 @@ def export_onnx(model, height, width, out_dir, profile=None, checkpoint=None, sa
     encoder's predicted time on a Jetson Nano (export/cost_model.py), and with ``budget_ms`` (the profile's frame
     budget) a warning is logged when that prediction does not fit it.
     """
+    if getattr(model, "name", None) == "progressive":  # steps with state, not one encoder/decoder pair
+        if tuple(tiles) != (1, 1):
+            raise ConfigError("the progressive model codes whole frames; export it without tiles")
+        return export_progressive(model, height, width, out_dir, profile=profile, checkpoint=checkpoint,
+                                  sample=sample, quiet=quiet)
     tile_batch = tile_shape((1, 3, height, width), tiles)
     if tile_batch[2] % model.downscale or tile_batch[3] % model.downscale:
         what = "input" if tuple(tiles) == (1, 1) else f"tile {tile_batch[3]}x{tile_batch[2]} of"
@@ -166,3 +171,95 @@ def _smooth_random(height, width, seed=0):
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(1, 3, max(1, height // 16), max(1, width // 16), generator=g)
     return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def export_progressive(model, height, width, out_dir, profile=None, checkpoint=None, sample=None, quiet=False):
+    """The progressive model (export/models/progressive.py) as two step graphs: ``encoder_step.onnx`` (residual +
+    encoder state -> one iteration's bits + new state) and ``decoder_step.onnx`` (bits + decoder state -> increment +
+    new state), one iteration per engine call, the state an explicit input and output; and ``model.json`` with a
+    ``progressive`` section (iterations, code and state shapes, each step's inputs and outputs in order).
+
+    Both steps are fully static (batch 1) and go to the edge: the encoder needs the decoder to form the residual of
+    the next iteration. Returns the model.json contents, parity figures included.
+    """
+    from .models.progressive import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS,
+                                     progressive_info)
+
+    if height % model.downscale or width % model.downscale:
+        raise ConfigError(f"input {width}x{height} is not a multiple of {model.downscale} (the model's downscale)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    section = progressive_info(model, height, width)
+    image = torch.from_numpy(sample if sample is not None else _smooth_random(height, width).numpy())
+    state = torch.zeros([1] + section["state_shape"])
+    with torch.no_grad():
+        codes, _ = model.encoder(image - 0.5, state)
+    enc_path, dec_path = out_dir / section["encoder_step"]["file"], out_dir / section["decoder_step"]["file"]
+    bar = progress(quiet=quiet, total=5, desc="export onnx", unit="step",
+                   bar_format="{desc}: {n}/{total} steps {bar} {elapsed}")
+    for module, example, path, names in ((model.encoder, (image - 0.5, state), enc_path,
+                                          (ENCODER_INPUTS, ENCODER_OUTPUTS)),
+                                         (model.decoder, (codes, state), dec_path,
+                                          (DECODER_INPUTS, DECODER_OUTPUTS))):
+        bar.set_description("export onnx: " + path.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(module, example, str(path), dynamo=False, opset_version=OPSET, do_constant_folding=True,
+                              input_names=list(names[0]), output_names=list(names[1]))
+        bar.update()
+    for path in (enc_path, dec_path):
+        bar.set_description("export onnx: checking " + path.name)
+        constants_to_initializers(path)
+        check_graph(path)
+        bar.update()
+    bar.set_description("export onnx: parity with PyTorch")
+    parity = progressive_parity(model, image, enc_path, dec_path)
+    bar.update()
+    bar.close()
+    info = {
+        "format": "latentlink-model", "version": 1, "model": model.name, "hparams": model.hparams,
+        "profile": profile, "input_shape": [1, 3, height, width], "latent_shape": [1] + section["code_shape"],
+        "tiles": [1, 1], "frame_shape": [1, 3, height, width],
+        "packing": model.packing, "latent_dtype": "float32", "bits_per_pixel": model.bits_per_pixel,
+        "input": "RGB float32 in [0, 1], NCHW; the encoder step takes the residual image - reconstruction",
+        "output": "the decoder step's increment: reconstruction = 0.5 + the sum of the increments; clip to [0, 1]",
+        "encoder": enc_path.name, "decoder": dec_path.name, "opset": OPSET, "torch": torch.__version__,
+        "checkpoint": Path(checkpoint).name if checkpoint else None,
+        "checkpoint_sha256": sha256_of(checkpoint) if checkpoint else None,
+        "progressive": section,
+        "parity": parity,
+        "estimate": {"encoder_step": estimate(enc_path), "decoder_step": estimate(dec_path)},
+    }
+    (out_dir / "model.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def progressive_parity(model, image, enc_path, dec_path):
+    """Every iteration of the steps in ONNX Runtime against PyTorch, each fed PyTorch's inputs (so that one flipped
+    bit does not compound): the share of differing bits, and the increments' and states' max error."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    enc = ort.InferenceSession(str(enc_path), providers=providers)
+    dec = ort.InferenceSession(str(dec_path), providers=providers)
+    enc_state = dec_state = model.initial_state(image)
+    x_hat = torch.full_like(image, 0.5)
+    mismatch, err = [], 0.0
+    with torch.no_grad():
+        for _ in range(model.iterations):
+            residual = image - x_hat
+            feeds = {"residual": residual.numpy(), "state": enc_state.numpy()}
+            codes, new_enc = model.encoder(residual, enc_state)
+            onnx_codes, onnx_state = enc.run(None, feeds)
+            mismatch.append(float(np.mean(onnx_codes != codes.numpy())))
+            err = max(err, float(np.abs(onnx_state - new_enc.numpy()).max()))
+            increment, new_dec = model.decoder(codes, dec_state)
+            onnx_inc, onnx_dec = dec.run(None, {"codes": codes.numpy(), "state": dec_state.numpy()})
+            err = max(err, float(np.abs(onnx_inc - increment.numpy()).max()),
+                      float(np.abs(onnx_dec - new_dec.numpy()).max()))
+            enc_state, dec_state, x_hat = new_enc, new_dec, x_hat + increment
+    result = {"code_mismatch_fraction": max(mismatch), "max_abs_error": err}
+    if result["code_mismatch_fraction"] > 1e-3 or err > 1e-3:
+        raise ConfigError(f"ONNX Runtime disagrees with PyTorch: {result}")
+    return result

@@ -28,7 +28,9 @@ def encoder_bits(model, frames_bgr, height, width, tiles=(1, 1), fit="center-cro
     model.eval()
     with torch.no_grad():
         for frame in frames_bgr:
-            latents = model.encoder(torch.from_numpy(np.array(preprocess(frame))))
+            x = torch.from_numpy(np.array(preprocess(frame)))
+            # the progressive model: all K iterations' bits as one latent of K*C channels (edge/progressive.py)
+            latents = model(x)["latents"] if getattr(model, "name", None) == "progressive" else model.encoder(x)
             yield (latents.numpy() > 0.5).astype(np.uint8)
 
 

@@ -298,7 +298,12 @@ def train(args):
         x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
         out = model(x)
         x_hat = out["x_hat"]
-        loss = model.generator_loss(x, out, loss_fn) if adversarial else loss_fn(x_hat, x)
+        if adversarial:
+            loss = model.generator_loss(x, out, loss_fn)
+        elif hasattr(model, "training_loss"):  # the progressive model: every iteration's reconstruction counts
+            loss = model.training_loss(x, out, loss_fn)
+        else:
+            loss = loss_fn(x_hat, x)
         if args.bit_usage:
             loss = loss + args.bit_usage * bit_usage_penalty(out["latents"])
         bpp = None

@@ -985,8 +985,9 @@ class Host(object):
             raise ProtocolError("pickle frames are refused by this host (start it with --accept-pickle to accept the "
                                 "seed pipeline's pickled arrays, or send with --serializer framed)")
         # (a lossless frame is an image of any size, bounded by the frame limit: edge/protocol.py)
-        if (not meta.flags & FLAG_END_OF_STREAM and meta.packing != "lossless"
-                and tuple(meta.shape) != tuple(self.decoder.input_shape)):
+        problem = None if meta.flags & FLAG_END_OF_STREAM or meta.packing == "lossless" else \
+            self._latents_problem(meta)
+        if problem is not None:
             if session is None:
                 self._wait_idle(me)  # the frames before it accounted first, in order (gaps count from them)
             with self._lock:
@@ -994,8 +995,10 @@ class Host(object):
                     self.streams[meta.stream].fail(meta.seq)
                 else:
                     self.streams[meta.stream].failed += 1
-            raise ProtocolError("latents of shape {} do not fit the decoder's input {}: run the host with the "
-                                "edge's profile or decoder".format(list(meta.shape), list(self.decoder.input_shape)))
+            raise ProtocolError(problem)
+
+    def _latents_problem(self, meta):
+        return latents_problem(self.decoder, meta)
 
     def _end_stream(self, stream, seq, where, session=None):
         """The edge said end-of-stream after ``seq`` frames (numbered 0 .. seq - 1)."""
@@ -1163,6 +1166,11 @@ class Host(object):
             return "model_mismatch", ("the edge's encoder comes from checkpoint {}... and this host's decoder from {}..."
                                       " (another training run: its images would be noise); give both the same "
                                       "profile or export".format(edge_checkpoint[:12], info.model_id[:12]))
+        progressive = getattr(self.decoder, "progressive", None)  # edge/rate.py: up to K codes per frame
+        if hello["progressive"] != progressive:
+            return "shape_mismatch", ("the edge's model is {} and this host's decoder {}: run the host with the edge's "
+                                      "profile (or --decoder)".format(_progressive_text(hello["progressive"]),
+                                                                      _progressive_text(progressive)))
         if tuple(hello["shape"]) != tuple(self.decoder.input_shape):
             return "shape_mismatch", ("the edge sends latents of shape {} and this host's decoder takes {}: run the "
                                       "host with the edge's profile (or --decoder)".format(
@@ -1174,9 +1182,9 @@ class Host(object):
             if not self.accept_pickle:
                 return "pickle_refused", ("pickle frames are refused by this host (start it with --accept-pickle, "
                                           "or send with --serializer framed)")
-        elif hello["packing"] != info.packing:
+        elif hello["packing"] != ("bits" if progressive else info.packing):  # progressive codes travel as bits
             return "packing_mismatch", "the edge packs latents as {} and this host's decoder expects {}".format(
-                hello["packing"], info.packing)
+                hello["packing"], "bits" if progressive else info.packing)
         if hello["entropy"] == "context":
             try:
                 identity = info.identity("context")  # reads the tables (entropy.json beside the decoder), once
@@ -1299,6 +1307,8 @@ class Host(object):
         if meta.entropy != "context":
             return None
         try:
+            if meta.iterations is not None and hasattr(self.decoder, "context_model"):
+                return self.decoder.context_model(meta.iterations)  # a progressive model's first k iterations'
             return self.decoder.info.context_model()
         except ConfigError as exc:
             raise ProtocolError("a context-coded frame, and this host cannot decode it: {}".format(exc))
@@ -1338,6 +1348,8 @@ class Host(object):
         record = timer.record()
         record.update(stream=meta.stream, bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len,
                       batch=job.batch)
+        if meta.iterations is not None:  # a progressive model's frame: the codes it carried
+            record["iterations"] = meta.iterations
         # The host's clock read on the edge's; raw pickles carry no capture time.
         record["latency_ms"] = latency  # null: no capture time, or one too far from this host's clock
         with self._lock:
@@ -1467,6 +1479,36 @@ def _check_lossless_hello(hello):
                                   "edge/lossless_mlp.json differ: give both the same latentlink version)".format(
                                       hello["model_id"], identity))
     return None
+
+
+def latents_problem(decoder, meta):
+    """Why a frame's latents do not fit ``decoder`` (None if they do; the host and the fleet's workers ask). A
+    progressive decoder (edge/rate.py) takes 1 to K codes of its code shape, with the frame's ``iterations`` saying
+    how many; others their one input shape, and no ``iterations``."""
+    progressive = getattr(decoder, "progressive", None)
+    if progressive is None:
+        if meta.iterations is not None:
+            return ("a progressive model's frame ({} iterations), and this host's decoder is not progressive: run "
+                    "the host with the edge's profile or decoder".format(meta.iterations))
+        if tuple(meta.shape) != tuple(decoder.input_shape):
+            return ("latents of shape {} do not fit the decoder's input {}: run the host with the edge's profile "
+                    "or decoder".format(list(meta.shape), list(decoder.input_shape)))
+        return None
+    if meta.iterations is None:
+        return ("a frame without iterations, and this host's decoder is progressive ({} iterations of codes {}): "
+                "run the host with the edge's profile or decoder".format(progressive["iterations"],
+                                                                        progressive["code_shape"]))
+    if meta.iterations > progressive["iterations"] or list(meta.shape[1:]) != progressive["code_shape"]:
+        return ("{} iterations of codes {} do not fit the decoder's {} iterations of {}".format(
+            meta.iterations, list(meta.shape[1:]), progressive["iterations"], progressive["code_shape"]))
+    return None
+
+
+def _progressive_text(progressive):
+    """A HELLO's or a decoder's ``progressive`` in words."""
+    if progressive is None:
+        return "not progressive"
+    return "progressive ({} iterations of codes {})".format(progressive["iterations"], progressive["code_shape"])
 
 
 def _shutdown(sock, how=socket.SHUT_RDWR):

@@ -1,4 +1,5 @@
-"""The host's decoders: a model file (``open_backend``), or a decode service, ``triton://HOST:PORT/MODEL``.
+"""The host's decoders: a model file (``open_model``: any backend, progressive models too), or a decode service,
+``triton://HOST:PORT/MODEL``.
 
 :func:`open_decoder` is what ``latentlink host`` (and anything else that takes ``--decoder``) calls. A
 ``triton://`` decoder is a :class:`TritonBackend`: frames go to ``latentlink decode-service`` (host/
@@ -15,7 +16,7 @@ import time
 
 import numpy as np
 
-from latentlink.edge.backends import open_backend
+from latentlink.edge.rate import open_model
 from latentlink.edge.backends.base import Backend, ModelInfo, elapsed_ms
 from latentlink.edge.errors import BackendError, ConfigError
 
@@ -33,10 +34,10 @@ SERVICE_FIX = "start it with `latentlink decode-service --decoder MODEL --listen
 def open_decoder(spec, role="decoder", **options):
     """An unloaded decoder backend: a :class:`TritonBackend` for ``triton://HOST:PORT/MODEL`` (the service is asked
     for its model's metadata now: BackendError if it is down), else the model file's backend
-    (:func:`latentlink.edge.backends.open_backend` with ``options``). A service decides its own
+    (:func:`latentlink.edge.rate.open_model` with ``options``: a progressive model's too). A service decides its own
     device and precision: options other than the defaults are refused for it (ConfigError), not ignored."""
     if not is_service(spec):
-        return open_backend(spec, role, **options)
+        return open_model(spec, role, **options)
     if role != "decoder":
         raise ConfigError("{}: a decode service serves decoders; the edge's encoder is a model file".format(spec))
     for name in ("device", "precision"):

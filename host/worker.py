@@ -40,6 +40,7 @@ from latentlink.edge.sender import parse_address
 
 from . import jetstream as fleet
 from .outputs import DecodedFrame, FolderOutput, OutputError, open_outputs, parse_outputs
+from .server import latents_problem
 from .triton_backend import is_service, open_decoder
 
 log = logging.getLogger("latentlink.worker")
@@ -256,9 +257,9 @@ class Worker(object):
         session, offset_s, _ = fleet.parse_headers(msg.headers)
         if msg.subject != fleet.subject(meta.stream):
             raise ProtocolError("a frame of stream {!r} on subject {}".format(meta.stream, msg.subject[:200]))
-        if meta.packing != "lossless" and tuple(meta.shape) != tuple(self.decoder.input_shape):
-            raise ProtocolError("latents of shape {} do not fit this worker's decoder input {}: run the workers with "
-                                "the gateway's profile".format(list(meta.shape), list(self.decoder.input_shape)))
+        problem = None if meta.packing == "lossless" else latents_problem(self.decoder, meta)
+        if problem is not None:  # the message ends (term); the words say "host", the fix is the same
+            raise ProtocolError(problem)
         return _Item(msg, meta, payload, session, offset_s)
 
     async def _claim(self, item):
@@ -324,6 +325,8 @@ class Worker(object):
     def _context_model(self, meta):
         if meta.entropy != "context":
             return None
+        if meta.iterations is not None and hasattr(self.decoder, "context_model"):
+            return self.decoder.context_model(meta.iterations)  # a progressive model's first k iterations' tables
         return self.decoder.info.context_model()  # ConfigError without the tables: the frame fails
 
     def _decode(self, items):

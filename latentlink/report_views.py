@@ -22,8 +22,9 @@ via the measured offset) where the edge has one, else the host's (protocol-1 edg
 
 The CSV has one row per frame: ``seq``, ``stream``, ``outcome``, ``latency_ms``, ``<stage>_ms`` for every stage,
 ``total_ms`` (the sum of the stages a frame ran), ``<stage>_cuda_ms`` where the report has CUDA-event times,
-``bytes`` and ``reason`` (why a frame failed); joined, ``edge_*`` and ``host_*`` columns, ``network_queue_ms``,
-both latencies, and ``sides`` (``edge+host``, ``edge`` or ``host``). Empty cells are values a frame does not have.
+``bytes``, ``iterations`` (a progressive model's reports only: edge/rate.py) and ``reason`` (why a frame failed);
+joined, ``edge_*`` and ``host_*`` columns, ``network_queue_ms``, both latencies, and ``sides`` (``edge+host``,
+``edge`` or ``host``). Empty cells are values a frame does not have.
 
 Host-side tooling: matplotlib (the Agg backend, without pyplot or a display) is imported only to draw. The CSV
 needs the standard library only, and this module keeps to Python 3.6 syntax, so ``latentlink report --csv`` also
@@ -91,19 +92,24 @@ def frame_rows(report):
     cuda = [name for name in stages if any(name in (rec.get("gpu_stages") or {}) for rec in records)]
     stream = (report.get("meta") or {}).get("stream")
     columns = (["seq", "stream", "outcome", "latency_ms"] + [name + "_ms" for name in stages] + ["total_ms"] +
-               [name + "_cuda_ms" for name in cuda] + ["bytes", "reason"])
+               [name + "_cuda_ms" for name in cuda] + ["bytes"] + _iterations_column(records) + ["reason"])
     rows = []
     for rec in records:
         times = rec.get("stages") or {}
         row = {"seq": rec.get("seq"), "stream": rec.get("stream", stream), "outcome": _outcome(rec, role),
                "latency_ms": rec.get("latency_ms"), "total_ms": _sum([float(v) for v in times.values()]),
-               "bytes": rec.get("bytes"), "reason": rec.get("reason")}
+               "bytes": rec.get("bytes"), "reason": rec.get("reason"), "iterations": rec.get("iterations")}
         for name in stages:
             row[name + "_ms"] = times.get(name)
         for name in cuda:
             row[name + "_cuda_ms"] = (rec.get("gpu_stages") or {}).get(name)
         rows.append(row)
     return columns, rows
+
+
+def _iterations_column(records):
+    """``["iterations"]`` when any record says a progressive model's iterations, else none (other CSVs unchanged)."""
+    return ["iterations"] if any("iterations" in rec for rec in records) else []
 
 
 def pair(reports, names=None):
@@ -154,7 +160,8 @@ def join_by_seq(edge, host):
     on_edge = dict((rec.get("seq"), rec) for rec in _records(edge))
     columns = (["seq", "stream", "outcome", "sides", "latency_ms", "edge_latency_ms", "host_latency_ms"] +
                ["edge_%s_ms" % n for n in edge_stages] + ["edge_total_ms", "network_queue_ms"] +
-               ["host_%s_ms" % n for n in host_stages] + ["host_total_ms", "edge_bytes", "host_bytes", "reason"])
+               ["host_%s_ms" % n for n in host_stages] + ["host_total_ms", "edge_bytes", "host_bytes"] +
+               _iterations_column(_records(edge) + host_records) + ["reason"])
     rows = []
     for seq in sorted(set(on_edge) | set(on_host), key=lambda s: (s is None, s)):
         e, h = on_edge.get(seq), on_host.get(seq)
@@ -167,6 +174,7 @@ def join_by_seq(edge, host):
                "edge_total_ms": _sum([float(v) for v in e_times.values()]) if e is not None else None,
                "host_total_ms": _sum([float(v) for v in h_times.values()]) if h is not None else None,
                "edge_bytes": (e or {}).get("bytes"), "host_bytes": (h or {}).get("bytes"),
+               "iterations": (e or h or {}).get("iterations"),
                "reason": (e or {}).get("reason"), "network_queue_ms": None}
         for name in edge_stages:
             row["edge_%s_ms" % name] = e_times.get(name)

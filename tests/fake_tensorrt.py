@@ -255,7 +255,7 @@ def make_pycuda():
 
 # Operators the fake parser imports: those our exported models use (a stand-in for TensorRT's op table).
 FAKE_PARSER_OPS = {"Conv", "PRelu", "DepthToSpace", "Add", "Sub", "Mul", "Relu", "Tanh", "Sigmoid", "Sign", "Clip",
-                   "Ceil", "Floor", "Abs", "Identity"}
+                   "Ceil", "Floor", "Abs", "Identity", "Concat", "Reshape", "Transpose"}
 ENGINE_MAGIC = b"FAKE-TRT-ENGINE\n"
 
 

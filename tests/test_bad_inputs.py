@@ -209,7 +209,7 @@ def tripwires(monkeypatch):
 
     monkeypatch.setattr(latentlink.edge.__main__, "open_source", reached)
     # the host's decoders open through open_decoder: a model file's backend there; a triton:// one is the real client
-    monkeypatch.setattr(latentlink.host.triton_backend, "open_backend", reached)
+    monkeypatch.setattr(latentlink.host.triton_backend, "open_model", reached)
     monkeypatch.setattr(latentlink.host.decode_service, "open_backend", reached)
     monkeypatch.setattr(latentlink.demo, "subprocess", types.SimpleNamespace(
         Popen=reached, TimeoutExpired=subprocess.TimeoutExpired))

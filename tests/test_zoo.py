@@ -66,7 +66,8 @@ def photos(photos_dir, size):
         return [fit_frame(frame, size, size) for frame, _ in source]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# The progressive model streams by steps, not through the one-shot encoder/decoder pipeline: tests/test_progressive.py
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"progressive"}))
 def test_every_zoo_model_trains_exports_matching_onnx_and_streams_to_the_host(name, tmp_path, photos_dir):
     model, meta = train_briefly(name, photos_dir, tmp_path / "model.pt")
     assert meta["step"] == 3 and model.name == name

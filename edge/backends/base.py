@@ -52,6 +52,20 @@ class ModelInfo(object):
         model_id = data.get("checkpoint_sha256")
         self.model_id = str(model_id) if model_id else None
         self._context_model = None
+        # A progressive model's steps (export/models/progressive.py): several named inputs and outputs each.
+        self.progressive = data.get("progressive") if isinstance(data.get("progressive"), dict) else None
+        self._steps = {}
+        if self.progressive is not None:
+            try:
+                for role in ("encoder", "decoder"):
+                    step = self.progressive[role + "_step"]
+                    self._steps[role] = tuple([(str(name), tuple(int(d) for d in shape)) for name, shape in
+                                               step[key]] for key in ("inputs", "outputs"))
+                self.iterations = int(self.progressive["iterations"])
+                self.code_shape = tuple(int(d) for d in self.progressive["code_shape"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ConfigError("{}: its 'progressive' section is malformed ({!r}); re-export with `latentlink "
+                                  "export onnx`".format(path, exc.args[0] if exc.args else exc))
 
     def context_model(self):
         """The model's entropy tables for ``--entropy context``: ``entropy.json`` beside this metadata, read once
@@ -70,9 +84,12 @@ class ModelInfo(object):
                                   "them with `latentlink export entropy --checkpoint CKPT --photos DIR --out {}`"
                                   .format(path, os.path.dirname(path) or "."))
             model = ContextModel.load(path)
-            if len(self.latent_shape) != 4 or model.channels != self.latent_shape[1]:
-                raise ConfigError("{}: tables for {} channels, and the model's latents are {}".format(
-                    path, model.channels, list(self.latent_shape)))
+            # a progressive model's tables cover all its iterations' channels (edge/progressive.py)
+            channels = self.latent_shape[1] * (self.iterations if self.progressive is not None else 1)
+            if len(self.latent_shape) != 4 or model.channels != channels:
+                raise ConfigError("{}: tables for {} channels, and the model's latents are {}{}".format(
+                    path, model.channels, list(self.latent_shape),
+                    " x {} iterations".format(self.iterations) if self.progressive is not None else ""))
             self._context_model = model
         return self._context_model
 
@@ -82,6 +99,11 @@ class ModelInfo(object):
         if entropy != "context":
             return self.model_id
         return "{}{}{}".format(self.model_id or "", CONTEXT_TAG, self.context_model().sha256[:16])
+
+    def io_shapes(self, role):
+        """``(inputs, outputs)`` of the ``role``'s graph, each a list of ``(name, shape)`` in the graph's order; None
+        for a model of one input and one output (every model but the progressive one's steps)."""
+        return self._steps.get(role)
 
     def shape_for(self, role):
         """The input shape the ``role`` ("encoder" or "decoder") expects."""
@@ -152,11 +174,49 @@ class Backend(object):
         if not self.loaded:
             raise BackendError("{} backend for {} is not loaded: call load() or use it in a `with` block".format(
                 self.name, self.path))
+        if self.multi_io:
+            raise BackendError("{} is a progressive model's {} step, with inputs {}: run it with infer_named, or "
+                               "through latentlink.edge.progressive (open_progressive)".format(
+                                   self.path, self.role, [name for name, _ in self.info.io_shapes(self.role)[0]]))
         if tuple(array.shape) != self.input_shape:
             raise BackendError("{} input {!r}: got shape {}, expected {} (is the profile's input size the one the "
                                "model was exported for?)".format(self.role, self.input_name, tuple(array.shape),
                                                                  self.input_shape))
         return self._infer(array)
+
+    @property
+    def multi_io(self):
+        """True for a graph of several inputs or outputs (a progressive model's step): use :meth:`infer_named`."""
+        return self.info is not None and self.info.io_shapes(self.role) is not None
+
+    def infer_named(self, feeds):
+        """Run a graph of named inputs and outputs (a progressive model's step): ``feeds`` is a dict name -> float32
+        array of exactly the shape model.json gives (:meth:`ModelInfo.io_shapes`); returns ``(outputs, timings)``:
+        a dict name -> host numpy array, owned by the backend and valid until the next call (copy to keep), and
+        the timings in ms as :meth:`infer`'s (``run_ms``, ``copy_ms``, and on a GPU ``run_gpu_ms``, ``copy_gpu_ms``).
+        A model of one input takes ``{input_name: array}`` and returns ``{"output": array}``."""
+        if not self.loaded:
+            raise BackendError("{} backend for {} is not loaded: call load() or use it in a `with` block".format(
+                self.name, self.path))
+        io = self.info.io_shapes(self.role)
+        if io is None:
+            if set(feeds) != {self.input_name}:
+                raise BackendError("{} takes one input, {!r}; got {}".format(self.path, self.input_name,
+                                                                             sorted(feeds)))
+            output, timings = self.infer(feeds[self.input_name])
+            return {"output": output}, timings
+        expected = dict(io[0])
+        if set(feeds) != set(expected):
+            raise BackendError("{} ({} step) takes inputs {}; got {}".format(
+                self.path, self.role, sorted(expected), sorted(feeds)))
+        for name, array in feeds.items():
+            if tuple(array.shape) != expected[name]:
+                raise BackendError("{} ({} step) input {!r}: got shape {}, expected {}".format(
+                    self.path, self.role, name, tuple(array.shape), expected[name]))
+        return self._infer_named(feeds)
+
+    def _infer_named(self, feeds):
+        raise BackendError("the {} backend cannot run graphs of several inputs".format(self.name))
 
     def infer_batch(self, arrays):
         """Run several inputs, each a float32 array of exactly ``input_shape`` (the host's frames of several

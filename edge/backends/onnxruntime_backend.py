@@ -69,6 +69,16 @@ class OnnxRuntimeBackend(Backend):
         except Exception as exc:  # ONNX Runtime raises its own exception types for unreadable models.
             raise BackendError("ONNX Runtime cannot load {}: {}".format(self.path, exc))
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        io = self.info.io_shapes(self.role)
+        if io is not None:  # a progressive model's step: named inputs and outputs, all static
+            found = ([(i.name, tuple(i.shape)) for i in inputs], [(o.name, tuple(o.shape)) for o in outputs])
+            if found != (list(io[0]), list(io[1])):
+                raise BackendError("{}: inputs and outputs {} but model.json says {}; re-export the model".format(
+                    self.path, found, io))
+            self.input_name = io[0][0][0]
+            self._output_names = [name for name, _ in io[1]]
+            self.max_batch = 1
+            return
         if len(inputs) != 1 or len(outputs) != 1:
             raise BackendError("{} has {} inputs and {} outputs; latentlink models have one of each".format(
                 self.path, len(inputs), len(outputs)))
@@ -92,6 +102,13 @@ class OnnxRuntimeBackend(Backend):
             self._output = np.empty_like(result)  # allocated once, on the first frame
         np.copyto(self._output, result)
         return self._output, {"run_ms": run_ms, "copy_ms": elapsed_ms(start)}
+
+    def _infer_named(self, feeds):
+        start = time.perf_counter()
+        results = self._session.run(self._output_names, feeds)
+        run_ms = elapsed_ms(start)
+        # ONNX Runtime returns new arrays each run: they are the backend's outputs as they are, no copy
+        return dict(zip(self._output_names, results)), {"run_ms": run_ms, "copy_ms": 0.0}
 
     def _infer_batch(self, arrays):
         """The inputs joined along the batch axis (a tiled model's tiles stay together), one run, split back."""

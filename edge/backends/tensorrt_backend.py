@@ -71,13 +71,26 @@ class TensorRTBackend(Backend):
         tensors = trt_api.io_tensors(trt, self._engine)
         inputs = [t for t in tensors if t.is_input]
         outputs = [t for t in tensors if not t.is_input]
-        if len(inputs) != 1 or len(outputs) != 1:
+        io = self.info.io_shapes(self.role)
+        if io is not None:  # a progressive model's step: named inputs and outputs (binding or tensor API alike)
+            found = ([(t.name, t.shape) for t in inputs], [(t.name, t.shape) for t in outputs])
+            if sorted(found[0]) != sorted(io[0]) or sorted(found[1]) != sorted(io[1]):
+                raise BackendError("{}: the engine's inputs and outputs are {}, but its metadata {} says {}; rebuild "
+                                   "the engine from the ONNX beside that metadata".format(
+                                       self.path, found, self.info.path, io))
+            self._inputs, self._outputs = inputs, outputs
+            self._input, self._output = inputs[0], outputs[0]
+            self.input_name = self._input.name
+        elif len(inputs) != 1 or len(outputs) != 1:
             raise BackendError("{} has {} inputs and {} outputs; latentlink models have one of each".format(
                 self.path, len(inputs), len(outputs)))
-        self._input, self._output = inputs[0], outputs[0]
-        self.input_name = self._input.name
+        else:
+            self._input, self._output = inputs[0], outputs[0]
+            self._inputs, self._outputs = inputs, outputs
+            self.input_name = self._input.name
         expected_out = self.info.latent_shape if self.role == "encoder" else self.info.input_shape
-        for tensor, expected in ((self._input, self.input_shape), (self._output, expected_out)):
+        checks = [] if io is not None else [(self._input, self.input_shape), (self._output, expected_out)]
+        for tensor, expected in checks:
             if -1 in tensor.shape:
                 raise BackendError("{}: tensor {!r} has a dynamic shape {} in the engine (built by trtexec from a "
                                    "decoder with a dynamic batch axis?); build it with `latentlink export engine`, "
@@ -130,6 +143,39 @@ class TensorRTBackend(Backend):
         copy_ms = elapsed_ms(start)
         return self._host[out], {"run_ms": run_ms, "copy_ms": copy_ms, "run_gpu_ms": run_ev.time_since(start_ev),
                                  "copy_gpu_ms": copy_ev.time_since(run_ev)}
+
+    def _infer_named(self, feeds):
+        self._context.push()
+        try:
+            return self._run_named(feeds)
+        finally:
+            self._context.pop()
+
+    def _run_named(self, feeds):
+        """Every input copied in, one enqueue, every output copied out: :meth:`_run` with several tensors."""
+        cuda, stream = self._cuda, self._stream
+        start_ev, run_ev, copy_ev = self._events
+        start = time.perf_counter()
+        for tensor in self._inputs:
+            np.copyto(self._host[tensor.name], feeds[tensor.name], casting="same_kind")
+        start_ev.record(stream)
+        if not self.mapped:
+            for tensor in self._inputs:
+                cuda.memcpy_htod_async(self._device_mem[tensor.name], self._host[tensor.name], stream)
+        self._execute(stream.handle)
+        run_ev.record(stream)
+        run_ev.synchronize()
+        run_ms = elapsed_ms(start)
+        start = time.perf_counter()
+        if not self.mapped:
+            for tensor in self._outputs:
+                cuda.memcpy_dtoh_async(self._host[tensor.name], self._device_mem[tensor.name], stream)
+        copy_ev.record(stream)
+        copy_ev.synchronize()
+        copy_ms = elapsed_ms(start)
+        outputs = dict((t.name, self._host[t.name]) for t in self._outputs)
+        return outputs, {"run_ms": run_ms, "copy_ms": copy_ms, "run_gpu_ms": run_ev.time_since(start_ev),
+                         "copy_gpu_ms": copy_ev.time_since(run_ev)}
 
     def _close(self):
         if self._context is None:

@@ -74,6 +74,8 @@ class TorchBackend(Backend):
         if self.height % model.downscale or self.width % model.downscale:
             raise ConfigError("input {}x{} is not a multiple of {} ({}'s downscale); pick a profile whose size "
                               "is".format(self.width, self.height, model.downscale, model.name))
+        if model.name == "progressive":
+            return self._load_steps(model, dtype)
         with torch.no_grad():
             latents = model.encoder(image)
         self.info = ModelInfo({"model": model.name, "input_shape": list(image.shape),
@@ -102,6 +104,37 @@ class TorchBackend(Backend):
             # blocking: waiting on an event sleeps instead of spinning a CPU core (the Nano has 4).
             self._events = [torch.cuda.Event(enable_timing=True, blocking=True) for _ in range(3)]
             torch.cuda.synchronize(self.device)
+
+    def _load_steps(self, model, dtype):
+        """A progressive model: its ``role`` step (encoder or decoder iteration), run through :meth:`infer_named`
+        with the inputs and outputs model.json would give its ONNX export (export/models/progressive.py)."""
+        from latentlink.export.models.progressive import progressive_info
+
+        section = progressive_info(model, self.height, self.width)
+        self.info = ModelInfo({"model": model.name, "input_shape": [1, 3, self.height, self.width],
+                               "latent_shape": [1] + section["code_shape"], "packing": model.packing,
+                               "bits_per_pixel": model.bits_per_pixel, "progressive": section,
+                               "checkpoint_sha256": file_sha256(self.path)}, self.path)
+        self._dtype = dtype
+        self._module = getattr(model, self.role).to(device=self.device, dtype=dtype).eval()
+        self.input_name = self.info.io_shapes(self.role)[0][0][0]
+
+    def _infer_named(self, feeds):
+        """Inputs in the graph's order, one run (FP16 where so loaded), outputs back as float32 numpy arrays. On
+        CUDA no page-locked buffers: the plain copies (unverified here: no GPU in latentlink's CI)."""
+        torch = self._torch
+        inputs, outputs = self.info.io_shapes(self.role)
+        start = time.perf_counter()
+        with torch.no_grad():
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[name], dtype=np.float32)).to(
+                device=self.device, dtype=self._dtype) for name, _ in inputs]
+            results = self._module(*args)
+            if self.on_cuda:
+                torch.cuda.synchronize(self.device)
+        run_ms = elapsed_ms(start)
+        start = time.perf_counter()
+        arrays = dict((name, value.float().cpu().numpy()) for (name, _), value in zip(outputs, results))
+        return arrays, {"run_ms": run_ms, "copy_ms": elapsed_ms(start)}
 
     def _infer(self, array):
         return self._infer_cuda(array) if self.on_cuda else self._infer_cpu(array)
@@ -161,8 +194,8 @@ class TorchBackend(Backend):
         return outputs, {"run_ms": run_ms, "copy_ms": elapsed_ms(start)}
 
     def _close(self):
-        for name in ("_module", "_upload", "_device_in", "_host_in", "_host_out", "_host_in_np", "_host_out_np",
-                     "_events"):
+        for name in ("_module", "_dtype", "_upload", "_device_in", "_host_in", "_host_out", "_host_in_np",
+                     "_host_out_np", "_events"):
             self.__dict__.pop(name, None)
         if self.on_cuda:
             self._torch.cuda.empty_cache()

@@ -14,6 +14,7 @@ checkpoint so a checkpoint alone rebuilds the model. A model trained against cri
     cae         plain autoencoder, 8-bit small image        uint8      1.5 (3 channels at 1/4)
     crae        seed 000's Tables IV and V                  float32    1.375 (44 channels at 1/32)
     cyclegan    the deck's Cycle-GAN generator pair         uint8      6 (RGB at 1/2)
+    progressive K residual iterations of binary codes (002/003) bits       1.0 at K=8 (0.125 per iteration)
     ==========  ==========================================  =========  ==============================
 """
 
@@ -22,7 +23,7 @@ from latentlink.edge.errors import ConfigError
 from .registry import MODELS, build_model, copy_matching_weights, load_checkpoint, register_model, save_checkpoint
 
 # Importing the model modules registers them.
-from . import cae, crae, cyclegan, lossy_cae  # noqa: F401,E402
+from . import cae, crae, cyclegan, lossy_cae, progressive  # noqa: F401,E402
 
 __all__ = ["MODELS", "build_model", "copy_matching_weights", "load_checkpoint", "register_model", "save_checkpoint",
            "ConfigError"]

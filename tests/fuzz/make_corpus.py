@@ -16,9 +16,9 @@ import zlib
 import numpy as np
 
 from latentlink.edge.entropy import compress
-from latentlink.edge.protocol import (FIXED_HEADER, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END, KIND_HELLO,
-                                      KIND_REFUSE, MAGIC, VERSION, VERSION_2, encode_end_of_stream, encode_frame,
-                                      encode_message, frame_payload, pack_latents)
+from latentlink.edge.protocol import (FIXED_HEADER, KIND_ACCEPT, KIND_ACK, KIND_CLOCK, KIND_END, KIND_FRAME,
+                                      KIND_HELLO, KIND_REFUSE, MAGIC, VERSION, VERSION_2, encode_end_of_stream,
+                                      encode_frame, encode_message, frame_payload, pack_latents)
 from latentlink.edge.safe_pickle import DTYPE_NAMES
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
@@ -38,6 +38,18 @@ def frames():
         out["p1-bits-" + coder] = encode_frame("cam0", 4, 1700000000.5, a, "bits", entropy=coder)
     out["p1-end"] = encode_end_of_stream("cam0", 5)
     out["p2-frame"] = frame_payload("cam0", 6, 1700000000.75, a, "bits", pack_latents(a, "bits"), version=VERSION_2)
+    codes = (np.arange(3 * 2 * 4 * 4).reshape(3, 2, 4, 4) % 5 == 1).astype(np.uint8)  # a progressive frame, k = 3
+    out["p2-frame-progressive"] = frame_payload("cam0", 7, 1700000000.8, codes, "bits", pack_latents(codes, "bits"),
+                                                version=VERSION_2, iterations=3)
+    out["p2-frame-progressive-zlib"] = frame_payload("cam0", 8, 1700000000.9, codes, "bits",
+                                                     compress(pack_latents(codes, "bits"), "zlib"), "zlib",
+                                                     version=VERSION_2, iterations=3)
+    progressive = b'{"dtype":"uint8","packing":"bits","payload_len":12,"seq":0,"stream":"c","t_capture":0.0,'
+    out["bad-iterations-0"] = raw(VERSION_2, KIND_FRAME, progressive + b'"iterations":0,"shape":[3,2,4,4]}', bytes(12))
+    out["bad-iterations-65"] = raw(VERSION_2, KIND_FRAME, progressive + b'"iterations":65,"shape":[65,2,4,4]}',
+                                   bytes(130))
+    out["bad-iterations-shape"] = raw(VERSION_2, KIND_FRAME, progressive + b'"iterations":2,"shape":[3,2,4,4]}',
+                                      bytes(12))
     out.update(("p2-" + name, data) for name, data in control_messages().items())
     meta = b'{"dtype":"float32","packing":"bits","payload_len":4,"seq":0,"shape":[1,2,4,4],"stream":"c","t_capture":'
     out["bad-t-nan"] = raw(VERSION, 0, meta + b"NaN}", bytes(4))
@@ -55,6 +67,14 @@ def control_messages():
                                 model_id="ab" * 32, shape=[1, 2, 4, 4], dtype="float32", packing="bits",
                                 entropy="zstd", tiles=[1, 1], delivery="reliable", window=8, unacked=[1, 2],
                                 t_send=1700000000.0, software="latentlink 0.1.0"),
+        "hello-progressive": encode_message(KIND_HELLO, versions=[2], stream="cam0", session="0123456789abcdef",
+                                            model_id="ab" * 32, shape=[6, 2, 4, 4], dtype="uint8", packing="bits",
+                                            tiles=[1, 1], delivery="live", window=4, unacked=[], t_send=1700000000.0,
+                                            progressive={"iterations": 6, "code_shape": [2, 4, 4]}),
+        "bad-hello-progressive-shape": raw(VERSION_2, KIND_HELLO, b'{"delivery":"live","dtype":"uint8","packing":'
+                                           b'"bits","progressive":{"code_shape":[2,4,4],"iterations":6},"session":'
+                                           b'"0123456789abcdef","shape":[5,2,4,4],"stream":"c","t_send":0.0,"tiles":'
+                                           b'[1,1],"versions":[2],"window":4}'),
         "accept": encode_message(KIND_ACCEPT, version=2, window=8, max_frame_bytes=4 << 20,
                                  acked=[[1, "decoded"], [2, "failed"]], t_recv=1700000000.1, t_send=1700000000.2),
         "refuse": encode_message(KIND_REFUSE, reason="busy", message="the host serves 32 connections",
