@@ -557,9 +557,11 @@ class Host(object):
 
     def _put(self, jobs, job, force=False):
         """Put ``job`` on the bounded queue ``jobs``, waiting while it is full; False (not queued) once the host
-        stops, unless ``force`` (a frame already decoded is written and acknowledged even when aborting)."""
+        aborts, unless ``force`` (a frame already decoded is written and acknowledged even when aborting). A frame
+        received whole as the host stops is still queued and finished: stopping ends the reading, not the frames
+        already read (the decode stage runs until every connection's thread has returned)."""
         while True:
-            if not force and self._stop.is_set():
+            if not force and self._abort.is_set():
                 return False
             try:
                 jobs.put(job, timeout=0.1)
@@ -569,12 +571,12 @@ class Host(object):
 
     def _submit(self, job):
         """Hand a received frame to the decode stage (or, on the serial path, decode and write it here); False
-        when the host is stopping and the frame was not taken (it is then not acknowledged)."""
+        when the host aborts and the frame was not taken (it is then not acknowledged)."""
         with job.me.idle:
             job.me.pending += 1
         if not self.pipeline:
             with self._decode_lock:
-                if self._stop.is_set():
+                if self._abort.is_set():
                     self._drop(job)
                     return False
                 self._decode([job])
