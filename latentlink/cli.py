@@ -15,6 +15,7 @@ COMMANDS = [
     ("edge", "latentlink.edge.__main__", "capture frames, encode them and send the latents to a host"),
     ("host", "latentlink.host.__main__", "receive latents from edges, decode them, save or show the images"),
     ("train", "latentlink.export.train", "train a model on a folder of photos"),
+    ("train-postfilter", "latentlink.export.postfilter", "a DnCNN-style post-filter for the host, for a model or JPEG"),
     ("export", "latentlink.export.__main__", "ONNX export, TensorRT 8.0-10 check, engine build, backend comparison"),
     ("eval", "latentlink.export.evaluate", "a model against JPEG, WebP and JPEG 2000: PSNR, MS-SSIM, bpp, RD plot"),
     ("report", "latentlink.edge.profiler", "print the per-stage table of an edge or host report; --plot, --csv"),
@@ -37,7 +38,7 @@ examples:
 
 
 def usage():
-    return USAGE.format("\n".join("  {:<8} {}".format(name, sentence(text)) for name, _, text in COMMANDS))
+    return USAGE.format("\n".join("  {:<16} {}".format(name, sentence(text)) for name, _, text in COMMANDS))
 
 
 def main(argv=None):
