@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -220,10 +221,11 @@ def export_filter(model, path, trained_for, meta):
     path.parent.mkdir(parents=True, exist_ok=True)
     unshuffle = model.hparams["unshuffle"]
     example = torch.zeros(1, 3, 64, 64)
-    torch.onnx.export(model, example, str(path), opset_version=13, input_names=["decoded"],
-                      output_names=["restored"], dynamic_axes={"decoded": {0: "batch", 2: "height", 3: "width"},
-                                                               "restored": {0: "batch", 2: "height", 3: "width"}},
-                      dynamo=False)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, example, str(path), opset_version=13, input_names=["decoded"],
+                          output_names=["restored"], dynamic_axes={"decoded": axes, "restored": axes}, dynamo=False)
     info = dict({"format": FORMAT, "version": 1, "trained_for": trained_for, "hparams": model.hparams,
                  "multiple_of": unshuffle, "parameters": sum(p.numel() for p in model.parameters()),
                  "input": "RGB float32 in [0, 1], NCHW: the decoded frame, rounded to 8 bits",
