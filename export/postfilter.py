@@ -37,7 +37,7 @@ EXAMPLES = """examples:
   latentlink eval --photos data/holdout --postfilter runs/postfilter/postfilter.onnx \\
       --jpeg-postfilter runs/postfilter-jpeg/postfilter.onnx
 
-regenerate the shipped default's filter (profiles/default/nano-504/postfilter.onnx; about 20 minutes on one core):
+regenerate the shipped default's filter (profiles/default/nano-504/postfilter.onnx; about 25 minutes on one busy core):
   latentlink train-postfilter --data data/train data/extra --profile nano-504 --threads 1 \\
       --out profiles/default/nano-504/postfilter.onnx"""
 
@@ -171,7 +171,7 @@ def apply_torch(model, images, chunk=4):
     return np.concatenate(out)
 
 
-def train_filter(degraded, originals, val_degraded, val_originals, steps=12000, batch_size=16, crop=64, lr=1e-3,
+def train_filter(degraded, originals, val_degraded, val_originals, steps=6000, batch_size=16, crop=64, lr=1e-3,
                  seed=0, hparams=None, log=print):
     """Train a filter on the pairs (uint8 RGB arrays); returns ``(model, facts)`` with the validation PSNR (dB) of
     the degraded photos and of the filtered ones, and the minutes taken."""
@@ -259,7 +259,7 @@ def get_args_parser():
     parser.add_argument("--unshuffle", type=positive_int, default=DEFAULTS["unshuffle"],
                         help="fold the frame by this factor first (1: full resolution; 2: a quarter of the pixels, "
                              "four times the channels)")
-    parser.add_argument("--steps", type=positive_int, default=12000, help="optimizer steps")
+    parser.add_argument("--steps", type=positive_int, default=6000, help="optimizer steps")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="patches per step")
     parser.add_argument("--crop", type=positive_int, default=64, help="patch size in pixels (a multiple of 8)")
     parser.add_argument("--lr", type=Number(float, low=0, below=1), default=1e-3, help="peak Adam learning rate")
