@@ -8,9 +8,9 @@ filter: artifacts differ per codec). The filter is written as ONNX for the host 
 with a sidecar ``<name>.json`` naming the model it was trained for, so the host refuses a filter of another model.
 
 The network works at half resolution (pixel-unshuffle 2: 12 channels at H/2 x W/2, pixel-shuffle back), as FFDNet
-does: the same cost as a full-resolution network of half the width, with twice the receptive field, which the
-lossy CAE's 4x4-pixel latent grid needs. Batch normalization (seed 001's middle layers) is left out: it folds
-into the convolutions at inference anyway, and trains no better at this depth.
+does: about the cost of a full-resolution network of half the width, with twice the receptive field, which the
+lossy CAE's 4x4-pixel latent grid calls for. Batch normalization (seed 001's middle layers) is left out: at
+inference it would fold into the convolutions anyway, and at 6 layers the network trains without it.
 """
 
 import json
@@ -81,10 +81,11 @@ def build_postfilter(depth=6, width=32, unshuffle=2):
 
 
 def model_pairs(photos, profile, encoder_path, decoder_path, entropy=None, threads=0, quiet=False):
-    """``(decoded, jpeg, originals, model_bytes)``: uint8 RGB arrays (N, H, W, 3) of the photos decoded by the model,
-    the same photos through JPEG at the highest quality no larger than the model's wire frame (bytes, header
-    included, with the ``entropy`` coder: the profile's by default, as the edge sends), and the originals (fitted
-    to the profile's input as the edge fits them); ``model_bytes``: each photo's wire frame size.
+    """The training pairs of ``photos``, a dict: ``model``, ``jpeg`` and ``original``, uint8 RGB arrays (N, H, W, 3)
+    of the photos decoded by the model, the same photos through JPEG at the highest quality no larger than the
+    model's wire frame (bytes, header included, with the ``entropy`` coder: the profile's by default, as the edge
+    sends), and the originals (fitted to the profile's input as the edge fits them); ``bytes``: each photo's wire
+    frame size; ``decoder``: the decoder's ModelInfo (its ``model_id`` names the model).
     """
     import cv2
 
@@ -117,7 +118,8 @@ def model_pairs(photos, profile, encoder_path, decoder_path, entropy=None, threa
             sizes.append(len(wire))
     if not originals:
         raise ConfigError("none of the {} photos decodes (see the warnings above)".format(len(photos)))
-    return np.stack(decoded), np.stack(jpeg), np.stack(originals), sizes
+    return {"model": np.stack(decoded), "jpeg": np.stack(jpeg), "original": np.stack(originals), "bytes": sizes,
+            "decoder": dec.info}
 
 
 class PairSampler:
@@ -284,7 +286,7 @@ def _main(argv):
         raise ConfigError("--out {}: the filter is written as ONNX; give a FILE.onnx".format(args.out))
     import torch
 
-    from latentlink.edge.backends import read_model_info
+    from latentlink.edge.backends import open_backend
     from latentlink.edge.profile import load_profile
 
     from .data import list_images
@@ -295,26 +297,26 @@ def _main(argv):
     profile = load_profile(args.profile)
     encoder = profile.model.encoder if args.encoder == "default" else args.encoder
     decoder = profile.model.decoder if args.decoder == "default" else args.decoder
+    with open_backend(decoder, "decoder", input_size=(profile.input.height, profile.input.width)) as dec:
+        info = dec.info  # the model's identity, checked before the photos are decoded and the filter trained
+    trained_for = info.model_id if args.codec == "model" else JPEG_ID
+    if not trained_for:
+        raise ConfigError("{} does not record its checkpoint (checkpoint_sha256 in model.json), so the filter could "
+                          "not name its model; export the model with `latentlink export onnx`".format(decoder))
     photos = sorted({path for folder in args.data for path in list_images(folder)})
     train_paths, val_paths = split_paths(photos, args.val_split, args.seed)
     pairs = {}
     for name, paths in (("train", train_paths), ("val", val_paths)):
         if paths:
             pairs[name] = model_pairs(paths, profile, encoder, decoder, threads=args.threads)
-    index = 0 if args.codec == "model" else 1
-    degraded, originals = pairs["train"][index], pairs["train"][2]
-    val_degraded, val_originals = (pairs["val"][index], pairs["val"][2]) if "val" in pairs else ((), ())
+    degraded, originals = pairs["train"][args.codec], pairs["train"]["original"]
+    val_degraded, val_originals = (pairs["val"][args.codec], pairs["val"]["original"]) if "val" in pairs else ((), ())
     print("{} training photos, {} validation photos at {}x{}; {} at {:,} bytes per photo on average".format(
         len(originals), len(val_originals), profile.input.width, profile.input.height,
-        "the model" if args.codec == "model" else "JPEG", int(np.mean(pairs["train"][3]))), flush=True)
+        "the model" if args.codec == "model" else "JPEG", int(np.mean(pairs["train"]["bytes"]))), flush=True)
     model, facts = train_filter(degraded, originals, val_degraded, val_originals, steps=args.steps,
                                 batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=args.seed,
                                 hparams={"depth": args.depth, "width": args.width, "unshuffle": args.unshuffle})
-    info = read_model_info(decoder)
-    trained_for = info.model_id if args.codec == "model" else JPEG_ID
-    if args.codec == "model" and not trained_for:
-        raise ConfigError("{} has no checkpoint_sha256 in its metadata, so the filter could not name its model; "
-                          "export the model with `latentlink export onnx`".format(decoder))
     meta = dict(facts, codec=args.codec, profile=profile.name, entropy=profile.transport.entropy,
                 decoder=os.path.relpath(decoder, os.path.dirname(os.path.abspath(args.out))),
                 checkpoint=info.data.get("checkpoint") if args.codec == "model" else None,
