@@ -8,7 +8,7 @@ The speed of a convolutional network does not depend on its weights, so the cand
 ``latentlink.export.postfilter.build_postfilter`` and exported as ``latentlink train-postfilter`` exports them);
 ``--filter`` times a trained file instead. Prints the median of ``--runs`` runs, in ms per frame (a batch's time
 divided by its frames), with the filter's parameters and multiply-accumulates per frame: figures for the README's
-choice of the default (depth 6, width 32, folded by 2), never asserted.
+choice of the default (depth 4, width 32, folded by 2), never asserted.
 """
 
 import argparse
@@ -27,7 +27,9 @@ from latentlink.host.postfilter import PostFilter, read_filter_info  # noqa: E40
 CANDIDATES = [  # (depth, width, unshuffle)
     (5, 16, 1),   # seed 001's layout (full resolution), made narrow and shallow
     (6, 24, 1),
-    (6, 32, 2),   # the default: folded by 2 (FFDNet), a quarter of the pixels
+    (3, 32, 2),
+    (4, 32, 2),   # the default: folded by 2 (FFDNet), a quarter of the pixels
+    (6, 32, 2),
     (8, 32, 2),
     (8, 48, 2),
 ]

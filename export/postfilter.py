@@ -10,7 +10,7 @@ with a sidecar ``<name>.json`` naming the model it was trained for, so the host 
 The network works at half resolution (pixel-unshuffle 2: 12 channels at H/2 x W/2, pixel-shuffle back), as FFDNet
 does: about the cost of a full-resolution network of half the width, with twice the receptive field, which the
 lossy CAE's 4x4-pixel latent grid calls for. Batch normalization (seed 001's middle layers) is left out: at
-inference it would fold into the convolutions anyway, and at 6 layers the network trains without it.
+inference it would fold into the convolutions anyway, and at 4 layers the network trains without it.
 """
 
 import json
@@ -28,7 +28,7 @@ from latentlink.edge.errors import ConfigError
 from latentlink.host.postfilter import FORMAT, JPEG_ID, describe, sidecar_path
 
 CODECS = ("model", "jpeg")  # what the filter restores: the model's decoded frames, or JPEG at the model's bytes
-DEFAULTS = {"depth": 6, "width": 32, "unshuffle": 2}
+DEFAULTS = {"depth": 4, "width": 32, "unshuffle": 2}
 
 EXAMPLES = """examples:
   latentlink train-postfilter --data /work/photos/train /work/photos/extra --out runs/postfilter/postfilter.onnx
@@ -37,12 +37,12 @@ EXAMPLES = """examples:
   latentlink eval --photos data/holdout --postfilter runs/postfilter/postfilter.onnx \\
       --jpeg-postfilter runs/postfilter-jpeg/postfilter.onnx
 
-regenerate the shipped default's filter (profiles/default/nano-504/postfilter.onnx; about 25 minutes on one busy core):
+regenerate the shipped default's filter (profiles/default/nano-504/postfilter.onnx; about 10 minutes on one core):
   latentlink train-postfilter --data data/train data/extra --profile nano-504 --threads 1 \\
       --out profiles/default/nano-504/postfilter.onnx"""
 
 
-def build_postfilter(depth=6, width=32, unshuffle=2):
+def build_postfilter(depth=4, width=32, unshuffle=2):
     """The DnCNN-style filter (a torch module): restored = x - residual(x), for RGB NCHW float in [0, 1].
 
     ``depth``: conv layers (the first and last included); ``width``: channels of the hidden layers;
