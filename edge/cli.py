@@ -328,6 +328,7 @@ def warn(text):
 COMMANDS = {"latentlink.demo": ("demo", "host"), "latentlink.edge.__main__": ("edge", "edge"),
             "latentlink.host.__main__": ("host", "host"), "latentlink.export.train": ("train", "export"),
             "latentlink.export.__main__": ("export", "export"), "latentlink.export.evaluate": ("eval", "export"),
+            "latentlink.export.postfilter": ("train-postfilter", "export"),
             "latentlink.edge.profiler": ("report", None), "latentlink.keys": ("keys", "keys"),
             "latentlink.host.decode_service": ("decode-service", "triton"),
             "latentlink.host.worker": ("worker", "fleet"), "latentlink.host.fleet": ("fleet", "fleet")}

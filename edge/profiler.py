@@ -30,7 +30,14 @@ from .errors import ConfigError, LatentlinkError
 
 # entropy: the optional lossless coding of the packed payload; reports of runs without a coder leave it out.
 EDGE_STAGES = ("capture", "preprocess", "encode", "gpu_to_cpu", "serialize", "entropy", "send")
-HOST_STAGES = ("receive", "deserialize", "decode", "write")
+# postfilter: the optional network run on decoded frames (host --postfilter); reports of runs without one leave it out.
+HOST_STAGES = ("receive", "deserialize", "decode", "postfilter", "write")
+
+
+def host_stages(postfilter):
+    """The stages the host times: :data:`HOST_STAGES`, without ``postfilter`` when it runs none (falsy)."""
+    return HOST_STAGES if postfilter else tuple(s for s in HOST_STAGES if s != "postfilter")
+
 
 REPORT_KIND = "latentlink-report"
 REPORT_VERSION = 1

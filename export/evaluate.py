@@ -59,7 +59,9 @@ EXAMPLES = """examples:
   latentlink eval --photos data/holdout --codecs jpeg,webp,jpeg2000 --compressai runs/rd --plot runs/rd.png
   latentlink eval --photos data/holdout --encoder runs/lossy-cae.pt --decoder runs/lossy-cae.pt   (a checkpoint)
   latentlink eval --photos data/holdout --checkpoints runs/l0.pt runs/l1.pt runs/l2.pt --plot runs/rd.png
-  latentlink eval --video data/video/vtest.avi --frames 30 --codecs jpeg,webp,x264,x265 --plot runs/rd-video.png"""
+  latentlink eval --video data/video/vtest.avi --frames 30 --codecs jpeg,webp,x264,x265 --plot runs/rd-video.png
+  latentlink eval --photos data/holdout --codecs jpeg --postfilter profiles/default/nano-504/postfilter.onnx \
+      --jpeg-postfilter runs/postfilter-jpeg/postfilter.onnx     (dB gained and ms spent by each post-filter)"""
 
 
 def get_args_parser():
@@ -94,6 +96,13 @@ def get_args_parser():
                         help="compress the packed latents losslessly as the edge would (--entropy of `latentlink "
                              "edge`): one of {}; the rate counts the compressed frame, the times include coding "
                              "(default: %(default)s)".format(", ".join(CODERS)))
+    parser.add_argument("--postfilter", metavar="FILE.onnx",
+                        help="also measure the model's frames through this post-filter (`latentlink train-postfilter`; "
+                             "refused unless trained for the decoder's model): PSNR and MS-SSIM with and without it, "
+                             "and its time per frame")
+    parser.add_argument("--jpeg-postfilter", metavar="FILE.onnx",
+                        help="likewise for JPEG at the model's bytes, with a filter trained for JPEG (`latentlink "
+                             "train-postfilter --codec jpeg`); needs jpeg in --codecs")
     parser.add_argument("--per-image", action="store_true", help="print every photo's row, not only the means")
     parser.add_argument("--json", help="write per-photo results to this JSON file")
     parser.add_argument("--compressai", metavar="DIR", help="write CompressAI-style JSON, one file per method")
@@ -136,6 +145,15 @@ def check_args(args):
     else:
         check_input_file("--video", args.video, "give a video file, e.g. data/video/vtest.avi from "
                          "scripts/get_photos.sh")
+    if args.checkpoints and (args.postfilter or args.jpeg_postfilter):
+        raise ConfigError("--postfilter and --jpeg-postfilter measure one model's filter: leave out --checkpoints "
+                          "(give --encoder and --decoder, or the profile's default)")
+    if args.jpeg_postfilter and "jpeg" not in args.codecs:
+        raise ConfigError("--jpeg-postfilter filters JPEG at the model's bytes: add jpeg to --codecs (e.g. --codecs "
+                          "jpeg,webp)")
+    for option, path in (("--postfilter", args.postfilter), ("--jpeg-postfilter", args.jpeg_postfilter)):
+        if path:
+            check_input_file(option, path, "train one with `latentlink train-postfilter`")
     if args.checkpoints and (args.encoder != "default" or args.decoder != "default"):
         raise ConfigError("--checkpoints gives each model's encoder and decoder (one checkpoint holds both): "
                           "leave out --encoder and --decoder")
@@ -262,7 +280,7 @@ def image_metrics(reference, test):
 
 
 def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"), backend_options=None,
-             entropy="none", skipped=None, quiet=False):
+             entropy="none", skipped=None, quiet=False, postfilter=None, jpeg_postfilter=None):
     """Per-photo results: the model's bytes, bpp, ratio, metrics and times (s), and each codec's at the same size.
 
     ``photos``: a folder, a list of image paths, or a list of ``(name, BGR image)`` pairs (a clip's frames, from
@@ -273,7 +291,14 @@ def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"
     encoding time includes the compression (also given alone as ``entropy_encoding_time``) and its decoding time
     the decompression (``entropy_decoding_time``). Files that do not decode are skipped with a warning and
     appended to the list ``skipped``. A progress bar on stderr where it is a terminal, unless ``quiet``.
+
+    ``postfilter``: a post-filter (ONNX, ``latentlink train-postfilter``) for the decoder's model, refused if trained
+    for another: each row also gets ``model+postfilter``, the metrics of the filtered frame and the filter's time
+    (``postfilter_time``, s). ``jpeg_postfilter``: one trained for JPEG, applied to JPEG at the model's bytes
+    (``jpeg+postfilter``).
     """
+    from latentlink.host.postfilter import JPEG_ID, PostFilter, check_filter_for, open_postfilter
+
     check_available(entropy)
     w, h, fit = profile.input.width, profile.input.height, profile.input.fit
     options = dict(backend_options or {}, input_size=(h, w))
@@ -281,6 +306,12 @@ def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"
     with open_backend(encoder_path, "encoder", **options) as enc, \
             open_backend(decoder_path, "decoder", **options) as dec:
         preprocess = Preprocessor(w, h, fit, enc.info.tiles)  # a tiled model: the frame as a batch of tiles
+        threads = options.get("threads", 0)
+        filters = {}  # method -> PostFilter; refused here, before any photo, if trained for another codec
+        if postfilter:
+            filters["model"] = open_postfilter(postfilter, dec.info, threads)
+        if jpeg_postfilter:
+            filters["jpeg"] = PostFilter(jpeg_postfilter, check_filter_for(jpeg_postfilter, JPEG_ID, "JPEG"), threads)
         # --entropy context: the tables beside the encoder (entropy.json), as the edge reads them
         context = enc.info.context_model() if entropy == "context" else None
         if isinstance(photos, (str, Path)):
@@ -317,10 +348,41 @@ def evaluate(photos, profile, encoder_path, decoder_path, codecs=("jpeg", "webp"
                 row[codec] = dict(_rate(size, w, h), quality=quality, **image_metrics(reference, image),
                                   psnr_at_model_bytes=psnr_at_bytes(reference, codec, quality, size, image,
                                                                     len(wire)))
+                if codec in filters:
+                    row[codec + "+postfilter"] = filtered_metrics(filters[codec], reference, image)
+            if "model" in filters:
+                row["model+postfilter"] = filtered_metrics(filters["model"], reference, decoded)
             results.append(row)
     if not results:
         raise ConfigError("none of the {} photos decodes (see the warnings above)".format(len(photos)))
     return results
+
+
+def filtered_metrics(postfilter, reference, image):
+    """The metrics of ``image`` (BGR uint8) through ``postfilter`` against ``reference``, and the filter's time
+    (``postfilter_time``, s, the 8-bit conversions included, as the host spends it)."""
+    start = time.perf_counter()
+    rgb = postfilter.run_images(image[None, :, :, ::-1])[0]
+    elapsed = time.perf_counter() - start
+    return dict(image_metrics(reference, np.ascontiguousarray(rgb[:, :, ::-1])), postfilter_time=elapsed)
+
+
+def format_postfilter(results):
+    """The post-filters' table: each method's mean PSNR and MS-SSIM without and with its filter, the gain, and the
+    filter's mean time per frame (ms); empty when no row has a filtered method."""
+    methods = [m for m in ("model", "jpeg") if results and m + "+postfilter" in results[0]]
+    if not methods:
+        return ""
+    lines = ["{:<24}{:>12}{:>12}{:>10}{:>24}{:>12}".format("post-filter", "PSNR dB", "filtered", "gain",
+                                                           "MS-SSIM -> filtered", "ms/frame")]
+    for method in methods:
+        plain = _mean_rows([r[method] for r in results])
+        filtered = _mean_rows([r[method + "+postfilter"] for r in results])
+        ms_ssim = "-" if plain["ms_ssim"] is None else "{:.4f} -> {:.4f}".format(plain["ms_ssim"], filtered["ms_ssim"])
+        lines.append("{:<24}{:>12.2f}{:>12.2f}{:>+10.2f}{:>24}{:>12.1f}".format(
+            method if method == "model" else method + " (model's bytes)", plain["psnr"], filtered["psnr"],
+            filtered["psnr"] - plain["psnr"], ms_ssim, 1000 * filtered["postfilter_time"]))
+    return "\n".join(lines)
 
 
 def fitted_frames(photos, profile):
@@ -525,7 +587,8 @@ def _main(argv):
     for name, encoder, decoder in models:
         results = evaluate(photos, profile, encoder, decoder, image_codecs, entropy=args.entropy,
                            skipped=skipped if not measured else None, quiet=args.quiet,
-                           backend_options={"threads": args.threads})
+                           backend_options={"threads": args.threads}, postfilter=args.postfilter,
+                           jpeg_postfilter=args.jpeg_postfilter)
         point = _mean_rows([r["model"] for r in results])
         model_bytes = sum(r["model"]["bytes"] for r in results)
         video = dict((v, video_at_budget(references, v, model_bytes, args.preset,
@@ -540,6 +603,8 @@ def _main(argv):
               f"{f' ({len(skipped)} unreadable skipped)' if skipped else ''}; codecs at the highest quality no "
               f"larger than the model's wire frame{coded}")
         print(format_results(results, image_codecs, per_image=args.per_image, entropy=args.entropy))
+        if args.postfilter or args.jpeg_postfilter:
+            print(format_postfilter(results))
         if video:
             print(format_video(video, model_bytes))
         # Beside the quality, what the encoder would cost on the Nano (export/cost_model.py: a model, not measured;

@@ -7,11 +7,11 @@ import sys
 import threading
 
 from latentlink.edge.cli import (ArgumentParser, add_backend_options, add_run_options, address, backend_options,
-                                 check_model_file, check_output_file, check_resolvable, is_loopback,
+                                 check_input_file, check_model_file, check_output_file, check_resolvable, is_loopback,
                                  peak_rss_mb, positive_float, positive_int, run_main, setup_logging)
 from latentlink.edge.errors import ConfigError
 from latentlink.edge.profile import load_profile
-from latentlink.edge.profiler import HOST_STAGES, ReportWriter, format_table
+from latentlink.edge.profiler import ReportWriter, format_table, host_stages
 from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
@@ -29,6 +29,7 @@ EXAMPLES = """examples:
   latentlink host --listen 127.0.0.1:0 --ready-file port.txt --max-frames 100
   latentlink host --decoder runs/lossy-cae.pt --device cuda --precision fp16   (decode on a GPU)
   latentlink host --decoder triton://gpu-host:8000/decoder --out frames/   (a GPU machine's decode-service)
+  latentlink host --postfilter profiles/default/nano-504/postfilter.onnx --out frames/   (the default's filter)
   latentlink host --listen 0.0.0.0:5760 --tls keys/ --out frames/      (keys/: latentlink keys init keys/)
   latentlink host --listen 0.0.0.0:5760 --token-file token.txt          (token.txt: latentlink keys token)
   latentlink host --listen 0.0.0.0:5760 --jetstream nats://127.0.0.1:4222     (a gateway: decode workers do the rest,
@@ -54,6 +55,10 @@ def get_args_parser():
                         help="decoder model: .onnx (ONNX Runtime), .pt (PyTorch checkpoint; see --device), .engine "
                              "(TensorRT), triton://HOST:PORT/MODEL (a `latentlink decode-service`), or 'default' for "
                              "the profile's ONNX (default: %(default)s)")
+    parser.add_argument("--postfilter", metavar="FILE.onnx",
+                        help="run this DnCNN-style post-filter (`latentlink train-postfilter`) on every decoded "
+                             "frame, timed as the host stage 'postfilter'; refused unless trained for the decoder's "
+                             "model (FILE.json says which)")
     parser.add_argument("--out", action="append", metavar="URI",
                         help="where decoded frames go; repeat for several: a folder (DIR or file://DIR/: PNGs), "
                              "file://NAME.mp4 (a video per stream, NAME-<stream>.mp4; file://NAME.mp4?fps=15), "
@@ -163,6 +168,8 @@ def check_args(args):
     """Checks of what argparse cannot check alone: the model file, the output paths, the address's name."""
     if args.decoder != "default" and not is_service(args.decoder):
         check_model_file("--decoder", args.decoder, "decoder")
+    if args.postfilter:
+        check_input_file("--postfilter", args.postfilter, "train one with `latentlink train-postfilter`")
     for option, path in (("--report", args.report), ("--ready-file", args.ready_file)):
         if path:
             check_output_file(option, path)
@@ -214,11 +221,18 @@ def _main(argv):
     report = None
     try:
         with open_decoder(decoder_path, "decoder", **backend_options(args, profile)) as decoder:
+            postfilter = None
+            if args.postfilter:  # refused here, before the host listens, if trained for another model
+                from .postfilter import open_postfilter
+
+                postfilter = open_postfilter(args.postfilter, decoder.info, threads=args.threads)
             meta = {"role": "host", "profile": profile.name, "backend": decoder.name, "decoder": decoder_path,
                     "out": ",".join(args.out) if args.out else None}
+            if postfilter is not None:
+                meta["postfilter"] = args.postfilter
             if args.report:  # each decoded frame's record is written at once, not kept until the end
-                report = ReportWriter(args.report, HOST_STAGES, profile.budget_ms, meta)
-            summary = serve(args, profile, decoder, listen, report, credentials)
+                report = ReportWriter(args.report, host_stages(postfilter), profile.budget_ms, meta)
+            summary = serve(args, profile, decoder, listen, report, credentials, postfilter)
         meta.update(peak_rss_mb=peak_rss_mb(), stream=",".join(summary["streams"]) or "-")
         if report is not None:
             report.finish(summary, meta)
@@ -298,7 +312,7 @@ def handle_signals(host):
     return lambda: [signal.signal(signum, old) for signum, old in previous.items()]
 
 
-def serve(args, profile, decoder, listen, report, credentials):
+def serve(args, profile, decoder, listen, report, credentials, postfilter=None):
     """Serve edges until a stop condition; returns the summary."""
     uris = list(args.out or [])
     if args.display and not any(parse_output(uri).kind == "display" for uri in uris):
@@ -306,14 +320,14 @@ def serve(args, profile, decoder, listen, report, credentials):
     outputs = open_outputs(uris, fps=profile.capture.fps)
     services = []  # the live view and the metrics server: opened after the host exists, closed with the outputs
     try:
-        return _serve(args, profile, decoder, listen, report, credentials, outputs, services)
+        return _serve(args, profile, decoder, listen, report, credentials, outputs, services, postfilter)
     finally:
         for service in services:
             service.close()
         outputs.close()
 
 
-def _serve(args, profile, decoder, listen, report, credentials, outputs, services):
+def _serve(args, profile, decoder, listen, report, credentials, outputs, services, postfilter=None):
     view = None
     if args.view:
         from .view import LiveView
@@ -338,7 +352,7 @@ def _serve(args, profile, decoder, listen, report, credentials, outputs, service
                 raw_stream_name=args.raw_stream_name, outputs=outputs.outputs + ([view] if view else []),
                 batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
                 queue_size=args.queue_size, write_workers=args.write_workers, progress_s=args.progress,
-                forward=forward)
+                forward=forward, postfilter=postfilter)
     if view is not None:
         view.snapshot = host.snapshot
         host.add_record_listener(view.add_record)

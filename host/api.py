@@ -23,7 +23,7 @@ import time
 from latentlink.edge.cli import check_output_dir, check_output_file, peak_rss_mb
 from latentlink.edge.errors import ConfigError, LatentlinkError
 from latentlink.edge.profile import load_profile
-from latentlink.edge.profiler import HOST_STAGES, ReportWriter
+from latentlink.edge.profiler import ReportWriter, host_stages
 from latentlink.edge.security import Credentials
 from latentlink.edge.sender import parse_address
 
@@ -126,7 +126,8 @@ class Receiver:
             self._meta = {"role": "host", "profile": self.profile.name, "backend": self._decoder.name,
                           "decoder": self.decoder_path, "out": out}
             if report:  # each decoded frame's record is written at once, not kept until the end
-                self._report = ReportWriter(report, HOST_STAGES, self.profile.budget_ms, self._meta)
+                self._report = ReportWriter(report, host_stages(options.get("postfilter")), self.profile.budget_ms,
+                                            self._meta)
                 self._host.add_record_listener(self._report.add)
             bound = self._host.bind(listen_host, listen_port)
         except BaseException:

@@ -60,7 +60,7 @@ from latentlink.edge.entropy import check_available
 from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, LatentlinkError, ProtocolError
 from latentlink.edge.lossless import PREDICTORS as LOSSLESS_PREDICTORS, codec as lossless_codec
 from latentlink.edge.preprocess import to_image
-from latentlink.edge.profiler import HOST_STAGES, FrameStats, FrameTimer
+from latentlink.edge.profiler import FrameStats, FrameTimer, host_stages
 from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_AUTH,
                                       KIND_CHALLENGE, KIND_CLOCK, KIND_END, KIND_FRAME, KIND_HELLO, KIND_NAMES,
                                       KIND_REFUSE, MAGIC, MAX_WINDOW, PERMANENT_REFUSALS, VERSION, VERSION_2, VERSIONS,
@@ -331,6 +331,8 @@ class Host(object):
     :class:`~latentlink.host.jetstream.Forwarder`): the decode stage hands it each batch, frames undecoded (their
     payload as received in ``job.latents``), and it sets each job's outcome ("stored", "failed" or "dropped"); the
     write stage then acknowledges them with that outcome, and writes nothing.
+    ``postfilter``: a :class:`~latentlink.host.postfilter.PostFilter` run on each decoded batch, timed as the stage
+    ``postfilter`` (None: none, and no such stage).
 
     Memory does not grow with the frames or the streams served: the summary is aggregated as frames are decoded
     (:class:`~latentlink.edge.profiler.FrameStats`), and each decoded frame's record goes to ``on_record(record)``
@@ -346,7 +348,8 @@ class Host(object):
                  accept_pickle=False, window=8, handshake_timeout_s=5.0, max_connections_per_peer=4,
                  decode_delay_s=0.0, credentials=None, on_record=None, max_stream_stats=MAX_STREAM_STATS,
                  accept_pickle_raw=False, raw_stream_name=None, outputs=(), batch_size=4, batch_wait_ms=5.0,
-                 queue_size=64, write_workers=2, pipeline=True, progress_s=5.0, forward=None):
+                 queue_size=64, write_workers=2, pipeline=True, progress_s=5.0, forward=None,
+                 postfilter=None):
         if batch_size < 1 or queue_size < 1 or write_workers < 1 or batch_wait_ms < 0:
             raise ConfigError("bad pipeline settings: batch size {}, queue size {} and write workers {} must be at "
                               "least 1, and the batch wait {} ms at least 0".format(batch_size, queue_size,
@@ -374,7 +377,8 @@ class Host(object):
         self.forgotten = StreamStats("")  # the summed counts of the streams dropped from self.streams
         self.forgotten_streams = 0
         self._record_listeners = [on_record] if on_record is not None else []
-        self._frames = FrameStats(HOST_STAGES, budget_ms)  # every decoded frame, aggregated
+        self.postfilter = postfilter
+        self._frames = FrameStats(host_stages(postfilter), budget_ms)  # every decoded frame, aggregated
         self.protocol_errors = 0
         self.write_errors = 0
         self.refused_connections = 0  # over --max-connections or --max-connections-per-peer
@@ -676,9 +680,22 @@ class Host(object):
         if self.decode_delay_s:  # tests and benchmarks: simulates a slower decoder (counted as decode time)
             time.sleep(self.decode_delay_s * len(jobs))  # per frame: batching does not make the fault window shorter
         per_frame = (time.perf_counter() - started) * 1000.0 / len(jobs)
+        filter_ms = 0.0
+        if self.postfilter is not None:  # on the decoder's batch, in one call; its own stage
+            started = time.perf_counter()
+            try:
+                outputs = self.postfilter.run(outputs, self.decoder.info.tiles)
+            except BackendError as exc:
+                log.error("%d frame(s) failed in the post-filter: %s", len(jobs), exc)
+                for job in jobs:
+                    job.outcome, job.reason = "failed", "post-filter failed on the host (see its log)"
+                return
+            filter_ms = (time.perf_counter() - started) * 1000.0 / len(jobs)
         with self._lock:
             self._batches[len(jobs)] += 1
         for job, output in zip(jobs, outputs):
+            if self.postfilter is not None:
+                job.timer.add("postfilter", filter_ms)
             job.output, job.batch = output, len(jobs)
             # The batch's time shared out: the frames' decode times add up to the decoder's busy time.
             job.timer.add("decode", per_frame)

@@ -17,6 +17,7 @@ COMMANDS = [
     ("worker", "latentlink.host.worker", "a fleet's decode worker: frames from NATS JetStream to images"),
     ("fleet", "latentlink.host.fleet", "a fleet's state: frames waiting in the broker, workers' backlog"),
     ("train", "latentlink.export.train", "train a model on a folder of photos"),
+    ("train-postfilter", "latentlink.export.postfilter", "a DnCNN-style post-filter for the host, for a model or JPEG"),
     ("export", "latentlink.export.__main__", "ONNX export, TensorRT 8.0-10 check, engine build, backend comparison"),
     ("eval", "latentlink.export.evaluate", "a model against JPEG, WebP and JPEG 2000: PSNR, MS-SSIM, bpp, RD plot"),
     ("report", "latentlink.edge.profiler", "print the per-stage table of an edge or host report; --plot, --csv"),
@@ -40,7 +41,7 @@ examples:
 
 
 def usage():
-    return USAGE.format("\n".join("  {:<8} {}".format(name, sentence(text)) for name, _, text in COMMANDS))
+    return USAGE.format("\n".join("  {:<16} {}".format(name, sentence(text)) for name, _, text in COMMANDS))
 
 
 def main(argv=None):

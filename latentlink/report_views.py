@@ -44,7 +44,7 @@ NETWORK = "network + queue"
 OUTCOME_MARKS = {"failed": ("X", "#d62728"), "refused": ("s", "#9467bd"), "dropped": ("v", "#ff7f0e"),
                  "lost": ("D", "#000000"), "host only": ("^", "#2ca02c")}
 _EDGE_COLOURS = ("#8c8c8c", "#bcbd22", "#1f77b4", "#17becf", "#9467bd", "#e377c2", "#ff7f0e")  # EDGE_STAGES order
-_HOST_COLOURS = ("#2ca02c", "#98df8a", "#d62728", "#ff9896")  # HOST_STAGES order
+_HOST_COLOURS = ("#2ca02c", "#98df8a", "#d62728", "#8c564b", "#ff9896")  # HOST_STAGES order
 _OTHER_COLOURS = ("#7f7f7f", "#c49c94", "#aec7e8", "#ffbb78", "#c5b0d5")
 _NETWORK_COLOUR = "#d9d9d9"
 _MIN_MS = 1e-3  # the log scale's floor: stage times are rounded to the microsecond, so 0.0 happens

@@ -51,6 +51,7 @@ CASES = [
     ("host --listen :99999", "argument --listen: got ':99999'; expected HOST:PORT with a port from 0 to 65535"),
     ("host --listen nohost:5760", "--listen nohost:5760: the name 'nohost' does not resolve"),
     ("host --threads -1", "argument --threads: got -1"),
+    ("host --postfilter {tmp}/pf.onnx", "--postfilter {tmp}/pf.onnx: no such file"),
     ("host --max-frames 0", "argument --max-frames: got 0"),
     ("host --idle-timeout 0", "argument --idle-timeout: got 0; expected a number > 0"),
     ("host --window 0", "argument --window: got 0"),
@@ -95,6 +96,8 @@ CASES = [
     (TRAIN + "--init-from {foreign}", "is a PyTorch file but not a latentlink checkpoint"),
     ("train --data {tmp}/missing --out {tmp}/model.pt", "--data {tmp}/missing: no such folder"),
     ("train --data {photos} --out {file}/model.pt", "--out {file}/model.pt: {file} is a file"),
+    ("train-postfilter --data {tmp}/missing --out {tmp}/pf.onnx", "--data {tmp}/missing: no such folder"),
+    ("train-postfilter --data {photos} --out {tmp}/pf.pt", "--out {tmp}/pf.pt: the filter is written as ONNX"),
     # export
     (ONNX + "--height -8 --width 64", "argument --height: got -8; expected a whole number >= 1"),
     (ONNX + "--height 64 --width 0", "argument --width: got 0"),
@@ -128,6 +131,8 @@ CASES = [
     ("eval --photos {photos} --json {tmp}", "--json {tmp}: that is a folder"),
     ("eval --photos {photos} --compressai {file}", "--compressai {file}: a file of that name is in the way"),
     ("eval --photos {photos} --entropy brotli", "argument --entropy: invalid choice: 'brotli'"),
+    ("eval --photos {photos} --codecs webp --jpeg-postfilter {file}", "add jpeg to --codecs"),
+    ("eval --photos {photos} --postfilter {tmp}/pf.onnx", "--postfilter {tmp}/pf.onnx: no such file"),
     # report
     ("report {tmp}/missing.json", "report file '{tmp}/missing.json' does not exist"),
     ("report {file}", "is not JSON"),
