@@ -1186,9 +1186,9 @@ class Host(object):
                                       " (another training run: its images would be noise); give both the same "
                                       "profile or export".format(edge_checkpoint[:12], info.model_id[:12]))
         progressive = getattr(self.decoder, "progressive", None)  # edge/rate.py: up to K codes per frame
-        if hello["progressive"] != progressive:
+        if hello.get("progressive") != progressive:
             return "shape_mismatch", ("the edge's model is {} and this host's decoder {}: run the host with the edge's "
-                                      "profile (or --decoder)".format(_progressive_text(hello["progressive"]),
+                                      "profile (or --decoder)".format(_progressive_text(hello.get("progressive")),
                                                                       _progressive_text(progressive)))
         if tuple(hello["shape"]) != tuple(self.decoder.input_shape):
             return "shape_mismatch", ("the edge sends latents of shape {} and this host's decoder takes {}: run the "
