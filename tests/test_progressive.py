@@ -218,3 +218,18 @@ def test_shipped_model_improves_with_every_iteration():
                 for _, image, _ in codec.decode_steps(codes)]
     assert all(b > a for a, b in zip(psnr, psnr[1:])), psnr
     assert psnr[-1] > psnr[0] + 3, psnr
+
+
+def test_eval_draws_the_curve_from_one_model(tiny, photos_dir):
+    """`latentlink eval --progressive`: one point per iteration count, the rate growing with every iteration."""
+    from latentlink.edge.profile import load_profile
+    from latentlink.export.evaluate import evaluate_progressive
+
+    profile = load_profile("nano-504")
+    profile.input.width = profile.input.height = SIZE
+    curve = evaluate_progressive(photos_dir, profile, str(tiny), codecs=("jpeg",), entropy="zlib", quiet=True)
+    assert sorted(curve) == list(range(1, ITERATIONS + 1))
+    assert all(len(rows) == 4 and rows[0]["model"]["iterations"] == k for k, rows in curve.items())
+    for photo in range(4):
+        sizes = [curve[k][photo]["model"]["bytes"] for k in sorted(curve)]
+        assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
