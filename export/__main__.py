@@ -36,7 +36,11 @@ EXAMPLES = """examples:
   latentlink export bundle --profile nano-504 --out latentlink-nano-504.tar.gz      (then README.txt inside it)
 
 regenerate the shipped default models (and nano-1008 likewise):
-  latentlink export onnx --checkpoint profiles/default/lossy-cae.pt --profile nano-504 --out profiles/default/nano-504"""
+  latentlink export onnx --checkpoint profiles/default/lossy-cae.pt --profile nano-504 --out profiles/default/nano-504
+
+a progressive model (encoder_step.onnx + decoder_step.onnx, one iteration per call; README "The progressive model"):
+  latentlink export onnx --checkpoint profiles/default/progressive.pt --profile progressive-504 \
+      --out profiles/default/progressive-504"""
 
 
 def get_args_parser():

@@ -59,6 +59,7 @@ EXAMPLES = """examples:
   latentlink eval --photos data/holdout --codecs jpeg,webp,jpeg2000 --compressai runs/rd --plot runs/rd.png
   latentlink eval --photos data/holdout --encoder runs/lossy-cae.pt --decoder runs/lossy-cae.pt   (a checkpoint)
   latentlink eval --photos data/holdout --checkpoints runs/l0.pt runs/l1.pt runs/l2.pt --plot runs/rd.png
+  latentlink eval --photos data/holdout --progressive profiles/default/progressive-504 --plot runs/rd-progressive.png
   latentlink eval --video data/video/vtest.avi --frames 30 --codecs jpeg,webp,x264,x265 --plot runs/rd-video.png
   latentlink eval --photos data/holdout --codecs jpeg --postfilter profiles/default/nano-504/postfilter.onnx \
       --jpeg-postfilter runs/postfilter-jpeg/postfilter.onnx     (dB gained and ms spent by each post-filter)"""
@@ -82,6 +83,10 @@ def get_args_parser():
                              "folder (`latentlink export onnx --out`: its ONNX files, and its entropy.json for "
                              "--entropy context), e.g. one per --lmbda of `latentlink train`: each is measured, "
                              "and they are plotted as one curve")
+    parser.add_argument("--progressive", metavar="MODEL",
+                        help="also measure a progressive model (`latentlink train --model progressive`): its export "
+                             "folder, model.json or .pt checkpoint; every iteration count 1..K is a point of one "
+                             "rate-distortion curve, from the one model (edge/progressive.py)")
     parser.add_argument("--codecs", type=codecs_type, default="jpeg,webp",
                         help="codecs to compare with, of {}; with --video also x264 and x265 (each all-intra and "
                              "low-delay, through ffmpeg) (default: %(default)s)".format(", ".join(CODECS)))
@@ -166,6 +171,11 @@ def check_args(args):
     for option, path, role in (("--encoder", args.encoder, "encoder"), ("--decoder", args.decoder, "decoder")):
         if path != "default":
             check_model_file(option, path, role)
+    if args.progressive and not Path(args.progressive).exists():
+        raise ConfigError("--progressive {}: no such file or folder; give the export folder of a progressive model "
+                          "(`latentlink export onnx --checkpoint PROGRESSIVE.pt --out DIR`)".format(args.progressive))
+    if args.progressive and args.video:
+        raise ConfigError("--progressive measures photos: give --photos, not --video")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_output_file(option, path)
@@ -383,6 +393,57 @@ def format_postfilter(results):
             method if method == "model" else method + " (model's bytes)", plain["psnr"], filtered["psnr"],
             filtered["psnr"] - plain["psnr"], ms_ssim, 1000 * filtered["postfilter_time"]))
     return "\n".join(lines)
+
+
+def evaluate_progressive(photos, profile, model_path, codecs=("jpeg", "webp"), backend_options=None,
+                         entropy="none", skipped=None, quiet=False):
+    """The progressive model's rate-distortion curve from one model: ``{k: per-photo rows}`` for k = 1..K
+    iterations, each row as :func:`evaluate`'s (the wire frame of the first k iterations' codes, coded with
+    ``entropy``; the decoder's image after k iterations; each codec at that frame's bytes).
+
+    Each photo is encoded once, for K iterations: the first k iterations' codes do not depend on how many follow,
+    so they are exactly what an edge stopping at k would send; ``encoding_time`` is that of all K (s).
+    """
+    from latentlink.edge.progressive import open_progressive
+
+    check_available(entropy)
+    w, h, fit = profile.input.width, profile.input.height, profile.input.fit
+    options = dict(backend_options or {}, input_size=(h, w))
+    curve = {}
+    with open_progressive(model_path, "encoder", **options) as codec:
+        if codec.input_shape != (1, 3, h, w):
+            raise ConfigError("--progressive {} takes {}x{} frames; give --size {}x{} or --profile of that size"
+                              .format(model_path, codec.input_shape[3], codec.input_shape[2], codec.input_shape[3],
+                                      codec.input_shape[2]))
+        preprocess = Preprocessor(w, h, fit)
+        if isinstance(photos, (str, Path)):
+            photos = list_images(photos)
+        bar = progress(photos, quiet=quiet, desc="progressive", unit="photo")
+        for name, frame in ((path.name, image) for path, image in readable_images(bar, read=read_bgr,
+                                                                                  skipped=skipped)):
+            reference = fit_frame(frame, w, h, fit)
+            start = time.perf_counter()
+            codes, _ = codec.encode(preprocess(frame), codec.max_iterations)
+            encode_s = time.perf_counter() - start
+            decode_s = 0.0  # the decoder steps alone (the codecs' searches below run between them)
+            for k, image, timings in codec.decode_steps(codes):
+                decode_s += (timings["decode"] + timings["gpu_to_cpu"]) / 1000.0
+                context = codec.context_model(k) if entropy == "context" else None
+                payload = code_latents(codes[:k], "bits", entropy, context)
+                wire = frame_payload("eval", 0, 0.0, codes[:k], "bits", payload, entropy)
+                decoded = to_image(image)
+                row = {"photo": name, "model": dict(_rate(len(wire), w, h), encoding_time=encode_s,
+                                                    decoding_time=decode_s, iterations=k,
+                                                    **image_metrics(reference, decoded))}
+                for other in codecs:
+                    quality, size, coded = codec_at_budget(reference, other, len(wire))
+                    row[other] = dict(_rate(size, w, h), quality=quality, **image_metrics(reference, coded),
+                                      psnr_at_model_bytes=psnr_at_bytes(reference, other, quality, size, coded,
+                                                                        len(wire)))
+                curve.setdefault(k, []).append(row)
+    if not curve:
+        raise ConfigError("none of the {} photos decodes (see the warnings above)".format(len(photos)))
+    return curve
 
 
 def fitted_frames(photos, profile):
@@ -615,6 +676,18 @@ def _main(argv):
         measured[-1]["estimate"] = estimate
         print("Nano encoder " + (format_estimate(estimate, profile.budget_ms) if estimate else "estimate: none ("
                                  + reason + ")"))
+    progressive = []  # the progressive model's points, one per iteration count
+    if args.progressive:
+        curve = evaluate_progressive(photos, profile, args.progressive, image_codecs, entropy=args.entropy,
+                                     quiet=args.quiet, backend_options={"threads": args.threads})
+        for k, results in sorted(curve.items()):
+            point = _mean_rows([r["model"] for r in results])
+            progressive.append({"name": f"progressive k={k}", "label": f"progressive, {k} iterations",
+                                "encoder": str(args.progressive), "decoder": str(args.progressive),
+                                "results": results, "point": point, "video": {}, "estimate": None,
+                                "bytes": sum(r["model"]["bytes"] for r in results)})
+        print(f"progressive model {args.progressive}: every iteration count, one model{coded}")
+        print(format_summary(progressive, image_codecs))
     if len(measured) > 1:
         print(format_summary(measured, image_codecs + video_names))
     if args.json:
@@ -623,7 +696,7 @@ def _main(argv):
                     "estimate": measured[0]["estimate"],
                     "results": measured[0]["results"],  # the first model's, as before --checkpoints
                     "models": [dict((k, m[k]) for k in ("name", "encoder", "decoder", "bytes", "point", "video",
-                                                       "estimate", "results")) for m in measured]}
+                                                       "estimate", "results")) for m in measured + progressive]}
         Path(args.json).write_text(json.dumps(document, indent=1))
         print(f"wrote {args.json}")
     if args.compressai or args.plot:
@@ -639,10 +712,19 @@ def _main(argv):
             family = {f"latentlink {profile.name} ({len(measured)} models{coder})": [m["point"] for m in measured]}
         else:
             family = {measured[0]["label"]: [measured[0]["point"]]}
+        if progressive:
+            coder = "" if args.entropy == "none" else ", " + args.entropy
+            family[f"progressive, 1..{len(progressive)} iterations (one model{coder})"] = [
+                m["point"] for m in progressive]
         if args.compressai:
             out = Path(args.compressai)
             out.mkdir(parents=True, exist_ok=True)
             documents = {}
+            if progressive:
+                documents["progressive"] = compressai_json(
+                    f"latentlink progressive {profile.name}", f"one model, 1..{len(progressive)} iterations; wire "
+                    f"frame bytes (header included) as the rate; entropy coder {args.entropy}",
+                    [m["point"] for m in progressive])
             for m in measured:
                 documents["model" if len(measured) == 1 else "model-" + m["name"]] = compressai_json(
                     m["label"], f"wire frame bytes (header included) as the rate; {profile.input.width}x"

@@ -38,6 +38,8 @@ def get_args_parser(parser=None):
                      "grow:    latentlink train --data data/train --out runs/big.pt --init-from runs/lossy-cae.pt \\\n"
                      "             --hparam decoder_blocks=3 --freeze-encoder\n"
                      "zoo:     latentlink train --model crae --data data/train --out runs/crae.pt --crop 128\n"
+                     "progressive: latentlink train --model progressive --data data/train data/extra "
+                     "--out runs/progressive.pt --crop 64 --loss mix\n"
                      "patches: latentlink train --model crae --data data/train --out runs/crae-tiles.pt --crop 128 "
                      "--tiles 4x4")
     parser.formatter_class = HelpFormatter  # the examples as written, and every option's default
