@@ -297,7 +297,9 @@ def main(argv=None):
         profile_path = progressive_double.write_model(os.path.join(work, "double"), iterations=8, size=256,
                                                       queue_size=4)
     else:
-        profile_path = os.path.abspath(args.profile)
+        from latentlink.edge.profile import resolve_profile_path
+
+        profile_path = resolve_profile_path(args.profile)  # a shipped profile's name, or a YAML file
     from latentlink.edge.profile import load_profile
 
     profile = load_profile(profile_path)
