@@ -330,7 +330,9 @@ class ContextModel(object):
 
 
 # --- the class coder ------------------------------------------------------------------------------------------------
-def _varint(values):
+def leb128(values):
+    """Non-negative integers as LEB128 varints (7 bits a byte, low first): the counts ahead of a payload's codes
+    (this coder's and edge/lossless.py's)."""
     out = bytearray()
     for v in values:
         v = int(v)
@@ -387,7 +389,7 @@ def encode_runs(lps_cls, lps_pos):
                 shifts = np.arange(kk - 1, -1, -1)
                 bits[at:at + (hi - lo) * kk] = ((gaps[lo:hi, None] >> shifts) & 1).ravel()
                 at += (hi - lo) * kk
-    return _varint(m) + np.packbits(bits).tobytes()
+    return leb128(m) + np.packbits(bits).tobytes()
 
 
 class _ClassStream(object):

@@ -59,6 +59,7 @@ import zlib
 
 import numpy as np
 
+from .context_model import leb128
 from .errors import ConfigError, ProtocolError
 
 VERSION = 1
@@ -284,7 +285,7 @@ class LosslessCodec(object):
             streams += class_streams
             at += n
         header = HEADER.pack(VERSION, PREDICTORS.index(self.predictor), self.tag, zlib.crc32(image.tobytes()))
-        return header + bytes(bytearray(modes)) + _varint(counts) + _varint(nonzeros) + _rice(streams)
+        return header + bytes(bytearray(modes)) + leb128(counts) + leb128(nonzeros) + _rice(streams)
 
     # The decoder: one wavefront at a time.
     def decode(self, payload, shape):
@@ -448,17 +449,6 @@ def _ranks(classes, used):
 
 
 # --- Rice codes, grouped by class ---------------------------------------------------------------------------------
-def _varint(values):
-    out = bytearray()
-    for v in values:
-        v = int(v)
-        while v >= 0x80:
-            out.append(v & 0x7F | 0x80)
-            v >>= 7
-        out.append(v)
-    return bytes(out)
-
-
 def _rice_k(count, total, limit):
     """JPEG-LS's Rice parameter: the least k (at most ``limit``) with ``count * 2**k >= total``."""
     k = 0
