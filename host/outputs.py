@@ -33,6 +33,8 @@ import numpy as np
 
 from latentlink.edge.cli import check_output_dir
 from latentlink.edge.errors import ConfigError, LatentlinkError
+from latentlink.edge.preprocess import to_image
+from latentlink.edge.protocol import FIXED_HEADER
 
 log = logging.getLogger("latentlink.host")
 INDEX_RESERVE_BYTES = 1 << 20  # free disk kept for the videos' indexes (VideoOutput): 1 MiB + 32 bytes a frame
@@ -62,6 +64,17 @@ class DecodedFrame:
     latency_ms: Optional[float] = None
     timings: dict = dataclasses.field(default_factory=dict)
     bytes: int = 0
+
+
+def decoded_frame(meta, output, latents, tiles, latency, timings):
+    """The :class:`DecodedFrame` of a received frame (``meta``: its ``FrameMeta``) whose decoder gave ``output``
+    (the host's and the fleet workers' write stage): a tiled model's tiles joined into one image, a lossless frame's
+    ``output`` the image itself (and no latents). ``latency``: ms or None; ``timings``: its stages so far (ms)."""
+    lossless = meta.packing == "lossless"
+    image = output if lossless else to_image(output, tiles)
+    return DecodedFrame(stream=meta.stream, seq=meta.seq, image=image, latents=None if lossless else latents,
+                        t_capture=meta.t_capture, latency_ms=latency, timings=dict(timings),
+                        bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
 
 
 class Output:

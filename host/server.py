@@ -59,7 +59,6 @@ from latentlink.edge.backends.base import checkpoint_of
 from latentlink.edge.entropy import check_available
 from latentlink.edge.errors import BackendError, ConfigError, ConnectionClosed, LatentlinkError, ProtocolError
 from latentlink.edge.lossless import PREDICTORS as LOSSLESS_PREDICTORS, codec as lossless_codec
-from latentlink.edge.preprocess import to_image
 from latentlink.edge.profiler import FrameStats, FrameTimer, host_stages
 from latentlink.edge.protocol import (FIXED_HEADER, FLAG_END_OF_STREAM, KIND_ACCEPT, KIND_ACK, KIND_AUTH,
                                       KIND_CHALLENGE, KIND_CLOCK, KIND_END, KIND_FRAME, KIND_HELLO, KIND_NAMES,
@@ -70,7 +69,7 @@ from latentlink.edge.security import (Credentials, TLSSocket, edge_proof, explai
                                       host_proof, linger_close, new_nonce, peer_name, proof_matches)
 
 from .out_dir import OutDir
-from .outputs import DecodedFrame, FolderOutput, OutputError
+from .outputs import FolderOutput, OutputError, decoded_frame
 from .raw_pickle import serve_raw_pickles
 
 log = logging.getLogger("latentlink.host")
@@ -1343,18 +1342,12 @@ class Host(object):
         """Write and record one decoded frame; returns ``(outcome, reason)``: "decoded" or "failed"."""
         meta, timer = job.meta, job.timer
         stats = self.streams[meta.stream]
-        lossless = meta.packing == "lossless"
-        with timer.stage("write"):
-            # a tiled model's tiles are joined here; a lossless frame is the image already (BGR uint8)
-            image = job.output if lossless else to_image(job.output, self.decoder.info.tiles)
         latency = None if meta.t_capture is None else latency_ms(time.time() - job.offset_s, meta.t_capture)
         with timer.stage("write"):
+            # a tiled model's tiles are joined here; a lossless frame is the image already (BGR uint8)
+            frame = decoded_frame(meta, job.output, job.latents, self.decoder.info.tiles, latency, timer.stages)
             if self.display:
-                self._latest[meta.stream] = image
-            frame = DecodedFrame(stream=meta.stream, seq=meta.seq, image=image,
-                                 latents=None if lossless else job.latents,
-                                 t_capture=meta.t_capture, latency_ms=latency, timings=dict(timer.stages),
-                                 bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
+                self._latest[meta.stream] = frame.image
             for output in self.outputs:
                 try:
                     output.write(frame)

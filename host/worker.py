@@ -32,14 +32,13 @@ from latentlink.edge.cli import (ArgumentParser, add_backend_options, add_run_op
                                  check_model_file, check_output_file, peak_rss_mb, positive_float, positive_int,
                                  run_main, setup_logging)
 from latentlink.edge.errors import BackendError, ConfigError, LatentlinkError, ProtocolError
-from latentlink.edge.preprocess import to_image
 from latentlink.edge.profile import load_profile
 from latentlink.edge.profiler import HOST_STAGES, FrameStats, FrameTimer, ReportWriter, format_table
-from latentlink.edge.protocol import FIXED_HEADER, decode_latents, latency_ms
+from latentlink.edge.protocol import decode_latents, latency_ms
 from latentlink.edge.sender import parse_address
 
 from . import jetstream as fleet
-from .outputs import DecodedFrame, FolderOutput, OutputError, open_outputs, parse_outputs
+from .outputs import FolderOutput, OutputError, decoded_frame, open_outputs, parse_outputs
 from .server import latents_problem
 from .triton_backend import is_service, open_decoder
 
@@ -351,14 +350,9 @@ class Worker(object):
 
     def _write(self, item):
         meta, timer = item.meta, item.timer
-        lossless = meta.packing == "lossless"
         with timer.stage("write"):
-            image = item.output if lossless else to_image(item.output, self.decoder.info.tiles)
             latency = latency_ms(time.time() - item.offset_s, meta.t_capture)
-            frame = DecodedFrame(stream=meta.stream, seq=meta.seq, image=image,
-                                 latents=None if lossless else item.latents,
-                                 t_capture=meta.t_capture, latency_ms=latency, timings=dict(timer.stages),
-                                 bytes=FIXED_HEADER.size + meta.meta_len + meta.payload_len)
+            frame = decoded_frame(meta, item.output, item.latents, self.decoder.info.tiles, latency, timer.stages)
             for output in self.outputs:
                 try:
                     output.write(frame)
