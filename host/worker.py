@@ -33,7 +33,7 @@ from latentlink.edge.cli import (ArgumentParser, add_backend_options, add_run_op
                                  run_main, setup_logging)
 from latentlink.edge.errors import BackendError, ConfigError, LatentlinkError, ProtocolError
 from latentlink.edge.profile import load_profile
-from latentlink.edge.profiler import HOST_STAGES, FrameStats, FrameTimer, ReportWriter, format_table
+from latentlink.edge.profiler import FrameStats, FrameTimer, ReportWriter, format_table, host_stages
 from latentlink.edge.protocol import decode_latents, latency_ms
 from latentlink.edge.sender import parse_address
 
@@ -90,7 +90,7 @@ class Worker(object):
         self.max_frame_bytes, self.max_frames, self.idle_exit_s = max_frame_bytes, max_frames, idle_exit_s
         self.decode_delay_s, self.on_record, self.progress_s = decode_delay_s, on_record, progress_s
         self.id = "{}-{}-{}".format(socket.gethostname().split(".")[0] or "worker", os.getpid(), os.urandom(3).hex())
-        self.stats = FrameStats(HOST_STAGES, budget_ms)
+        self.stats = FrameStats(host_stages(None), budget_ms)  # a worker runs no post-filter
         self.counts = {}  # stream -> {outcome: frames}
         self.redelivered = self.batches = self.taken_over = 0
         self.backlog = {}
@@ -476,7 +476,7 @@ def _main(argv):
             meta = {"role": "worker", "profile": profile.name, "backend": decoder.name, "decoder": decoder_path,
                     "out": ",".join(args.out) if args.out else None, "jetstream": args.jetstream}
             if args.report:
-                report = ReportWriter(args.report, HOST_STAGES, profile.budget_ms, meta)
+                report = ReportWriter(args.report, host_stages(None), profile.budget_ms, meta)
             worker = Worker(args.jetstream, decoder, outputs, budget_ms=profile.budget_ms, batch_size=args.batch_size,
                             ack_wait_s=args.ack_wait, marks_ttl_s=args.marks_ttl,
                             max_frame_bytes=args.max_frame_bytes or profile.transport.max_frame_bytes,
