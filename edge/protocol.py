@@ -347,16 +347,31 @@ def frame_payload(stream, seq, t_capture, array, packing, payload, entropy="none
     a = np.asarray(array)
     _check_sender_args(a, packing, entropy, FRAME_PACKINGS)  # lossless too: its payload comes ready
     seq, t_capture = _sender_numbers(seq, t_capture)
-    meta = {"stream": stream, "seq": seq, "t_capture": t_capture, "dtype": a.dtype.name,
-            "shape": [int(d) for d in a.shape], "packing": packing, "payload_len": len(payload)}
-    if entropy != "none":  # absent means none: frames without a coder stay byte-identical for older hosts
-        meta["entropy"] = entropy
-    if iterations is not None:  # absent for every other model: those frames stay byte-identical too
-        meta["iterations"] = iterations
+    meta = _frame_fields(stream, seq, t_capture, a.dtype.name, a.shape, packing, len(payload), entropy, iterations)
     _validate_meta(meta, 0, None, ConfigError)  # refuse here what the host would refuse
     if version == VERSION_2:
         return _encode(meta, KIND_FRAME, payload, VERSION_2)
     return _encode(meta, 0, payload)
+
+
+def _frame_fields(stream, seq, t_capture, dtype, shape, packing, payload_len, entropy, iterations):
+    """A frame's metadata dict: the one place its layout is written (edges, and a gateway forwarding frames)."""
+    meta = {"stream": stream, "seq": seq, "t_capture": t_capture, "dtype": dtype,
+            "shape": [int(d) for d in shape], "packing": packing, "payload_len": payload_len}
+    if entropy != "none":  # absent means none: frames without a coder stay byte-identical for older hosts
+        meta["entropy"] = entropy
+    if iterations is not None:  # absent for every other model: those frames stay byte-identical too
+        meta["iterations"] = iterations
+    return meta
+
+
+def reframe(meta, payload):
+    """The protocol-2 FRAME message of a received frame (``meta``: its validated :class:`FrameMeta`) and its
+    ``payload``, byte for byte as :func:`frame_payload` encodes it; extra keys a peer added are not kept (a gateway
+    forwards frames so, host/jetstream.py)."""
+    fields = _frame_fields(meta.stream, meta.seq, meta.t_capture, meta.dtype, meta.shape, meta.packing, len(payload),
+                           meta.entropy, meta.iterations)
+    return _encode(fields, KIND_FRAME, bytes(payload), VERSION_2)
 
 
 def raw_pickle_message(payload):

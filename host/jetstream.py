@@ -32,8 +32,8 @@ import threading
 import time
 
 from latentlink.edge.errors import ConfigError, ProtocolError
-from latentlink.edge.protocol import (FIXED_HEADER, KIND_FRAME, MAGIC, MAX_CLOCK_OFFSET_S, VERSION_2, parse_header,
-                                      parse_meta)
+from latentlink.edge.protocol import (FIXED_HEADER, KIND_FRAME, MAX_CLOCK_OFFSET_S, VERSION_2, parse_header,
+                                      parse_meta, reframe)
 
 log = logging.getLogger("latentlink.fleet")
 
@@ -68,16 +68,9 @@ def msg_id(stream, session, seq):
 
 def frame_message(meta, payload):
     """The bytes of a protocol-2 FRAME message carrying ``payload`` with metadata ``meta`` (a validated
-    ``FrameMeta``): the metadata re-encoded as every latentlink edge encodes it (sorted keys, no spaces), so that the
-    message is byte for byte what this project's edges send (unknown extra keys an edge may add are not kept)."""
-    import json
-
-    fields = {"stream": meta.stream, "seq": meta.seq, "t_capture": meta.t_capture, "dtype": meta.dtype,
-              "shape": list(meta.shape), "packing": meta.packing, "payload_len": meta.payload_len}
-    if meta.entropy != "none":
-        fields["entropy"] = meta.entropy
-    meta_bytes = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return FIXED_HEADER.pack(MAGIC, VERSION_2, KIND_FRAME, len(meta_bytes)) + meta_bytes + bytes(payload)
+    ``FrameMeta``): byte for byte what this project's edges send (edge/protocol.py's ``reframe``: a progressive
+    model's ``iterations`` too; unknown extra keys an edge may add are not kept)."""
+    return reframe(meta, payload)
 
 
 def parse_frame_message(data, max_payload_bytes):

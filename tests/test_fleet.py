@@ -281,6 +281,62 @@ def _records(path):
 
 
 # Without a broker.
+def test_progressive_and_lossless_streams_through_the_fleet(procs, tmp_path, nats_server):  # noqa: F811
+    """A progressive model's edge (2 of 3 iterations, context-coded) and a lossless edge -> a gateway -> a worker:
+    the worker checks and decodes the progressive codes with the tables of their first k iterations, and rebuilds
+    the lossless frames bit for bit without the decoder."""
+    torch = pytest.importorskip("torch")
+    import cv2
+    import numpy as np
+
+    from latentlink.edge.preprocess import Preprocessor, to_image
+    from latentlink.edge.progressive import open_progressive
+    from latentlink.export.__main__ import main as export_main
+    from latentlink.export.models import build_model, save_checkpoint
+    from latentlink.export.onnx_export import export_progressive
+
+    size, frames = 64, 3
+    torch.manual_seed(0)
+    model = build_model("progressive", iterations=3, channels=16, state_channels=8)
+    save_checkpoint(str(tmp_path / "tiny.pt"), model)
+    export_progressive(model, size, size, str(tmp_path / "model"), checkpoint=str(tmp_path / "tiny.pt"), quiet=True)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.RandomState(1)
+    images = [cv2.GaussianBlur(rng.randint(0, 256, (size, size, 3)).astype(np.uint8), (9, 9), 3)
+              for _ in range(frames)]
+    for seq, image in enumerate(images):
+        cv2.imwrite(str(photos / "{}.png".format(seq)), image)
+    assert export_main(["entropy", "--checkpoint", str(tmp_path / "tiny.pt"), "--photos", str(photos), "--out",
+                        str(tmp_path / "model")]) == 0  # the per-iteration tables of --entropy context
+    profile = tmp_path / "progressive.yaml"
+    profile.write_text("name: tiny-progressive\nmodel:\n  encoder: model/encoder_step.onnx\n  decoder: "
+                       "model/decoder_step.onnx\ninput:\n  width: {0}\n  height: {0}\nbudget_ms: 33\n".format(size))
+    url, port = nats_server.url, free_port()
+    gateway = start_gateway(procs, tmp_path, profile, url, port, "gateway")
+    worker = start_worker(procs, tmp_path, profile, url, "worker")
+    common = ["--connect", "127.0.0.1:{}".format(port), "--profile", profile, "--source", "file://" + str(photos),
+              "--frames", frames, "--delivery", "reliable", "--quiet"]
+    edges = [spawn(procs, tmp_path / "edge0.log", "latentlink.edge", "--name", "cam0", "--rate", "fixed",
+                   "--iterations", 2, "--entropy", "context", "--report", tmp_path / "edge0.json", *common),
+             spawn(procs, tmp_path / "edge1.log", "latentlink.edge", "--name", "cam1", "--lossless", "med",
+                   "--report", tmp_path / "edge1.json", *common)]
+    assert [finish(edge, 120) for edge in edges] == [0, 0]
+    for i in range(2):
+        assert report(tmp_path, "edge{}".format(i))["outcomes"]["stored"] == frames
+    wait_for(lambda: png_count(tmp_path) == 2 * frames, 120, "every frame to be written")
+    assert pngs(tmp_path) == {"cam0": list(range(frames)), "cam1": list(range(frames))}
+    with open_progressive(str(tmp_path / "model"), "encoder") as codec:
+        for seq, image in enumerate(images):
+            codes, _ = codec.encode(Preprocessor(size, size)(image), 2)
+            expected = to_image(codec.decode(codes)[0])
+            assert np.array_equal(cv2.imread(str(tmp_path / "out" / "cam0" / "{:06d}.png".format(seq))), expected)
+            lossless = cv2.imread(str(tmp_path / "out" / "cam1" / "{:06d}.png".format(seq)))
+            assert np.array_equal(lossless, image)
+    assert stop_all(worker, gateway) == [0, 0]
+    assert report(tmp_path, "worker")["failed"] == 0
+
+
 def test_compose_fleet_services_parse_with_their_clis():
     """docker/compose.yaml's fleet profile: the gateway's command is a host command with --jetstream, the workers'
     a worker command writing into their volume, both at the broker service."""
