@@ -32,6 +32,7 @@ from latentlink.edge.cli import (ArgumentParser, address, backend_options, check
                                  check_resolvable, is_loopback, positive_int, run_main, setup_logging)
 from latentlink.edge.errors import BackendError, ConfigError
 from latentlink.edge.profile import load_profile
+from latentlink.edge.rate import is_progressive
 from latentlink.edge.sender import parse_address
 
 INFO_FORMAT = "latentlink-decode-service"
@@ -140,6 +141,12 @@ def _main(argv):
     for option, address_ in (("--listen", (host, port)), ("--metrics", metrics)):
         if address_:
             check_free(option, *address_)  # before the model loads: Triton itself would only log it and exit
+    profile = load_profile(args.profile)
+    decoder_path = profile.model.decoder if args.decoder == "default" else args.decoder
+    if is_progressive(decoder_path):  # its frames carry 1 to K iterations: no one tensor shape to batch on
+        raise ConfigError("--decoder {}: a progressive model's decoder, which the decode service does not serve (each "
+                          "frame carries its own number of iterations); decode its frames on the host or a fleet "
+                          "worker (--decoder {} there)".format(decoder_path, decoder_path))
     try:
         from pytriton.decorators import batch
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -148,8 +155,6 @@ def _main(argv):
         raise ConfigError("latentlink decode-service needs PyTriton ({}): pip install \".[triton]\" in the latentlink "
                           "folder (Linux x86-64 or aarch64 with glibc 2.35+, Python 3.8+)".format(exc))
     use_own_libpython()
-    profile = load_profile(args.profile)
-    decoder_path = profile.model.decoder if args.decoder == "default" else args.decoder
     options = backend_options(args, profile)
     started = time.perf_counter()
     with open_backend(decoder_path, "decoder", **options) as decoder:

@@ -68,6 +68,8 @@ CASES = [
     ("fleet status", "the following arguments are required: --jetstream"),
     ("fleet status --jetstream foo://x", "bad --jetstream 'foo://x': give the NATS server as nats://HOST:PORT"),
     ("decode-service --listen 127.0.0.1:0", "--listen 127.0.0.1:0: Triton needs a fixed port"),
+    ("decode-service --listen 127.0.0.1:1 --profile progressive-504",
+     "a progressive model's decoder, which the decode service does not serve"),
     ("decode-service --decoder {encoder}", "--decoder {encoder} is an encoder, not a decoder"),
     ("decode-service --model-name a/b", "argument --model-name: 'a/b': letters, digits"),
     ("decode-service --max-batch 0", "argument --max-batch: got 0"),
