@@ -343,6 +343,28 @@ def leb128(values):
     return bytes(out)
 
 
+def read_leb128(data, at, count, payload, what):
+    """``count`` LEB128 varints from ``data[at:]`` (bytes or uint8): ``(list of ints, next offset)``. ProtocolError,
+    naming ``payload`` (e.g. "lossless payload") and ``what`` (each value's name, "%d": its index), when the data ends
+    inside them or one is longer than 5 bytes (35 bits: no count here needs more)."""
+    out = []
+    for i in range(count):
+        value, shift = 0, 0
+        while True:
+            if at >= len(data):
+                raise ProtocolError("%s of %d bytes ends inside its header" % (payload, len(data)))
+            byte = int(data[at])
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+            if shift > 35:
+                raise ProtocolError(("%s: " + what + " is not a valid varint") % (payload, i))
+        out.append(value)
+    return out, at
+
+
 def _ranks(classes, used):
     """Each symbol's index among the symbols of its class so far: ``used`` (per class, updated) plus its rank among
     this pass's symbols of the class (a stable sort by class, numpy's radix sort for uint8)."""
@@ -404,24 +426,11 @@ class _ClassStream(object):
         if len(data) > limit:
             raise ProtocolError("context-coded payload of %d bytes is longer than %d symbols can need (%d bytes)"
                                 % (len(data), total, limit))
-        m, at = [], 0
-        for c in range(NUM_CLASSES):
-            value, shift = 0, 0
-            while True:
-                if at >= len(data):
-                    raise ProtocolError("context-coded payload of %d bytes ends inside its header" % len(data))
-                byte = int(data[at])
-                at += 1
-                value |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
-                if shift > 35:
-                    raise ProtocolError("context-coded payload: class %d's count is not a valid varint" % c)
+        m, at = read_leb128(data, 0, NUM_CLASSES, "context-coded payload", "class %d's count")
+        for c, value in enumerate(m):
             if value > total:
                 raise ProtocolError("context-coded payload says class %d has %d rare symbols, more than the %d "
                                     "symbols of the shape" % (c, value, total))
-            m.append(value)
         m = np.array(m, dtype=np.int64)
         count = int(m.sum())
         if count > total:

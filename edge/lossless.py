@@ -59,7 +59,7 @@ import zlib
 
 import numpy as np
 
-from .context_model import leb128
+from .context_model import leb128, read_leb128
 from .errors import ConfigError, ProtocolError
 
 VERSION = 1
@@ -504,36 +504,16 @@ def _rice(streams):
     return np.packbits(bits).tobytes()
 
 
-def _varints(data, at, count, what):
-    """``count`` LEB128 varints from ``data[at:]``: ``(list, next offset)``; ProtocolError if they do not fit."""
-    out = []
-    for i in range(count):
-        value, shift = 0, 0
-        while True:
-            if at >= len(data):
-                raise ProtocolError("lossless payload of %d bytes ends inside its header" % len(data))
-            byte = data[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-            if shift > 35:
-                raise ProtocolError("lossless payload: %s %d is not a valid varint" % (what, i))
-        out.append(value)
-    return out, at
-
-
 def _unrice(data, at, modes, total):
     """The decoder's side of the encoder's classes from ``data[at:]`` (after the ``modes``): ``(values, starts,
     counts)``, every class's values 0..255 in coding order, the counts adding up to ``total``; ProtocolError
     otherwise."""
-    counts, at = _varints(data, at, NUM_CLASSES, "the count of class")
+    counts, at = read_leb128(data, at, NUM_CLASSES, "lossless payload", "the count of class %d")
     counts = np.array(counts, dtype=np.int64)
     if int(counts.sum()) != total:
         raise ProtocolError("lossless payload codes %d samples, the image has %d" % (int(counts.sum()), total))
     run = [int(mode) & RUN_MODE != 0 for mode in modes]
-    nonzeros, at = _varints(data, at, sum(run), "the non-zero count of run class")
+    nonzeros, at = read_leb128(data, at, sum(run), "lossless payload", "the non-zero count of run class %d")
     streams, it = [], iter(nonzeros)  # (codes, k, class, kind): kind 0 values, 1 runs of zeros, 2 values - 1
     for c in range(NUM_CLASSES):
         mode, n = int(modes[c]), int(counts[c])
