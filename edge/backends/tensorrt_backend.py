@@ -123,26 +123,9 @@ class TensorRTBackend(Backend):
             self._context.pop()
 
     def _run(self, array):
-        cuda, stream = self._cuda, self._stream
-        start_ev, run_ev, copy_ev = self._events
-        inp, out = self._input.name, self._output.name
-        start = time.perf_counter()
-        np.copyto(self._host[inp], array, casting="same_kind")  # float32 -> the engine's input dtype
-        start_ev.record(stream)
-        if not self.mapped:
-            cuda.memcpy_htod_async(self._device_mem[inp], self._host[inp], stream)
-        self._execute(stream.handle)
-        run_ev.record(stream)
-        run_ev.synchronize()
-        run_ms = elapsed_ms(start)
-        start = time.perf_counter()
-        if not self.mapped:
-            cuda.memcpy_dtoh_async(self._host[out], self._device_mem[out], stream)
-        copy_ev.record(stream)
-        copy_ev.synchronize()
-        copy_ms = elapsed_ms(start)
-        return self._host[out], {"run_ms": run_ms, "copy_ms": copy_ms, "run_gpu_ms": run_ev.time_since(start_ev),
-                                 "copy_gpu_ms": copy_ev.time_since(run_ev)}
+        """One input, one output: :meth:`_run_named` with the engine's first input fed ``array``."""
+        outputs, timings = self._run_named({self._input.name: array})
+        return outputs[self._output.name], timings
 
     def _infer_named(self, feeds):
         self._context.push()
@@ -152,7 +135,8 @@ class TensorRTBackend(Backend):
             self._context.pop()
 
     def _run_named(self, feeds):
-        """Every input copied in, one enqueue, every output copied out: :meth:`_run` with several tensors."""
+        """Every input copied in (``feeds``: name -> array; float32 -> the engine's input dtype), one enqueue, every
+        output copied out; timings in ms, wall and CUDA events."""
         cuda, stream = self._cuda, self._stream
         start_ev, run_ev, copy_ev = self._events
         start = time.perf_counter()
